@@ -1,0 +1,77 @@
+"""Which implementation of an op runs: one table of per-device defaults, and the override rules.
+
+Backends: "reference" (pure PyTorch, any device), "cpu" (C++ kernel), "cuda" (CUDA C++ kernel),
+"triton" (Triton kernel; on CPU tensors only under TRITON_INTERPRET=1).
+Precedence: the call's ``backend=``, then the ``INSLOC_OPS_BACKEND`` environment variable, then DEFAULTS.
+"""
+import os
+
+import torch
+
+from ._ext import HAS_EXTENSION
+
+OPS = ("roi_align_multilevel", "sample_anchor_boxes", "queue_infonce")
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# The backend a device gets when nobody asks for one. A CUDA entry names one of our GPU kernels only
+# once it has passed the GPU tests and won its benchmark on a GPU; the entry then cites the
+# BENCHMARKS.md row. No GPU kernel has been verified yet, so CUDA tensors use the reference.
+DEFAULTS = {
+    "cpu": {"roi_align_multilevel": "cpu", "sample_anchor_boxes": "cpu", "queue_infonce": "cpu"},
+    "cuda": {"roi_align_multilevel": "reference", "sample_anchor_boxes": "reference",
+             "queue_infonce": "reference"},
+}
+
+
+def _has_kernel(qualname, key):
+    if not HAS_EXTENSION:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+
+
+def _triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_available(op, backend, device_type):
+    """Whether ``backend`` can run ``op`` on tensors of ``device_type`` ("cpu" or "cuda") here."""
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device_type == "cpu" and _has_kernel(f"insloc_ops::{op}", "CPU")
+    if backend == "cuda":
+        return device_type == "cuda" and _has_kernel(f"insloc_ops::{op}", "CUDA")
+    if backend == "triton":
+        if device_type == "cpu" and not _triton_interpreted():
+            return False
+        return _has_kernel(f"insloc_ops::{op}_triton", "CPU" if device_type == "cpu" else "CUDA")
+    return False
+
+
+def select(op, device, backend=None):
+    """Names the backend that runs ``op`` for tensors on ``device``; raises if the one asked for can't."""
+    device_type = torch.device(device).type
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get("INSLOC_OPS_BACKEND") or None
+        source = "INSLOC_OPS_BACKEND"
+    if backend is None:
+        choice = DEFAULTS.get(device_type, {}).get(op, "reference")
+        return choice if is_available(op, choice, device_type) else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    if not is_available(op, backend, device_type):
+        raise RuntimeError(
+            f"{source}={backend!r} is not available for {op} on {device_type} tensors here "
+            f"(available: {[b for b in BACKENDS if is_available(op, b, device_type)]}); "
+            "see insloc_ops.build_info()"
+        )
+    return backend
+
+
+def available_backends():
+    """Maps each op to the backends usable in this process, per device type."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {
+        op: {d: [b for b in BACKENDS if is_available(op, b, d)] for d in devices} for op in OPS
+    }

@@ -1,0 +1,96 @@
+"""Fake (meta) kernels and autograd formulas for the ops declared in csrc/ops.cpp.
+
+Fake kernels let torch.compile / torch.export trace a call without running it; the autograd formulas
+make the C++ and Triton variants differentiable. Each is registered for both variants of an op.
+"""
+import torch
+
+VARIANTS = ("", "_triton")
+
+
+def _lib(name):
+    return f"insloc_ops::{name}"
+
+
+def _roi_align_fake(features, rois, levels, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned):
+    B, C = features[0].shape[:2]
+    R = rois.shape[0]
+    if levels is None:
+        return features[0].new_empty((len(features), R, C, pooled_height, pooled_width))
+    return features[0].new_empty((R, C, pooled_height, pooled_width))
+
+
+def _roi_align_backward_fake(grad, rois, levels, spatial_scales, sampling_ratio, aligned, batch_size, channels,
+                             heights, widths, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [grad.new_empty((batch_size, channels, h, w)).contiguous(memory_format=fmt)
+            for h, w in zip(heights, widths)]
+
+
+def _roi_align_setup(suffix):
+    def setup_context(ctx, inputs, output):
+        features, rois, levels, spatial_scales, _, _, sampling_ratio, aligned = inputs
+        ctx.save_for_backward(rois, levels)
+        ctx.meta = (list(spatial_scales), sampling_ratio, aligned, features[0].shape[0], features[0].shape[1],
+                    [f.shape[2] for f in features], [f.shape[3] for f in features],
+                    features[0].dim() == 4 and features[0].is_contiguous(memory_format=torch.channels_last)
+                    and not features[0].is_contiguous())
+
+    def backward(ctx, grad):
+        rois, levels = ctx.saved_tensors
+        scales, sampling_ratio, aligned, B, C, heights, widths, channels_last = ctx.meta
+        op = getattr(torch.ops.insloc_ops, "roi_align_multilevel_backward" + suffix)
+        grads = op(grad.contiguous(), rois, levels, scales, sampling_ratio, aligned, B, C, heights, widths,
+                   channels_last)
+        return list(grads), None, None, None, None, None, None, None
+
+    return setup_context, backward
+
+
+def _anchor_fake(gt_boxes, anchors, iou_threshold, seed):
+    N = gt_boxes.shape[0]
+    return gt_boxes.new_empty((N,), dtype=torch.int64), gt_boxes.new_empty((N,), dtype=torch.float32)
+
+
+def _acc_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _infonce_fake(q, k, queue, temperature):
+    G, N = q.shape[:2]
+    return q.new_empty((G, N), dtype=_acc_dtype(q)), q.new_empty((G, N), dtype=_acc_dtype(q))
+
+
+def _infonce_backward_fake(grad_loss, q, k, queue, lse, temperature):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _infonce_setup(suffix):
+    def setup_context(ctx, inputs, output):
+        q, k, queue, temperature = inputs
+        ctx.save_for_backward(q, k, queue, output[1])
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_loss, grad_lse):
+        q, k, queue, lse = ctx.saved_tensors
+        op = getattr(torch.ops.insloc_ops, "queue_infonce_backward" + suffix)
+        dq, dk = op(grad_loss.contiguous(), q, k, queue, lse, ctx.temperature)
+        return dq, dk, None, None
+
+    return setup_context, backward
+
+
+def register():
+    for suffix in VARIANTS:
+        torch.library.register_fake(_lib("roi_align_multilevel" + suffix))(_roi_align_fake)
+        torch.library.register_fake(_lib("roi_align_multilevel_backward" + suffix))(_roi_align_backward_fake)
+        setup, backward = _roi_align_setup(suffix)
+        torch.library.register_autograd(_lib("roi_align_multilevel" + suffix), backward, setup_context=setup)
+
+        torch.library.register_fake(_lib("sample_anchor_boxes" + suffix))(_anchor_fake)
+
+        torch.library.register_fake(_lib("queue_infonce" + suffix))(_infonce_fake)
+        torch.library.register_fake(_lib("queue_infonce_backward" + suffix))(_infonce_backward_fake)
+        setup, backward = _infonce_setup(suffix)
+        torch.library.register_autograd(_lib("queue_infonce" + suffix), backward, setup_context=setup)

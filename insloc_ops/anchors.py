@@ -1,0 +1,76 @@
+"""Anchor grids and the InsLoc box jitter: a random anchor overlapping each ground-truth box."""
+import math
+from numbers import Real
+
+import torch
+
+from . import reference
+from ._backend import select
+
+
+def grid_anchors(feature_size, stride, sizes, aspect_ratios, offset=0.0, *, device=None, dtype=torch.float32):
+    """Anchors of one feature grid: [H*W*len(sizes)*len(aspect_ratios), 4] xyxy.
+
+    Location-major (row-major over the grid), per location sizes outer and aspect ratios inner
+    (detectron2's order). ratio = h / w, w = sqrt(size^2 / ratio), h = ratio * w; centres at
+    ((x + offset) * stride, (y + offset) * stride); not clipped to the image.
+    """
+    fs = (feature_size, feature_size) if isinstance(feature_size, int) else tuple(feature_size)
+    if len(fs) != 2 or any((not isinstance(v, int)) or v < 0 for v in fs):
+        raise ValueError(f"feature_size must be an int or (H, W) of non-negative ints, got {feature_size!r}")
+    if not isinstance(stride, Real) or not stride > 0:
+        raise ValueError(f"stride must be positive, got {stride!r}")
+    if len(sizes) == 0 or any(not s > 0 for s in sizes):
+        raise ValueError(f"sizes must be a non-empty sequence of positive numbers, got {sizes!r}")
+    if len(aspect_ratios) == 0 or any(not r > 0 for r in aspect_ratios):
+        raise ValueError(f"aspect_ratios must be a non-empty sequence of positive numbers, got {aspect_ratios!r}")
+    return reference.grid_anchors(fs, stride, sizes, aspect_ratios, offset, device=device, dtype=dtype)
+
+
+def _check_boxes(name, boxes):
+    if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name} must be an [N, 4] tensor of (x1, y1, x2, y2), got "
+                         f"{getattr(boxes, 'shape', type(boxes).__name__)}")
+    if not boxes.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {boxes.dtype}")
+
+
+def _draw_seed(generator):
+    # One 63-bit seed per call from a CPU generator: no device sync, and the same generator state gives
+    # the same seed, hence the same anchors, on every backend.
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, dtype=torch.int64))
+
+
+def sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, *, generator=None, backend=None):
+    """For each ground-truth box, a uniformly random anchor among those with IoU > iou_threshold, or the
+    highest-IoU anchor (lowest index on ties) when none qualifies.
+
+    gt_boxes: [N, 4]; anchors: [A, 4]; generator: a CPU torch.Generator (default: the global one).
+    Returns (boxes [N, 4] in anchors' dtype, anchor_index int64 [N], iou float32 [N]).
+    """
+    _check_boxes("gt_boxes", gt_boxes)
+    _check_boxes("anchors", anchors)
+    if anchors.device != gt_boxes.device:
+        raise ValueError(f"anchors is on {anchors.device} but gt_boxes is on {gt_boxes.device}")
+    if not isinstance(iou_threshold, Real) or not math.isfinite(iou_threshold):
+        raise ValueError(f"iou_threshold must be a finite number, got {iou_threshold!r}")
+    if gt_boxes.shape[0] and anchors.shape[0] == 0:
+        raise ValueError("anchors must not be empty when gt_boxes is not")
+    if gt_boxes.device.type == "cpu" and gt_boxes.shape[0] and not torch.compiler.is_compiling():
+        g = gt_boxes
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError("gt_boxes must be finite")
+        if not bool(((g[:, 2] >= g[:, 0]) & (g[:, 3] >= g[:, 1])).all()):
+            raise ValueError("gt_boxes must satisfy x2 >= x1 and y2 >= y1")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+    seed = _draw_seed(generator)
+    gt, anc = gt_boxes.detach(), anchors.detach()
+    which = select("sample_anchor_boxes", gt.device, backend)
+    if which == "reference":
+        index, iou = reference.sample_anchor_boxes(gt, anc, float(iou_threshold), seed)
+    else:
+        op = torch.ops.insloc_ops.sample_anchor_boxes_triton if which == "triton" else \
+            torch.ops.insloc_ops.sample_anchor_boxes
+        index, iou = op(gt, anc, float(iou_threshold), seed)
+    return anc[index], index, iou

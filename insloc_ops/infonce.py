@@ -1,0 +1,81 @@
+"""MoCo's InfoNCE against a queue of negatives, without materialising the N x K logits, and the queue."""
+import math
+from numbers import Real
+
+import torch
+
+from . import reference
+from ._backend import select
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check(q, k, queue, temperature):
+    for name, t in (("q", q), ("k", k), ("queue", queue)):
+        if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+            raise ValueError(f"{name} must be a 2-D or 3-D (grouped) tensor, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise ValueError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    if queue.dim() != q.dim():
+        raise ValueError(f"queue must be {'[G, K, D]' if q.dim() == 3 else '[K, D]'} to match q "
+                         f"{tuple(q.shape)}, got {tuple(queue.shape)}")
+    if queue.shape[-1] != q.shape[-1]:
+        raise ValueError(f"queue feature dim must be q's D={q.shape[-1]}, got {queue.shape[-1]}")
+    if q.dim() == 3 and queue.shape[0] != q.shape[0]:
+        raise ValueError(f"queue must have q's G={q.shape[0]} groups, got {queue.shape[0]}")
+    if k.device != q.device or queue.device != q.device:
+        raise ValueError(f"q, k and queue must be on one device, got {q.device}, {k.device}, {queue.device}")
+    if not isinstance(temperature, Real) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+def queue_infonce(q, k, queue, temperature, *, reduction="mean", backend=None):
+    """InfoNCE of queries against their positive keys and a queue of negatives.
+
+    q, k: [N, D] or grouped [G, N, D]; queue: [K, D] or [G, K, D] (one row per negative, each group its
+    own queue). loss_i = logsumexp([q_i.k_i, q_i.queue_j ...] / T) - q_i.k_i / T, accumulated in fp32.
+    reduction "mean" -> [] or [G] (an empty batch gives 0); "none" -> [N] or [G, N]. Gradients flow to q
+    and k (where they require grad), never to the queue.
+    """
+    _check(q, k, queue, temperature)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    grouped = q.dim() == 3
+    if not grouped:
+        q, k, queue = q.unsqueeze(0), k.unsqueeze(0), queue.unsqueeze(0)
+    which = select("queue_infonce", q.device, backend)
+    if which == "reference":
+        loss, _ = reference.queue_infonce(q, k, queue.detach(), float(temperature))
+    else:
+        op = torch.ops.insloc_ops.queue_infonce_triton if which == "triton" else torch.ops.insloc_ops.queue_infonce
+        loss, _ = op(q, k, queue.detach(), float(temperature))
+    if reduction == "mean":
+        loss = loss.sum(-1) / max(q.shape[1], 1)  # [G]
+    return loss if grouped else loss.squeeze(0)
+
+
+def enqueue_(queue, keys, ptr):
+    """Writes ``keys`` ([N, D] or [G, N, D]) into the ring buffer ``queue`` ([K, D] or [G, K, D]) in
+    place, starting at row ``ptr`` and wrapping around; returns the new pointer ``(ptr + N) % K`` (an int,
+    or a tensor if ``ptr`` is one, so that no device sync is needed)."""
+    if not isinstance(queue, torch.Tensor) or queue.dim() not in (2, 3):
+        raise ValueError(f"queue must be [K, D] or [G, K, D], got {getattr(queue, 'shape', queue)!r}")
+    if not isinstance(keys, torch.Tensor) or keys.dim() != queue.dim():
+        raise ValueError(f"keys must have queue's rank {queue.dim()}, got {getattr(keys, 'shape', keys)!r}")
+    if keys.shape[-1] != queue.shape[-1] or keys.shape[:-2] != queue.shape[:-2]:
+        raise ValueError(f"keys {tuple(keys.shape)} do not match queue {tuple(queue.shape)}")
+    if keys.shape[-2] > queue.shape[-2]:
+        raise ValueError(f"keys holds {keys.shape[-2]} rows, more than the queue's K={queue.shape[-2]}")
+    if keys.device != queue.device:
+        raise ValueError(f"keys is on {keys.device} but queue is on {queue.device}")
+    if torch.is_tensor(ptr):
+        if ptr.dim() != 0 or ptr.dtype != torch.int64:
+            raise ValueError(f"ptr must be an int or a 0-dim int64 tensor, got {ptr!r}")
+    elif not isinstance(ptr, int) or isinstance(ptr, bool) or not 0 <= ptr < max(queue.shape[-2], 1):
+        raise ValueError(f"ptr must be an int in [0, {queue.shape[-2]}), got {ptr!r}")
+    return reference.enqueue_(queue, keys, ptr)

@@ -1,0 +1,253 @@
+"""Exact pure-PyTorch implementations of every insloc_ops operator.
+
+They are the oracle every kernel is tested against (themselves tested against torchvision and
+``F.cross_entropy``) and the fallback wherever no kernel is built. They favour plain, checkable
+arithmetic over speed; ``sample_anchor_boxes`` here materialises the N x A IoU matrix.
+Inputs are assumed valid: the public functions in insloc_ops validate before dispatching here.
+"""
+import math
+
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# RoIAlign
+# ----------------------------------------------------------------------------------------------
+
+
+def _geometry_dtype(dtype):
+    # Kernels compute coordinates in float32 for float32/float16/bfloat16 features (float64 for float64).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _axis_weights(start, bin_size, grid, pooled, size):
+    """Bilinear sampling along one axis, averaged over the bin's samples.
+
+    start, bin_size: [R] float; grid: [R] int64 samples per bin. Returns W [R, pooled, size] with
+    W[r, p, i] = (1 / grid_r) * sum over the bin's samples of the interpolation weight of pixel i.
+    RoIAlign's 2-D weights are products of a y factor and an x factor (the out-of-range rule included),
+    so pooling is ``W_y @ feature @ W_x^T``.
+    """
+    R = start.shape[0]
+    dt = start.dtype
+    W = torch.zeros(R, pooled, size, dtype=dt, device=start.device)
+    if R == 0 or size == 0:
+        return W
+    gmax = int(grid.max().item()) if R else 0
+    if gmax <= 0:
+        return W
+    p = torch.arange(pooled, device=start.device, dtype=dt).view(1, pooled, 1)
+    s = torch.arange(gmax, device=start.device, dtype=dt).view(1, 1, gmax)
+    g = grid.to(dt).view(R, 1, 1)
+    # Same evaluation order as the kernels: start + p * bin + ((s + 0.5) * bin) / grid.
+    coord = start.view(R, 1, 1) + p * bin_size.view(R, 1, 1) + (s + 0.5) * bin_size.view(R, 1, 1) / g
+    active = s < g
+    valid = active & (coord >= -1.0) & (coord <= float(size))  # NaN compares False: never sampled
+    c = torch.where(valid, coord.clamp(min=0.0), torch.zeros_like(coord))
+    low = c.floor().long()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, torch.full_like(low, size - 1), low)
+    high = torch.where(at_edge, low, low + 1)
+    c = torch.where(at_edge, low.to(dt), c)
+    frac = c - low.to(dt)
+    scale = valid.to(dt) / g.clamp(min=1.0)
+    flat = W.view(R * pooled, size)
+    flat.scatter_add_(1, low.reshape(R * pooled, gmax), ((1.0 - frac) * scale).reshape(R * pooled, gmax))
+    flat.scatter_add_(1, high.reshape(R * pooled, gmax), (frac * scale).reshape(R * pooled, gmax))
+    return W
+
+
+def _roi_align_one_level(feature, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """torchvision.ops.roi_align semantics for one level; differentiable w.r.t. ``feature``."""
+    B, C, H, Wd = feature.shape
+    ph, pw = output_size
+    R = rois.shape[0]
+    gdt = _geometry_dtype(feature.dtype)
+    out_dt = feature.dtype
+    r = rois.to(gdt)
+    offset = 0.5 if aligned else 0.0
+    scale = torch.tensor(spatial_scale, dtype=gdt, device=r.device)
+    x1 = r[:, 1] * scale - offset
+    y1 = r[:, 2] * scale - offset
+    x2 = r[:, 3] * scale - offset
+    y2 = r[:, 4] * scale - offset
+    roi_w = x2 - x1
+    roi_h = y2 - y1
+    if not aligned:
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    bin_h = roi_h / ph
+    bin_w = roi_w / pw
+    if sampling_ratio > 0:
+        grid_h = torch.full((R,), sampling_ratio, dtype=torch.int64, device=r.device)
+        grid_w = grid_h
+    else:
+        grid_h = _adaptive_grid(roi_h / ph)
+        grid_w = _adaptive_grid(roi_w / pw)
+    Wy = _axis_weights(y1, bin_h, grid_h, ph, H)  # [R, ph, H]
+    Wx = _axis_weights(x1, bin_w, grid_w, pw, Wd)  # [R, pw, W]
+    compute_dt = torch.float64 if feature.dtype == torch.float64 else torch.float32
+    f = feature.to(compute_dt)
+    Wy = Wy.to(compute_dt)
+    Wx = Wx.to(compute_dt)
+    out = f.new_zeros(R, C, ph, pw)
+    batch = r[:, 0].to(torch.int64)
+    for b in torch.unique(batch).tolist():
+        idx = (batch == b).nonzero().squeeze(1)
+        t = torch.einsum("chw,rqw->rchq", f[b], Wx[idx])  # [Rb, C, H, pw]
+        out = out.index_copy(0, idx, torch.einsum("rph,rchq->rcpq", Wy[idx], t))  # [Rb, C, ph, pw]
+    return out.to(out_dt)
+
+
+# An adaptive grid larger than this per axis is clamped (only boxes over ~458k feature pixels per bin
+# side reach it); it keeps every kernel's loop bounded. The kernels use the same constant.
+MAX_ADAPTIVE_GRID = 65536
+
+
+def _adaptive_grid(bins_per_sample):
+    g = torch.ceil(bins_per_sample)
+    g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))  # non-finite box: no samples, zeros out
+    return g.clamp(min=0, max=MAX_ADAPTIVE_GRID).to(torch.int64)
+
+
+def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_ratio=0, aligned=True,
+                         levels=None):
+    """All levels: ``[L, R, C, oh, ow]``; with ``levels`` (int64 [R]): ``[R, C, oh, ow]``."""
+    if levels is None:
+        return torch.stack([
+            _roi_align_one_level(f, rois, output_size, s, sampling_ratio, aligned)
+            for f, s in zip(features, spatial_scales)
+        ])
+    B, C = features[0].shape[:2]
+    out = features[0].new_zeros(rois.shape[0], C, *output_size)
+    for lvl, (f, s) in enumerate(zip(features, spatial_scales)):
+        idx = (levels == lvl).nonzero().squeeze(1)
+        if idx.numel():
+            out = out.index_copy(0, idx, _roi_align_one_level(f, rois[idx], output_size, s, sampling_ratio,
+                                                              aligned))
+    return out
+
+
+def fpn_levels(rois, canonical_size=224, canonical_level=4, min_level=2, max_level=5):
+    """Zero-based FPN level of each box: floor(k0 + log2(sqrt(area) / s0) + 1e-6) clamped to
+    [min_level, max_level], minus min_level (torchvision's LevelMapper). ``rois`` is [R, 5] or [R, 4]."""
+    b = rois[:, -4:]
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    s = torch.sqrt(area)
+    lvl = torch.floor(canonical_level + torch.log2(s / canonical_size) + 1e-6)
+    lvl = torch.nan_to_num(lvl, nan=float(min_level), posinf=float(max_level), neginf=float(min_level))
+    return lvl.clamp(min=min_level, max=max_level).to(torch.int64) - min_level
+
+
+# ----------------------------------------------------------------------------------------------
+# Anchors
+# ----------------------------------------------------------------------------------------------
+
+
+def grid_anchors(feature_size, stride, sizes, aspect_ratios, offset=0.0, *, device=None, dtype=torch.float32):
+    """Anchors of one feature grid, xyxy, location-major (row-major locations), per location sizes outer
+    and aspect ratios (h/w) inner: detectron2's DefaultAnchorGenerator order."""
+    H, W = (feature_size, feature_size) if isinstance(feature_size, int) else tuple(feature_size)
+    base = []
+    for size in sizes:
+        area = float(size) ** 2
+        for ratio in aspect_ratios:
+            w = math.sqrt(area / ratio)
+            h = ratio * w
+            base.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+    base = torch.tensor(base, dtype=torch.float64, device=device).view(1, -1, 4)
+    ys = (torch.arange(H, dtype=torch.float64, device=device) + offset) * stride
+    xs = (torch.arange(W, dtype=torch.float64, device=device) + offset) * stride
+    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+    shifts = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)
+    return (shifts + base).reshape(-1, 4).to(dtype)
+
+
+def box_iou(a, b):
+    """IoU of every pair, [N, M], float32, in the kernels' order of operations; union <= 0 gives 0."""
+    a = a.float()
+    b = b.float()
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    iw = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
+    ih = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(min=0)
+    inter = iw * ih
+    union = (area_a[:, None] + area_b[None, :]) - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(inter))
+
+
+_M32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """A bijective 32-bit integer hash (the "lowbias32" finaliser), on int64 tensors holding uint32 values.
+    csrc/common/random_key.h and insloc_ops/triton/ compute the same function on uint32."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def random_keys(seed, num_boxes, num_anchors, device=None):
+    """The random key of every (box, anchor) pair, [N, A] int64 holding uint32 values.
+
+    key(n, a) = mix32(a ^ mix32(n ^ mix32(seed_lo ^ mix32(seed_hi)))). For one box the keys of distinct
+    anchors are distinct (mix32 is a bijection), so "the eligible anchor with the largest key" is a
+    uniform random choice with no ties, computable in one streaming pass by any backend.
+    """
+    seed = int(seed)
+    t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    seed_key = mix32(t(seed & _M32) ^ mix32(t((seed >> 32) & _M32)))
+    n = torch.arange(num_boxes, dtype=torch.int64, device=device)
+    box_key = mix32(n ^ seed_key)  # [N]
+    a = torch.arange(num_anchors, dtype=torch.int64, device=device)
+    return mix32(a[None, :] ^ box_key[:, None])  # [N, A]
+
+
+def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
+    """Per box, the eligible anchor (IoU > threshold) with the largest random key, else the highest-IoU
+    anchor (lowest index on ties). Returns (anchor index int64 [N], iou float32 [N])."""
+    N, A = gt_boxes.shape[0], anchors.shape[0]
+    device = gt_boxes.device
+    if N == 0 or A == 0:
+        if N and not A:
+            raise ValueError("anchors must not be empty when gt_boxes is not")
+        return torch.zeros(N, dtype=torch.int64, device=device), torch.zeros(N, dtype=torch.float32, device=device)
+    iou = box_iou(gt_boxes, anchors)  # [N, A]
+    eligible = iou > torch.tensor(iou_threshold, dtype=torch.float32)
+    keys = random_keys(seed, N, A, device)
+    pick = torch.where(eligible, keys, torch.full_like(keys, -1)).argmax(dim=1)  # first max; keys unique
+    best = iou.argmax(dim=1)  # first maximal value: lowest index on ties
+    index = torch.where(eligible.any(dim=1), pick, best)
+    return index, iou.gather(1, index[:, None]).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Queue InfoNCE
+# ----------------------------------------------------------------------------------------------
+
+
+def queue_infonce(q, k, queue, temperature):
+    """Per-row InfoNCE with materialised logits. q, k: [G, N, D]; queue: [G, K, D].
+    Returns (loss [G, N], lse [G, N]), float32 (float64 for float64 inputs)."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q32, k32, neg = q.to(dt), k.to(dt), queue.detach().to(dt)
+    pos = (q32 * k32).sum(-1, keepdim=True)  # positive logits: G x N x 1
+    negs = torch.einsum("gnd,gkd->gnk", q32, neg)  # negative logits: G x N x K
+    logits = torch.cat([pos, negs], dim=-1) / temperature  # G x N x (1+K)
+    lse = torch.logsumexp(logits, dim=-1)  # G x N
+    return lse - logits[..., 0], lse
+
+
+def enqueue_(queue, keys, ptr):
+    """Writes keys [.., N, D] into the ring buffer queue [.., K, D] at ptr, wrapping; returns (ptr + N) % K."""
+    K, N = queue.shape[-2], keys.shape[-2]
+    if N == 0:
+        return ptr
+    device = queue.device
+    base = ptr.to(device) if torch.is_tensor(ptr) else ptr
+    idx = (base + torch.arange(N, device=device)) % K  # [N]
+    queue.index_copy_(queue.dim() - 2, idx, keys.detach().to(queue.dtype))
+    return (ptr + N) % K

@@ -1,0 +1,137 @@
+"""Builds insloc_ops._C: C++ CPU kernels always, CUDA kernels when a CUDA torch and nvcc are present.
+
+Environment:
+  INSLOC_OPS_CUDA=0      never compile CUDA sources
+  INSLOC_OPS_CUDA=1      require CUDA sources to be compiled (fail loudly otherwise)
+  TORCH_CUDA_ARCH_LIST   architectures (default "8.0;9.0+PTX")
+  MAX_JOBS               parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _log(msg):
+    print(f"[insloc_ops setup] {msg}", file=sys.stderr)
+
+
+def _cuda_home():
+    """The real CUDA toolkit root: one whose bin/nvcc and include/cuda_runtime.h both exist.
+
+    torch guesses CUDA_HOME from the nvcc on PATH, which can be a wrapper in /usr/local/bin that
+    makes it pick /usr/local; we check each candidate for the toolkit layout instead.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(c, "include", "cuda_runtime.h")
+        ):
+            return os.path.realpath(c)
+    return None
+
+
+def _pip_nvidia_includes():
+    """Include folders of pip's nvidia-* packages (e.g. nvidia/cu13/include holds cusparse.h)."""
+    found = []
+    for p in sys.path:
+        base = os.path.join(p, "nvidia")
+        if not os.path.isdir(base):
+            continue
+        for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
+            if os.path.isdir(inc) and inc not in found:
+                found.append(inc)
+    return found
+
+
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for tok in out.replace(",", " ").split():
+        if tok.startswith("V") and tok[1:2].isdigit():
+            return tok[1:]
+    return None
+
+
+def _want_cuda():
+    flag = os.environ.get("INSLOC_OPS_CUDA", "auto").strip().lower()
+    if flag not in ("auto", "0", "1"):
+        raise SystemExit(f"INSLOC_OPS_CUDA must be 0, 1 or unset, got {flag!r}")
+    if flag == "0":
+        return False, None
+    import torch
+
+    cuda_home = _cuda_home()
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is not a CUDA build")
+    if cuda_home is None:
+        problems.append("no CUDA toolkit (bin/nvcc + include/cuda_runtime.h) found")
+    if problems:
+        if flag == "1":
+            raise SystemExit("INSLOC_OPS_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(problems))
+        _log("building CPU kernels only: " + "; ".join(problems))
+        return False, None
+    return True, cuda_home
+
+
+def _extensions():
+    use_cuda, cuda_home = _want_cuda()
+    if use_cuda:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    macros = [("Py_LIMITED_API", "0x030a0000")]
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    if use_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        include_dirs += _pip_nvidia_includes()
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        macros.append(("INSLOC_WITH_CUDA", None))
+        macros.append(("INSLOC_CUDA_ARCHS", '"' + archs + '"'))
+        nvcc_version = _nvcc_version(cuda_home)
+        macros.append(("INSLOC_NVCC_VERSION", '"' + (nvcc_version or "unknown") + '"'))
+        _log(f"building CUDA kernels with {cuda_home} (nvcc {nvcc_version}) for {archs}")
+        ext = CUDAExtension(
+            "insloc_ops._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
+            py_limited_api=True,
+        )
+    else:
+        ext = CppExtension(
+            "insloc_ops._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+            py_limited_api=True,
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp310"}})
