@@ -1,0 +1,28 @@
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton decides at @triton.jit time whether to interpret, so this must precede importing
+    # insloc_ops: without a GPU every Triton kernel runs on CPU tensors through the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+def poisoned_like(t):
+    """A tensor shaped like ``t`` full of NaN: a kernel that leaves an element unwritten shows it."""
+    return torch.full_like(t, float("nan"))
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
