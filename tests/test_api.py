@@ -1,0 +1,199 @@
+"""The public API: argument validation (errors name the argument), backend selection, build info,
+empty inputs, and the registrations every op needs (schemas, fake kernels, autograd)."""
+import pytest
+import torch
+
+import insloc_ops
+from insloc_ops import _backend
+
+SCALES = [1 / 4, 1 / 8]
+
+
+def _feats(B=2, C=3, dtype=torch.float32):
+    return [torch.randn(B, C, 16, 16, dtype=dtype), torch.randn(B, C, 8, 8, dtype=dtype)]
+
+
+ROIS = torch.tensor([[0, 1.0, 2.0, 30.0, 40.0], [1, 5.0, 5.0, 20.0, 25.0]])
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(features=[]), "features"),
+    (dict(features=torch.randn(2, 3, 8, 8)), "features"),
+    (dict(features=[torch.randn(3, 8, 8)]), r"features\[0\]"),
+    (dict(features=[torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)]), r"features\[1\]"),
+    (dict(features=[torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4, dtype=torch.float64)]), r"features\[1\]"),
+    (dict(features=[torch.randn(2, 3, 8, 8).int()]), r"features\[0\]"),
+    (dict(rois=torch.zeros(3, 4)), "rois"),
+    (dict(rois=torch.zeros(3, 5, dtype=torch.int64)), "rois"),
+    (dict(rois=torch.tensor([[2.0, 0, 0, 4, 4]])), "batch index"),
+    (dict(rois=torch.tensor([[-1.0, 0, 0, 4, 4]])), "batch index"),
+    (dict(spatial_scales=[0.25]), "spatial_scales"),
+    (dict(spatial_scales=[0.25, -1.0]), "spatial_scales"),
+    (dict(output_size=0), "output_size"),
+    (dict(output_size=(7, -1)), "output_size"),
+    (dict(output_size="7"), "output_size"),
+    (dict(sampling_ratio=1.5), "sampling_ratio"),
+    (dict(levels=torch.tensor([0, 2])), "levels"),
+    (dict(levels=torch.tensor([0, -1])), "levels"),
+    (dict(levels=torch.tensor([0])), "levels"),
+    (dict(levels=torch.tensor([0.0, 1.0])), "levels"),
+])
+def test_roi_align_rejects_bad_input_naming_the_argument(kwargs, match):
+    args = dict(features=_feats(), rois=ROIS, output_size=7, spatial_scales=SCALES)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        insloc_ops.roi_align_multilevel(**args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(gt_boxes=torch.zeros(3, 5)), "gt_boxes"),
+    (dict(gt_boxes=torch.zeros(4)), "gt_boxes"),
+    (dict(anchors=torch.zeros(3, 3)), "anchors"),
+    (dict(anchors=torch.zeros(0, 4)), "anchors"),
+    (dict(gt_boxes=torch.tensor([[0.0, 0, float("nan"), 4]])), "gt_boxes"),
+    (dict(gt_boxes=torch.tensor([[0.0, 0, float("inf"), 4]])), "gt_boxes"),
+    (dict(gt_boxes=torch.tensor([[5.0, 0, 4, 4]])), "gt_boxes"),
+    (dict(gt_boxes=torch.tensor([[0.0, 5, 4, 4]])), "gt_boxes"),
+    (dict(iou_threshold=float("nan")), "iou_threshold"),
+])
+def test_sample_anchor_boxes_rejects_bad_input_naming_the_argument(kwargs, match):
+    args = dict(gt_boxes=torch.tensor([[0.0, 0, 10, 10]]), anchors=torch.tensor([[0.0, 0, 8, 8]]))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        insloc_ops.sample_anchor_boxes(**args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(q=torch.randn(4)), "q"),
+    (dict(k=torch.randn(4, 7)), "k"),
+    (dict(k=torch.randn(4, 8, dtype=torch.float64)), "k"),
+    (dict(queue=torch.randn(10, 7)), "queue"),
+    (dict(queue=torch.randn(2, 10, 8)), "queue"),
+    (dict(q=torch.randn(2, 4, 8), k=torch.randn(2, 4, 8), queue=torch.randn(3, 10, 8)), "queue"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=-0.2), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(reduction="sum"), "reduction"),
+])
+def test_queue_infonce_rejects_bad_input_naming_the_argument(kwargs, match):
+    args = dict(q=torch.randn(4, 8), k=torch.randn(4, 8), queue=torch.randn(10, 8), temperature=0.2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        insloc_ops.queue_infonce(**args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(keys=torch.randn(3, 7)), "keys"),
+    (dict(keys=torch.randn(6, 8)), "keys"),
+    (dict(ptr=5), "ptr"),
+    (dict(ptr=-1), "ptr"),
+    (dict(ptr=torch.tensor([1])), "ptr"),
+])
+def test_enqueue_rejects_bad_input_naming_the_argument(kwargs, match):
+    args = dict(queue=torch.zeros(5, 8), keys=torch.randn(3, 8), ptr=0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        insloc_ops.enqueue_(**args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(feature_size=-1), "feature_size"),
+    (dict(stride=0), "stride"),
+    (dict(sizes=()), "sizes"),
+    (dict(aspect_ratios=(1.0, 0.0)), "aspect_ratios"),
+])
+def test_grid_anchors_rejects_bad_input_naming_the_argument(kwargs, match):
+    args = dict(feature_size=4, stride=16, sizes=(32,), aspect_ratios=(1.0,))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        insloc_ops.grid_anchors(**args)
+
+
+# ------------------------------------------------------------------------------------ empty inputs
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_empty_inputs_give_empty_outputs(backend):
+    out = insloc_ops.roi_align_multilevel(_feats(), ROIS[:0], 7, SCALES, backend=backend)
+    assert out.shape == (2, 0, 3, 7, 7)
+    out = insloc_ops.roi_align_multilevel(_feats(), ROIS[:0], 7, SCALES, levels=torch.zeros(0, dtype=torch.int64),
+                                          backend=backend)
+    assert out.shape == (0, 3, 7, 7)
+    boxes, index, iou = insloc_ops.sample_anchor_boxes(torch.zeros(0, 4), torch.rand(10, 4), backend=backend)
+    assert boxes.shape == (0, 4) and index.shape == (0,) and index.dtype == torch.int64 and iou.shape == (0,)
+    q = torch.zeros(0, 8, requires_grad=True)
+    loss = insloc_ops.queue_infonce(q, torch.zeros(0, 8), torch.randn(10, 8), 0.2, backend=backend)
+    assert loss.shape == () and loss.item() == 0.0
+    loss.backward()
+    assert q.grad.shape == (0, 8)
+    assert insloc_ops.queue_infonce(q, torch.zeros(0, 8), torch.randn(10, 8), 0.2, reduction="none",
+                                    backend=backend).shape == (0,)
+    queue = torch.zeros(5, 8)
+    assert insloc_ops.enqueue_(queue, torch.zeros(0, 8), 3) == 3
+    assert insloc_ops.grid_anchors((0, 4), 16, (32,), (1.0,)).shape == (0, 4)
+
+
+# ------------------------------------------------------------------------------------ dispatch
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="backend"):
+        insloc_ops.roi_align_multilevel(_feats(), ROIS, 7, SCALES, backend="fast")
+
+
+def test_unavailable_backend_is_an_error_not_a_fallback():
+    with pytest.raises(RuntimeError, match="'cuda' is not available"):
+        insloc_ops.queue_infonce(torch.randn(2, 8), torch.randn(2, 8), torch.randn(5, 8), 0.2, backend="cuda")
+
+
+def test_environment_variable_selects_the_backend(monkeypatch):
+    monkeypatch.setenv("INSLOC_OPS_BACKEND", "reference")
+    assert _backend.select("roi_align_multilevel", "cpu") == "reference"
+    monkeypatch.setenv("INSLOC_OPS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="INSLOC_OPS_BACKEND"):
+        _backend.select("roi_align_multilevel", "cpu")
+    assert _backend.select("roi_align_multilevel", "cpu", backend="reference") == "reference"  # per call wins
+
+
+def test_default_table_never_picks_an_unverified_gpu_kernel():
+    # CUDA defaults may only name a GPU kernel once BENCHMARKS.md has its GPU measurement.
+    assert set(_backend.DEFAULTS["cuda"].values()) == {"reference"}
+    for op in _backend.OPS:
+        assert _backend.select(op, "cpu") in ("cpu", "reference")
+
+
+def test_available_backends_and_build_info_describe_this_install():
+    avail = insloc_ops.available_backends()
+    assert set(avail) == set(_backend.OPS)
+    for op, per_device in avail.items():
+        assert "reference" in per_device["cpu"]
+        assert "cuda" not in per_device["cpu"]
+    info = insloc_ops.build_info()
+    assert info["torch"] == torch.__version__
+    assert info["extension_loaded"] is insloc_ops._ext.HAS_EXTENSION
+    if info["cuda_kernels_compiled"]:
+        assert info["cuda_archs"] and info["nvcc"]
+
+
+def test_every_schema_is_registered_once_with_its_triton_twin():
+    if not insloc_ops._ext.HAS_EXTENSION:
+        pytest.skip("extension not built")
+    for name in ("roi_align_multilevel", "roi_align_multilevel_backward", "sample_anchor_boxes",
+                 "queue_infonce", "queue_infonce_backward"):
+        a = getattr(torch.ops.insloc_ops, name).default._schema
+        b = getattr(torch.ops.insloc_ops, name + "_triton").default._schema
+        assert [str(x.type) for x in a.arguments] == [str(x.type) for x in b.arguments]
+        assert [str(x.type) for x in a.returns] == [str(x.type) for x in b.returns]
+
+
+def test_reference_backend_compiles_fullgraph():
+    def step(q, k, queue):
+        return insloc_ops.queue_infonce(q, k, queue, 0.2, backend="reference")
+
+    q = torch.randn(4, 8, requires_grad=True)
+    k, queue = torch.randn(4, 8), torch.randn(10, 8)
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, queue), step(q, k, queue))
