@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The one-shot GPU check: build on a GPU machine that already has torch, triton and nvcc, run every
+# gpu-marked test (each backend against the reference), then the benchmarks; results go to OUTDIR.
+#
+#   bash bench/device_check.sh OUTDIR
+#
+# WHEELS=DIR installs pytest (and pytest-benchmark) from local wheels when the machine has no index.
+# TORCH_CUDA_ARCH_LIST defaults to the local GPU's architecture to keep the build short.
+set -uo pipefail
+OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+step() { echo "== $* ($(( $(date +%s) - start )) s)"; }
+
+step "environment"
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  python -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  python -c "import triton; print('triton', triton.__version__)" 2>&1
+  nvcc --version 2>&1 | tail -n 2
+} | tee "$OUT/env.txt"
+
+if [[ -n "${WHEELS:-}" ]]; then
+  python -m pip install -q --no-index --find-links "$WHEELS" pytest pytest-benchmark >>"$OUT/build.log" 2>&1
+fi
+
+step "build"
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  TORCH_CUDA_ARCH_LIST=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  export TORCH_CUDA_ARCH_LIST
+fi
+INSLOC_OPS_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} python -m pip install --no-build-isolation --no-deps -e . \
+  >>"$OUT/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -n 30 "$OUT/build.log"; exit 1; }
+python -c "import insloc_ops, json; print(json.dumps(insloc_ops.build_info())); print(json.dumps(insloc_ops.available_backends()))" \
+  | tee -a "$OUT/env.txt"
+
+step "gpu tests"
+python -m pytest -m gpu -q -p no:cacheprovider -rf --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.txt" 2>&1
+tests_rc=$?
+tail -n 15 "$OUT/gpu_tests.txt"
+
+step "op benchmarks"
+python bench/run_all.py --device cuda --out "$OUT" >"$OUT/bench.log" 2>&1
+bench_rc=$?
+
+if [[ -f bench/bench_train_step.py ]]; then
+  step "training step benchmark"
+  python bench/bench_train_step.py --device cuda --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
+fi
+
+step "summary"
+echo "gpu tests exit $tests_rc; benchmarks exit $bench_rc"
+[[ -f "$OUT/ops.md" ]] && cat "$OUT/ops.md"
+exit $(( tests_rc || bench_rc ))

@@ -1,0 +1,71 @@
+"""Runs every op benchmark (fused vs baseline side by side) into one CSV and a markdown table.
+
+    python bench/run_all.py --device cpu --out bench/results/cpu [--quick]
+    python bench/run_all.py --device cuda --out OUTDIR
+
+Each bench/bench_<op>.py is run as its own process (so one failing benchmark does not hide the others)
+and appends its rows to OUT/ops.csv; the table goes to OUT/ops.md and to stdout.
+"""
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OP_BENCHMARKS = ["bench_roi_align.py", "bench_anchors.py", "bench_infonce.py"]
+BASELINE_IMPLS = ("baseline", "torchvision", "pytorch")
+
+
+def markdown_table(rows):
+    """One line per (op, shape, pass): each implementation's median, its speed-up over the baseline
+    and its peak extra memory."""
+    lines = ["| op | shape | pass | impl | median ms | speed-up vs baseline | peak extra MB | device |",
+             "|---|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['shape']} | {r['pass']} | {r['impl']} | {float(r['median_ms']):.3f} | "
+                     f"{r['speedup_vs_baseline'] or '-'} | {r['peak_extra_mb'] or '-'} | {r['device']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--only", nargs="*", default=None, help="benchmark files to run (default: all)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "ops.csv")
+    if os.path.exists(csv_path):
+        os.remove(csv_path)
+    failures = []
+    for name in args.only or OP_BENCHMARKS:
+        cmd = [sys.executable, os.path.join(HERE, name), "--out", csv_path]
+        if args.device:
+            cmd += ["--device", args.device]
+        if args.quick:
+            cmd.append("--quick")
+        print("+", " ".join(cmd), flush=True)
+        t0 = time.time()
+        rc = subprocess.call(cmd)
+        print(f"  {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+        if rc:
+            failures.append(name)
+    rows = []
+    if os.path.exists(csv_path):
+        with open(csv_path) as fh:
+            rows = list(csv.DictReader(fh))
+    table = markdown_table(rows)
+    with open(os.path.join(args.out, "ops.md"), "w") as fh:
+        fh.write(table + "\n")
+    print(table)
+    if failures:
+        print("FAILED:", ", ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
