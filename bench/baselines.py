@@ -1,0 +1,48 @@
+"""The plain-PyTorch / torchvision baselines the fused ops are measured against, with the fused ops'
+signatures, so a model can run on either (bench_train_step.py swaps them in)."""
+import torch
+import torch.nn.functional as F
+import torchvision
+
+
+def roi_align_torchvision(features, rois, output_size, spatial_scales, sampling_ratio=0, aligned=True,
+                          levels=None, *, backend=None):
+    """One torchvision.ops.roi_align call per level; with ``levels``, MultiScaleRoIAlign's select/scatter."""
+    if levels is None:
+        return torch.stack([torchvision.ops.roi_align(f, rois, output_size, s, sampling_ratio, aligned)
+                            for f, s in zip(features, spatial_scales)])
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *size))
+    for lvl, (f, s) in enumerate(zip(features, spatial_scales)):
+        idx = torch.where(levels == lvl)[0]  # host sync, as in torchvision's MultiScaleRoIAlign
+        out[idx] = torchvision.ops.roi_align(f, rois[idx], size, s, sampling_ratio, aligned).to(out.dtype)
+    return out
+
+
+def sample_anchor_boxes_iou_matrix(gt_boxes, anchors, iou_threshold=0.5, *, generator=None, backend=None):
+    """box_iou (the N x A matrix) + threshold + per-box multinomial over the eligible anchors, argmax
+    fallback."""
+    iou = torchvision.ops.box_iou(gt_boxes.float(), anchors.float())  # [N, A]
+    eligible = iou > iou_threshold  # [N, A]
+    has = eligible.any(dim=1)  # [N]
+    weights = torch.where(has[:, None], eligible.float(), torch.ones_like(iou))  # [N, A]
+    gen = generator if generator is not None and generator.device == gt_boxes.device else None
+    pick = torch.multinomial(weights, 1, generator=gen).squeeze(1)  # [N]
+    index = torch.where(has, pick, iou.argmax(dim=1))  # [N]
+    return anchors[index], index, iou.gather(1, index[:, None]).squeeze(1)
+
+
+def queue_infonce_materialised(q, k, queue, temperature, *, reduction="mean", backend=None):
+    """Per group: einsum logits against the queue, cat with the positive, F.cross_entropy (label 0)."""
+    grouped = q.dim() == 3
+    if not grouped:
+        q, k, queue = q.unsqueeze(0), k.unsqueeze(0), queue.unsqueeze(0)
+    losses = []
+    for g in range(q.shape[0]):
+        pos = torch.einsum("nd,nd->n", q[g], k[g]).unsqueeze(1)  # positive logits: N x 1
+        neg = torch.einsum("nd,kd->nk", q[g], queue[g].detach().to(q.dtype))  # negative logits: N x K
+        logits = torch.cat([pos, neg], dim=1).float() / temperature  # N x (1 + K)
+        labels = torch.zeros(q.shape[1], dtype=torch.long, device=q.device)
+        losses.append(F.cross_entropy(logits, labels, reduction=reduction))
+    out = torch.stack(losses)
+    return out if grouped else out.squeeze(0)
