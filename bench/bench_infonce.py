@@ -1,0 +1,104 @@
+"""queue_infonce: fused kernels vs materialised logits (per group einsum + cat + F.cross_entropy).
+
+Shapes: InsLoc (G=4, N=32, K=65,536, D=128) and MoCo (G=1, N=256, K=65,536, D=128), queue fp32 and bf16;
+forward, backward and both; median ms and peak extra memory; on a GPU also the achieved bandwidth over
+the floor (the queue read once forward and once backward). On CPU the fused impl is the C++ kernel.
+
+    python bench/bench_infonce.py [--device cpu|cuda] [--quick] [--out bench/results/infonce.csv]
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import insloc_ops  # noqa: E402
+from common import Recorder, peak_extra_mb, time_ms  # noqa: E402
+
+SHAPES = {"insloc": (4, 32, 65536, 128), "moco": (1, 256, 65536, 128)}
+TEMPERATURE = 0.2
+
+
+def materialised(q, k, queue, temperature):
+    """The baseline: per group, einsum logits against the queue, cat with the positive, F.cross_entropy."""
+    losses = []
+    for g in range(q.shape[0]):
+        pos = torch.einsum("nd,nd->n", q[g], k[g]).unsqueeze(1)  # positive logits: N x 1
+        neg = torch.einsum("nd,kd->nk", q[g], queue[g].to(q.dtype))  # negative logits: N x K
+        logits = torch.cat([pos, neg], dim=1).float() / temperature  # N x (1 + K)
+        labels = torch.zeros(q.shape[1], dtype=torch.long, device=q.device)
+        losses.append(F.cross_entropy(logits, labels))
+    return torch.stack(losses)  # G
+
+
+def make_inputs(shape, queue_dtype, device):
+    G, N, K, D = shape
+    q = F.normalize(torch.randn(G, N, D, device=device), dim=-1).requires_grad_()
+    k = F.normalize(torch.randn(G, N, D, device=device), dim=-1).requires_grad_()
+    queue = F.normalize(torch.randn(G, K, D, device=device), dim=-1).to(queue_dtype)
+    return q, k, queue
+
+
+def impls(device):
+    out = {"baseline": materialised}
+    fused = ["cpu"] if device == "cpu" else ["triton", "cuda"]
+    for backend in fused:
+        if insloc_ops._backend.is_available("queue_infonce", backend, device):
+            out[backend] = (lambda b: lambda q, k, queue, t: insloc_ops.queue_infonce(q, k, queue, t, backend=b))(
+                backend)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--peak-gbs", type=float, default=3350.0, help="GPU memory bandwidth for the floor")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "infonce.csv"))
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    reps, max_s = (5, 5.0) if args.quick else (30, 20.0)
+    rec = Recorder("queue_infonce")
+    for shape_name, shape in SHAPES.items():
+        for queue_dtype in (torch.float32, torch.bfloat16):
+            q, k, queue = make_inputs(shape, queue_dtype, args.device)
+            label = f"{shape_name}/{str(queue_dtype).split('.')[-1]}"
+            queue_bytes = queue.numel() * queue.element_size()
+            baseline_ms = {}
+            for name, fn in impls(args.device).items():
+                def forward():
+                    with torch.no_grad():
+                        fn(q, k, queue, TEMPERATURE)
+
+                def both():
+                    loss = fn(q, k, queue, TEMPERATURE).sum()
+                    torch.autograd.grad(loss, (q, k))
+
+                loss = fn(q, k, queue, TEMPERATURE).sum()
+
+                def backward():
+                    torch.autograd.grad(loss, (q, k), retain_graph=True)
+
+                for pass_, f in (("forward", forward), ("backward", backward), ("both", both)):
+                    timing = time_ms(f, args.device, reps=reps, warmup=2, max_seconds=max_s)
+                    peak = peak_extra_mb(f, args.device)
+                    if name == "baseline":
+                        baseline_ms[pass_] = timing[0]
+                    rec.add(label, name, pass_, timing, peak, baseline_ms.get(pass_))
+                    if args.device != "cpu" and pass_ == "both":
+                        floor_ms = 2 * queue_bytes / (args.peak_gbs * 1e9) * 1e3
+                        print(f"    {name}: {2 * queue_bytes / timing[0] / 1e6:8.1f} GB/s achieved, floor "
+                              f"{floor_ms:.3f} ms = {floor_ms / timing[0]:.0%} of peak", flush=True)
+                del loss
+    rec.write(args.out)
+    print(f"rows appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+// Queue InfoNCE on CPU, blocked over K: no N x K buffer, only per-thread blocks of kBlockK logits.
+//
+// Tasks = groups x row blocks x K splits (so N = 32 still fills every core); each task streams its
+// queue rows in blocks: logits = q_rows @ block^T (BLAS), then a partial log-sum-exp per row, merged
+// across blocks and, after the parallel loop, across splits in a fixed order (so the result does not
+// depend on the thread count). The backward recomputes p from the saved lse block by block and adds
+// p @ block into a per-split dq partial ([splits, G, N, D]), summed afterwards.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/infonce.h"
+
+namespace insloc {
+namespace {
+
+using namespace infonce;
+
+constexpr int64_t kBlockK = 512;  // queue rows per GEMM block: the block and its logits stay in L2
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kMaxSplits = 16;  // bounds the backward's dq partials at 16 x G x N x D
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double temperature) {
+  TORCH_CHECK(q.dim() == 3, "queue_infonce: q must be [G, N, D], got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "queue_infonce: k must have q's shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(queue.dim() == 3 && queue.size(0) == q.size(0) && queue.size(2) == q.size(2),
+              "queue_infonce: queue must be [G, K, D] with q's G and D ", q.sizes(), ", got ", queue.sizes());
+  for (const auto* t : {&q, &k, &queue}) {
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "queue_infonce: q, k and queue must be floating point, got ",
+                t->scalar_type());
+  }
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "queue_infonce: k must have q's dtype ", q.scalar_type(),
+              ", got ", k.scalar_type());
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "queue_infonce: temperature must be a positive finite number, got ", temperature);
+}
+
+at::ScalarType acc_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+struct Geometry {
+  int64_t G, N, K, D, rows, row_blocks, splits, per_split;
+  Geometry(const at::Tensor& q, const at::Tensor& queue)
+      : G(q.size(0)), N(q.size(1)), K(queue.size(1)), D(q.size(2)) {
+    rows = std::min<int64_t>(std::max<int64_t>(N, 1), kRowBlock);
+    row_blocks = (N + rows - 1) / rows;
+    split_k<int64_t>(K, kBlockK, kMaxSplits, splits, per_split);
+  }
+  int64_t tasks() const { return G * row_blocks * splits; }
+};
+
+// Eight running sums: an ordered float sum would not vectorise and is latency-bound.
+template <typename T>
+T row_sum(const T* x, int64_t n) {
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += x[j + l];
+  }
+  T sum = 0;
+  for (; j < n; ++j) sum += x[j];
+  for (int l = 0; l < 8; ++l) sum += acc[l];
+  return sum;
+}
+
+// Calls fn(g, r0, nr, logits [nr, nk], block [nk, D], split) for every queue block of every task, with
+// logits = q[g, r0:r0+nr] @ block^T already computed into a per-thread buffer.
+template <typename acc_t, typename Fn>
+void for_each_logit_block(const Geometry& geo, const at::Tensor& qa, const at::Tensor& queue, const Fn& fn) {
+  const auto acc = qa.scalar_type();
+  const bool convert = queue.scalar_type() != acc;
+  at::parallel_for(0, geo.tasks(), 1, [&](int64_t begin, int64_t end) {
+    auto logits_buf = at::empty({geo.rows * kBlockK}, qa.options());  // per thread, bounded
+    at::Tensor block_buf;
+    if (convert) block_buf = at::empty({kBlockK * geo.D}, qa.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t split = t % geo.splits;
+      const int64_t rb = (t / geo.splits) % geo.row_blocks;
+      const int64_t g = t / (geo.splits * geo.row_blocks);
+      const int64_t r0 = rb * geo.rows, nr = std::min(geo.rows, geo.N - r0);
+      const int64_t k_begin = split * geo.per_split, k_end = std::min(geo.K, k_begin + geo.per_split);
+      const auto q_rows = qa[g].narrow(0, r0, nr);  // [nr, D]
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, k_end - k0);
+        auto block = queue[g].narrow(0, k0, nk);  // [nk, D]
+        if (convert) block = block_buf.narrow(0, 0, nk * geo.D).view({nk, geo.D}).copy_(block);
+        auto logits = logits_buf.narrow(0, 0, nr * nk).view({nr, nk});  // [nr, nk]
+        at::mm_out(logits, q_rows, block.t());
+        fn(g, r0, nr, logits, block, split);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> queue_infonce_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& queue, double temperature) {
+  check_inputs(q, k, queue, temperature);
+  const auto acc = acc_type(q);
+  const Geometry geo(q, queue);
+  auto loss = at::empty({geo.G, geo.N}, q.options().dtype(acc));
+  auto lse = at::empty({geo.G, geo.N}, q.options().dtype(acc));
+  if (geo.G * geo.N == 0) return {loss, lse};
+  const auto qa = q.detach().to(acc).contiguous();  // [G, N, D]; detached: out= ops below refuse grad
+  const auto ka = k.detach().to(acc).contiguous();
+  const auto queue_c = queue.detach().contiguous();  // [G, K, D]
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
+    // Partial (m, s) per (g, n, split); every slot a task owns is written.
+    std::vector<acc_t> part_m(geo.G * geo.N * geo.splits, neg_inf<acc_t>());
+    std::vector<acc_t> part_s(geo.G * geo.N * geo.splits, acc_t(0));
+    if (geo.K > 0) {
+      for_each_logit_block<acc_t>(geo, qa, queue_c, [&](int64_t g, int64_t r0, int64_t nr, at::Tensor& logits,
+                                                         const at::Tensor&, int64_t split) {
+        const int64_t nk = logits.size(1);
+        acc_t* x = logits.data_ptr<acc_t>();
+        std::vector<acc_t> shift(nr);
+        for (int64_t r = 0; r < nr; ++r) {
+          acc_t* row = x + r * nk;
+          acc_t bmax = neg_inf<acc_t>();
+          for (int64_t j = 0; j < nk; ++j) bmax = row[j] > bmax ? row[j] : bmax;
+          const int64_t slot = ((g * geo.N) + r0 + r) * geo.splits + split;
+          shift[r] = std::max(part_m[slot], bmax * inv_t);
+          const acc_t sh = shift[r];
+          for (int64_t j = 0; j < nk; ++j) row[j] = row[j] * inv_t - sh;
+        }
+        // The bulk of the exps: ATen's vectorised exp on the L2-resident block.
+        logits.exp_();
+        for (int64_t r = 0; r < nr; ++r) {
+          const acc_t* row = x + r * nk;
+          const acc_t sum = row_sum(row, nk);
+          const int64_t slot = ((g * geo.N) + r0 + r) * geo.splits + split;
+          lse_merge(part_m[slot], part_s[slot], shift[r], sum);
+        }
+      });
+    }
+    const acc_t* qp = qa.data_ptr<acc_t>();
+    const acc_t* kp = ka.data_ptr<acc_t>();
+    acc_t* loss_p = loss.data_ptr<acc_t>();
+    acc_t* lse_p = lse.data_ptr<acc_t>();
+    at::parallel_for(0, geo.G * geo.N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t dot = 0;
+        for (int64_t d = 0; d < geo.D; ++d) dot += qp[i * geo.D + d] * kp[i * geo.D + d];
+        const acc_t positive = dot * inv_t;
+        acc_t m = positive, s = 1;
+        for (int64_t c = 0; c < geo.splits; ++c) lse_merge(m, s, part_m[i * geo.splits + c], part_s[i * geo.splits + c]);
+        lse_p[i] = lse_value(m, s);
+        loss_p[i] = infonce_loss(lse_p[i], positive);
+      }
+    });
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& q,
+                                                              const at::Tensor& k, const at::Tensor& queue,
+                                                              const at::Tensor& lse, double temperature) {
+  check_inputs(q, k, queue, temperature);
+  const auto acc = acc_type(q);
+  const Geometry geo(q, queue);
+  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == geo.G && grad_loss.size(1) == geo.N,
+              "queue_infonce_backward: grad_loss must be [G, N] = [", geo.G, ", ", geo.N, "], got ",
+              grad_loss.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == geo.G && lse.size(1) == geo.N,
+              "queue_infonce_backward: lse must be [G, N] = [", geo.G, ", ", geo.N, "], got ", lse.sizes());
+  if (q.numel() == 0) return {at::empty_like(q), at::empty_like(k)};
+  const auto qa = q.detach().to(acc).contiguous();  // [G, N, D]; detached: out= ops below refuse grad
+  const auto ka = k.detach().to(acc).contiguous();
+  const auto ga = grad_loss.to(acc).contiguous();  // [G, N]
+  const auto la = lse.to(acc).contiguous();
+  const auto queue_c = queue.detach().contiguous();
+  auto dqa = at::empty({geo.G, geo.N, geo.D}, qa.options());
+  auto dka = at::empty({geo.G, geo.N, geo.D}, qa.options());
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
+    const acc_t* gp = ga.data_ptr<acc_t>();
+    const acc_t* lp = la.data_ptr<acc_t>();
+    // dq partials per split, each slice written by exactly one task.
+    auto dq_part = at::zeros({geo.splits, geo.G, geo.N, geo.D}, qa.options());
+    if (geo.K > 0) {
+      for_each_logit_block<acc_t>(geo, qa, queue_c, [&](int64_t g, int64_t r0, int64_t nr, at::Tensor& logits,
+                                                         const at::Tensor& block, int64_t split) {
+        const int64_t nk = logits.size(1);
+        acc_t* x = logits.data_ptr<acc_t>();
+        for (int64_t r = 0; r < nr; ++r) {
+          acc_t* row = x + r * nk;
+          const acc_t sh = lp[g * geo.N + r0 + r];
+          for (int64_t j = 0; j < nk; ++j) row[j] = row[j] * inv_t - sh;
+        }
+        logits.exp_();  // p_ij = infonce_prob(logit_ij, lse_i), vectorised
+        for (int64_t r = 0; r < nr; ++r) {
+          acc_t* row = x + r * nk;
+          const acc_t c = gp[g * geo.N + r0 + r] * inv_t;
+          for (int64_t j = 0; j < nk; ++j) row[j] *= c;
+        }
+        dq_part[split][g].narrow(0, r0, nr).addmm_(logits, block);  // [nr, D] += [nr, nk] @ [nk, D]
+      });
+    }
+    const acc_t* qp = qa.data_ptr<acc_t>();
+    const acc_t* kp = ka.data_ptr<acc_t>();
+    const acc_t* pp = dq_part.data_ptr<acc_t>();
+    acc_t* dqp = dqa.data_ptr<acc_t>();
+    acc_t* dkp = dka.data_ptr<acc_t>();
+    const int64_t rows_total = geo.G * geo.N, D = geo.D;
+    at::parallel_for(0, rows_total, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += qp[i * D + d] * kp[i * D + d];
+        const acc_t a = positive_coef(gp[i], inv_t, dot * inv_t, lp[i]);
+        for (int64_t d = 0; d < D; ++d) {
+          acc_t sum = a * kp[i * D + d];
+          for (int64_t c = 0; c < geo.splits; ++c) sum += pp[(c * rows_total + i) * D + d];
+          dqp[i * D + d] = sum;
+          dkp[i * D + d] = a * qp[i * D + d];
+        }
+      }
+    });
+  });
+  return {dqa.to(q.scalar_type()), dka.to(k.scalar_type())};
+}
+
+}  // namespace
+}  // namespace insloc
+
+TORCH_LIBRARY_IMPL(insloc_ops, CPU, m) {
+  m.impl("queue_infonce", &insloc::queue_infonce_cpu);
+  m.impl("queue_infonce_backward", &insloc::queue_infonce_backward_cpu);
+}

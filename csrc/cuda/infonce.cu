@@ -1,0 +1,323 @@
+// Queue InfoNCE on CUDA cores (the Triton kernel, with tl.dot on tensor cores, is the main GPU path;
+// this one mirrors the CPU kernel's algorithm and shares its math through common/infonce.h).
+//
+// Forward: grid (K splits, row blocks, G). A block stages kRows query rows and kTile queue rows at a
+// time in shared memory; each thread owns one row and kTile / kLanes columns of each tile and keeps an
+// online (max, sum-exp) that is merged across the row's threads at the end -> partial per (g, n, split).
+// A combine kernel merges the splits in order with the positive logit. Backward: same grid; p is
+// recomputed per tile from the saved lse into shared memory and p @ tile is added into a shared dq
+// tile, written per split to [splits, G, N, D] (at most kMaxBackwardSplits) and summed by a last kernel.
+// Nothing of size N x K is allocated.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common/infonce.h"
+
+namespace insloc {
+namespace {
+
+using namespace infonce;
+
+constexpr int kThreads = 256;
+constexpr int kRows = 16;                   // query rows per block
+constexpr int kLanes = kThreads / kRows;    // threads per row
+constexpr int kTile = 32;                   // queue rows per shared-memory tile
+constexpr int kCols = kTile / kLanes;       // logits per thread per tile
+constexpr int64_t kMaxBackwardSplits = 16;  // bounds the dq partials at 16 x G x N x D
+
+template <typename acc_t, typename queue_t>
+__device__ void load_tile(acc_t* tile, const queue_t* queue, int64_t k0, int64_t k_end, int64_t D) {
+  // tile: [kTile, D + 1]; rows past k_end are zero so that 0 * p stays 0.
+  for (int64_t i = threadIdx.x; i < kTile * D; i += kThreads) {
+    const int64_t r = i / D, d = i % D;
+    tile[r * (D + 1) + d] = k0 + r < k_end ? static_cast<acc_t>(queue[(k0 + r) * D + d]) : acc_t(0);
+  }
+}
+
+// logits of this thread's row against its kCols columns of the tile, already divided by T.
+template <typename acc_t>
+__device__ void tile_logits(acc_t (&out)[kCols], const acc_t* q_row, const acc_t* tile, int lane, int64_t D,
+                            acc_t inv_t) {
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) out[c] = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t qd = q_row[d];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) out[c] += qd * tile[(lane + c * kLanes) * (D + 1) + d];
+  }
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) out[c] *= inv_t;
+}
+
+template <typename acc_t>
+__device__ void load_rows(acc_t* q_s, const acc_t* qa, int64_t g, int64_t r0, int64_t N, int64_t D) {
+  for (int64_t i = threadIdx.x; i < kRows * D; i += kThreads) {
+    const int64_t r = i / D, d = i % D;
+    q_s[r * (D + 1) + d] = r0 + r < N ? qa[(g * N + r0 + r) * D + d] : acc_t(0);
+  }
+}
+
+template <typename acc_t, typename queue_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_partials_kernel(const acc_t* __restrict__ qa, const queue_t* __restrict__ queue, acc_t* part_m,
+                            acc_t* part_s, int64_t N, int64_t K, int64_t D, int64_t per_split, int64_t splits,
+                            acc_t inv_t) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kRows, D + 1]
+  acc_t* tile = q_s + kRows * (D + 1);               // [kTile, D + 1]
+  __shared__ acc_t red_m[kThreads], red_s[kThreads];
+  const int64_t split = blockIdx.x, r0 = int64_t(blockIdx.y) * kRows, g = blockIdx.z;
+  const int row = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
+  const int64_t k_begin = split * per_split;
+  const int64_t k_end = min(K, k_begin + per_split);
+  const queue_t* queue_g = queue + g * K * D;
+  load_rows(q_s, qa, g, r0, N, D);
+  acc_t m = neg_inf<acc_t>(), s = 0;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
+    __syncthreads();  // previous tile fully consumed (and q_s loaded on the first pass)
+    load_tile(tile, queue_g, k0, k_end, D);
+    __syncthreads();
+    acc_t logits[kCols];
+    tile_logits(logits, q_s + row * (D + 1), tile, lane, D, inv_t);
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      if (k0 + lane + c * kLanes < k_end) lse_add(m, s, logits[c]);
+    }
+  }
+  red_m[threadIdx.x] = m;
+  red_s[threadIdx.x] = s;
+  __syncthreads();
+  if (lane == 0 && r0 + row < N) {
+    for (int l = 1; l < kLanes; ++l) lse_merge(m, s, red_m[threadIdx.x + l], red_s[threadIdx.x + l]);
+    const int64_t out = ((g * N) + r0 + row) * splits + split;
+    part_m[out] = m;
+    part_s[out] = s;
+  }
+}
+
+template <typename acc_t>
+__global__ void forward_combine_kernel(const acc_t* qa, const acc_t* ka, const acc_t* part_m, const acc_t* part_s,
+                                       acc_t* loss, acc_t* lse, int64_t rows, int64_t D, int64_t splits,
+                                       acc_t inv_t) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows) return;
+  acc_t dot = 0;
+  for (int64_t d = 0; d < D; ++d) dot += qa[i * D + d] * ka[i * D + d];
+  const acc_t positive = dot * inv_t;
+  acc_t m = positive, s = 1;
+  for (int64_t c = 0; c < splits; ++c) lse_merge(m, s, part_m[i * splits + c], part_s[i * splits + c]);
+  lse[i] = lse_value(m, s);
+  loss[i] = infonce_loss(lse[i], positive);
+}
+
+template <typename acc_t, typename queue_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_partials_kernel(const acc_t* __restrict__ qa, const queue_t* __restrict__ queue,
+                             const acc_t* __restrict__ lse, const acc_t* __restrict__ grad, acc_t* dq_part,
+                             int64_t G, int64_t N, int64_t K, int64_t D, int64_t per_split, acc_t inv_t) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kRows, D + 1]
+  acc_t* tile = q_s + kRows * (D + 1);               // [kTile, D + 1]
+  acc_t* dq_s = tile + kTile * (D + 1);              // [kRows, D]
+  __shared__ acc_t p_s[kRows][kTile + 1];
+  const int64_t split = blockIdx.x, r0 = int64_t(blockIdx.y) * kRows, g = blockIdx.z;
+  const int row = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
+  const int64_t k_begin = split * per_split;
+  const int64_t k_end = min(K, k_begin + per_split);
+  const queue_t* queue_g = queue + g * K * D;
+  load_rows(q_s, qa, g, r0, N, D);
+  for (int64_t i = threadIdx.x; i < kRows * D; i += kThreads) dq_s[i] = 0;
+  const bool row_ok = r0 + row < N;
+  const acc_t row_lse = row_ok ? lse[g * N + r0 + row] : acc_t(0);
+  const acc_t row_coef = row_ok ? grad[g * N + r0 + row] * inv_t : acc_t(0);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
+    __syncthreads();
+    load_tile(tile, queue_g, k0, k_end, D);
+    __syncthreads();
+    acc_t logits[kCols];
+    tile_logits(logits, q_s + row * (D + 1), tile, lane, D, inv_t);
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const int col = lane + c * kLanes;
+      p_s[row][col] = (row_ok && k0 + col < k_end) ? row_coef * infonce_prob(logits[c], row_lse) : acc_t(0);
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < kRows * D; i += kThreads) {
+      const int64_t r = i / D, d = i % D;
+      acc_t sum = 0;
+#pragma unroll 8
+      for (int c = 0; c < kTile; ++c) sum += p_s[r][c] * tile[c * (D + 1) + d];
+      dq_s[i] += sum;  // each i has one owner thread: no race
+    }
+  }
+  __syncthreads();
+  acc_t* out = dq_part + ((int64_t(split) * G + g) * N) * D;
+  for (int64_t i = threadIdx.x; i < kRows * D; i += kThreads) {
+    const int64_t r = i / D;
+    if (r0 + r < N) out[(r0 + r) * D + i % D] = dq_s[i];
+  }
+}
+
+template <typename acc_t>
+__global__ void backward_finish_kernel(const acc_t* qa, const acc_t* ka, const acc_t* grad, const acc_t* lse,
+                                       const acc_t* dq_part, acc_t* dq, acc_t* dk, int64_t rows, int64_t D,
+                                       int64_t splits, acc_t inv_t) {
+  // One block per row (g, n): the positive logit once, then its D elements.
+  const int64_t i = blockIdx.x;
+  __shared__ acc_t coef;
+  if (threadIdx.x == 0) {
+    acc_t dot = 0;
+    for (int64_t d = 0; d < D; ++d) dot += qa[i * D + d] * ka[i * D + d];
+    coef = positive_coef(grad[i], inv_t, dot * inv_t, lse[i]);
+  }
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    acc_t sum = coef * ka[i * D + d];
+    for (int64_t c = 0; c < splits; ++c) sum += dq_part[(c * rows + i) * D + d];
+    dq[i * D + d] = sum;
+    dk[i * D + d] = coef * qa[i * D + d];
+  }
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double temperature) {
+  TORCH_CHECK(q.dim() == 3, "queue_infonce: q must be [G, N, D], got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "queue_infonce: k must have q's shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(queue.dim() == 3 && queue.size(0) == q.size(0) && queue.size(2) == q.size(2),
+              "queue_infonce: queue must be [G, K, D] with q's G and D ", q.sizes(), ", got ", queue.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "queue_infonce: k must have q's dtype ", q.scalar_type(),
+              ", got ", k.scalar_type());
+  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && queue.device() == q.device(),
+              "queue_infonce: q, k and queue must be on one CUDA device");
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "queue_infonce: temperature must be a positive finite number, got ", temperature);
+  TORCH_CHECK(q.size(1) <= int64_t(65535) * kRows, "queue_infonce: N too large for the CUDA kernel's grid");
+}
+
+int device_attribute(cudaDeviceAttr attr, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
+template <typename Kernel>
+void allow_shared(Kernel kernel, size_t bytes, int device, int64_t D) {
+  const size_t limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  TORCH_CHECK(bytes <= limit, "queue_infonce: feature dim D=", D, " needs ", bytes,
+              " bytes of shared memory per block, more than the device's ", limit);
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  }
+}
+
+at::ScalarType acc_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& queue, double temperature) {
+  check_inputs(q, k, queue, temperature);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t G = q.size(0), N = q.size(1), D = q.size(2), K = queue.size(1);
+  const auto acc = acc_type(q);
+  auto loss = at::empty({G, N}, q.options().dtype(acc));
+  auto lse = at::empty({G, N}, q.options().dtype(acc));
+  if (G * N == 0) return {loss, lse};
+  const auto qa = q.detach().to(acc).contiguous();  // [G, N, D]
+  const auto ka = k.detach().to(acc).contiguous();
+  const auto queue_c = queue.detach().contiguous();  // [G, K, D]
+  const int64_t row_blocks = (N + kRows - 1) / kRows;
+  const int device = q.get_device();
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  int64_t splits, per_split;
+  split_k<int64_t>(K, kTile, std::max<int64_t>(1, (4 * sms + G * row_blocks - 1) / (G * row_blocks)), splits,
+                   per_split);
+  TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
+  auto part_m = at::empty({G, N, splits}, qa.options());
+  auto part_s = at::empty({G, N, splits}, qa.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_cuda", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "queue_infonce_cuda_queue", [&] {
+      using queue_t = scalar_t;
+      const size_t smem = sizeof(acc_t) * (kRows + kTile) * (D + 1);
+      allow_shared(forward_partials_kernel<acc_t, queue_t>, smem, device, D);
+      forward_partials_kernel<acc_t, queue_t><<<dim3(splits, row_blocks, G), kThreads, smem, stream>>>(
+          qa.data_ptr<acc_t>(), queue_c.data_ptr<queue_t>(), part_m.data_ptr<acc_t>(), part_s.data_ptr<acc_t>(), N,
+          K, D, per_split, splits, inv_t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const int64_t rows = G * N;
+    forward_combine_kernel<acc_t><<<(rows + 127) / 128, 128, 0, stream>>>(
+        qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), part_m.data_ptr<acc_t>(), part_s.data_ptr<acc_t>(),
+        loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), rows, D, splits, inv_t);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& q,
+                                                               const at::Tensor& k, const at::Tensor& queue,
+                                                               const at::Tensor& lse, double temperature) {
+  check_inputs(q, k, queue, temperature);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t G = q.size(0), N = q.size(1), D = q.size(2), K = queue.size(1);
+  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == G && grad_loss.size(1) == N,
+              "queue_infonce_backward: grad_loss must be [G, N] = [", G, ", ", N, "], got ", grad_loss.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == G && lse.size(1) == N,
+              "queue_infonce_backward: lse must be [G, N] = [", G, ", ", N, "], got ", lse.sizes());
+  if (q.numel() == 0) return {at::empty_like(q), at::empty_like(k)};
+  const auto acc = acc_type(q);
+  const auto qa = q.detach().to(acc).contiguous();  // [G, N, D]
+  const auto ka = k.detach().to(acc).contiguous();
+  const auto ga = grad_loss.detach().to(acc).contiguous();  // [G, N]
+  const auto la = lse.detach().to(acc).contiguous();
+  const auto queue_c = queue.detach().contiguous();
+  const int64_t row_blocks = (N + kRows - 1) / kRows;
+  const int device = q.get_device();
+  int64_t splits, per_split;
+  split_k<int64_t>(K, kTile, kMaxBackwardSplits, splits, per_split);
+  auto dq_part = at::empty({splits, G, N, D}, qa.options());  // every slot written when K > 0
+  if (K == 0) dq_part.zero_();
+  auto dqa = at::empty({G, N, D}, qa.options());
+  auto dka = at::empty({G, N, D}, qa.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_backward_cuda", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
+    if (K > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "queue_infonce_backward_queue",
+                                      [&] {
+        using queue_t = scalar_t;
+        const size_t smem = sizeof(acc_t) * ((kRows + kTile) * (D + 1) + kRows * D);
+        allow_shared(backward_partials_kernel<acc_t, queue_t>, smem, device, D);
+        backward_partials_kernel<acc_t, queue_t><<<dim3(splits, row_blocks, G), kThreads, smem, stream>>>(
+            qa.data_ptr<acc_t>(), queue_c.data_ptr<queue_t>(), la.data_ptr<acc_t>(), ga.data_ptr<acc_t>(),
+            dq_part.data_ptr<acc_t>(), G, N, K, D, per_split, inv_t);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    const int64_t rows = G * N;
+    backward_finish_kernel<acc_t><<<static_cast<unsigned>(rows), 128, 0, stream>>>(
+        qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), ga.data_ptr<acc_t>(), la.data_ptr<acc_t>(),
+        dq_part.data_ptr<acc_t>(), dqa.data_ptr<acc_t>(), dka.data_ptr<acc_t>(), rows, D, splits, inv_t);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dqa.to(q.scalar_type()), dka.to(k.scalar_type())};
+}
+
+}  // namespace
+}  // namespace insloc
+
+TORCH_LIBRARY_IMPL(insloc_ops, CUDA, m) {
+  m.impl("queue_infonce", &insloc::queue_infonce_cuda);
+  m.impl("queue_infonce_backward", &insloc::queue_infonce_backward_cuda);
+}

@@ -1,0 +1,182 @@
+"""Queue InfoNCE in Triton: the main GPU path.
+
+Forward: grid (G, N blocks, K splits); each program streams its share of the queue in BLOCK_K tiles,
+logits = tl.dot(q_tile, queue_tile^T) / T, keeps an online (max, sum-exp) per row and writes one
+partial per (g, n, split). Combining the [G, N, splits] partials with the positive logit is a few tiny
+torch ops. Backward: same grid; p is recomputed per tile from the saved lse and tl.dot(p, queue_tile)
+is accumulated into dq, either through per-split partials summed afterwards (deterministic mode) or
+with fp32 atomics into one [G, N, D] buffer (default: extra memory G x N x D). dk is elementwise.
+fp64 inputs are computed in fp32 here (results returned in fp64 as the op's contract says).
+"""
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_K = 64
+
+
+@triton.jit
+def _forward_partials(q_ptr, queue_ptr, m_ptr, s_ptr, N, K, D, per_split, splits, scale,
+                      stride_qg, stride_qn, stride_kg, stride_kk,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < D
+    q = tl.load(q_ptr + g * stride_qg + rows[:, None] * stride_qn + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    k_begin = split * per_split
+    k_end = tl.minimum(K, k_begin + per_split)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_end
+        neg = tl.load(queue_ptr + g * stride_kg + ks[:, None] * stride_kk + cols[None, :],
+                      mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_K, BLOCK_D]
+        logits = tl.dot(q, tl.trans(neg), input_precision=PRECISION) * scale  # [BLOCK_N, BLOCK_K]
+        logits = tl.where(k_ok[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
+        m = m_new
+    out = (g * N + rows) * splits + split
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+
+
+@triton.jit
+def _backward_dq(q_ptr, queue_ptr, lse_ptr, coef_ptr, dq_ptr, N, K, D, per_split, scale,
+                 stride_qg, stride_qn, stride_kg, stride_kk, stride_split,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
+    g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < D
+    q = tl.load(q_ptr + g * stride_qg + rows[:, None] * stride_qn + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
+    lse = tl.load(lse_ptr + g * N + rows, mask=row_ok, other=0.0)  # [BLOCK_N]
+    coef = tl.load(coef_ptr + g * N + rows, mask=row_ok, other=0.0)  # g_i / T
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    k_begin = split * per_split
+    k_end = tl.minimum(K, k_begin + per_split)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_end
+        neg = tl.load(queue_ptr + g * stride_kg + ks[:, None] * stride_kk + cols[None, :],
+                      mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_K, BLOCK_D]
+        logits = tl.dot(q, tl.trans(neg), input_precision=PRECISION) * scale  # [BLOCK_N, BLOCK_K]
+        p = tl.exp(logits - lse[:, None]) * coef[:, None]
+        p = tl.where(k_ok[None, :], p, 0.0)
+        acc += tl.dot(p.to(DOT_DTYPE), neg, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+    out = dq_ptr + split * stride_split + (g * N + rows[:, None]) * D + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mask)
+    else:
+        tl.store(out, acc, mask=mask)
+
+
+def _dot_dtype(q, queue):
+    # 16-bit q and queue: native tensor-core dot (fp32 accumulation). Anything fp32: fp32 operands,
+    # tf32 only where torch itself allows it for matmuls.
+    if q.dtype in (torch.float16, torch.bfloat16) and queue.dtype == q.dtype:
+        return (tl.float16 if q.dtype == torch.float16 else tl.bfloat16), "ieee"
+    tf32 = q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return tl.float32, ("tf32" if tf32 else "ieee")
+
+
+def _geometry(q, queue):
+    G, N, D = q.shape
+    K = queue.shape[1]
+    block_n = max(16, min(64, triton.next_power_of_2(max(N, 1))))
+    block_d = max(16, triton.next_power_of_2(D))
+    n_blocks = triton.cdiv(N, block_n)
+    # Enough programs to fill the GPU (N = 32 gives one N block per group), each a whole number of tiles.
+    target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    tiles = max(1, triton.cdiv(K, BLOCK_K))
+    splits = min(tiles, max(1, triton.cdiv(target, G * n_blocks)))
+    per_split = triton.cdiv(tiles, splits) * BLOCK_K
+    splits = max(1, triton.cdiv(K, per_split))
+    return G, N, K, D, block_n, block_d, n_blocks, splits, per_split
+
+
+def _check(q, k, queue, temperature):
+    if not (temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if q.dim() != 3 or k.shape != q.shape or queue.dim() != 3 or queue.shape[0] != q.shape[0] \
+            or queue.shape[2] != q.shape[2]:
+        raise ValueError(f"q, k must be [G, N, D] and queue [G, K, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(queue.shape)}")
+
+
+def _acc(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _positive(q, k, temperature):
+    return (q.float() * k.float()).sum(-1) / temperature  # positive logits: G x N
+
+
+def queue_infonce(q, k, queue, temperature):
+    _check(q, k, queue, temperature)
+    G, N, K, D, block_n, block_d, n_blocks, splits, per_split = _geometry(q, queue)
+    if G * N == 0:
+        return q.new_empty((G, N), dtype=_acc(q)), q.new_empty((G, N), dtype=_acc(q))
+    q_c, queue_c = q.contiguous(), queue.detach().contiguous()
+    m = torch.empty((G, N, splits), device=q.device, dtype=torch.float32)
+    s = torch.empty_like(m)
+    dot_dtype, precision = _dot_dtype(q, queue)
+    _forward_partials[(G, n_blocks, splits)](
+        q_c, queue_c, m, s, N, K, D, per_split, splits, 1.0 / temperature,
+        q_c.stride(0), q_c.stride(1), queue_c.stride(0), queue_c.stride(1),
+        BLOCK_N=block_n, BLOCK_K=BLOCK_K, BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision)
+    pos = _positive(q, k, temperature)  # G x N
+    top = torch.maximum(m.amax(-1), pos)  # G x N
+    # Empty splits (K = 0) hold (-inf, 0): exp(-inf) = 0 keeps them out.
+    total = (s * torch.exp(m - top.unsqueeze(-1))).sum(-1) + torch.exp(pos - top)
+    lse = top + torch.log(total)
+    return (lse - pos).to(_acc(q)), lse.to(_acc(q))
+
+
+def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
+    _check(q, k, queue, temperature)
+    G, N, K, D, block_n, block_d, n_blocks, splits, per_split = _geometry(q, queue)
+    if q.numel() == 0:
+        return torch.empty_like(q), torch.empty_like(k)
+    q_c, queue_c = q.detach().contiguous(), queue.detach().contiguous()
+    lse32 = lse.detach().float().contiguous()  # G x N
+    coef = (grad_loss.detach().float() / temperature).contiguous()  # g_i / T: G x N
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        dq_acc = torch.empty((splits, G, N, D), device=q.device, dtype=torch.float32)  # per-split partials
+    else:
+        dq_acc = torch.zeros((1, G, N, D), device=q.device, dtype=torch.float32)
+    dot_dtype, precision = _dot_dtype(q, queue)
+    if K > 0:
+        _backward_dq[(G, n_blocks, splits)](
+            q_c, queue_c, lse32, coef, dq_acc, N, K, D, per_split, 1.0 / temperature,
+            q_c.stride(0), q_c.stride(1), queue_c.stride(0), queue_c.stride(1),
+            dq_acc.stride(0) if deterministic else 0,
+            BLOCK_N=block_n, BLOCK_K=BLOCK_K, BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision,
+            ATOMIC=not deterministic)
+    else:
+        dq_acc.zero_()
+    p0 = torch.exp(_positive(q, k, temperature) - lse32)  # G x N
+    a = (coef * (p0 - 1)).unsqueeze(-1)  # d loss / d (q.k): G x N x 1
+    dq = dq_acc.sum(0) + a * k.float()
+    dk = a * q.float()
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+def register():
+    torch.library.register_kernel("insloc_ops::queue_infonce_triton", ("cpu", "cuda"), queue_infonce)
+    torch.library.register_kernel("insloc_ops::queue_infonce_backward_triton", ("cpu", "cuda"),
+                                  queue_infonce_backward)

@@ -1,0 +1,344 @@
+"""queue_infonce / enqueue_: every backend against the materialised-logits reference and F.cross_entropy."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import HAS_CUDA
+
+import insloc_ops
+from insloc_ops import reference
+from insloc_ops._backend import is_available
+
+CPU_BACKENDS = [b for b in ("cpu", "triton") if is_available("queue_infonce", b, "cpu")]
+
+
+def make_inputs(G, N, K, D, dtype=torch.float32, queue_dtype=None, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (G,) if G else ()
+    q = F.normalize(torch.randn(*shape, N, D, generator=gen, dtype=torch.float64), dim=-1)
+    k = F.normalize(q + 0.5 * torch.randn(*shape, N, D, generator=gen, dtype=torch.float64), dim=-1)
+    queue = F.normalize(torch.randn(*shape, K, D, generator=gen, dtype=torch.float64), dim=-1)
+    return (q.to(device, dtype), k.to(device, dtype), queue.to(device, queue_dtype or dtype))
+
+
+def cross_entropy_oracle(q, k, queue, temperature):
+    """Per-row loss over explicit logits [q.k, q.queue_j ...] / T with F.cross_entropy, label 0."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, queue = q.to(dt), k.to(dt), queue.detach().to(dt)
+    if q.dim() == 2:
+        q, k, queue = q[None], k[None], queue[None]
+    losses = []
+    for g in range(q.shape[0]):
+        pos = (q[g] * k[g]).sum(-1, keepdim=True)  # positive logits: N x 1
+        neg = q[g] @ queue[g].t()  # negative logits: N x K
+        logits = torch.cat([pos, neg], dim=1) / temperature  # N x (1 + K)
+        labels = torch.zeros(q.shape[1], dtype=torch.long, device=q.device)
+        losses.append(F.cross_entropy(logits, labels, reduction="none"))
+    return torch.stack(losses)  # G x N
+
+
+def tolerances(q, queue):
+    if q.dtype in (torch.bfloat16, torch.float16):
+        return dict(rtol=2e-2, atol=2e-2)
+    return dict(rtol=1e-4, atol=1e-5)
+
+
+def check_against_oracles(backend, q, k, queue, temperature, k_grad=True, tol=None):
+    """Values and gradients of the public API with ``backend`` vs the reference and F.cross_entropy."""
+    grouped = q.dim() == 3
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_(k_grad)
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_(k_grad)
+    loss = insloc_ops.queue_infonce(q1, k1, queue, temperature, reduction="none", backend=backend)
+    expected = insloc_ops.queue_infonce(q2, k2, queue, temperature, reduction="none", backend="reference")
+    tol = tol or tolerances(q, queue)
+    assert loss.shape == expected.shape == (q.shape[:-1])
+    assert loss.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(loss, expected, **tol)
+    ce = cross_entropy_oracle(q, k, queue, temperature)
+    torch.testing.assert_close(loss, ce if grouped else ce[0], **tol)
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
+    (loss * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(q1.grad, q2.grad, **tol)
+    if k_grad:
+        torch.testing.assert_close(k1.grad, k2.grad, **tol)
+    else:
+        assert k1.grad is None
+    assert q1.grad.dtype == q.dtype
+
+
+SHAPES = [  # (G, N, K, D); G = 0 means ungrouped [N, D]
+    (4, 5, 1007, 16),
+    (0, 5, 1007, 16),
+    (2, 1, 33, 8),
+    (3, 130, 1543, 24),  # more rows than one row block, several K splits
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("temperature", [0.07, 0.2])
+def test_cpu_kernel_matches_reference_and_cross_entropy(shape, temperature):
+    q, k, queue = make_inputs(*shape)
+    check_against_oracles("cpu", q, k, queue, temperature)
+
+
+@pytest.mark.parametrize("queue_dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernel_low_precision_queue_with_fp32_queries(queue_dtype):
+    q, k, queue = make_inputs(4, 5, 1007, 16, queue_dtype=queue_dtype)
+    # The queue is upcast exactly, so fp32 tolerances hold against the reference on the same values.
+    check_against_oracles("cpu", q, k, queue, 0.07, tol=dict(rtol=1e-4, atol=1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernel_low_precision_everything(dtype):
+    q, k, queue = make_inputs(2, 7, 600, 32, dtype=dtype)
+    check_against_oracles("cpu", q, k, queue, 0.2)
+
+
+@pytest.mark.parametrize("k_grad", [True, False])
+def test_cpu_kernel_gradients_with_and_without_k_grad(k_grad):
+    q, k, queue = make_inputs(2, 5, 300, 16)
+    check_against_oracles("cpu", q, k, queue, 0.07, k_grad=k_grad)
+
+
+def test_cpu_kernel_empty_queue_gives_zero_loss_and_gradient():
+    q, k, queue = make_inputs(2, 3, 0, 8)
+    q.requires_grad_()
+    loss = insloc_ops.queue_infonce(q, k, queue, 0.2, reduction="none", backend="cpu")
+    torch.testing.assert_close(loss, torch.zeros(2, 3))
+    loss.sum().backward()
+    torch.testing.assert_close(q.grad, torch.zeros_like(q))
+
+
+def test_cpu_kernel_empty_batch():
+    q, k, queue = make_inputs(2, 0, 50, 8)
+    loss = insloc_ops.queue_infonce(q, k, queue, 0.2, backend="cpu")
+    torch.testing.assert_close(loss, torch.zeros(2))
+    out, lse = torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.2)
+    assert out.shape == lse.shape == (2, 0)
+
+
+def test_cpu_kernel_does_not_depend_on_thread_count():
+    q, k, queue = make_inputs(3, 40, 5000, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.1)
+        torch.set_num_threads(max(2, threads))
+        many = torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+def test_lse_output_is_the_log_sum_exp_of_all_logits():
+    q, k, queue = make_inputs(2, 4, 700, 8)
+    for op in [torch.ops.insloc_ops.queue_infonce] + (
+            [torch.ops.insloc_ops.queue_infonce_triton] if "triton" in CPU_BACKENDS else []):
+        loss, lse = op(q, k, queue, 0.07)
+        ref_loss, ref_lse = reference.queue_infonce(q, k, queue, 0.07)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_fp64_gradcheck_cpu_kernel():
+    q, k, queue = make_inputs(2, 3, 40, 5, dtype=torch.float64)
+    q.requires_grad_(), k.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.insloc_ops.queue_infonce(a, b, queue, 0.2)[0], (q, k))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_non_finite_input_gives_non_finite_loss(backend):
+    q, k, queue = make_inputs(2, 3, 100, 8)
+    q[0, 1, 2] = float("nan")
+    k[0, 2, 0] = float("inf")  # positive logit +-inf: loss NaN or inf
+    queue[1, 17, 3] = float("nan")  # poisons every row of group 1
+    loss = insloc_ops.queue_infonce(q, k, queue, 0.2, reduction="none", backend=backend)
+    assert not torch.isfinite(loss[0, 1]) and not torch.isfinite(loss[0, 2])
+    assert not torch.isfinite(loss[1]).any()
+    assert torch.isfinite(loss[0, 0])
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.1, float("nan"), float("inf")])
+def test_bad_temperature_is_an_error_naming_it(temperature):
+    q, k, queue = make_inputs(1, 2, 10, 4)
+    with pytest.raises(ValueError, match="temperature"):
+        insloc_ops.queue_infonce(q, k, queue, temperature)
+    with pytest.raises(RuntimeError, match="temperature"):
+        torch.ops.insloc_ops.queue_infonce(q, k, queue, temperature)
+    if "triton" in CPU_BACKENDS:
+        with pytest.raises(ValueError, match="temperature"):
+            torch.ops.insloc_ops.queue_infonce_triton(q, k, queue, temperature)
+
+
+def test_bad_shapes_are_errors_naming_the_argument():
+    q, k, queue = make_inputs(2, 3, 10, 4)
+    with pytest.raises(RuntimeError, match="queue"):
+        torch.ops.insloc_ops.queue_infonce(q, k, queue[:, :, :3], 0.2)
+    with pytest.raises(RuntimeError, match="k must"):
+        torch.ops.insloc_ops.queue_infonce(q, k[:, :2], queue, 0.2)
+    with pytest.raises(RuntimeError, match="grad_loss"):
+        torch.ops.insloc_ops.queue_infonce_backward(torch.ones(2, 2), q, k, queue, torch.ones(2, 3), 0.2)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_queue_never_receives_a_gradient(backend):
+    q, k, queue = make_inputs(2, 3, 100, 8)
+    q.requires_grad_()
+    queue.requires_grad_()
+    insloc_ops.queue_infonce(q, k, queue, 0.2, backend=backend).sum().backward()
+    assert queue.grad is None and q.grad is not None
+
+
+@pytest.mark.parametrize("ptr_as_tensor", [False, True])
+def test_enqueue_wraps_around(ptr_as_tensor):
+    K, D = 10, 3
+    queue = torch.zeros(2, K, D)
+    keys = torch.arange(2 * 4 * D, dtype=torch.float32).view(2, 4, D)
+    ptr = torch.tensor(8) if ptr_as_tensor else 8
+    new_ptr = insloc_ops.enqueue_(queue, keys, ptr)
+    assert int(new_ptr) == 2 and torch.is_tensor(new_ptr) == ptr_as_tensor
+    torch.testing.assert_close(queue[:, 8:10], keys[:, :2])
+    torch.testing.assert_close(queue[:, 0:2], keys[:, 2:4])
+    assert (queue[:, 2:8] == 0).all()
+    # Then an ungrouped queue with a batch that does not divide K, three times around.
+    flat = torch.zeros(K, D)
+    ptr = 0
+    for step in range(5):
+        batch = torch.full((7, D), float(step))
+        ptr = insloc_ops.enqueue_(flat, batch, ptr)
+        assert ptr == (step + 1) * 7 % K
+    # After 35 writes, row j holds the step that last wrote it: writes 28..34 (step 4) hit rows 8, 9, 0..4.
+    expected = torch.tensor([4, 4, 4, 4, 4, 3, 3, 3, 4, 4], dtype=torch.float32)
+    torch.testing.assert_close(flat[:, 0], expected)
+
+
+def test_enqueue_rejects_a_batch_larger_than_the_queue():
+    with pytest.raises(ValueError, match="keys"):
+        insloc_ops.enqueue_(torch.zeros(4, 2), torch.zeros(5, 2), 0)
+
+
+def test_opcheck_cpp_op():
+    q, k, queue = make_inputs(2, 3, 70, 8)
+    q.requires_grad_(), k.requires_grad_()
+    torch.library.opcheck(torch.ops.insloc_ops.queue_infonce.default, (q, k, queue, 0.2))
+    lse = torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.2)[1].detach()
+    torch.library.opcheck(torch.ops.insloc_ops.queue_infonce_backward.default,
+                          (torch.rand(2, 3), q.detach(), k.detach(), queue, lse, 0.2))
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")
+def test_opcheck_triton_op():
+    q, k, queue = make_inputs(2, 3, 40, 8)
+    q.requires_grad_(), k.requires_grad_()
+    torch.library.opcheck(torch.ops.insloc_ops.queue_infonce_triton.default, (q, k, queue, 0.2),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile_fullgraph_with_backward():
+    q, k, queue = make_inputs(4, 5, 200, 16)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(q, k):
+        return insloc_ops.queue_infonce(q, k, queue, 0.2, backend="cpu").sum()
+
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    out = step(q1, k)
+    out.backward()
+    ref = insloc_ops.queue_infonce(q2, k, queue, 0.2, backend="reference").sum()
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(q1.grad, q2.grad)
+
+
+# Triton through the interpreter: fp32, tiny shapes.
+TRITON_SHAPES = [(4, 5, 207, 16), (0, 5, 207, 16), (2, 1, 33, 8), (1, 3, 0, 8), (2, 20, 150, 24)]
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.parametrize("temperature", [0.07, 0.2])
+def test_triton_interpreter_matches_reference(shape, temperature):
+    q, k, queue = make_inputs(*shape)
+    check_against_oracles("triton", q, k, queue, temperature)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_interpreter_backward_modes_and_bf16_queue(deterministic):
+    q, k, queue = make_inputs(2, 5, 150, 16, queue_dtype=torch.bfloat16)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_against_oracles("triton", q, k, queue, 0.07, k_grad=deterministic, tol=dict(rtol=1e-4, atol=1e-5))
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+# GPU: fresh random inputs; the caching allocator is first filled with NaN so that an output element a
+# kernel forgets to write shows up (the ops allocate their own outputs).
+def _poison_cuda_cache():
+    junk = torch.full((64 * 2**20,), float("nan"), device="cuda")
+    del junk
+
+
+GPU_CASES = [  # (G, N, K, D, dtype, queue dtype)
+    (4, 32, 65536, 128, torch.float32, torch.float32),
+    (4, 32, 65536, 128, torch.float32, torch.bfloat16),
+    (1, 256, 8192, 128, torch.bfloat16, torch.bfloat16),
+    (4, 5, 1007, 16, torch.float32, torch.float32),
+    (0, 1, 33, 40, torch.float32, torch.float16),
+    (2, 130, 3000, 64, torch.float16, torch.float16),
+    (2, 3, 0, 8, torch.float32, torch.float32),
+    (2, 7, 500, 32, torch.float64, torch.float64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("case", GPU_CASES)
+@pytest.mark.parametrize("temperature", [0.07, 0.2])
+def test_gpu_backends_match_reference(backend, case, temperature):
+    G, N, K, D, dtype, queue_dtype = case
+    for seed in range(2):
+        q, k, queue = make_inputs(G, N, K, D, dtype=dtype, queue_dtype=queue_dtype, device="cuda", seed=seed)
+        _poison_cuda_cache()
+        tol = dict(rtol=2e-2, atol=2e-2) if torch.bfloat16 in (dtype, queue_dtype) or torch.float16 in (
+            dtype, queue_dtype) else dict(rtol=1e-4, atol=1e-4)
+        check_against_oracles(backend, q, k, queue, temperature, tol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_non_finite_and_k_without_grad(backend):
+    q, k, queue = make_inputs(2, 3, 100, 8, device="cuda")
+    check_against_oracles(backend, q, k, queue, 0.2, k_grad=False, tol=dict(rtol=1e-4, atol=1e-4))
+    q[0, 1, 2] = float("nan")
+    loss = insloc_ops.queue_infonce(q, k, queue, 0.2, reduction="none", backend=backend)
+    assert not torch.isfinite(loss[0, 1]) and torch.isfinite(loss[1]).all()
+
+
+@pytest.mark.gpu
+def test_gpu_triton_deterministic_backward_matches_atomic():
+    q, k, queue = make_inputs(4, 32, 20000, 128, device="cuda")
+    q.requires_grad_()
+    loss = insloc_ops.queue_infonce(q, k, queue, 0.07, backend="triton")
+    (atomic,) = torch.autograd.grad(loss.sum(), q)
+    torch.use_deterministic_algorithms(True)
+    try:
+        loss = insloc_ops.queue_infonce(q, k, queue, 0.07, backend="triton")
+        (det,) = torch.autograd.grad(loss.sum(), q)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(atomic, det, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_enqueue_wraps_around():
+    queue = torch.zeros(2, 10, 3, device="cuda")
+    keys = torch.randn(2, 4, 3, device="cuda")
+    ptr = insloc_ops.enqueue_(queue, keys, torch.tensor(8, device="cuda"))
+    assert int(ptr) == 2
+    torch.testing.assert_close(queue[:, [8, 9, 0, 1]], keys)
