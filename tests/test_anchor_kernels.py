@@ -63,6 +63,17 @@ def baseline_sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, generator
     return anchors[index], index, iou.gather(1, index[:, None]).squeeze(1)
 
 
+def baseline_random_argmax(gt_boxes, anchors, iou_threshold=0.5, generator=None):
+    """The strongest plain-PyTorch variant: the N x A IoU matrix and an N x A matrix of uniform random
+    numbers; the eligible anchor with the largest one is a uniform choice, all boxes at once."""
+    iou = torchvision.ops.box_iou(gt_boxes, anchors)  # [N, A]
+    eligible = iou > iou_threshold  # [N, A]
+    noise = torch.rand(iou.shape, generator=generator).to(iou.device)  # [N, A]
+    pick = torch.where(eligible, noise, -1.0).argmax(dim=1)  # [N]
+    index = torch.where(eligible.any(dim=1), pick, iou.argmax(dim=1))  # [N]
+    return anchors[index], index, iou.gather(1, index[:, None]).squeeze(1)
+
+
 def cpu_backends():
     return [b for b in insloc_ops.available_backends()["sample_anchor_boxes"]["cpu"] if b != "reference"]
 
@@ -110,6 +121,18 @@ def test_reference_picks_an_eligible_anchor_or_the_first_argmax():
     assert has.any() and (~has).any(), "inputs must exercise both the random choice and the fallback"
     assert bool((got[has] > 0.5).all())
     assert torch.equal(index[~has], reference.box_iou(gt, anchors)[~has].argmax(dim=1))
+
+
+@pytest.mark.parametrize("baseline", [baseline_sample_anchor_boxes, baseline_random_argmax])
+def test_benchmark_baselines_follow_the_contract(baseline):
+    g = torch.Generator().manual_seed(15)
+    gt, anchors = detection_inputs(24, g)
+    boxes, index, iou = baseline(gt, anchors, 0.5, g)
+    all_iou = reference.box_iou(gt, anchors)
+    has = (all_iou > 0.5).any(dim=1)
+    assert has.any() and (~has).any()
+    assert bool((iou[has] > 0.5).all()) and torch.equal(index[~has], all_iou[~has].argmax(dim=1))
+    assert torch.equal(boxes, anchors[index])
 
 
 def test_benchmark_detection_shape_has_242991_anchors():

@@ -36,7 +36,8 @@ def _box_iou(bx1, by1, bx2, by2, barea, ax1, ay1, ax2, ay2, aarea):
     return tl.where(union > 0.0, tl.div_rn(inter, union), 0.0)
 
 
-@triton.jit
+# seed_key is a runtime value: a specialisation (e.g. of the value 1 into a constant) would only recompile.
+@triton.jit(do_not_specialize=["seed_key"])
 def _sample_anchor_kernel(gt_ptr, anchor_ptr, packed_ptr, N, A, threshold, seed_key, span,
                           BLOCK: tl.constexpr):
     n = tl.program_id(0)
