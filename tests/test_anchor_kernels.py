@@ -6,6 +6,10 @@ reference's anchors for the same seed; the input factories and the baseline are 
 bench/bench_anchors.py.
 """
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -392,6 +396,34 @@ def test_torch_compile_with_a_generator_says_to_pass_seed():
     gt, anchors = insloc_inputs(2, torch.Generator().manual_seed(13))
     with pytest.raises(Exception, match="pass seed="):
         torch.compile(jitter, fullgraph=True)(gt, anchors, torch.Generator().manual_seed(0))
+
+
+_PTX_CHECK = textwrap.dedent("""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from insloc_ops.triton import anchors
+    sig = {"gt_ptr": "*fp32", "anchor_ptr": "*fp32", "packed_ptr": "*i64", "N": "i32", "A": "i32",
+           "threshold": "fp32", "seed_key": "i64", "span": "i32", "BLOCK": "constexpr"}
+    src = ASTSource(anchors._sample_anchor_kernel, sig, constexprs={"BLOCK": 1024})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=anchors.LAUNCH_OPTIONS).asm["ptx"]
+    print("fma", ptx.count("fma.rn.f32"), "div_rn", ptx.count("div.rn.f32"), "mul_rn", ptx.count("mul.rn.f32"))
+""")
+
+
+def test_triton_kernel_compiles_for_sm90_without_fma():
+    # The interpreter rounds every op on its own; a GPU build would contract mul + add into FMAs (Triton does
+    # by default) and divide approximately, and pick other anchors. Compile for sm_90 here (no GPU needed)
+    # and read the PTX.
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = dict(zip(*[iter(out.stdout.split())] * 2))
+    assert counts["fma"] == "0" and int(counts["div_rn"]) > 0 and int(counts["mul_rn"]) > 0, out.stdout
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import triton.language as tl
 
 from .. import reference
 
-_INDEX_MASK = 2**31 - 1
-_MAX_ANCHORS = _INDEX_MASK - 1
+_MAX_ANCHORS = 2**31 - 2  # csrc/common/anchors.h: kMaxAnchors; kernels write 2^31 - 1 as a literal
+# No mul + add contraction into FMA (Triton's default): every backend must round like the reference.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -61,7 +62,7 @@ def _sample_anchor_kernel(gt_ptr, anchor_ptr, packed_ptr, N, A, threshold, seed_
         ay2 = tl.load(p + 3, mask=mask, other=0.0)
         aarea = (ax2 - ax1) * (ay2 - ay1)
         iou = _box_iou(bx1, by1, bx2, by2, barea, ax1, ay1, ax2, ay2, aarea)  # [BLOCK]
-        low = (_INDEX_MASK - idx).to(tl.int64)
+        low = 0x7FFFFFFF - idx.to(tl.int64)
         iou_bits = iou.to(tl.int32, bitcast=True).to(tl.int64)
         best = tl.maximum(best, tl.where(mask, (iou_bits << 31) | low, 0))
         key = _mix32(idx.to(tl.uint32) ^ box_key).to(tl.int64)
@@ -78,7 +79,7 @@ def _finalize_kernel(gt_ptr, anchor_ptr, packed_ptr, index_ptr, iou_ptr, N, BLOC
     pick = tl.load(packed_ptr + row)
     best = tl.load(packed_ptr + N + row)
     chosen = tl.where(pick > 0, pick, best)
-    a = _INDEX_MASK - (chosen & _INDEX_MASK)
+    a = 0x7FFFFFFF - (chosen & 0x7FFFFFFF)
     bx1 = tl.load(gt_ptr + row * 4)
     by1 = tl.load(gt_ptr + row * 4 + 1)
     bx2 = tl.load(gt_ptr + row * 4 + 2)
@@ -128,9 +129,9 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
     span = -(-(-(-A // ranges)) // BLOCK) * BLOCK
     ranges = -(-A // span)
     _sample_anchor_kernel[(N, ranges)](gt, anc, packed, N, A, float(iou_threshold), seed_key, span, BLOCK=BLOCK,
-                                       enable_fp_fusion=False)
+                                       **LAUNCH_OPTIONS)
     FIN = 128
-    _finalize_kernel[(triton.cdiv(N, FIN),)](gt, anc, packed, index, iou, N, BLOCK=FIN, enable_fp_fusion=False)
+    _finalize_kernel[(triton.cdiv(N, FIN),)](gt, anc, packed, index, iou, N, BLOCK=FIN, **LAUNCH_OPTIONS)
     return index, iou
 
 
