@@ -180,7 +180,7 @@ _M32 = 0xFFFFFFFF
 
 def mix32(x):
     """A bijective 32-bit integer hash (the "lowbias32" finaliser), on int64 tensors holding uint32 values.
-    csrc/common/random_key.h and insloc_ops/triton/ compute the same function on uint32."""
+    csrc/common/anchors.h and insloc_ops/triton/anchors.py compute the same function on uint32."""
     x = x & _M32
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _M32
