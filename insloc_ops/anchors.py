@@ -62,8 +62,10 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, *, nms_iou=None, g
     The choice is the eligible anchor with the largest counter-based random key of (seed, box, anchor), so
     every backend picks the same anchors for the same seed. ``seed`` (an int in [-2**63, 2**63)) sets it
     directly instead of drawing it from ``generator``. Under torch.compile a torch.Generator cannot be
-    traced: leave ``generator=None`` (the seed is drawn from the global RNG inside the graph) or pass
-    ``seed=`` drawn outside the compiled function, e.g. ``int(torch.randint(2**63 - 1, (), generator=g))``.
+    traced: pass ``seed=`` drawn outside the compiled function, e.g.
+    ``int(torch.randint(2**63 - 1, (), generator=g))`` (a graph input: no recompiles), or leave
+    ``generator=None`` (the seed is drawn from the global RNG inside the graph: a data-dependent int, which
+    fullgraph needs ``torch._dynamo.config.capture_scalar_outputs`` for on some torch versions).
 
     ``nms_iou=None`` (default) is the uniform choice the InsLoc paper describes. A number instead
     reproduces the official code: per box, the eligible anchors get random scores, greedy NMS at IoU
