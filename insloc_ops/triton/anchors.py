@@ -125,9 +125,9 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
     BLOCK = 1024
     # Enough programs to fill the GPU when there are few boxes; one anchor range per box otherwise.
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    ranges = max(1, min(-(-target // N), -(-A // BLOCK), 65535))
-    span = -(-(-(-A // ranges)) // BLOCK) * BLOCK
-    ranges = -(-A // span)
+    ranges = max(1, min(triton.cdiv(target, N), triton.cdiv(A, BLOCK), 65535))
+    span = triton.cdiv(triton.cdiv(A, ranges), BLOCK) * BLOCK  # anchors per program, a multiple of BLOCK
+    ranges = triton.cdiv(A, span)
     _sample_anchor_kernel[(N, ranges)](gt, anc, packed, N, A, float(iou_threshold), seed_key, span, BLOCK=BLOCK,
                                        **LAUNCH_OPTIONS)
     FIN = 128
