@@ -55,10 +55,11 @@ TORCH_LIBRARY(insloc_ops, m) {
                "(Tensor grad, Tensor rois, Tensor? levels, float[] spatial_scales, int sampling_ratio, "
                "bool aligned, int batch_size, int channels, int[] heights, int[] widths, bool channels_last) "
                "-> Tensor[]");
-  // gt_boxes: [N, 4]; anchors: [A, 4]; seed: the counter-based random key's seed.
+  // gt_boxes: [N, 4]; anchors: [A, 4]; seed: the counter-based random key's seed (SymInt: under torch.compile
+  // it is drawn inside the graph, a data-dependent int).
   // Returns (anchor index int64 [N], iou float32 [N]).
   define_twice(m, "sample_anchor_boxes",
-               "(Tensor gt_boxes, Tensor anchors, float iou_threshold, int seed) -> (Tensor, Tensor)");
+               "(Tensor gt_boxes, Tensor anchors, float iou_threshold, SymInt seed) -> (Tensor, Tensor)");
   // q, k: [G, N, D]; queue: [G, K, D]. Returns (loss float32 [G, N], lse float32 [G, N]) where lse is the
   // log-sum-exp of all K + 1 logits, saved for the backward.
   define_twice(m, "queue_infonce",

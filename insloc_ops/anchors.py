@@ -41,12 +41,37 @@ def _draw_seed(generator):
     return int(torch.randint(0, 2**63 - 1, (), generator=generator, dtype=torch.int64))
 
 
-def sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, *, generator=None, backend=None):
+def _check_box_values(name, boxes):
+    # Needs a host sync, so only on CPU and in eager mode; the C++ CPU kernel checks again.
+    if boxes.device.type != "cpu" or boxes.shape[0] == 0 or torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(boxes).all()):
+        raise ValueError(f"{name} must be finite")
+    if not bool(((boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])).all()):
+        raise ValueError(f"{name} must satisfy x2 >= x1 and y2 >= y1")
+
+
+def sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, *, nms_iou=None, generator=None, seed=None,
+                        backend=None):
     """For each ground-truth box, a uniformly random anchor among those with IoU > iou_threshold, or the
     highest-IoU anchor (lowest index on ties) when none qualifies.
 
     gt_boxes: [N, 4]; anchors: [A, 4]; generator: a CPU torch.Generator (default: the global one).
     Returns (boxes [N, 4] in anchors' dtype, anchor_index int64 [N], iou float32 [N]).
+
+    The choice is the eligible anchor with the largest counter-based random key of (seed, box, anchor), so
+    every backend picks the same anchors for the same seed. ``seed`` (an int in [-2**63, 2**63)) sets it
+    directly instead of drawing it from ``generator``. Under torch.compile a torch.Generator cannot be
+    traced: pass ``seed=`` drawn outside the compiled function, e.g.
+    ``int(torch.randint(2**63 - 1, (), generator=g))`` (a graph input: no recompiles), or leave
+    ``generator=None`` (the seed is drawn from the global RNG inside the graph: a data-dependent int, which
+    fullgraph needs ``torch._dynamo.config.capture_scalar_outputs`` for on some torch versions).
+
+    ``nms_iou=None`` (default) is the uniform choice the InsLoc paper describes. A number instead
+    reproduces the official code: per box, the eligible anchors get random scores, greedy NMS at IoU
+    ``nms_iou`` keeps a diverse subset, and one survivor is picked uniformly (see
+    ``reference.sample_anchor_boxes_nms``). That path is pure PyTorch on any device, one box at a time,
+    eager only, and ignores ``backend``.
     """
     _check_boxes("gt_boxes", gt_boxes)
     _check_boxes("anchors", anchors)
@@ -54,18 +79,26 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, *, generator=None,
         raise ValueError(f"anchors is on {anchors.device} but gt_boxes is on {gt_boxes.device}")
     if not isinstance(iou_threshold, Real) or not math.isfinite(iou_threshold):
         raise ValueError(f"iou_threshold must be a finite number, got {iou_threshold!r}")
+    if nms_iou is not None and (not isinstance(nms_iou, Real) or not 0.0 <= nms_iou <= 1.0):
+        raise ValueError(f"nms_iou must be None or a number in [0, 1], got {nms_iou!r}")
     if gt_boxes.shape[0] and anchors.shape[0] == 0:
         raise ValueError("anchors must not be empty when gt_boxes is not")
-    if gt_boxes.device.type == "cpu" and gt_boxes.shape[0] and not torch.compiler.is_compiling():
-        g = gt_boxes
-        if not bool(torch.isfinite(g).all()):
-            raise ValueError("gt_boxes must be finite")
-        if not bool(((g[:, 2] >= g[:, 0]) & (g[:, 3] >= g[:, 1])).all()):
-            raise ValueError("gt_boxes must satisfy x2 >= x1 and y2 >= y1")
+    _check_box_values("gt_boxes", gt_boxes)
+    _check_box_values("anchors", anchors)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
-    seed = _draw_seed(generator)
+    if seed is None:
+        if generator is not None and torch.compiler.is_compiling():
+            raise ValueError("a torch.Generator cannot be traced by torch.compile: pass seed= (drawn from the "
+                             "generator outside the compiled function) or generator=None")
+        seed = _draw_seed(generator)
+    elif isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)) or (
+            isinstance(seed, int) and not -2**63 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [-2**63, 2**63), got {seed!r}")
     gt, anc = gt_boxes.detach(), anchors.detach()
+    if nms_iou is not None:
+        index, iou = reference.sample_anchor_boxes_nms(gt, anc, float(iou_threshold), float(nms_iou), seed)
+        return anc[index], index, iou
     which = select("sample_anchor_boxes", gt.device, backend)
     if which == "reference":
         index, iou = reference.sample_anchor_boxes(gt, anc, float(iou_threshold), seed)

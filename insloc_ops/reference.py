@@ -180,7 +180,7 @@ _M32 = 0xFFFFFFFF
 
 def mix32(x):
     """A bijective 32-bit integer hash (the "lowbias32" finaliser), on int64 tensors holding uint32 values.
-    csrc/common/random_key.h and insloc_ops/triton/ compute the same function on uint32."""
+    csrc/common/anchors.h and insloc_ops/triton/anchors.py compute the same function on uint32."""
     x = x & _M32
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _M32
@@ -222,6 +222,49 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
     best = iou.argmax(dim=1)  # first maximal value: lowest index on ties
     index = torch.where(eligible.any(dim=1), pick, best)
     return index, iou.gather(1, index[:, None]).squeeze(1)
+
+
+def _anchor_keys(seed, box, anchor_index):
+    """random_keys(seed, ...)[box, anchor_index] for one box: int64 [len(anchor_index)] holding uint32."""
+    seed = int(seed)
+    t = lambda v: torch.tensor(v, dtype=torch.int64, device=anchor_index.device)  # noqa: E731
+    seed_key = mix32(t(seed & _M32) ^ mix32(t((seed >> 32) & _M32)))
+    return mix32(anchor_index ^ mix32(t(box) ^ seed_key))
+
+
+def sample_anchor_boxes_nms(gt_boxes, anchors, iou_threshold, nms_iou, seed):
+    """The official InsLoc code's diversified choice. Per box: the eligible anchors (IoU > threshold) are
+    ranked by their random keys (the same keys as sample_anchor_boxes), greedy NMS in that order drops
+    every anchor whose IoU with a kept one is > nms_iou, and the survivor with the largest key of a second
+    stream (seed + 1) is chosen: a uniform pick among the survivors. With no eligible anchor, the
+    highest-IoU anchor (lowest index on ties). One box at a time: [A] and [E, E] IoUs, never N x A.
+    Returns (anchor index int64 [N], iou float32 [N])."""
+    N = gt_boxes.shape[0]
+    device = gt_boxes.device
+    index = torch.zeros(N, dtype=torch.int64, device=device)
+    iou_out = torch.zeros(N, dtype=torch.float32, device=device)
+    threshold = torch.tensor(iou_threshold, dtype=torch.float32)
+    arange = torch.arange(anchors.shape[0], dtype=torch.int64, device=device)
+    for n in range(N):
+        iou = box_iou(gt_boxes[n:n + 1], anchors)[0]  # [A]
+        eligible = arange[iou > threshold]  # [E]
+        if eligible.numel() == 0:
+            chosen = iou.argmax()
+        else:
+            order = eligible[_anchor_keys(seed, n, eligible).argsort(descending=True)]  # [E], by score
+            b = anchors[order]
+            overlaps = (box_iou(b, b) > nms_iou).cpu()  # [E, E]
+            suppressed = torch.zeros(order.numel(), dtype=torch.bool)
+            keep = []
+            for i in range(order.numel()):
+                if not suppressed[i]:
+                    keep.append(i)
+                    suppressed |= overlaps[i]
+            survivors = order[torch.tensor(keep, dtype=torch.int64, device=device)]  # [S]
+            chosen = survivors[_anchor_keys(int(seed) + 1, n, survivors).argmax()]
+        index[n] = chosen
+        iou_out[n] = iou[chosen]
+    return index, iou_out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""sample_anchor_boxes: fused kernels vs the IoU-matrix baseline, side by side.
+
+Shapes: InsLoc (32 boxes in a 256 x 256 composite, the 5,120 anchors of a 16 x 16 grid with 4 sizes x 5
+ratios) and detection (200 boxes, the 242,991 P2-P6 anchors of an 800 x 1216 padded image: strides
+4..64, one size 8 x stride and ratios 0.5, 1, 2 per level). Baseline: torchvision.ops.box_iou (the
+N x A matrix), a threshold, then one torch.multinomial draw per box over its eligible anchors (argmax
+when none), as the official code does; and a stronger one, baseline_randargmax: the same IoU matrix and an
+N x A uniform random matrix, argmax over the eligible anchors of all boxes at once. Fused: insloc_ops.sample_anchor_boxes (C++ kernel on CPU; the
+CUDA and Triton kernels on a GPU). Rows go to bench/results/anchors.csv (see --out).
+
+    python bench/bench_anchors.py [--device cpu|cuda] [--quick] [--threads 2] [--out PATH]
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import insloc_ops  # noqa: E402
+from bench.common import Recorder, peak_extra_mb, time_ms  # noqa: E402
+from tests.test_anchor_kernels import (baseline_random_argmax, baseline_sample_anchor_boxes,  # noqa: E402
+                                       detection_anchors, insloc_inputs, random_boxes)
+
+
+def shapes(device):
+    g = torch.Generator().manual_seed(0)
+    gt, anchors = insloc_inputs(32, g)
+    yield "insloc 32x5120", gt.to(device), anchors.to(device)
+    gt = random_boxes(200, 1216, 800, 16, 600, g)
+    anchors = detection_anchors(800, 1216, (4, 8, 16, 32, 64))  # [242991, 4]
+    yield "det 200x242991", gt.to(device), anchors.to(device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "anchors.csv"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    reps, max_seconds = (10, 3.0) if args.quick else (50, 15.0)
+    available = insloc_ops.available_backends()["sample_anchor_boxes"][device.type]
+    fused = [b for b in (("cpu",) if device.type == "cpu" else ("cuda", "triton")) if b in available]
+    rec = Recorder("sample_anchor_boxes")
+    for name, gt, anchors in shapes(device):
+        g = torch.Generator().manual_seed(1)
+        baseline_gen = g if device.type == "cpu" else None  # multinomial needs a generator on the tensors' device
+
+        def baseline():
+            return baseline_sample_anchor_boxes(gt, anchors, 0.5, baseline_gen)
+
+        def randargmax():
+            return baseline_random_argmax(gt, anchors, 0.5, g)
+
+        # A per-box baseline call takes seconds at the detection shape: one warm-up, at least 5 timed runs.
+        base = time_ms(baseline, device, reps, 1, max_seconds)
+        rec.add(name, "baseline", "forward", base, peak_extra_mb(baseline, device))
+        strong = time_ms(randargmax, device, reps, 1, max_seconds)
+        rec.add(name, "baseline_randargmax", "forward", strong, peak_extra_mb(randargmax, device), baseline_ms=base[0])
+        for backend in fused:
+            def run(backend=backend):
+                return insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, generator=g, backend=backend)
+
+            timing = time_ms(run, device, reps, 3, max_seconds)
+            rec.add(name, backend, "forward", timing, peak_extra_mb(run, device), baseline_ms=base[0])
+            print(f"{'':22s} {name:18s} {backend:12s} vs baseline_randargmax: x{strong[0] / timing[0]:.2f}")
+    rec.write(args.out)
+
+
+if __name__ == "__main__":
+    main()
