@@ -122,7 +122,7 @@ def test_empty_inputs_give_empty_outputs(backend):
     out = insloc_ops.roi_align_multilevel(_feats(), ROIS[:0], 7, SCALES, levels=torch.zeros(0, dtype=torch.int64),
                                           backend=backend)
     assert out.shape == (0, 3, 7, 7)
-    boxes, index, iou = insloc_ops.sample_anchor_boxes(torch.zeros(0, 4), torch.rand(10, 4), backend=backend)
+    boxes, index, iou = insloc_ops.sample_anchor_boxes(torch.zeros(0, 4), torch.tensor([[0.0, 0, 8, 8]]), backend=backend)
     assert boxes.shape == (0, 4) and index.shape == (0,) and index.dtype == torch.int64 and iou.shape == (0,)
     q = torch.zeros(0, 8, requires_grad=True)
     loss = insloc_ops.queue_infonce(q, torch.zeros(0, 8), torch.randn(10, 8), 0.2, backend=backend)
