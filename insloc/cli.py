@@ -17,7 +17,9 @@ from .config import PRESETS, Config
 
 def _add_field(parser, f, hint):
     flag = "--" + f.name.replace("_", "-")
-    kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kw = {"dest": f.name, "default": argparse.SUPPRESS,
+          "help": f"{f.metadata.get('help', '')} [recipe: {default}]"}
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
@@ -61,10 +63,9 @@ def config_from_args(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="insloc", description="InsLoc self-supervised detection pretraining")
     commands = parser.add_subparsers(dest="command", required=True)
-    pretrain = commands.add_parser("pretrain", help="pretrain an encoder (CPU, one GPU, or torchrun)",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pretrain = commands.add_parser("pretrain", help="pretrain an encoder (CPU, one GPU, or torchrun)")
     pretrain.add_argument("--preset", choices=list(PRESETS), default="insloc-r50-fpn",
-                          help="starting configuration")
+                          help="starting configuration (default: insloc-r50-fpn)")
     pretrain.add_argument("--config", default=None, help="YAML file of Config fields")
     pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_config_arguments(pretrain)

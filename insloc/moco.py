@@ -83,7 +83,8 @@ class MoCo(nn.Module):
             k = self.encoder_k(im_k, rois_from_boxes(boxes_k))  # [G, N, D], the same box on every level
             if shuffle:
                 k = batch_unshuffle_ddp(k, idx_unshuffle, dim=1)  # [G, N, D]
-        losses = queue_infonce(q, k, self.queue, self.temperature)  # [G]
+        with torch.autocast(q.device.type, enabled=False):  # logits in fp32 even under bf16 autocast
+            losses = queue_infonce(q, k, self.queue, self.temperature)  # [G]
         return losses, k
 
 

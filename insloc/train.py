@@ -121,6 +121,16 @@ def plot_losses(csv_path, png_path, names):
     plt.close(fig)
 
 
+def epoch_means(csv_path):
+    """{epoch: mean total loss} from metrics.csv."""
+    sums = {}
+    with open(csv_path) as f:
+        for r in csv.DictReader(f):
+            total, count = sums.get(int(r["epoch"]), (0.0, 0))
+            sums[int(r["epoch"])] = (total + float(r["loss"]), count + 1)
+    return {e: total / count for e, (total, count) in sorted(sums.items())}
+
+
 def _fmt_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
@@ -137,6 +147,8 @@ def train(cfg: Config, *, interrupt_after_step=None):
         os.makedirs(out_dir, exist_ok=True)
     say = print if main else (lambda *a, **k: None)
     cuda = device.type == "cuda"
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
 
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -270,11 +282,14 @@ def train(cfg: Config, *, interrupt_after_step=None):
 
     summary = {"step": step, "out_dir": out_dir, "first_loss": first_loss, "last_loss": last_loss,
                "wall_s": time.perf_counter() - t_start, "skipped_images": skipped_images}
+    if main:
+        summary["epoch_mean_loss"] = epoch_means(log.path)
     if main and cfg.plot:
         plot_losses(log.path, os.path.join(out_dir, "loss.png"), names)
         say(f"wrote {os.path.join(out_dir, 'loss.png')}")
-    say(f"done: {step} steps in {_fmt_time(summary['wall_s'])}, loss {first_loss} -> {last_loss}, "
-        f"outputs in {out_dir}")
+    means = summary.get("epoch_mean_loss") or {}
+    trend = " -> ".join(f"{m:.3f}" for m in means.values())
+    say(f"done: {step} steps in {_fmt_time(summary['wall_s'])}; mean loss per epoch {trend}; outputs in {out_dir}")
     if world > 1:
         dist.barrier()
     return summary

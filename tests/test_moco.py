@@ -13,6 +13,15 @@ from insloc.moco import MoCo, batch_shuffle_ddp, batch_unshuffle_ddp, rois_from_
 from insloc.train import build_model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # a few small ops per step: one thread avoids OpenMP oversubscription on shared CPUs
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(**kw):
     return Config(depth=18, fpn_channels=16, head_fc_dim=32, dim=8, image_size=64, paste_size=[24, 63],
                   anchor_sizes=[16.0, 32.0, 64.0], queue_size=16, **kw)
