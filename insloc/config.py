@@ -100,9 +100,10 @@ def demo():
 
     The ~20 built-in images are far fewer than a batch schedule needs, so an epoch is a fixed number of
     composites (each image is the foreground samples_per_epoch / 21 times, on random backgrounds).
-    Departures from the recipe so that the loss visibly falls within 120 steps: a 256-key queue (filled
+    Departures from the recipe for a 120-step run: a 256-key queue (filled
     after 16 steps), m = 0.99, lr 0.0075 for batch 16 (0.03 x 16 / 64: 4x the recipe scaling);
-    one compute thread beside the two data workers."""
+    one compute thread beside the two data workers. Known issue: on this setting the loss falls after
+    the queue fills (epoch 1 -> 2) and then rises towards log(K+1) as the embeddings collapse."""
     return Config(method="insloc", arch="fpn", depth=18, fpn_channels=64, head_fc_dim=256,
                   image_size=128, paste_size=[64, 127], anchor_sizes=[16.0, 32.0, 64.0, 128.0],
                   queue_size=256, momentum=0.99, lr_batch=64, batch_size=16, epochs=6,
