@@ -1,0 +1,90 @@
+"""``insloc pretrain``: the flags are generated from the fields of insloc.config.Config.
+
+    insloc pretrain --preset demo
+    insloc pretrain --preset insloc-r50-fpn --data /data/imagenet/train --out-dir runs/fpn200
+    insloc pretrain --preset insloc-r50-c4 --config my.yaml --epochs 400 --resume auto
+
+Precedence: preset < --config YAML (a mapping of Config field names) < flags.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+
+from .config import PRESETS, Config
+
+
+def _add_field(parser, f, hint):
+    flag = "--" + f.name.replace("_", "-")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kw = {"dest": f.name, "default": argparse.SUPPRESS,
+          "help": f"{f.metadata.get('help', '')} [recipe: {default}]"}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+    elif origin is list:
+        parser.add_argument(flag, nargs="+", type=args[0], metavar=args[0].__name__.upper(), **kw)
+    elif origin is typing.Literal:
+        parser.add_argument(flag, choices=args, type=type(args[0]), **kw)
+    else:
+        parser.add_argument(flag, type=hint, metavar=hint.__name__.upper(), **kw)
+
+
+def add_config_arguments(parser):
+    """One flag per Config field (defaults are the preset's, so only given flags override)."""
+    hints = typing.get_type_hints(Config)
+    group = parser.add_argument_group("config (every field of insloc.config.Config)")
+    for f in dataclasses.fields(Config):
+        _add_field(group, f, hints[f.name])
+
+
+def load_yaml(path):
+    import yaml
+
+    with open(path) as fh:
+        values = yaml.safe_load(fh) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of Config fields")
+    return values
+
+
+def config_from_args(args):
+    cfg = PRESETS[args.preset]()
+    if args.config:
+        cfg = Config.from_dict({**cfg.to_dict(), **load_yaml(args.config)})
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    cfg = dataclasses.replace(cfg, **overrides)
+    if not cfg.out_dir:
+        cfg.out_dir = os.path.join("runs", args.preset)
+    return cfg
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="insloc", description="InsLoc self-supervised detection pretraining")
+    commands = parser.add_subparsers(dest="command", required=True)
+    pretrain = commands.add_parser("pretrain", help="pretrain an encoder (CPU, one GPU, or torchrun)")
+    pretrain.add_argument("--preset", choices=list(PRESETS), default="insloc-r50-fpn",
+                          help="starting configuration (default: insloc-r50-fpn)")
+    pretrain.add_argument("--config", default=None, help="YAML file of Config fields")
+    pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_config_arguments(pretrain)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from .train import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Where images come from: the built-in photographs, a folder, or a list file. All give a list of paths."""
+import importlib.util
+import os
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+# Real photographs inside the scikit-image wheel itself (skimage/data/*; the others in skimage.data are
+# downloaded on first use through pooch and are not used), and scikit-learn's two sample images.
+SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "coffee.png",
+                  "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
+                  "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg",
+                  "text.png", "clock_motion.png")
+SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+
+
+def _package_dir(name):
+    # find_spec locates the installed package without importing it (importing skimage takes seconds)
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the built-in images need the '{name}' package (pip install "
+                           f"{'scikit-image' if name == 'skimage' else 'scikit-learn'})")
+    return list(spec.submodule_search_locations)[0]
+
+
+def builtin_image_paths():
+    """The ~21 photographs shipped inside the scikit-image and scikit-learn wheels (offline)."""
+    skimage_dir = os.path.join(_package_dir("skimage"), "data")
+    sklearn_dir = os.path.join(_package_dir("sklearn"), "datasets", "images")
+    paths = [os.path.join(skimage_dir, n) for n in SKIMAGE_PHOTOS] + \
+            [os.path.join(sklearn_dir, n) for n in SKLEARN_PHOTOS]
+    return [p for p in paths if os.path.isfile(p)]
+
+
+def folder_image_paths(folder):
+    """Every image file under `folder`, recursively, sorted."""
+    paths = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        paths += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return paths
+
+
+def list_file_image_paths(list_file):
+    """One path per line (blank lines and '#' comments skipped); relative paths are taken relative to
+    the list file's folder."""
+    base = os.path.dirname(os.path.abspath(list_file))
+    with open(list_file) as f:
+        lines = [line.strip() for line in f]
+    return [os.path.join(base, p) for p in lines if p and not p.startswith("#")]
+
+
+def image_paths(source):
+    """'builtin', a folder, or a text file listing image paths."""
+    if source == "builtin":
+        paths = builtin_image_paths()
+    elif os.path.isdir(source):
+        paths = folder_image_paths(source)
+    elif os.path.isfile(source):
+        paths = list_file_image_paths(source)
+    else:
+        raise FileNotFoundError(f"data source {source!r} is not 'builtin', a folder or a list file")
+    if not paths:
+        raise RuntimeError(f"no images found in data source {source!r}")
+    return paths

@@ -1,0 +1,43 @@
+"""The FPN neck (P2-P5, no P6) and the InsLoc box head shared by the four levels."""
+import torch.nn.functional as F
+from torch import nn
+
+
+class FPN(nn.Module):
+    """Lateral 1x1 and output 3x3 convs (both with bias) over C2..C5; top-down nearest upsampling."""
+
+    def __init__(self, in_channels, out_channels=256):
+        super().__init__()
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.output_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        for conv in [*self.lateral_convs, *self.output_convs]:
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, feats):
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)]  # each [B, F, H_l, W_l]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:],
+                                                              mode="nearest")
+        return [conv(x) for conv, x in zip(self.output_convs, laterals)]  # P2..P5, each [B, F, H_l, W_l]
+
+
+class FPNBoxHead(nn.Module):
+    """4 x (3x3 conv, BN, ReLU) -> flatten -> fc1 -> ReLU -> fc2 -> ReLU -> fc3 (projection), on pooled RoIs."""
+
+    def __init__(self, in_channels=256, roi_size=7, fc_dim=1024, out_dim=128, num_convs=4):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True))
+            for _ in range(num_convs))
+        self.fc1 = nn.Linear(in_channels * roi_size * roi_size, fc_dim)
+        self.fc2 = nn.Linear(fc_dim, fc_dim)
+        self.fc3 = nn.Linear(fc_dim, out_dim)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = conv(x)  # [R, F, s, s]
+        x = F.relu(self.fc1(x.flatten(1)))  # [R, fc_dim]
+        x = F.relu(self.fc2(x))  # [R, fc_dim]
+        return self.fc3(x)  # [R, out_dim]

@@ -1,0 +1,295 @@
+"""The pretraining loop: the same script on CPU, one GPU, or torchrun over many (DDP from the environment:
+NCCL on GPU, gloo on CPU). Every knob is a field of insloc.config.Config.
+
+    python -m insloc pretrain --preset demo                  # CPU or one GPU
+    torchrun --nproc_per_node 8 -m insloc pretrain --preset insloc-r50-fpn --data /data/imagenet/train
+"""
+import contextlib
+import csv
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from insloc_ops import grid_anchors
+
+from .checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config
+from .data import CopyPasteComposite, EpochSampler, TwoViewCrops, image_paths
+from .models import build_encoder
+from .moco import MoCo
+
+
+def build_model(cfg: Config):
+    """MoCo over the encoder of cfg; the query's box jitter on P5 (FPN) or on the one C4 group."""
+    encoder = build_encoder(cfg)
+    anchors, jittered = None, ()
+    if cfg.method == "insloc":
+        grid = math.ceil(cfg.image_size / cfg.anchor_stride)
+        anchors = grid_anchors(grid, cfg.anchor_stride, cfg.anchor_sizes, cfg.anchor_ratios)  # [A, 4]
+        jittered = (encoder.num_groups - 1,)  # FPN: P5 only (as upstream); C4: its one group
+    return MoCo(encoder, queue_size=cfg.queue_size, dim=cfg.dim, momentum=cfg.momentum,
+                temperature=cfg.temperature, anchors=anchors, anchor_iou=cfg.anchor_iou,
+                jittered_groups=jittered, shuffle_bn=cfg.shuffle_bn)
+
+
+def build_dataset(cfg: Config):
+    kind = CopyPasteComposite if cfg.method == "insloc" else TwoViewCrops
+    return kind(image_paths(cfg.data), cfg.image_size, cfg.crop_scale, cfg.crop_ratio, cfg.paste_size,
+                cfg.samples_per_epoch, cfg.seed, cfg.decode_cache)
+
+
+def cosine_lr(step, total_steps, base_lr):
+    """Cosine decay per step from base_lr to 0, no warm-up."""
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def setup_distributed(cfg: Config):
+    """(rank, world_size, device). DDP when torchrun's WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and world > 1:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+class MetricsLog:
+    """metrics.csv (one row per step, appended on resume after dropping rows past the checkpoint) and
+    the progress line."""
+
+    def __init__(self, path, num_groups, resume_step, enabled):
+        self.path, self.enabled = path, enabled
+        self.fields = ["step", "epoch", "lr", "loss"] + [f"loss_{g}" for g in range(num_groups)] + \
+                      ["images_per_s", "data_wait"]
+        if not enabled:
+            return
+        rows = []
+        if resume_step > 0 and os.path.isfile(path):
+            with open(path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, rows):
+        if self.enabled and rows:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.fields).writerows(rows)
+
+
+def group_names(cfg, num_groups):
+    return [f"P{g + 2}" for g in range(num_groups)] if num_groups == 4 else \
+        ["C4" if cfg.method == "insloc" else "img"]
+
+
+def plot_losses(csv_path, png_path, names):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    steps = np.array([int(r["step"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for g, name in enumerate(names):
+        ax.plot(steps, [float(r[f"loss_{g}"]) for r in rows], lw=0.8, label=f"loss {name}")
+    if len(names) > 1:
+        ax.plot(steps, [float(r["loss"]) / len(names) for r in rows], "k", lw=1.2, label="sum / levels")
+    ax.set_xlabel("step")
+    ax.set_ylabel("InfoNCE loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def epoch_means(csv_path):
+    """{epoch: mean total loss} from metrics.csv."""
+    sums = {}
+    with open(csv_path) as f:
+        for r in csv.DictReader(f):
+            total, count = sums.get(int(r["epoch"]), (0.0, 0))
+            sums[int(r["epoch"])] = (total + float(r["loss"]), count + 1)
+    return {e: total / count for e, (total, count) in sorted(sums.items())}
+
+
+def _fmt_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(cfg: Config, *, interrupt_after_step=None):
+    """Runs (or resumes) a pretraining run. Returns a summary dict. `interrupt_after_step` stops after
+    that many steps in total without a final checkpoint, as a crash would (for tests)."""
+    rank, world, device = setup_distributed(cfg)
+    main = rank == 0
+    out_dir = cfg.out_dir or os.path.join("runs", "custom")
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+    say = print if main else (lambda *a, **k: None)
+    cuda = device.type == "cuda"
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same init on every process (DDP also broadcasts it)
+    box_generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)  # CPU: the anchor choice
+
+    moco = build_model(cfg).to(device)
+    if cfg.channels_last and cuda:
+        moco = moco.to(memory_format=torch.channels_last)
+    global_batch = cfg.batch_size * world
+    base_lr = cfg.lr * global_batch / cfg.lr_batch
+    optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=base_lr, momentum=cfg.sgd_momentum,
+                                weight_decay=cfg.weight_decay, nesterov=True)
+
+    dataset = build_dataset(cfg)
+    sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.num_workers, pin_memory=cuda,
+                                         persistent_workers=cfg.num_workers > 0,
+                                         prefetch_factor=4 if cfg.num_workers > 0 else None)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+
+    epoch, step_in_epoch, step = 0, 0, 0
+    resume_path = find_latest(out_dir) if cfg.resume == "auto" else (cfg.resume or None)
+    if resume_path:
+        ckpt = load_checkpoint(resume_path)
+        moco.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch, step_in_epoch, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+        set_rng_state(ckpt["rng"])
+        generators = ckpt["rng"]["box_generator"]
+        box_generator.set_state(generators[rank] if ckpt.get("world_size") == world else generators[0])
+        say(f"resumed from {resume_path} at epoch {epoch}, step {step}")
+    elif cfg.resume and cfg.resume != "auto":
+        raise FileNotFoundError(cfg.resume)
+
+    model = moco
+    if world > 1:
+        model = DistributedDataParallel(moco, device_ids=[device.index] if cuda else None,
+                                        broadcast_buffers=False)  # queues stay equal: all enqueue the same keys
+    if cfg.compile:
+        moco.encoder_q.compile()
+        moco.encoder_k.compile()  # in place: state-dict keys are unchanged
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and cuda) else contextlib.nullcontext()
+
+    names = group_names(cfg, moco.num_groups)
+    log = MetricsLog(os.path.join(out_dir, "metrics.csv"), moco.num_groups, step, main)
+    shuffle_state = "on" if (cfg.shuffle_bn and world > 1) else "off (one process)" if cfg.shuffle_bn else "off"
+    say(f"insloc pretrain: method={cfg.method} arch={cfg.arch} ResNet-{cfg.depth} on {device} x {world}, "
+        f"{len(dataset.images)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+        f"global batch {global_batch}, lr {base_lr:.4g}, queue {moco.num_groups}x{cfg.queue_size}, "
+        f"shuffle-BN {shuffle_state}, bf16 {'on' if cfg.bf16 and cuda else 'off'}, out {out_dir}")
+
+    def checkpoint(epoch_done, in_epoch):
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, box_generator.get_state())
+        else:
+            states = [box_generator.get_state()]
+        if main:
+            state = {"model": moco.state_dict(), "optimizer": optimizer.state_dict(), "scaler": None,
+                     "epoch": epoch_done, "step_in_epoch": in_epoch, "step": step,
+                     "rng": {**rng_state(), "box_generator": states}, "config": cfg.to_dict(),
+                     "world_size": world}
+            return save_checkpoint(state, out_dir, cfg.keep_checkpoints)
+
+    model.train()
+    first_loss = last_loss = None
+    pending, skipped_images = [], 0
+    t_start = t_window = time.perf_counter()
+    wait_window, steps_window, start_step = 0.0, 0, step
+    while epoch < cfg.epochs:
+        sampler.set_epoch(epoch, step_in_epoch)
+        t_data = time.perf_counter()
+        for batch in loader:
+            wait_window += time.perf_counter() - t_data
+            lr = cosine_lr(step, total_steps, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            im_q = batch["im_q"].to(device, non_blocking=True)  # [N, 3, S, S]
+            im_k = batch["im_k"].to(device, non_blocking=True)  # [N, 3, S, S]
+            if cfg.channels_last and cuda:
+                im_q, im_k = im_q.contiguous(memory_format=torch.channels_last), \
+                    im_k.contiguous(memory_format=torch.channels_last)
+            boxes_q = batch["boxes_q"].to(device, non_blocking=True)  # [N, 4]
+            boxes_k = batch["boxes_k"].to(device, non_blocking=True)  # [N, 4]
+            skipped_images += int(batch["unreadable"].sum())
+            with autocast:
+                losses, keys = model(im_q, boxes_q, im_k, boxes_k, generator=box_generator)  # [G], [G, N, D]
+            loss = losses.sum()  # the levels' losses, weights 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            moco.dequeue_and_enqueue(keys)  # after backward: the loss read the queue in place
+            step, step_in_epoch, steps_window = step + 1, step_in_epoch + 1, steps_window + 1
+            pending.append((step, epoch, lr, losses.detach()))
+
+            end_of_epoch = step_in_epoch == steps_per_epoch
+            stop = interrupt_after_step is not None and step >= interrupt_after_step
+            if step % cfg.log_every == 0 or end_of_epoch or stop:
+                now = time.perf_counter()
+                images_per_s = steps_window * global_batch / (now - t_window)
+                wait_share = wait_window / (now - t_window)
+                values = torch.stack([p[3] for p in pending]).float().cpu().tolist()  # one sync per window
+                rows = [{"step": s, "epoch": e, "lr": f"{l:.6g}", "loss": f"{sum(v):.6f}",
+                         **{f"loss_{g}": f"{x:.6f}" for g, x in enumerate(v)},
+                         "images_per_s": f"{images_per_s:.2f}", "data_wait": f"{wait_share:.3f}"}
+                        for (s, e, l, _), v in zip(pending, values)]
+                log.append(rows)
+                first_loss = sum(values[0]) if first_loss is None else first_loss
+                last_loss = sum(values[-1])
+                eta = (now - t_start) / max(step - start_step, 1) * (total_steps - step)
+                per_group = " ".join(f"{n} {x:.3f}" for n, x in zip(names, values[-1]))
+                say(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} ({100 * step / total_steps:3.0f}%) "
+                    f"loss {last_loss:.3f} [{per_group}] lr {lr:.4g} {images_per_s:.1f} img/s "
+                    f"data wait {100 * wait_share:.0f}% eta {_fmt_time(eta)}"
+                    + (f" skipped {skipped_images} unreadable images" if skipped_images else ""), flush=True)
+                pending, wait_window, steps_window, t_window = [], 0.0, 0, now
+            if end_of_epoch:
+                break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(epoch, step_in_epoch)
+            if stop:
+                return {"step": step, "interrupted": True, "out_dir": out_dir}
+            t_data = time.perf_counter()
+        epoch, step_in_epoch = epoch + 1, 0
+        path = checkpoint(epoch, 0)
+        if path:
+            say(f"saved {path}")
+
+    summary = {"step": step, "out_dir": out_dir, "first_loss": first_loss, "last_loss": last_loss,
+               "wall_s": time.perf_counter() - t_start, "skipped_images": skipped_images}
+    if main:
+        summary["epoch_mean_loss"] = epoch_means(log.path)
+    if main and cfg.plot:
+        plot_losses(log.path, os.path.join(out_dir, "loss.png"), names)
+        say(f"wrote {os.path.join(out_dir, 'loss.png')}")
+    means = summary.get("epoch_mean_loss") or {}
+    trend = " -> ".join(f"{m:.3f}" for m in means.values())
+    say(f"done: {step} steps in {_fmt_time(summary['wall_s'])}; mean loss per epoch {trend}; outputs in {out_dir}")
+    if world > 1:
+        dist.barrier()
+    return summary

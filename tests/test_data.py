@@ -1,0 +1,145 @@
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from insloc.data import CopyPasteComposite, EpochSampler, TwoViewCrops, image_paths, moco_v2_augment
+from insloc.data.augment import MEAN, STD
+from insloc.data.composite import paste_size, random_resized_crop_box
+from insloc.data.sources import builtin_image_paths
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "sub").mkdir()
+    for i, (w, h) in enumerate([(300, 200), (180, 260), (400, 400)]):
+        folder = tmp_path / "sub" if i == 2 else tmp_path
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"good{i}.png")
+    return tmp_path
+
+
+def test_builtin_source_is_the_photographs_shipped_in_the_wheels():
+    paths = builtin_image_paths()
+    assert len(paths) == 21
+    names = {os.path.basename(p) for p in paths}
+    assert {"astronaut.png", "coffee.png", "chelsea.png", "china.jpg", "flower.jpg"} <= names
+    for p in paths:
+        with Image.open(p) as f:
+            assert min(f.size) >= 64
+
+
+def test_folder_source_is_recursive_and_list_file_paths_are_relative_to_it(image_folder):
+    paths = image_paths(str(image_folder))
+    assert [os.path.relpath(p, image_folder) for p in paths] == ["good0.png", "good1.png", "sub/good2.png"]
+    (image_folder / "list.txt").write_text("# two images\ngood1.png\n\nsub/good2.png\n")
+    assert image_paths(str(image_folder / "list.txt")) == [str(image_folder / "good1.png"),
+                                                          str(image_folder / "sub" / "good2.png")]
+    with pytest.raises(FileNotFoundError):
+        image_paths(str(image_folder / "missing"))
+
+
+def test_paste_size_keeps_aspect_and_fits_the_target():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        cw, ch = int(torch.randint(20, 500, ())), int(torch.randint(20, 500, ()))
+        w, h = paste_size(g, cw, ch, (128, 255), 256)
+        assert 128 - 1 <= max(w, h) <= 254
+        assert abs(w / h - cw / ch) <= 0.02 * max(cw / ch, 1) + 1.0 / min(w, h) * (cw / ch)
+
+
+def test_random_resized_crop_box_respects_scale_and_ratio():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        x, y, w, h = random_resized_crop_box(g, 320, 240, (0.2, 1.0), (0.5, 2.0))
+        assert 0 <= x and x + w <= 320 and 0 <= y and y + h <= 240
+        assert 0.2 * 320 * 240 * 0.95 <= w * h <= 320 * 240
+        assert 0.5 * 0.9 <= w / h <= 2.0 * 1.1
+
+
+def test_composite_boxes_lie_inside_the_canvas_within_the_recipe_size_bounds():
+    ds = CopyPasteComposite(builtin_image_paths(), image_size=256, decode_cache=32)
+    assert len(ds) == 21
+    for i in range(24):
+        sample = ds[(0, i)]
+        assert sample["im_q"].shape == sample["im_k"].shape == (3, 256, 256)
+        for box in (sample["boxes_q"], sample["boxes_k"]):
+            x1, y1, x2, y2 = box.tolist()
+            w, h = x2 - x1, y2 - y1
+            assert 0 <= x1 < x2 <= 256 and 0 <= y1 < y2 <= 256
+            assert 127 <= max(w, h) <= 254 and min(w, h) >= 50
+        assert not torch.equal(sample["boxes_q"], sample["boxes_k"])  # independent crops and places
+        assert sample["unreadable"] == 0
+
+
+def test_a_sample_is_a_function_of_seed_epoch_and_index():
+    ds = CopyPasteComposite(builtin_image_paths()[:4], image_size=64, paste_size=(32, 63))
+    a, b, c = ds[(3, 1)], ds[(3, 1)], ds[(4, 1)]
+    assert torch.equal(a["im_q"], b["im_q"]) and torch.equal(a["boxes_k"], b["boxes_k"])
+    assert not torch.equal(a["im_q"], c["im_q"])
+
+
+def test_augment_flips_the_box_with_the_image():
+    image = np.zeros((64, 96, 3), dtype=np.uint8)
+    image[10:30, 5:45] = 255  # a white box [5, 10, 45, 30] on black
+    box = torch.tensor([5.0, 10.0, 45.0, 30.0])
+    flipped = 0
+    for seed in range(12):
+        out, out_box = moco_v2_augment(Image.fromarray(image), box, torch.Generator().manual_seed(seed))
+        pixels = (out * STD + MEAN).mean(0)  # [64, 96] back on 0..255
+        mask = pixels > (pixels.max() + pixels.min()) / 2
+        ys, xs = mask.nonzero(as_tuple=True)
+        found = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+        assert found == out_box.tolist()
+        flipped += out_box[0].item() == 96 - 45
+    assert 0 < flipped < 12
+
+
+def test_unreadable_images_are_skipped_and_counted(image_folder):
+    (image_folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (image_folder / "empty.png").write_bytes(b"")
+    paths = image_paths(str(image_folder))
+    assert len(paths) == 5
+    ds = CopyPasteComposite(paths, image_size=64, paste_size=(32, 63), samples_per_epoch=20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = [ds[(0, i)] for i in range(20)]
+    assert sum(s["unreadable"] for s in samples) >= 2
+    assert all(s["im_q"].shape == (3, 64, 64) and torch.isfinite(s["im_q"]).all() for s in samples)
+    assert ds.images.unreadable == {paths.index(str(image_folder / "corrupt.jpg")),
+                                    paths.index(str(image_folder / "empty.png"))}
+    assert any("skipping unreadable image" in str(w.message) for w in caught)
+
+
+def test_only_unreadable_images_is_an_error_not_a_hang(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    ds = CopyPasteComposite(image_paths(str(tmp_path)), image_size=64, paste_size=(32, 63))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="unreadable"):
+            ds[(0, 0)]
+
+
+def test_two_view_crops_for_the_moco_baseline():
+    ds = TwoViewCrops(builtin_image_paths()[:3], image_size=64)
+    s = ds[(0, 2)]
+    assert s["im_q"].shape == s["im_k"].shape == (3, 64, 64) and not torch.equal(s["im_q"], s["im_k"])
+    assert s["boxes_q"].tolist() == [0, 0, 64, 64]
+
+
+def test_epoch_sampler_shards_are_disjoint_equal_and_resume_mid_epoch():
+    shards = [list(EpochSampler(23, 3, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 9  # 23 // 2 = 11 -> 3 whole batches of 3
+    ids = [i for shard in shards for (_, i) in shard]
+    assert len(set(ids)) == 18 and all(0 <= i < 23 for i in ids)
+    sampler = EpochSampler(23, 3, seed=1)
+    sampler.set_epoch(5)
+    full = list(sampler)
+    sampler.set_epoch(5, start_batch=2)
+    assert list(sampler) == full[6:] and len(sampler) == len(full) - 6
+    assert all(e == 5 for e, _ in full)
+    sampler.set_epoch(6)
+    assert [i for _, i in sampler] != [i for _, i in full]

@@ -1,0 +1,142 @@
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchvision.ops import box_iou
+
+from insloc.config import Config
+from insloc.models import FPNEncoder
+from insloc.moco import MoCo, batch_shuffle_ddp, batch_unshuffle_ddp, rois_from_boxes
+from insloc.train import build_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # a few small ops per step: one thread avoids OpenMP oversubscription on shared CPUs
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**kw):
+    return Config(depth=18, fpn_channels=16, head_fc_dim=32, dim=8, image_size=64, paste_size=[24, 63],
+                  anchor_sizes=[16.0, 32.0, 64.0], queue_size=16, **kw)
+
+
+def test_rois_from_boxes_numbers_boxes_by_image():
+    boxes = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    assert rois_from_boxes(boxes).tolist() == [[0, 1, 2, 3, 4], [1, 5, 6, 7, 8]]
+
+
+def test_momentum_update_is_m_key_plus_one_minus_m_query():
+    torch.manual_seed(0)
+    moco = MoCo(FPNEncoder(18, fpn_channels=8, fc_dim=8, dim=4), queue_size=8, dim=4, momentum=0.9)
+    with torch.no_grad():
+        for p in moco.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    before_k = [p.clone() for p in moco.encoder_k.parameters()]
+    query = [p.clone() for p in moco.encoder_q.parameters()]
+    moco.momentum_update_key_encoder()
+    for k0, q, k1 in zip(before_k, query, moco.encoder_k.parameters()):
+        torch.testing.assert_close(k1, 0.9 * k0 + 0.1 * q)
+    assert not any(p.requires_grad for p in moco.encoder_k.parameters())
+
+
+def test_queue_wraps_around_and_pointer_is_shared_by_levels():
+    moco = MoCo(FPNEncoder(18, fpn_channels=8, fc_dim=8, dim=4), queue_size=10, dim=4)
+    batches = [torch.full((4, 4, 4), float(i + 1)) for i in range(3)]  # [G, N, D]
+    for keys in batches:
+        moco.dequeue_and_enqueue(keys)
+    assert int(moco.queue_ptr) == 2  # 12 % 10
+    assert moco.queue[:, 0:2].eq(3).all() and moco.queue[:, 2:4].eq(1).all()
+    assert moco.queue[:, 4:8].eq(2).all() and moco.queue[:, 8:10].eq(3).all()
+
+
+def test_fpn_query_jitters_only_p5_to_an_anchor_with_iou_above_half():
+    moco = build_model(tiny_config())
+    boxes = torch.tensor([[3.0, 5.0, 40.0, 33.0], [10.0, 0.0, 60.0, 64.0], [0.0, 0.0, 30.0, 30.0]])
+    rois = moco.query_rois(boxes, torch.Generator().manual_seed(1))  # [4, 3, 5]
+    assert rois.shape == (4, 3, 5)
+    for level in range(3):
+        torch.testing.assert_close(rois[level], rois_from_boxes(boxes))
+    assert rois[3, :, 0].tolist() == [0, 1, 2]
+    iou = box_iou(rois[3, :, 1:], boxes).diagonal()
+    assert (iou > 0.5).all() and (rois[3, :, 1:] != boxes).any()
+    assert moco.anchors.shape == (4 * 4 * 3 * 5, 4)  # 64 / 16 = 4x4 grid, 3 sizes x 5 ratios
+
+
+@pytest.mark.parametrize("method, arch, groups", [("insloc", "fpn", 4), ("insloc", "c4", 1), ("moco", "fpn", 1)])
+def test_one_step_updates_query_weights_key_weights_and_queue(method, arch, groups):
+    torch.manual_seed(0)
+    cfg = tiny_config(method=method, arch=arch, momentum=0.5)
+    moco = build_model(cfg)
+    N = 4
+    im_q, im_k = torch.randn(N, 3, 64, 64), torch.randn(N, 3, 64, 64)
+    boxes = torch.tensor([[2.0, 4.0, 50.0, 40.0]]).repeat(N, 1)
+    opt = torch.optim.SGD(moco.encoder_q.parameters(), lr=0.5, momentum=0.9, nesterov=True)
+    q0 = moco.encoder_q.backbone.conv1.weight.clone()
+    k0 = moco.encoder_k.backbone.conv1.weight.clone()
+    queue0 = moco.queue.clone()
+    losses, keys = moco(im_q, boxes, im_k, boxes, generator=torch.Generator().manual_seed(0))
+    assert losses.shape == (groups,) and torch.isfinite(losses).all() and (losses > 0).all()
+    assert keys.shape == (groups, N, 8) and not keys.requires_grad
+    opt.zero_grad()
+    losses.sum().backward()
+    opt.step()
+    moco.dequeue_and_enqueue(keys)
+    assert (moco.encoder_q.backbone.conv1.weight - q0).abs().max() > 0
+    # momentum update ran before the key forward, with the query weights of that time (= key weights)
+    torch.testing.assert_close(moco.encoder_k.backbone.conv1.weight, k0)
+    torch.testing.assert_close(moco.queue[:, :N], keys)
+    torch.testing.assert_close(moco.queue[:, N:], queue0[:, N:])
+    assert int(moco.queue_ptr) == N
+    moco(im_q, boxes, im_k, boxes)  # second momentum update now moves the key encoder halfway
+    torch.testing.assert_close(moco.encoder_k.backbone.conv1.weight,
+                               0.5 * k0 + 0.5 * moco.encoder_q.backbone.conv1.weight)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shuffle_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # different local RNG on each rank: rank 0's permutation must win
+        N = 5
+        ids = torch.arange(N) + 100 * rank  # a global id per image
+        images = ids.float().view(N, 1, 1, 1).expand(N, 3, 4, 4).clone()  # every pixel = the id
+        boxes = torch.stack([ids, ids + 1, ids + 2, ids + 3], 1).float()  # [N, 4], the box encodes the id
+        shuffled, shuffled_boxes, idx_unshuffle = batch_shuffle_ddp(images, boxes)
+        got = shuffled[:, 0, 0, 0]  # [N] ids now on this rank
+        assert torch.equal(shuffled_boxes[:, 0], got), "a box got separated from its image"
+        assert torch.equal(shuffled_boxes, torch.stack([got, got + 1, got + 2, got + 3], 1))
+        everything = [torch.empty_like(got) for _ in range(world)]
+        dist.all_gather(everything, got)
+        all_ids = torch.cat(everything).sort().values
+        assert torch.equal(all_ids, torch.cat([torch.arange(N) + 100 * r for r in range(world)]).float())
+        assert not torch.equal(torch.cat(everything), all_ids)  # it did shuffle (fixed seeds)
+        rois = rois_from_boxes(shuffled_boxes)
+        assert rois[:, 0].tolist() == list(range(N))  # batch index = new local position
+        features = torch.stack([got, -got], 0).unsqueeze(-1)  # [G=2, N, 1], per-image outputs
+        restored = batch_unshuffle_ddp(features, idx_unshuffle, dim=1)
+        assert torch.equal(restored[0, :, 0], ids.float()) and torch.equal(restored[1, :, 0], -ids.float())
+        assert torch.equal(batch_unshuffle_ddp(shuffled, idx_unshuffle), images)
+        # the queue update writes the keys of both ranks, so the queues stay identical
+        moco = MoCo(FPNEncoder(18, fpn_channels=8, fc_dim=8, dim=2), queue_size=16, dim=2)
+        moco.dequeue_and_enqueue(torch.full((4, N, 2), float(rank + 1)))
+        assert int(moco.queue_ptr) == 2 * N
+        assert moco.queue[:, :N].eq(1).all() and moco.queue[:, N:2 * N].eq(2).all()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shuffle_bn_round_trips_images_and_boxes_across_two_gloo_processes():
+    mp.spawn(_shuffle_worker, args=(2, _free_port()), nprocs=2, join=True)
