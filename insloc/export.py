@@ -34,10 +34,12 @@ The momentum (key) encoder is exported only with ``include_momentum=True``: then
 ``OUT`` with ``-momentum`` before the suffix holds it, in the same format.
 """
 import argparse
+import dataclasses
 import os
 import pickle
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +128,28 @@ def _check_encoder(state, expected, path, which, description):
                                   f"{description} encoder expects {shape}")
 
 
+ARCHITECTURE_FIELDS = ("method", "arch", "depth", "fpn_channels", "head_fc_dim", "dim", "fpn_roi_size",
+                       "c4_roi_size")
+
+
+def config_from_checkpoint(values, path="checkpoint"):
+    """The checkpoint's Config. Fields this version does not know (a checkpoint from a newer or older
+    trainer) are ignored with a warning; the fields that define the encoder must all be present."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: the 'config' entry is a {type(values).__name__}, expected a Config dict")
+    missing = [f for f in ARCHITECTURE_FIELDS if f not in values]
+    if missing:
+        raise CheckpointError(f"{path}: the 'config' entry lacks the architecture fields {missing}")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        warnings.warn(f"{path}: ignoring config fields this insloc version does not know: {unknown}")
+    try:
+        return Config.from_dict({k: v for k, v in values.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the 'config' entry is not an insloc Config: {e}") from e
+
+
 def load_pretrain_checkpoint(path, unsafe_load=False) -> PretrainCheckpoint:
     """Reads and validates an ``insloc pretrain`` checkpoint (format: ``insloc/models/__init__.py``).
 
@@ -152,10 +176,7 @@ def load_pretrain_checkpoint(path, unsafe_load=False) -> PretrainCheckpoint:
         if key not in ckpt:
             found = ", ".join(map(repr, list(ckpt)[:8]))
             raise CheckpointError(f"{path}: not an insloc checkpoint: no {key!r} entry (found {found})")
-    try:
-        config = Config.from_dict(ckpt["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the 'config' entry is not an insloc Config: {e}") from e
+    config = config_from_checkpoint(ckpt["config"], path)
 
     model = {_strip_wrappers(k): v for k, v in ckpt["model"].items()}
     encoders = {}
@@ -314,7 +335,7 @@ def load_raw_encoder(path):
     from .models import build_encoder
 
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    config = Config.from_dict(raw["config"])
+    config = config_from_checkpoint(raw["config"], path)
     encoder = build_encoder(config)
     encoder.load_state_dict(raw["encoder"])
     return encoder, config

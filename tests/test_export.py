@@ -332,12 +332,21 @@ def test_weights_of_another_architecture_than_the_config_says_are_refused(tmp_pa
         export(tmp_path / "width.pt", "torchvision-fpn", tmp_path / "out.pth")
 
 
-def test_unknown_config_keys_are_named(tmp_path):
-    ckpt, _ = make_checkpoint(R18_FPN_DEMO)
+def test_config_fields_of_another_trainer_version_are_ignored_but_architecture_fields_are_required(tmp_path):
+    ckpt, encoder = make_checkpoint(R18_FPN_DEMO)
     ckpt["config"]["warp_drive"] = True
-    torch.save(ckpt, tmp_path / "config.pt")
-    with pytest.raises(CheckpointError, match="not an insloc Config: unknown config keys.*warp_drive"):
-        export(tmp_path / "config.pt", "raw", tmp_path / "out.pth")
+    torch.save(ckpt, tmp_path / "newer.pt")
+    with pytest.warns(UserWarning, match="ignoring config fields .*warp_drive"):
+        export(tmp_path / "newer.pt", "torchvision", tmp_path / "tv.pth")
+    assert torch.equal(torch.load(tmp_path / "tv.pth")["conv1.weight"], encoder.backbone.conv1.weight)
+    del ckpt["config"]["depth"]
+    torch.save(ckpt, tmp_path / "nodepth.pt")
+    with pytest.raises(CheckpointError, match=r"lacks the architecture fields \['depth'\]"):
+        export(tmp_path / "nodepth.pt", "raw", tmp_path / "out.pth")
+    ckpt["config"] = "fpn"
+    torch.save(ckpt, tmp_path / "strconfig.pt")
+    with pytest.raises(CheckpointError, match="'config' entry is a str"):
+        export(tmp_path / "strconfig.pt", "raw", tmp_path / "out.pth")
 
 
 def test_checkpoint_saved_under_compile_or_ddp_wrappers_exports_the_same(checkpoints, tmp_path):
