@@ -1,0 +1,372 @@
+"""``insloc export``: a pretraining checkpoint -> weights a detector can start from.
+
+Formats (one file each; ``OUT`` is the ``--out`` path):
+
+``raw``
+    ``torch.save({"encoder": encoder_q state dict, "config": Config dict, "epoch": ..., "step": ...})``.
+    Load with :func:`load_raw_encoder` (builds the encoder from the config, loads strictly).
+``torchvision``
+    The ResNet trunk keyed exactly as ``torchvision.models.resnet{18,50}()`` minus ``fc`` (C4: the head's
+    ``res5`` becomes ``layer4``). Every method and architecture. Loads strictly with::
+
+        model = torchvision.models.resnet50(); model.fc = torch.nn.Identity()
+        model.load_state_dict(torch.load(OUT))
+``torchvision-fpn`` (FPN checkpoints only)
+    Trunk and neck keyed for ``BackboneWithFPN``: ``body.*`` + ``fpn.inner_blocks.{i}.0.*`` (laterals)
+    + ``fpn.layer_blocks.{i}.0.*`` (3x3 outputs); the extra ``LastLevelMaxPool`` level has no weights.
+    For R50 with 256 FPN channels it loads strictly into the detector's backbone::
+
+        model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+        model.backbone.load_state_dict(torch.load(OUT))
+
+    ``num_batches_tracked`` is kept: ``nn.BatchNorm2d`` (what torchvision builds without pretrained
+    weights) needs it and ``FrozenBatchNorm2d`` drops it on load, so both load strictly.
+``detectron2``
+    A pickle of ``{"model": {name: numpy array}, "__author__": "insloc", "matching_heuristics": True}``
+    with detectron2's names (recipe.md, "Transfer"): trunk -> ``backbone.bottom_up.*`` (FPN) or
+    ``backbone.*`` (C4); C4 res5 -> ``roi_heads.res5``; FPN neck -> ``backbone.fpn_lateral{2..5}`` /
+    ``backbone.fpn_output{2..5}``; the FPN box head's four convs -> ``roi_heads.box_head.conv{1..4}``
+    (+ ``.norm``) and its first fc -> ``roi_heads.box_head.fc1`` (detectron2's 4conv1fc head). The second
+    fc and the 128-d projection have no detectron2 counterpart and are dropped. Image-level MoCo
+    checkpoints (``--method moco``) export the trunk in either layout (``layout=``).
+
+The momentum (key) encoder is exported only with ``include_momentum=True``: then a second file
+``OUT`` with ``-momentum`` before the suffix holds it, in the same format.
+"""
+import argparse
+import dataclasses
+import os
+import pickle
+import sys
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .config import Config
+
+FORMATS = ("raw", "torchvision", "torchvision-fpn", "detectron2")
+Format = Literal["raw", "torchvision", "torchvision-fpn", "detectron2"]
+Layout = Literal["fpn", "c4"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be exported; the message names the file and what is wrong."""
+
+
+@dataclass
+class PretrainCheckpoint:
+    """The parts of a pretraining checkpoint that an export reads."""
+
+    path: Path
+    config: Config
+    encoder_q: dict[str, torch.Tensor]
+    encoder_k: dict[str, torch.Tensor]
+    epoch: int | None = None
+    step: int | None = None
+
+    @property
+    def description(self):
+        arch = "" if self.config.method == "moco" else f" arch={self.config.arch}"
+        return f"method={self.config.method}{arch} ResNet-{self.config.depth}"
+
+
+def _numpy_globals():
+    # numpy RNG state in the checkpoint's "rng" entry: plain arrays, safe to allow
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def _torch_load(path, unsafe_load):
+    if unsafe_load:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(_numpy_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unsafe_globals(path):
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return []
+
+
+def _strip_wrappers(name):
+    # DDP ("module.") and torch.compile ("_orig_mod.") wrappers add name segments; the weights are the same
+    return ".".join(part for part in name.split(".") if part not in ("module", "_orig_mod"))
+
+
+def expected_encoder_shapes(config):
+    """{name: shape} of the encoder that ``config`` describes (built on the meta device: no memory)."""
+    from .models import build_encoder
+
+    with torch.device("meta"):
+        encoder = build_encoder(config)
+    return {name: tuple(t.shape) for name, t in encoder.state_dict().items()}
+
+
+def _check_encoder(state, expected, path, which, description):
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} of the {len(expected)} {which} weights of a {description} encoder are "
+            f"missing from the checkpoint, e.g. {', '.join(which + '.' + n for n in missing[:4])}")
+    unexpected = [n for n in state if n not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: {which} has {len(unexpected)} weights that a {description} encoder does not have, "
+            f"e.g. {', '.join(which + '.' + n for n in unexpected[:4])} (does the config match the weights?)")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(f"{path}: {which}.{name} has shape {tuple(state[name].shape)} but a "
+                                  f"{description} encoder expects {shape}")
+
+
+ARCHITECTURE_FIELDS = ("method", "arch", "depth", "fpn_channels", "head_fc_dim", "dim", "fpn_roi_size",
+                       "c4_roi_size")
+
+
+def config_from_checkpoint(values, path="checkpoint"):
+    """The checkpoint's Config. Fields this version does not know (a checkpoint from a newer or older
+    trainer) are ignored with a warning; the fields that define the encoder must all be present."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: the 'config' entry is a {type(values).__name__}, expected a Config dict")
+    missing = [f for f in ARCHITECTURE_FIELDS if f not in values]
+    if missing:
+        raise CheckpointError(f"{path}: the 'config' entry lacks the architecture fields {missing}")
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        warnings.warn(f"{path}: ignoring config fields this insloc version does not know: {unknown}")
+    try:
+        return Config.from_dict({k: v for k, v in values.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the 'config' entry is not an insloc Config: {e}") from e
+
+
+def load_pretrain_checkpoint(path, unsafe_load=False) -> PretrainCheckpoint:
+    """Reads and validates an ``insloc pretrain`` checkpoint (format: ``insloc/models/__init__.py``).
+
+    Loads with ``weights_only=True`` (tensors, plain containers and the numpy RNG state);
+    ``unsafe_load=True`` unpickles anything, for files you trust that hold other objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = _torch_load(path, unsafe_load)
+    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, BadZipFile... for bad bytes
+        unsafe = [] if unsafe_load else _unsafe_globals(path)
+        if unsafe:
+            raise CheckpointError(f"{path}: holds Python objects that are not loaded without trust "
+                                  f"({', '.join(unsafe[:4])}); if you trust the file, pass unsafe_load=True "
+                                  f"(--unsafe-load)") from e
+        kind = "truncated or corrupt" if zipfile.is_zipfile(path) or path.stat().st_size else "empty"
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint: the file is {kind} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not an insloc checkpoint (a {type(ckpt).__name__}, expected a dict "
+                              f"with 'model' and 'config')")
+    for key in ("model", "config"):
+        if key not in ckpt:
+            found = ", ".join(map(repr, list(ckpt)[:8]))
+            raise CheckpointError(f"{path}: not an insloc checkpoint: no {key!r} entry (found {found})")
+    config = config_from_checkpoint(ckpt["config"], path)
+
+    model = {_strip_wrappers(k): v for k, v in ckpt["model"].items()}
+    encoders = {}
+    for which in ("encoder_q", "encoder_k"):
+        prefix = which + "."
+        encoders[which] = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
+    if not encoders["encoder_q"]:
+        raise CheckpointError(f"{path}: not an insloc checkpoint: 'model' has no encoder_q.* weights "
+                              f"(found e.g. {', '.join(list(model)[:4])})")
+    loaded = PretrainCheckpoint(path, config, encoders["encoder_q"], encoders["encoder_k"],
+                                ckpt.get("epoch"), ckpt.get("step"))
+    expected = expected_encoder_shapes(config)
+    _check_encoder(loaded.encoder_q, expected, path, "encoder_q", loaded.description)
+    if loaded.encoder_k:
+        _check_encoder(loaded.encoder_k, expected, path, "encoder_k", loaded.description)
+    return loaded
+
+
+# ---- name mappings (our names are torchvision's; see insloc/models/__init__.py) ----
+
+def torchvision_resnet_state_dict(encoder, config):
+    """Encoder weights -> ``torchvision.models.resnet{depth}()`` keys without ``fc``."""
+    trunk = {k[len("backbone."):]: v for k, v in encoder.items() if k.startswith("backbone.")}
+    if config.method != "moco" and config.arch == "c4":
+        trunk.update({"layer4." + k[len("head.res5."):]: v for k, v in encoder.items()
+                      if k.startswith("head.res5.")})
+    return trunk
+
+
+def torchvision_fpn_state_dict(encoder, config):
+    """FPN encoder weights -> ``BackboneWithFPN`` keys (``fasterrcnn_resnet50_fpn(...).backbone``)."""
+    out = {"body." + k: v for k, v in torchvision_resnet_state_dict(encoder, config).items()}
+    for name, v in encoder.items():
+        parts = name.split(".")
+        if parts[0] == "neck":
+            block = {"lateral_convs": "inner_blocks", "output_convs": "layer_blocks"}[parts[1]]
+            out[f"fpn.{block}.{parts[2]}.0.{parts[3]}"] = v
+    return out
+
+
+def _detectron2_block_name(rest):
+    """'0.bn2.weight' -> '0.conv2.norm.weight'; '0.downsample.1.bias' -> '0.shortcut.norm.bias'."""
+    block, layer, *param = rest.split(".")
+    if layer.startswith("bn"):
+        return ".".join([block, "conv" + layer[2:], "norm", *param])
+    if layer == "downsample":
+        index, *param = param
+        return ".".join([block, "shortcut", *(["norm"] if index == "1" else []), *param])
+    return rest
+
+
+def _detectron2_trunk_name(name, layout):
+    """torchvision trunk key -> detectron2 key. ``layer4`` (res5) is the RoI head in the C4 layout."""
+    stage, rest = name.split(".", 1)
+    if stage in ("conv1", "bn1"):
+        backbone = "backbone.bottom_up." if layout == "fpn" else "backbone."
+        return backbone + "stem.conv1" + (".norm." if stage == "bn1" else ".") + rest
+    res = f"res{int(stage[len('layer'):]) + 1}"
+    if layout == "c4" and res == "res5":
+        return "roi_heads.res5." + _detectron2_block_name(rest)
+    backbone = "backbone.bottom_up." if layout == "fpn" else "backbone."
+    return f"{backbone}{res}.{_detectron2_block_name(rest)}"
+
+
+def detectron2_state_dict(encoder, config, layout):
+    """Encoder weights -> detectron2 names (torch tensors; :func:`export` converts them to numpy)."""
+    out = {_detectron2_trunk_name(k, layout): v
+           for k, v in torchvision_resnet_state_dict(encoder, config).items()}
+    if config.method == "moco":
+        return out
+    for name, v in encoder.items():
+        parts = name.split(".")
+        if parts[0] == "neck":
+            kind = {"lateral_convs": "lateral", "output_convs": "output"}[parts[1]]
+            out[f"backbone.fpn_{kind}{int(parts[2]) + 2}.{parts[3]}"] = v
+        elif parts[:2] == ["head", "convs"]:
+            conv = f"roi_heads.box_head.conv{int(parts[2]) + 1}"
+            out[conv + (".norm." if parts[3] == "1" else ".") + ".".join(parts[4:])] = v
+        elif parts[:2] == ["head", "fc1"]:
+            out["roi_heads.box_head.fc1." + parts[2]] = v
+    return out
+
+
+# ---- writing ----
+
+def _atomic_save(path, write):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + path.name, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _check_format(ckpt, fmt, layout):
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    is_fpn = ckpt.config.method == "insloc" and ckpt.config.arch == "fpn"
+    if fmt == "torchvision-fpn" and not is_fpn:
+        raise CheckpointError(f"{ckpt.path}: format 'torchvision-fpn' needs an FPN checkpoint "
+                              f"(method=insloc arch=fpn); this one is {ckpt.description}: "
+                              f"use --format torchvision for the ResNet trunk")
+    if fmt == "detectron2" and layout is not None and ckpt.config.method != "moco" and layout != ckpt.config.arch:
+        raise CheckpointError(f"{ckpt.path}: a {ckpt.description} checkpoint cannot be exported in the "
+                              f"detectron2 {layout} layout (only image-level MoCo trunks fit either)")
+
+
+def _converted(ckpt, encoder, fmt, layout):
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in encoder.items()}
+    if fmt == "raw":
+        return {"encoder": contiguous, "config": ckpt.config.to_dict(), "epoch": ckpt.epoch, "step": ckpt.step}
+    if fmt == "torchvision":
+        return torchvision_resnet_state_dict(contiguous, ckpt.config)
+    if fmt == "torchvision-fpn":
+        return torchvision_fpn_state_dict(contiguous, ckpt.config)
+    model = detectron2_state_dict(contiguous, ckpt.config, layout)
+    return {"model": {k: v.numpy() for k, v in model.items()}, "__author__": "insloc",
+            "matching_heuristics": True}
+
+
+def momentum_path(out_path):
+    """Where ``include_momentum=True`` writes the key encoder: ``x.pkl`` -> ``x-momentum.pkl``."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}-momentum{out_path.suffix}")
+
+
+def export(ckpt_path, fmt: Format, out_path, include_momentum=False, layout: Layout | None = None,
+           unsafe_load=False) -> list[Path]:
+    """Writes the query encoder of ``ckpt_path`` in format ``fmt`` to ``out_path`` (and, with
+    ``include_momentum``, the key encoder next to it, see :func:`momentum_path`). ``layout``: the
+    detectron2 layout, default the checkpoint's arch. Returns the written paths."""
+    ckpt = load_pretrain_checkpoint(ckpt_path, unsafe_load)
+    _check_format(ckpt, fmt, layout)
+    layout = layout or ckpt.config.arch
+    targets = [(Path(out_path), ckpt.encoder_q)]
+    if include_momentum:
+        if not ckpt.encoder_k:
+            raise CheckpointError(f"{ckpt.path}: include_momentum was asked for but the checkpoint has no "
+                                  f"encoder_k.* weights")
+        targets.append((momentum_path(out_path), ckpt.encoder_k))
+    for path, encoder in targets:
+        obj = _converted(ckpt, encoder, fmt, layout)
+        if fmt == "detectron2":
+            _atomic_save(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
+        else:
+            _atomic_save(path, lambda f: torch.save(obj, f))
+    return [path for path, _ in targets]
+
+
+def load_raw_encoder(path):
+    """A ``raw`` export -> (the encoder module with its weights, its Config)."""
+    from .models import build_encoder
+
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    config = config_from_checkpoint(raw["config"], path)
+    encoder = build_encoder(config)
+    encoder.load_state_dict(raw["encoder"])
+    return encoder, config
+
+
+def export_main(argv=None):
+    """``insloc export CKPT --format FORMAT --out FILE``."""
+    parser = argparse.ArgumentParser(
+        prog="insloc export", description="Export a pretraining checkpoint's query encoder for fine-tuning.",
+        epilog="Formats and how to load each: see the docstring of insloc/export.py.")
+    parser.add_argument("checkpoint", help="checkpoint written by insloc pretrain")
+    parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
+                        help="raw: our encoder; torchvision: resnet trunk; torchvision-fpn: BackboneWithFPN "
+                             "(FPN only); detectron2: pickle for DetectionCheckpointer")
+    parser.add_argument("--out", required=True, help="output file")
+    parser.add_argument("--include-momentum", action="store_true",
+                        help="also write the momentum (key) encoder to OUT-momentum.SUFFIX")
+    parser.add_argument("--layout", choices=("fpn", "c4"), default=None,
+                        help="detectron2 layout of an image-level --method moco checkpoint (default: its arch)")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="unpickle arbitrary objects in the checkpoint (only for files you trust)")
+    args = parser.parse_args(argv)
+    try:
+        paths = export(args.checkpoint, args.fmt, args.out, args.include_momentum, args.layout, args.unsafe_load)
+    except CheckpointError as e:
+        print(f"insloc export: error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path} ({args.fmt})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(export_main())

@@ -1,0 +1,372 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from insloc.export import CheckpointError, export, export_main, load_raw_encoder, momentum_path
+from random_checkpoints import R18_FPN_DEMO, R50_C4, R50_FPN, R50_MOCO, make_checkpoint, write_checkpoint
+
+IMAGES = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{name: (path, query encoder)} for the architectures, written once per module."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    return {name: (folder / f"{name}.pt", write_checkpoint(folder / f"{name}.pt", cfg, seed=i))
+            for i, (name, cfg) in enumerate({"r50_fpn": R50_FPN, "r50_c4": R50_C4, "r50_moco": R50_MOCO,
+                                             "r18_fpn": R18_FPN_DEMO}.items())}
+
+
+def stage_outputs(model, x):
+    """C2..C5 of a torchvision ResNet run through its own forward (captured with hooks), and the output."""
+    captured = []
+    hooks = [getattr(model, f"layer{i}").register_forward_hook(lambda m, a, out: captured.append(out))
+             for i in range(1, 5)]
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    return captured, out
+
+
+# ---- torchvision ----
+
+@pytest.mark.parametrize("name, tv_resnet", [("r50_fpn", torchvision.models.resnet50),
+                                             ("r50_moco", torchvision.models.resnet50),
+                                             ("r18_fpn", torchvision.models.resnet18)])
+def test_torchvision_export_loads_strictly_and_reproduces_the_backbone_features(name, tv_resnet, checkpoints,
+                                                                                 tmp_path):
+    path, encoder = checkpoints[name]
+    export(path, "torchvision", tmp_path / "tv.pth")
+    model = tv_resnet()
+    model.fc = nn.Identity()
+    model.load_state_dict(torch.load(tmp_path / "tv.pth"), strict=True)
+    model.eval()
+    stages, pooled = stage_outputs(model, IMAGES)
+    with torch.no_grad():
+        ours = encoder.backbone(IMAGES)
+    for theirs, mine in zip(stages, ours, strict=True):
+        assert torch.equal(theirs, mine)
+    torch.testing.assert_close(pooled, ours[-1].mean((2, 3)))
+
+
+def test_torchvision_export_of_c4_puts_res5_in_layer4_and_reproduces_res4_and_res5(checkpoints, tmp_path):
+    path, encoder = checkpoints["r50_c4"]
+    export(path, "torchvision", tmp_path / "tv.pth")
+    model = torchvision.models.resnet50()
+    model.fc = nn.Identity()
+    model.load_state_dict(torch.load(tmp_path / "tv.pth"), strict=True)
+    model.eval()
+    stages, _ = stage_outputs(model, IMAGES)
+    with torch.no_grad():
+        res4 = encoder.backbone(IMAGES)[-1]
+        res5 = encoder.head.res5(res4)
+    assert torch.equal(stages[2], res4)
+    assert torch.equal(stages[3], res5)
+
+
+def test_torchvision_fpn_export_loads_strictly_into_fasterrcnn_resnet50_fpn_backbone_and_reproduces_p2_to_p6(
+        checkpoints, tmp_path):
+    path, encoder = checkpoints["r50_fpn"]
+    export(path, "torchvision-fpn", tmp_path / "fpn.pth")
+    detector = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    backbone = detector.backbone
+    backbone.load_state_dict(torch.load(tmp_path / "fpn.pth"), strict=True)
+    backbone.eval()
+    with torch.no_grad():
+        theirs = backbone(IMAGES)
+        body = backbone.body(IMAGES)
+        ours_c = encoder.backbone(IMAGES)
+        ours_p = encoder.neck(ours_c)
+    assert list(theirs) == ["0", "1", "2", "3", "pool"]
+    for i in range(4):
+        assert torch.equal(body[str(i)], ours_c[i])
+        assert torch.equal(theirs[str(i)], ours_p[i])
+    assert torch.equal(theirs["pool"], nn.functional.max_pool2d(ours_p[3], 1, 2))
+
+
+@pytest.mark.parametrize("name, depth", [("r50_fpn", "resnet50"), ("r18_fpn", "resnet18")])
+def test_torchvision_fpn_export_loads_strictly_with_frozen_batchnorm(name, depth, checkpoints, tmp_path):
+    path, encoder = checkpoints[name]
+    export(path, "torchvision-fpn", tmp_path / "fpn.pth")
+    trunk = getattr(torchvision.models, depth)(norm_layer=FrozenBatchNorm2d)
+    widths = encoder.backbone.out_channels
+    backbone = BackboneWithFPN(trunk, {f"layer{i + 1}": str(i) for i in range(4)}, widths,
+                               encoder.neck.output_convs[0].out_channels, extra_blocks=LastLevelMaxPool())
+    backbone.load_state_dict(torch.load(tmp_path / "fpn.pth"), strict=True)
+    with torch.no_grad():
+        theirs = backbone(IMAGES)
+        ours = encoder.neck(encoder.backbone(IMAGES))
+    for i in range(4):  # FrozenBatchNorm2d folds scale and shift: equal up to float32 rounding over ~50 layers
+        scale = ours[i].abs().max().item()
+        torch.testing.assert_close(theirs[str(i)], ours[i], rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_torchvision_fpn_export_of_a_c4_or_moco_checkpoint_is_refused(checkpoints, tmp_path):
+    for name in ("r50_c4", "r50_moco"):
+        with pytest.raises(CheckpointError, match="needs an FPN checkpoint"):
+            export(checkpoints[name][0], "torchvision-fpn", tmp_path / "x.pth")
+    assert not (tmp_path / "x.pth").exists()
+
+
+# ---- detectron2: expected names and shapes written out from detectron2's conventions ----
+
+def _norm(prefix, channels, norm):
+    buffers = ["weight", "bias", "running_mean", "running_var"]
+    shapes = {f"{prefix}.norm.{b}": (channels,) for b in buffers}
+    if norm == "SyncBN":  # torch BatchNorm buffers; FrozenBN has no num_batches_tracked
+        shapes[f"{prefix}.norm.num_batches_tracked"] = ()
+    return shapes
+
+
+def _conv(prefix, out_c, in_c, k, norm):
+    return {f"{prefix}.weight": (out_c, in_c, k, k), **_norm(prefix, out_c, norm)}
+
+
+def detectron2_resnet_shapes(depth, stem_prefix, stage_prefixes, norm="SyncBN"):
+    """detectron2 ResNet (BasicStem, BasicBlock / BottleneckBlock, shortcut when in != out channels)."""
+    shapes = _conv(stem_prefix + "stem.conv1", 64, 3, 7, norm)
+    blocks = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3]}[depth]
+    in_c = 64
+    for stage, (count, prefix) in enumerate(zip(blocks, stage_prefixes)):
+        out_c = 64 * 2 ** stage * (4 if depth == 50 else 1)
+        mid = 64 * 2 ** stage
+        for b in range(count):
+            block = f"{prefix}.{b}"
+            if in_c != out_c:
+                shapes.update(_conv(block + ".shortcut", out_c, in_c, 1, norm))
+            if depth == 50:
+                shapes.update(_conv(block + ".conv1", mid, in_c, 1, norm))
+                shapes.update(_conv(block + ".conv2", mid, mid, 3, norm))
+                shapes.update(_conv(block + ".conv3", out_c, mid, 1, norm))
+            else:
+                shapes.update(_conv(block + ".conv1", out_c, in_c, 3, norm))
+                shapes.update(_conv(block + ".conv2", out_c, out_c, 3, norm))
+            in_c = out_c
+    return shapes
+
+
+def detectron2_r_fpn_shapes(depth, fpn_channels=256, fc_dim=1024, pooler=7, norm="SyncBN"):
+    """GeneralizedRCNN with build_resnet_fpn_backbone and a FastRCNNConvFCHead (NUM_CONV 4, NUM_FC 1,
+    NORM SyncBN): the pretrained parts (no RPN, no box predictor)."""
+    shapes = detectron2_resnet_shapes(depth, "backbone.bottom_up.",
+                                      [f"backbone.bottom_up.res{s}" for s in range(2, 6)], norm)
+    widths = [64 * 2 ** s * (4 if depth == 50 else 1) for s in range(4)]
+    for stage, c in zip(range(2, 6), widths):
+        shapes[f"backbone.fpn_lateral{stage}.weight"] = (fpn_channels, c, 1, 1)
+        shapes[f"backbone.fpn_lateral{stage}.bias"] = (fpn_channels,)
+        shapes[f"backbone.fpn_output{stage}.weight"] = (fpn_channels, fpn_channels, 3, 3)
+        shapes[f"backbone.fpn_output{stage}.bias"] = (fpn_channels,)
+    for k in range(1, 5):
+        shapes.update(_conv(f"roi_heads.box_head.conv{k}", fpn_channels, fpn_channels, 3, norm))
+    shapes["roi_heads.box_head.fc1.weight"] = (fc_dim, fpn_channels * pooler * pooler)
+    shapes["roi_heads.box_head.fc1.bias"] = (fc_dim,)
+    return shapes
+
+
+def detectron2_r_c4_shapes(depth, norm="SyncBN"):
+    """GeneralizedRCNN with build_resnet_backbone (res2..res4) and Res5ROIHeads (roi_heads.res5)."""
+    return detectron2_resnet_shapes(depth, "backbone.", ["backbone.res2", "backbone.res3", "backbone.res4",
+                                                         "roi_heads.res5"], norm)
+
+
+def load_detectron2(path):
+    with open(path, "rb") as f:
+        obj = pickle.load(f, encoding="latin1")  # how detectron2 reads .pkl files
+    assert obj["matching_heuristics"] is True and obj["__author__"] == "insloc"
+    assert all(isinstance(v, np.ndarray) for v in obj["model"].values())
+    return obj["model"]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("r50_fpn", detectron2_r_fpn_shapes(50)),
+    ("r50_c4", detectron2_r_c4_shapes(50)),
+    ("r18_fpn", detectron2_r_fpn_shapes(18, fpn_channels=64, fc_dim=256)),
+])
+def test_detectron2_export_has_exactly_detectron2s_names_and_shapes(name, expected, checkpoints, tmp_path):
+    export(checkpoints[name][0], "detectron2", tmp_path / "d2.pkl")
+    model = load_detectron2(tmp_path / "d2.pkl")
+    assert sorted(set(expected) - set(model)) == []
+    assert sorted(set(model) - set(expected)) == []
+    wrong = {k: (model[k].shape, s) for k, s in expected.items() if model[k].shape != s}
+    assert wrong == {}
+
+
+def test_detectron2_export_against_frozen_bn_differs_only_by_num_batches_tracked(checkpoints, tmp_path):
+    export(checkpoints["r50_c4"][0], "detectron2", tmp_path / "d2.pkl")
+    extras = set(load_detectron2(tmp_path / "d2.pkl")) - set(detectron2_r_c4_shapes(50, norm="FrozenBN"))
+    assert extras and all(k.endswith(".norm.num_batches_tracked") for k in extras)
+
+
+def test_detectron2_export_values_come_from_the_right_weights(checkpoints, tmp_path):
+    path, encoder = checkpoints["r50_fpn"]
+    export(path, "detectron2", tmp_path / "d2.pkl")
+    model = load_detectron2(tmp_path / "d2.pkl")
+    sd = encoder.state_dict()
+    pairs = {"backbone.bottom_up.stem.conv1.norm.running_var": "backbone.bn1.running_var",
+             "backbone.bottom_up.res3.0.shortcut.weight": "backbone.layer2.0.downsample.0.weight",
+             "backbone.bottom_up.res3.0.shortcut.norm.bias": "backbone.layer2.0.downsample.1.bias",
+             "backbone.bottom_up.res5.2.conv3.norm.weight": "backbone.layer4.2.bn3.weight",
+             "backbone.fpn_lateral3.weight": "neck.lateral_convs.1.weight",
+             "backbone.fpn_output5.bias": "neck.output_convs.3.bias",
+             "roi_heads.box_head.conv4.weight": "head.convs.3.0.weight",
+             "roi_heads.box_head.conv1.norm.running_mean": "head.convs.0.1.running_mean",
+             "roi_heads.box_head.fc1.weight": "head.fc1.weight"}
+    for d2_name, our_name in pairs.items():
+        np.testing.assert_array_equal(model[d2_name], sd[our_name].numpy())
+    c4_path, c4_encoder = checkpoints["r50_c4"]
+    export(c4_path, "detectron2", tmp_path / "c4.pkl")
+    np.testing.assert_array_equal(load_detectron2(tmp_path / "c4.pkl")["roi_heads.res5.0.conv2.weight"],
+                                  c4_encoder.head.res5[0].conv2.weight.detach().numpy())
+
+
+@pytest.mark.parametrize("layout, expected", [("c4", detectron2_r_c4_shapes(50)),
+                                              ("fpn", None)])
+def test_detectron2_export_of_a_moco_trunk_in_either_layout(layout, expected, checkpoints, tmp_path):
+    export(checkpoints["r50_moco"][0], "detectron2", tmp_path / "d2.pkl", layout=layout)
+    model = load_detectron2(tmp_path / "d2.pkl")
+    if expected is None:
+        expected = {k: s for k, s in detectron2_r_fpn_shapes(50).items() if k.startswith("backbone.bottom_up.")}
+    assert set(model) == set(expected)
+
+
+def test_detectron2_layout_other_than_the_insloc_arch_is_refused(checkpoints, tmp_path):
+    with pytest.raises(CheckpointError, match="cannot be exported in the detectron2 fpn layout"):
+        export(checkpoints["r50_c4"][0], "detectron2", tmp_path / "d2.pkl", layout="fpn")
+
+
+# ---- raw, momentum ----
+
+def test_raw_export_round_trips_to_the_same_encoder_and_embeddings(checkpoints, tmp_path):
+    path, encoder = checkpoints["r18_fpn"]
+    export(path, "raw", tmp_path / "raw.pth")
+    raw = torch.load(tmp_path / "raw.pth")
+    assert raw["config"]["depth"] == 18 and raw["epoch"] == 3 and set(raw) == {"encoder", "config", "epoch", "step"}
+    loaded, config = load_raw_encoder(tmp_path / "raw.pth")
+    assert config.fpn_channels == 64
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    rois = torch.tensor([[0, 4.0, 6.0, 40.0, 50.0], [1, 10.0, 2.0, 63.0, 30.0]])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(IMAGES, rois), encoder(IMAGES, rois))
+
+
+@pytest.mark.parametrize("fmt", ["raw", "torchvision", "torchvision-fpn", "detectron2"])
+def test_momentum_encoder_is_exported_only_when_asked(fmt, checkpoints, tmp_path):
+    path, encoder = checkpoints["r18_fpn"]
+    out = tmp_path / f"out.{fmt}"
+    assert export(path, fmt, out) == [out]
+    assert not momentum_path(out).exists()
+
+    def conv1_of(file):
+        if fmt == "detectron2":
+            return torch.from_numpy(load_detectron2(file)["backbone.bottom_up.stem.conv1.weight"])
+        sd = torch.load(file)
+        return {"raw": lambda: sd["encoder"]["backbone.conv1.weight"], "torchvision": lambda: sd["conv1.weight"],
+                "torchvision-fpn": lambda: sd["body.conv1.weight"]}[fmt]()
+
+    query = encoder.backbone.conv1.weight.detach()
+    assert torch.equal(conv1_of(out), query)
+    if fmt == "raw":
+        assert not any("encoder_k" in k or "queue" in k for k in torch.load(out)["encoder"])
+    assert export(path, fmt, out, include_momentum=True) == [out, momentum_path(out)]
+    assert torch.equal(conv1_of(momentum_path(out)), query + 1.0)  # make_checkpoint's key offset
+
+
+# ---- bad checkpoints ----
+
+def test_truncated_checkpoint_is_reported_as_truncated_or_corrupt(checkpoints, tmp_path):
+    data = checkpoints["r18_fpn"][0].read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt: cannot be read .* truncated or corrupt"):
+        export(bad, "torchvision", tmp_path / "out.pth")
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_empty_and_missing_files_are_named(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt: cannot be read .* empty"):
+        export(tmp_path / "empty.pt", "raw", tmp_path / "out.pth")
+    with pytest.raises(CheckpointError, match="nope.pt: no such checkpoint file"):
+        export(tmp_path / "nope.pt", "raw", tmp_path / "out.pth")
+
+
+def test_a_plain_state_dict_is_not_an_insloc_checkpoint(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet.pt")
+    with pytest.raises(CheckpointError, match="not an insloc checkpoint: no 'model' entry"):
+        export(tmp_path / "resnet.pt", "torchvision", tmp_path / "out.pth")
+    ckpt, _ = make_checkpoint(R18_FPN_DEMO)
+    del ckpt["config"]
+    torch.save(ckpt, tmp_path / "noconfig.pt")
+    with pytest.raises(CheckpointError, match="no 'config' entry"):
+        export(tmp_path / "noconfig.pt", "torchvision", tmp_path / "out.pth")
+
+
+def test_missing_encoder_weights_are_named(tmp_path):
+    ckpt, _ = make_checkpoint(R18_FPN_DEMO)
+    del ckpt["model"]["encoder_q.neck.lateral_convs.2.weight"]
+    torch.save(ckpt, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match=r"1 of the \d+ encoder_q weights .* missing .* "
+                                              r"encoder_q\.neck\.lateral_convs\.2\.weight"):
+        export(tmp_path / "missing.pt", "detectron2", tmp_path / "out.pkl")
+
+
+def test_weights_of_another_architecture_than_the_config_says_are_refused(tmp_path):
+    ckpt, _ = make_checkpoint(R18_FPN_DEMO)
+    ckpt["config"]["arch"] = "c4"  # FPN weights, C4 config
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="arch=c4 ResNet-18 encoder"):
+        export(tmp_path / "mismatch.pt", "detectron2", tmp_path / "out.pkl")
+    ckpt, _ = make_checkpoint(R18_FPN_DEMO)
+    ckpt["config"]["fpn_channels"] = 32
+    torch.save(ckpt, tmp_path / "width.pt")
+    with pytest.raises(CheckpointError, match=r"encoder_q\.neck\.lateral_convs\.0\.weight has shape \(64, 64, 1, 1\)"):
+        export(tmp_path / "width.pt", "torchvision-fpn", tmp_path / "out.pth")
+
+
+def test_config_fields_of_another_trainer_version_are_ignored_but_architecture_fields_are_required(tmp_path):
+    ckpt, encoder = make_checkpoint(R18_FPN_DEMO)
+    ckpt["config"]["warp_drive"] = True
+    torch.save(ckpt, tmp_path / "newer.pt")
+    with pytest.warns(UserWarning, match="ignoring config fields .*warp_drive"):
+        export(tmp_path / "newer.pt", "torchvision", tmp_path / "tv.pth")
+    assert torch.equal(torch.load(tmp_path / "tv.pth")["conv1.weight"], encoder.backbone.conv1.weight)
+    del ckpt["config"]["depth"]
+    torch.save(ckpt, tmp_path / "nodepth.pt")
+    with pytest.raises(CheckpointError, match=r"lacks the architecture fields \['depth'\]"):
+        export(tmp_path / "nodepth.pt", "raw", tmp_path / "out.pth")
+    ckpt["config"] = "fpn"
+    torch.save(ckpt, tmp_path / "strconfig.pt")
+    with pytest.raises(CheckpointError, match="'config' entry is a str"):
+        export(tmp_path / "strconfig.pt", "raw", tmp_path / "out.pth")
+
+
+def test_checkpoint_saved_under_compile_or_ddp_wrappers_exports_the_same(checkpoints, tmp_path):
+    ckpt, encoder = make_checkpoint(R18_FPN_DEMO)
+    ckpt["model"] = {k.replace("encoder_q.", "encoder_q._orig_mod.").replace("encoder_k.", "module.encoder_k."): v
+                     for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "wrapped.pt")
+    export(tmp_path / "wrapped.pt", "torchvision", tmp_path / "tv.pth")
+    assert torch.equal(torch.load(tmp_path / "tv.pth")["layer3.1.bn2.running_var"],
+                       encoder.backbone.layer3[1].bn2.running_var)
+
+
+# ---- command line ----
+
+def test_export_main_writes_the_file_and_reports_errors_with_exit_status_2(checkpoints, tmp_path, capsys):
+    path, _ = checkpoints["r18_fpn"]
+    assert export_main([str(path), "--format", "detectron2", "--out", str(tmp_path / "m.pkl")]) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "m.pkl").exists()
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
+    assert export_main([str(tmp_path / "bad.pt"), "--format", "raw", "--out", str(tmp_path / "x.pth")]) == 2
+    assert "bad.pt: cannot be read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main([str(path), "--format", "onnx", "--out", str(tmp_path / "x")])
