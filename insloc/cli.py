@@ -69,10 +69,17 @@ def build_parser():
     pretrain.add_argument("--config", default=None, help="YAML file of Config fields")
     pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_config_arguments(pretrain)
+    commands.add_parser("export", add_help=False,
+                        help="convert a pretraining checkpoint (raw, torchvision, torchvision-fpn, detectron2)")
     return parser
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        from .export import export_main  # its own parser: insloc export CKPT --format F --out FILE
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     if args.print_config:

@@ -370,3 +370,12 @@ def test_export_main_writes_the_file_and_reports_errors_with_exit_status_2(check
     assert "bad.pt: cannot be read" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main([str(path), "--format", "onnx", "--out", str(tmp_path / "x")])
+
+
+def test_insloc_cli_export_subcommand_reaches_the_exporter(checkpoints, tmp_path):
+    from insloc.cli import main
+
+    path, _ = checkpoints["r18_fpn"]
+    out = tmp_path / "tv.pth"
+    assert main(["export", str(path), "--format", "torchvision", "--out", str(out)]) == 0
+    assert "layer4.1.bn2.weight" in torch.load(out)
