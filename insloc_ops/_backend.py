@@ -23,6 +23,8 @@ DEFAULTS = {
 }
 
 
+# Fixed once the extension is loaded; telling dynamo so keeps backend selection inside a compiled graph.
+@torch.compiler.assume_constant_result
 def _has_kernel(qualname, key):
     if not HAS_EXTENSION:
         return False

@@ -1,6 +1,6 @@
 """Multi-level RoIAlign in Triton: one launch for every level, forward and backward.
 
-One program per (level-RoI pair, bin) and block of channels. Level tensors arrive as separate pointer
+One program per (level-RoI pair, block of channels), all bins of the RoI at once (tile [bins, channels]). Level tensors arrive as separate pointer
 arguments (the interpreter cannot load pointers from memory), so up to MAX_LEVELS levels; their sizes
 and scales come from small tensors. Geometry follows csrc/common/roi_align.h: the in-range samples of a
 bin are found by bisection, so boxes far larger than the map cost O(map), not O(grid^2).
@@ -28,41 +28,35 @@ def _axis(lo, hi, scale, offset, ALIGNED: tl.constexpr, pooled, sampling_ratio):
 
 
 @triton.jit
-def _coord(origin, bin_size, s, grid):
-    return origin + ((s + 0.5) * bin_size) / grid.to(origin.dtype)  # s + 0.5: exact below 2^23
-
-
-@triton.jit
-def _first_where(origin, bin_size, grid, lo, bound, ABOVE: tl.constexpr, STRICT: tl.constexpr):
-    # Smallest s in [lo, grid] where the (monotone along s) predicate on coord(s) holds.
-    hi = grid
-    while lo < hi:
-        mid = lo + (hi - lo) // 2
-        y = _coord(origin, bin_size, mid, grid)
-        if ABOVE:
-            ok = (y > bound) if STRICT else (y >= bound)
-        else:
-            ok = (y < bound) if STRICT else (y <= bound)
-        if ok:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-@triton.jit
-def _valid_samples(origin, bin_size, grid, size):
-    s0 = grid * 0
-    s1 = grid * 0
-    if (grid > 0) & (size > 0):
+def _sample_ranges(origin, bin_size, grid, size, kmask):
+    """Per bin (vector ``origin``), the samples whose coordinate lies in [-1, size]: first index and count,
+    plus the largest count. Coordinates are monotone along s (csrc/common/roi_align.h), so each range is
+    found by bisection; boxes far larger than the map then cost O(map), not O(grid^2). Every sample is
+    still tested."""
+    first = tl.zeros_like(kmask.to(tl.int32))
+    count = first + grid
+    if grid > 8:  # few samples: test each one rather than bisect
         sz = size.to(origin.dtype)
-        if bin_size >= 0:
-            s0 = _first_where(origin, bin_size, grid, s0, -1.0, True, False)
-            s1 = _first_where(origin, bin_size, grid, s0, sz, True, True)
-        elif bin_size < 0:
-            s0 = _first_where(origin, bin_size, grid, s0, sz, False, False)
-            s1 = _first_where(origin, bin_size, grid, s0, -1.0, False, True)
-    return s0, s1
+        up = bin_size >= 0
+        lo = first
+        hi = first + grid
+        for _ in range(32):  # first s inside: coord >= -1 (rising) or coord <= size (falling)
+            mid = lo + (hi - lo) // 2
+            y = origin + ((mid.to(origin.dtype) + 0.5) * bin_size) / grid.to(origin.dtype)
+            ok = tl.where(up, y >= -1.0, y <= sz)
+            hi = tl.where(ok, mid, hi)
+            lo = tl.where(ok, lo, tl.minimum(mid + 1, hi))
+        first = lo
+        hi = first * 0 + grid
+        for _ in range(32):  # first s past the map
+            mid = lo + (hi - lo) // 2
+            y = origin + ((mid.to(origin.dtype) + 0.5) * bin_size) / grid.to(origin.dtype)
+            out = tl.where(up, y > sz, y < -1.0)
+            hi = tl.where(out, mid, hi)
+            lo = tl.where(out, lo, tl.minimum(mid + 1, hi))
+        count = lo - first
+    count = tl.where(kmask, count, 0)
+    return first, count, tl.max(count, axis=0)
 
 
 @triton.jit
@@ -76,12 +70,6 @@ def _axis_sample(y, size):
     yc = tl.where(edge, low.to(y.dtype), yc)
     frac = yc - low.to(y.dtype)
     return valid, low, high, 1.0 - frac, frac
-
-
-@triton.jit
-def _and_scalar(mask, c, flag):
-    # mask & flag for a scalar flag, via int32: the interpreter cannot broadcast a scalar bool.
-    return mask & ((c * 0 + flag.to(tl.int32)) != 0)
 
 
 @triton.jit
@@ -99,12 +87,9 @@ def _level(lvl, f0, f1, f2, f3, f4):
 
 
 @triton.jit
-def _roi_bin(pid_bin, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio,
-             BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr):
-    """Decodes a program's (pair, bin) and the RoI's geometry on its level."""
-    q = pid_bin % pw
-    p = (pid_bin // pw) % ph
-    pair = pid_bin // (pw * ph)
+def _roi(pair, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, k, kmask,
+         BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr):
+    """A program's RoI on its level: geometry, and the per-bin origins of its bins k (vector)."""
     if BY_LEVEL:
         r = pair
         lvl = tl.load(levels_ptr + r).to(tl.int32)
@@ -126,84 +111,105 @@ def _roi_bin(pid_bin, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, 
     offset = 0.5 if ALIGNED else 0.0
     ys, ybin, gh = _axis(y1, y2, scale, offset, ALIGNED, ph, sampling_ratio)
     xs, xbin, gw = _axis(x1, x2, scale, offset, ALIGNED, pw, sampling_ratio)
-    yo = ys + p.to(ys.dtype) * ybin
+    p = k // pw
+    q = k % pw
+    yo = ys + p.to(ys.dtype) * ybin  # [BINS]
     xo = xs + q.to(xs.dtype) * xbin
-    sy0, sy1 = _valid_samples(yo, ybin, gh, H)
-    sx0, sx1 = _valid_samples(xo, xbin, gw, W)
+    sy0, ny, ny_max = _sample_ranges(yo, ybin, gh, H, kmask)
+    sx0, nx, nx_max = _sample_ranges(xo, xbin, gw, W, kmask)
     count = tl.maximum(gh.to(ys.dtype) * gw.to(ys.dtype), 1.0)
     ok = lvl_ok & batch_ok
-    return pair, p, q, lvl, b, H, W, yo, ybin, gh, sy0, sy1, xo, xbin, gw, sx0, sx1, count, ok
+    return lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count, ok
 
 
 @triton.jit
 def _forward_kernel(out_ptr, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, f0, f1, f2, f3, f4,
                     R, B, C, L, ph, pw, sampling_ratio,
                     BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
-    pid_bin = tl.program_id(0)
+                    BINS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program: one (level, RoI) pair x all its bins x a block of channels; tile [BINS, BLOCK_C].
+    pair = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    pair, p, q, lvl, b, H, W, yo, ybin, gh, sy0, sy1, xo, xbin, gw, sx0, sx1, count, ok = _roi_bin(
-        pid_bin, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, BY_LEVEL, ALIGNED)
+    k = tl.arange(0, BINS)
+    kmask = k < ph * pw
+    lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count, ok = _roi(
+        pair, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, k, kmask,
+        BY_LEVEL, ALIGNED)
     fp = _level(lvl, f0, f1, f2, f3, f4)
     HW = H.to(tl.int64) * W
     if CHANNELS_LAST:
-        base = fp + b.to(tl.int64) * HW * C + c
-        cstride = C
+        base = fp + b.to(tl.int64) * HW * C + c[None, :]
+        pstride = C
     else:
-        base = fp + (b.to(tl.int64) * C + c) * HW
-        cstride = 1
-    acc = tl.zeros([BLOCK_C], dtype=yo.dtype)  # float32, float64 for float64 features
+        base = fp + (b.to(tl.int64) * C + c[None, :]) * HW
+        pstride = 1
+    acc = tl.zeros([BINS, BLOCK_C], dtype=yo.dtype)  # float32, float64 for float64 features
     if ok:
-        for sy in range(sy0, sy1):
-            vy, ylo, yhi, wyl, wyh = _axis_sample(_coord(yo, ybin, sy, gh), H)
-            for sx in range(sx0, sx1):
-                vx, xlo, xhi, wxl, wxh = _axis_sample(_coord(xo, xbin, sx, gw), W)
-                m = _and_scalar(cmask, c, vy & vx)
-                v1 = tl.load(base + (ylo * W + xlo).to(tl.int64) * cstride, mask=m, other=0.0).to(acc.dtype)
-                v2 = tl.load(base + (ylo * W + xhi).to(tl.int64) * cstride, mask=m, other=0.0).to(acc.dtype)
-                v3 = tl.load(base + (yhi * W + xlo).to(tl.int64) * cstride, mask=m, other=0.0).to(acc.dtype)
-                v4 = tl.load(base + (yhi * W + xhi).to(tl.int64) * cstride, mask=m, other=0.0).to(acc.dtype)
-                contrib = (wyl * wxl) * v1 + (wyl * wxh) * v2 + (wyh * wxl) * v3 + (wyh * wxh) * v4
+        for ty in range(0, ny_max):  # the ty-th in-range sample of every bin
+            y = yo + (((sy0 + ty).to(yo.dtype) + 0.5) * ybin) / gh.to(yo.dtype)
+            vy, ylo, yhi, wyl, wyh = _axis_sample(y, H)
+            vy = vy & (ty < ny)
+            for tx in range(0, nx_max):
+                x = xo + (((sx0 + tx).to(xo.dtype) + 0.5) * xbin) / gw.to(xo.dtype)
+                vx, xlo, xhi, wxl, wxh = _axis_sample(x, W)
+                vx = vx & (tx < nx)
+                m = (vy & vx & kmask)[:, None] & cmask[None, :]
+                v1 = tl.load(base + ((ylo * W + xlo).to(tl.int64) * pstride)[:, None], mask=m, other=0.0)
+                v2 = tl.load(base + ((ylo * W + xhi).to(tl.int64) * pstride)[:, None], mask=m, other=0.0)
+                v3 = tl.load(base + ((yhi * W + xlo).to(tl.int64) * pstride)[:, None], mask=m, other=0.0)
+                v4 = tl.load(base + ((yhi * W + xhi).to(tl.int64) * pstride)[:, None], mask=m, other=0.0)
+                contrib = ((wyl * wxl)[:, None] * v1.to(acc.dtype) + (wyl * wxh)[:, None] * v2.to(acc.dtype)
+                           + (wyh * wxl)[:, None] * v3.to(acc.dtype) + (wyh * wxh)[:, None] * v4.to(acc.dtype))
                 acc += tl.where(m, contrib, 0.0)
         acc = acc / count
-    bins = ph * pw
-    out = out_ptr + (pair.to(tl.int64) * C + c) * bins + p * pw + q
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+    out = out_ptr + (pair.to(tl.int64) * C + c[None, :]) * (ph * pw) + k[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
 
 
 @triton.jit
 def _backward_kernel(grad_ptr, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, g0, g1, g2, g3, g4,
                      R, B, C, L, ph, pw, sampling_ratio,
                      BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    pid_bin = tl.program_id(0)
+                     BINS: tl.constexpr, BLOCK_C: tl.constexpr):
+    pair = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    pair, p, q, lvl, b, H, W, yo, ybin, gh, sy0, sy1, xo, xbin, gw, sx0, sx1, count, ok = _roi_bin(
-        pid_bin, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, BY_LEVEL, ALIGNED)
+    k = tl.arange(0, BINS)
+    kmask = k < ph * pw
+    lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count, ok = _roi(
+        pair, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, k, kmask,
+        BY_LEVEL, ALIGNED)
     if ok:
         gp = _level(lvl, g0, g1, g2, g3, g4)
         acc_t = gp.dtype.element_ty
-        bins = ph * pw
-        g = tl.load(grad_ptr + (pair.to(tl.int64) * C + c) * bins + p * pw + q, mask=cmask, other=0.0)
+        tile = kmask[:, None] & cmask[None, :]
+        g = tl.load(grad_ptr + (pair.to(tl.int64) * C + c[None, :]) * (ph * pw) + k[:, None], mask=tile, other=0.0)
         g = g.to(acc_t) / count.to(acc_t)
         HW = H.to(tl.int64) * W
         if CHANNELS_LAST:
-            base = gp + b.to(tl.int64) * HW * C + c
-            cstride = C
+            base = gp + b.to(tl.int64) * HW * C + c[None, :]
+            pstride = C
         else:
-            base = gp + (b.to(tl.int64) * C + c) * HW
-            cstride = 1
-        for sy in range(sy0, sy1):
-            vy, ylo, yhi, wyl, wyh = _axis_sample(_coord(yo, ybin, sy, gh), H)
-            for sx in range(sx0, sx1):
-                vx, xlo, xhi, wxl, wxh = _axis_sample(_coord(xo, xbin, sx, gw), W)
-                m = _and_scalar(cmask, c, vy & vx)
-                tl.atomic_add(base + (ylo * W + xlo).to(tl.int64) * cstride, g * (wyl * wxl).to(acc_t), mask=m)
-                tl.atomic_add(base + (ylo * W + xhi).to(tl.int64) * cstride, g * (wyl * wxh).to(acc_t), mask=m)
-                tl.atomic_add(base + (yhi * W + xlo).to(tl.int64) * cstride, g * (wyh * wxl).to(acc_t), mask=m)
-                tl.atomic_add(base + (yhi * W + xhi).to(tl.int64) * cstride, g * (wyh * wxh).to(acc_t), mask=m)
+            base = gp + (b.to(tl.int64) * C + c[None, :]) * HW
+            pstride = 1
+        for ty in range(0, ny_max):  # the ty-th in-range sample of every bin
+            y = yo + (((sy0 + ty).to(yo.dtype) + 0.5) * ybin) / gh.to(yo.dtype)
+            vy, ylo, yhi, wyl, wyh = _axis_sample(y, H)
+            vy = vy & (ty < ny)
+            for tx in range(0, nx_max):
+                x = xo + (((sx0 + tx).to(xo.dtype) + 0.5) * xbin) / gw.to(xo.dtype)
+                vx, xlo, xhi, wxl, wxh = _axis_sample(x, W)
+                vx = vx & (tx < nx)
+                m = (vy & vx)[:, None] & tile
+                tl.atomic_add(base + ((ylo * W + xlo).to(tl.int64) * pstride)[:, None],
+                              g * (wyl * wxl).to(acc_t)[:, None], mask=m)
+                tl.atomic_add(base + ((ylo * W + xhi).to(tl.int64) * pstride)[:, None],
+                              g * (wyl * wxh).to(acc_t)[:, None], mask=m)
+                tl.atomic_add(base + ((yhi * W + xlo).to(tl.int64) * pstride)[:, None],
+                              g * (wyh * wxl).to(acc_t)[:, None], mask=m)
+                tl.atomic_add(base + ((yhi * W + xhi).to(tl.int64) * pstride)[:, None],
+                              g * (wyh * wxh).to(acc_t)[:, None], mask=m)
 
 
 def _geometry_dtype(dtype):
@@ -231,8 +237,9 @@ def _common(rois, levels, num_levels, spatial_scales, heights, widths, device, d
     return r, lv, sizes, scales
 
 
-def _block_c(C):
-    return max(16, min(128, triton.next_power_of_2(max(C, 1))))
+def _blocks(ph, pw, C):
+    bins = triton.next_power_of_2(ph * pw)
+    return bins, max(1, min(triton.next_power_of_2(max(C, 1)), 4096 // bins))
 
 
 def roi_align_multilevel(features, rois, levels, spatial_scales, pooled_height, pooled_width, sampling_ratio,
@@ -255,20 +262,26 @@ def roi_align_multilevel(features, rois, levels, spatial_scales, pooled_height, 
     if out.numel() == 0:
         return out
     ptrs = feats + [feats[0]] * (MAX_LEVELS - L)
-    BLOCK_C = _block_c(C)
-    grid = (pairs * ph * pw, triton.cdiv(C, BLOCK_C))
+    BINS, BLOCK_C = _blocks(ph, pw, C)
+    grid = (pairs, triton.cdiv(C, BLOCK_C))
     _forward_kernel[grid](out, r, lv, sizes, scales, *ptrs, R, B, C, L, ph, pw, int(sampling_ratio),
                           BY_LEVEL=levels is not None, ALIGNED=bool(aligned), CHANNELS_LAST=channels_last,
-                          BLOCK_C=BLOCK_C)
+                          BINS=BINS, BLOCK_C=BLOCK_C)
     return out
 
 
 def roi_align_multilevel_backward(grad, rois, levels, spatial_scales, sampling_ratio, aligned, batch_size, channels,
                                   heights, widths, channels_last):
     L = len(heights)
-    if grad.is_cuda:
-        # Float atomics add in whatever order the threads arrive.
-        torch._C._alert_not_deterministic("roi_align_multilevel_backward_triton")
+    if grad.is_cuda and torch.are_deterministic_algorithms_enabled():
+        # Float atomics add in whatever order the threads arrive; the CUDA C++ backend has a deterministic path.
+        msg = ("roi_align_multilevel_backward_triton does not have a deterministic implementation; use "
+               "backend='cuda' under torch.use_deterministic_algorithms(True)")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(msg)
+        import warnings
+
+        warnings.warn(msg)
     r, lv, sizes, scales = _common(rois, levels, L, spatial_scales, heights, widths, grad.device, grad.dtype)
     R = r.shape[0]
     B, C = int(batch_size), int(channels)
@@ -281,11 +294,11 @@ def roi_align_multilevel_backward(grad, rois, levels, spatial_scales, sampling_r
     if pairs * C * ph * pw > 0 and B > 0:
         g = grad.contiguous()
         ptrs = acc + [acc[0]] * (MAX_LEVELS - L)
-        BLOCK_C = _block_c(C)
-        grid = (pairs * ph * pw, triton.cdiv(C, BLOCK_C))
+        BINS, BLOCK_C = _blocks(ph, pw, C)
+        grid = (pairs, triton.cdiv(C, BLOCK_C))
         _backward_kernel[grid](g, r, lv, sizes, scales, *ptrs, R, B, C, L, ph, pw, int(sampling_ratio),
                                BY_LEVEL=levels is not None, ALIGNED=bool(aligned), CHANNELS_LAST=bool(channels_last),
-                               BLOCK_C=BLOCK_C)
+                               BINS=BINS, BLOCK_C=BLOCK_C)
     return [a if a.dtype == grad.dtype else a.to(grad.dtype) for a in acc]
 
 
