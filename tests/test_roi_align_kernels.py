@@ -415,8 +415,9 @@ def test_cuda_deterministic_backward(channels_last, mode):
 def test_cuda_zeroes_out_of_range_batch_and_level():
     if "cuda" not in gpu_backends():
         pytest.skip("cuda kernel not available")
-    feats, rois, scales = problem("cuda", seed=24, R=4, device="cuda")
+    feats, rois, scales = problem("cuda", seed=24, R=8, device="cuda")
     rois = well_formed(rois)[:4].clone()
+    assert rois.shape[0] == 4
     rois[0, 0] = 7.0
     rois[1, 0] = -1.0
     rois[2, 0] = float("nan")
