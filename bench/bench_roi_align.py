@@ -1,0 +1,141 @@
+"""roi_align_multilevel vs torchvision: forward, backward, forward+backward, peak memory.
+
+Shapes:
+  insloc     32 images, P2-P5 of 256x256 (64, 32, 16, 8) at 256 channels, one box per image pooled from all
+             4 levels, 7x7, sampling 0. Baseline: 4 x torchvision.ops.roi_align + torch.stack.
+  detection  2 images 800x1344, P2-P5 200x336 .. 25x42 at 256 channels, 1024 boxes each pooled from its
+             FPN level (fpn_levels), 7x7 and 14x14, aligned. Baseline: a MultiScaleRoIAlign-equivalent loop
+             (per level: select the RoIs, torchvision roi_align, scatter into the output).
+
+    python bench/bench_roi_align.py [--device cpu|cuda] [--quick] [--shapes insloc,detection] [--out CSV]
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import insloc_ops  # noqa: E402
+from bench.common import Recorder, peak_extra_mb, time_ms  # noqa: E402
+from insloc_ops._backend import is_available  # noqa: E402
+
+OP = "roi_align_multilevel"
+
+
+def insloc_inputs(device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, C, image = 32, 256, 256
+    feats = [torch.randn(B, C, s, s, generator=g).to(device=device, dtype=dtype) for s in (64, 32, 16, 8)]
+    wh = torch.rand(B, 2, generator=g) * 0.65 * image + 0.25 * image
+    xy = torch.rand(B, 2, generator=g) * (image - wh)
+    rois = torch.cat([torch.arange(B, dtype=torch.float32)[:, None], xy, xy + wh], 1).to(device)
+    return dict(features=feats, rois=rois, scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32], levels=None, output_size=(7, 7),
+                aligned=True)
+
+
+def detection_inputs(device, output_size, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, C, R, (H, W) = 2, 256, 1024, (800, 1344)
+    feats = [torch.randn(B, C, H // s, W // s, generator=g).to(device=device, dtype=dtype) for s in (4, 8, 16, 32)]
+    side = torch.exp(torch.rand(R, 2, generator=g) * (torch.log(torch.tensor(600.0)) - torch.log(torch.tensor(16.0)))
+                     + torch.log(torch.tensor(16.0)))  # log-uniform 16..600 px
+    xy = torch.rand(R, 2, generator=g) * (torch.tensor([W, H]) - side).clamp(min=1)
+    b = (torch.arange(R) * B // R).float()[:, None]
+    rois = torch.cat([b, xy, xy + side], 1).to(device)
+    levels = insloc_ops.fpn_levels(rois)
+    return dict(features=feats, rois=rois, scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32], levels=levels,
+                output_size=output_size, aligned=True)
+
+
+def baseline(inp, feats):
+    rois, scales, size = inp["rois"], inp["scales"], inp["output_size"]
+    if inp["levels"] is None:
+        return torch.stack([torchvision.ops.roi_align(f, rois, size, s, 0, inp["aligned"]) for f, s in zip(feats, scales)])
+    levels = inp["levels"]
+    out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], *size)
+    for lvl, (f, s) in enumerate(zip(feats, scales)):
+        idx = torch.where(levels == lvl)[0]
+        out = out.index_put((idx,), torchvision.ops.roi_align(f, rois[idx], size, s, 0, inp["aligned"]))
+    return out
+
+
+def fused(backend):
+    def fn(inp, feats):
+        return insloc_ops.roi_align_multilevel(feats, inp["rois"], inp["output_size"], inp["scales"], 0, inp["aligned"],
+                                               inp["levels"], backend=backend)
+    return fn
+
+
+def bench_shape(rec, name, inp, impls, device, reps, max_seconds):
+    feats = [f.detach().requires_grad_() for f in inp["features"]]
+    with torch.no_grad():
+        grad = torch.randn_like(baseline(inp, inp["features"]))
+    base_ms = {}
+    for impl, fn in impls:
+        def fwd():
+            with torch.no_grad():
+                return fn(inp, inp["features"])
+
+        out = fn(inp, feats)
+
+        def bwd():
+            return torch.autograd.grad(out, feats, grad, retain_graph=True)
+
+        def both():
+            return torch.autograd.grad(fn(inp, feats), feats, grad)
+
+        for pass_, f in (("forward", fwd), ("backward", bwd), ("fwd+bwd", both)):
+            timing = time_ms(f, device, reps=reps, warmup=2 if device == "cpu" else 5, max_seconds=max_seconds)
+            peak = peak_extra_mb(f, device)
+            if impl == "torchvision":
+                base_ms[pass_] = timing[0]
+            rec.add(name, impl, pass_, timing, peak, base_ms.get(pass_))
+        del out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--shapes", default="insloc,detection")
+    ap.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "roi_align.csv"))
+    args = ap.parse_args()
+    device = torch.device(args.device).type
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    reps = 5 if args.quick else (10 if device == "cpu" else 50)
+    max_seconds = 20.0 if device == "cpu" else 10.0
+    # On CPU the fused op is the C++ kernel (the Triton interpreter is no speed path); on CUDA, every GPU
+    # backend that is built, plus the CUDA kernel's deterministic backward.
+    impls = [("torchvision", baseline)]
+    if device == "cpu":
+        impls.append(("cpp", fused("cpu")))
+    else:
+        for b in ("cuda", "triton"):
+            if is_available(OP, b, "cuda"):
+                impls.append((b, fused(b)))
+        if is_available(OP, "cuda", "cuda"):
+            def deterministic(inp, feats, _f=fused("cuda")):
+                torch.use_deterministic_algorithms(True)
+                try:
+                    return _f(inp, feats)
+                finally:
+                    torch.use_deterministic_algorithms(False)
+            impls.append(("cuda-determ", deterministic))
+    rec = Recorder(OP)
+    shapes = args.shapes.split(",")
+    if "insloc" in shapes:
+        bench_shape(rec, "insloc", insloc_inputs(device), impls, device, reps, max_seconds)
+    if "detection" in shapes:
+        for size in (7, 14):
+            bench_shape(rec, f"detection-{size}x{size}", detection_inputs(device, (size, size)), impls, device, reps,
+                        max_seconds)
+    rec.write(args.out)
+    print(f"wrote {len(rec.rows)} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

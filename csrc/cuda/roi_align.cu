@@ -1,0 +1,396 @@
+// Multi-level RoIAlign on CUDA: one launch covers every level in both modes, forward and backward.
+// A thread computes one output element (pair, channel, bin) with torchvision's per-sample loop, limited
+// to the samples that fall on the map (csrc/common/roi_align.h). Channels_last levels are walked with
+// the channel fastest across threads so that a warp reads contiguous memory.
+// Backward: float atomics into an fp32 (fp64 for double) buffer; under
+// torch.use_deterministic_algorithms a gather-free, atomic-free variant instead, where each thread owns
+// one channel of a band of rows of one image's gradient and adds every RoI's contributions in a fixed
+// order (no per-sample buffers).
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "common/roi_align.h"
+
+namespace insloc {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerThread = 16;  // deterministic backward: rows of one channel a thread owns
+
+// Passed by value: the level table lives in the kernel's parameter space, so there is no copy to make.
+template <typename ptr_t, typename T>
+struct LevelTable {
+  ptr_t data[MAX_LEVELS];
+  int H[MAX_LEVELS];
+  int W[MAX_LEVELS];
+  T scale[MAX_LEVELS];
+  bool channels_last[MAX_LEVELS];
+  int num;
+};
+
+struct Problem {
+  int64_t R, C, pairs;
+  int B, ph, pw, sampling_ratio;
+  bool aligned, by_level;
+};
+
+__device__ __forceinline__ int64_t pixel_offset(bool cl, int64_t b, int64_t c, int64_t C, int H, int W, int i, int j) {
+  return cl ? ((b * H + i) * W + j) * C + c : ((b * C + c) * H + i) * W + j;
+}
+
+// (pair, channel, p, q) of a flat output index; the channel varies fastest when channel_fastest.
+__device__ __forceinline__ void decode(int64_t idx, const Problem& pr, bool channel_fastest, int64_t& pair,
+                                      int64_t& c, int& p, int& q) {
+  if (channel_fastest) {
+    c = idx % pr.C;
+    int64_t t = idx / pr.C;
+    q = int(t % pr.pw);
+    t /= pr.pw;
+    p = int(t % pr.ph);
+    pair = t / pr.ph;
+  } else {
+    q = int(idx % pr.pw);
+    int64_t t = idx / pr.pw;
+    p = int(t % pr.ph);
+    t /= pr.ph;
+    c = t % pr.C;
+    pair = t / pr.C;
+  }
+}
+
+template <typename T>
+struct BinGeometry {
+  int level, batch;
+  RoiAxis<T> y, x;
+  T y0, x0;  // origins of this bin
+  int sy0, sy1, sx0, sx1;
+};
+
+// False when the RoI's level or batch index names nothing: the output is then zero.
+template <typename ptr_t, typename T>
+__device__ __forceinline__ bool bin_geometry(const LevelTable<ptr_t, T>& lv, const T* rois, const int64_t* levels,
+                                             const Problem& pr, int64_t pair, int p, int q, BinGeometry<T>& g) {
+  const int64_t r = pr.by_level ? pair : pair % pr.R;
+  const int64_t l = pr.by_level ? levels[r] : pair / pr.R;
+  if (l < 0 || l >= lv.num) return false;
+  g.level = int(l);
+  const T* roi = rois + r * 5;
+  g.batch = roi_batch(roi[0], pr.B);
+  if (g.batch < 0) return false;
+  g.y = roi_axis(roi[2], roi[4], lv.scale[l], pr.aligned, pr.ph, pr.sampling_ratio);
+  g.x = roi_axis(roi[1], roi[3], lv.scale[l], pr.aligned, pr.pw, pr.sampling_ratio);
+  g.y0 = bin_origin(g.y, p);
+  g.x0 = bin_origin(g.x, q);
+  valid_samples(g.y0, g.y.bin, g.y.grid, lv.H[l], g.sy0, g.sy1);
+  valid_samples(g.x0, g.x.bin, g.x.grid, lv.W[l], g.sx0, g.sx1);
+  return true;
+}
+
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads) roi_align_forward_kernel(
+    LevelTable<const scalar_t*, T> lv, const T* __restrict__ rois, const int64_t* __restrict__ levels, Problem pr,
+    bool channel_fastest, int64_t total, scalar_t* __restrict__ out) {
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    int64_t pair, c;
+    int p, q;
+    decode(idx, pr, channel_fastest, pair, c, p, q);
+    BinGeometry<T> g;
+    T val = T(0);
+    if (bin_geometry(lv, rois, levels, pr, pair, p, q, g)) {
+      const int H = lv.H[g.level], W = lv.W[g.level];
+      const bool cl = lv.channels_last[g.level];
+      const scalar_t* f = lv.data[g.level];
+      T sum = T(0);
+      for (int sy = g.sy0; sy < g.sy1; ++sy) {
+        AxisSample<T> ys;
+        if (!axis_sample(sample_coord(g.y0, g.y.bin, sy, g.y.grid), H, ys)) continue;
+        for (int sx = g.sx0; sx < g.sx1; ++sx) {
+          AxisSample<T> xs;
+          if (!axis_sample(sample_coord(g.x0, g.x.bin, sx, g.x.grid), W, xs)) continue;
+          const T v1 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.low)]);
+          const T v2 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.high)]);
+          const T v3 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.low)]);
+          const T v4 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.high)]);
+          sum += ys.w_low * xs.w_low * v1 + ys.w_low * xs.w_high * v2 + ys.w_high * xs.w_low * v3 +
+                 ys.w_high * xs.w_high * v4;
+        }
+      }
+      val = sum * inv_count<T>(g.y.grid, g.x.grid);
+    }
+    out[(pair * pr.C + c) * pr.ph * pr.pw + p * pr.pw + q] = static_cast<scalar_t>(val);
+  }
+}
+
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads) roi_align_backward_atomic_kernel(
+    LevelTable<T*, T> lv, const T* __restrict__ rois, const int64_t* __restrict__ levels, Problem pr,
+    bool channel_fastest, int64_t total, const scalar_t* __restrict__ grad) {
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    int64_t pair, c;
+    int p, q;
+    decode(idx, pr, channel_fastest, pair, c, p, q);
+    BinGeometry<T> g;
+    if (!bin_geometry(lv, rois, levels, pr, pair, p, q, g)) continue;
+    const T gv = static_cast<T>(grad[(pair * pr.C + c) * pr.ph * pr.pw + p * pr.pw + q]) *
+                 inv_count<T>(g.y.grid, g.x.grid);
+    const int H = lv.H[g.level], W = lv.W[g.level];
+    const bool cl = lv.channels_last[g.level];
+    T* gf = lv.data[g.level];
+    for (int sy = g.sy0; sy < g.sy1; ++sy) {
+      AxisSample<T> ys;
+      if (!axis_sample(sample_coord(g.y0, g.y.bin, sy, g.y.grid), H, ys)) continue;
+      for (int sx = g.sx0; sx < g.sx1; ++sx) {
+        AxisSample<T> xs;
+        if (!axis_sample(sample_coord(g.x0, g.x.bin, sx, g.x.grid), W, xs)) continue;
+        atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.low), gv * ys.w_low * xs.w_low);
+        atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.high), gv * ys.w_low * xs.w_high);
+        atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.low), gv * ys.w_high * xs.w_low);
+        atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.high), gv * ys.w_high * xs.w_high);
+      }
+    }
+  }
+}
+
+// Deterministic backward: thread (level, image, band of kRowsPerThread rows, channel) with the channel
+// fastest. It visits RoIs, bins and samples in a fixed order and adds only into its own rows, so every
+// gradient element is one thread's fixed-order sum: bitwise repeatable, no atomics, no extra memory.
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads) roi_align_backward_deterministic_kernel(
+    LevelTable<T*, T> lv, const T* __restrict__ rois, const int64_t* __restrict__ levels, Problem pr, int bands,
+    int64_t total, const scalar_t* __restrict__ grad) {
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % pr.C;
+    int64_t t = idx / pr.C;
+    const int band = int(t % bands);
+    t /= bands;
+    const int b = int(t % pr.B);
+    const int l = int(t / pr.B);
+    const int H = lv.H[l], W = lv.W[l];
+    const int row0 = band * kRowsPerThread;
+    const int row1 = min(H, row0 + kRowsPerThread);
+    if (row0 >= row1) continue;
+    const bool cl = lv.channels_last[l];
+    T* gf = lv.data[l];
+    for (int64_t r = 0; r < pr.R; ++r) {
+      if (pr.by_level && levels[r] != l) continue;
+      const T* roi = rois + r * 5;
+      if (roi_batch(roi[0], pr.B) != b) continue;
+      const RoiAxis<T> ay = roi_axis(roi[2], roi[4], lv.scale[l], pr.aligned, pr.ph, pr.sampling_ratio);
+      if (ay.grid <= 0) continue;
+      // Rows the RoI's samples can touch: skip RoIs that miss this band (NaN extents skip, rightly).
+      const T ya = sample_coord(bin_origin(ay, 0), ay.bin, 0, ay.grid);
+      const T yb = sample_coord(bin_origin(ay, pr.ph - 1), ay.bin, ay.grid - 1, ay.grid);
+      const T ylo = ya < yb ? ya : yb, yhi = ya < yb ? yb : ya;
+      if (!(ylo <= T(row1) && yhi >= T(row0 - 2))) continue;
+      const RoiAxis<T> ax = roi_axis(roi[1], roi[3], lv.scale[l], pr.aligned, pr.pw, pr.sampling_ratio);
+      const T inv = inv_count<T>(ay.grid, ax.grid);
+      const int64_t pair = pr.by_level ? r : l * pr.R + r;
+      const scalar_t* gr = grad + (pair * pr.C + c) * pr.ph * pr.pw;
+      for (int p = 0; p < pr.ph; ++p) {
+        const T y0 = bin_origin(ay, p);
+        int sy0, sy1;
+        valid_samples(y0, ay.bin, ay.grid, H, sy0, sy1);
+        for (int sy = sy0; sy < sy1; ++sy) {
+          AxisSample<T> ys;
+          if (!axis_sample(sample_coord(y0, ay.bin, sy, ay.grid), H, ys)) continue;
+          const bool low_in = ys.low >= row0 && ys.low < row1;
+          const bool high_in = ys.high >= row0 && ys.high < row1;
+          if (!low_in && !high_in) continue;
+          for (int q = 0; q < pr.pw; ++q) {
+            const T gv = static_cast<T>(gr[p * pr.pw + q]) * inv;
+            const T x0 = bin_origin(ax, q);
+            int sx0, sx1;
+            valid_samples(x0, ax.bin, ax.grid, W, sx0, sx1);
+            for (int sx = sx0; sx < sx1; ++sx) {
+              AxisSample<T> xs;
+              if (!axis_sample(sample_coord(x0, ax.bin, sx, ax.grid), W, xs)) continue;
+              if (low_in) {
+                gf[pixel_offset(cl, b, c, pr.C, H, W, ys.low, xs.low)] += gv * ys.w_low * xs.w_low;
+                gf[pixel_offset(cl, b, c, pr.C, H, W, ys.low, xs.high)] += gv * ys.w_low * xs.w_high;
+              }
+              if (high_in) {
+                gf[pixel_offset(cl, b, c, pr.C, H, W, ys.high, xs.low)] += gv * ys.w_high * xs.w_low;
+                gf[pixel_offset(cl, b, c, pr.C, H, W, ys.high, xs.high)] += gv * ys.w_high * xs.w_high;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+unsigned blocks_for(int64_t total) {
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20)));
+}
+
+void check_common(const at::Tensor& rois, const std::optional<at::Tensor>& levels, int64_t num_levels,
+                  size_t num_scales) {
+  TORCH_CHECK(num_levels > 0, "roi_align_multilevel: features must not be empty");
+  TORCH_CHECK(num_levels <= MAX_LEVELS, "roi_align_multilevel (CUDA): at most ", MAX_LEVELS, " levels, got ",
+              num_levels);
+  TORCH_CHECK(size_t(num_levels) == num_scales, "roi_align_multilevel: spatial_scales has ", num_scales,
+              " entries but there are ", num_levels, " levels");
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "roi_align_multilevel: rois must be [R, 5], got ",
+              rois.sizes());
+  TORCH_CHECK(rois.is_floating_point(), "roi_align_multilevel: rois must be floating point, got ",
+              rois.scalar_type());
+  TORCH_CHECK(rois.is_cuda(), "roi_align_multilevel (CUDA): rois must be a CUDA tensor");
+  if (levels.has_value()) {
+    TORCH_CHECK(levels->dim() == 1 && levels->size(0) == rois.size(0),
+                "roi_align_multilevel: levels must be [R] with R = ", rois.size(0), ", got ", levels->sizes());
+    TORCH_CHECK(levels->scalar_type() == at::kLong, "roi_align_multilevel: levels must be int64, got ",
+                levels->scalar_type());
+    TORCH_CHECK(levels->device() == rois.device(), "roi_align_multilevel: levels must be on rois' device");
+  }
+}
+
+bool is_channels_last(const at::Tensor& f) {
+  return !f.is_contiguous() && f.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& rois,
+                                     const std::optional<at::Tensor>& levels, at::ArrayRef<double> spatial_scales,
+                                     int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
+                                     bool aligned) {
+  const int64_t L = int64_t(features.size());
+  check_common(rois, levels, L, spatial_scales.size());
+  TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align_multilevel: pooled size must be positive");
+  const at::Tensor& f0 = features[0];
+  TORCH_CHECK(f0.dim() == 4, "roi_align_multilevel: features[0] must be [B, C, H, W], got ", f0.sizes());
+  c10::cuda::CUDAGuard guard(f0.device());
+  std::vector<at::Tensor> feats;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& f = features[l];
+    TORCH_CHECK(f.dim() == 4 && f.size(0) == f0.size(0) && f.size(1) == f0.size(1),
+                "roi_align_multilevel: features[", l, "] must be [B, C, H, W] with B, C of features[0], got ",
+                f.sizes());
+    TORCH_CHECK(f.scalar_type() == f0.scalar_type() && f.device() == f0.device() && rois.device() == f0.device(),
+                "roi_align_multilevel: all tensors must share features[0]'s dtype and device");
+    TORCH_CHECK(f.size(2) <= INT32_MAX && f.size(3) <= INT32_MAX, "roi_align_multilevel: level too large");
+    feats.push_back(f.is_contiguous() || f.is_contiguous(at::MemoryFormat::ChannelsLast) ? f : f.contiguous());
+  }
+  const int64_t B = f0.size(0), C = f0.size(1), R = rois.size(0);
+  TORCH_CHECK(B <= INT32_MAX, "roi_align_multilevel: batch too large");
+  const bool by_level = levels.has_value();
+  at::Tensor out = by_level ? at::empty({R, C, pooled_height, pooled_width}, f0.options())
+                            : at::empty({L, R, C, pooled_height, pooled_width}, f0.options());
+  if (out.numel() == 0) return out;
+  const Problem pr{R, C, by_level ? R : L * R, int(B), int(pooled_height), int(pooled_width), int(sampling_ratio),
+                   aligned, by_level};
+  const bool channel_fastest = is_channels_last(feats[0]);
+  const int64_t total = out.numel();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_multilevel_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const at::Tensor lv_t = by_level ? levels->contiguous() : at::Tensor();
+    LevelTable<const scalar_t*, T> lv{};
+    lv.num = int(L);
+    for (int64_t l = 0; l < L; ++l) {
+      lv.data[l] = feats[l].data_ptr<scalar_t>();
+      lv.H[l] = int(feats[l].size(2));
+      lv.W[l] = int(feats[l].size(3));
+      lv.scale[l] = T(spatial_scales[l]);
+      lv.channels_last[l] = is_channels_last(feats[l]);
+    }
+    roi_align_forward_kernel<scalar_t, T><<<blocks_for(total), kThreads, 0, stream>>>(
+        lv, r.data_ptr<T>(), by_level ? lv_t.data_ptr<int64_t>() : nullptr, pr, channel_fastest, total,
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& rois, const std::optional<at::Tensor>& levels,
+    at::ArrayRef<double> spatial_scales, int64_t sampling_ratio, bool aligned, int64_t batch_size,
+    int64_t channels, at::IntArrayRef heights, at::IntArrayRef widths, bool channels_last) {
+  const int64_t L = int64_t(heights.size());
+  check_common(rois, levels, L, spatial_scales.size());
+  TORCH_CHECK(widths.size() == heights.size(), "roi_align_multilevel_backward: heights and widths differ in length");
+  const bool by_level = levels.has_value();
+  const int64_t R = rois.size(0), B = batch_size, C = channels;
+  TORCH_CHECK(B >= 0 && B <= INT32_MAX && C >= 0, "roi_align_multilevel_backward: bad batch_size or channels");
+  TORCH_CHECK(grad.dim() == (by_level ? 4 : 5), "roi_align_multilevel_backward: grad must be ",
+              by_level ? "[R, C, ph, pw]" : "[L, R, C, ph, pw]", ", got ", grad.sizes());
+  TORCH_CHECK(by_level || grad.size(0) == L, "roi_align_multilevel_backward: grad has ", grad.size(0),
+              " levels, expected ", L);
+  TORCH_CHECK(grad.size(-4) == R && grad.size(-3) == C, "roi_align_multilevel_backward: grad must have R = ", R,
+              " RoIs and C = ", C, " channels, got ", grad.sizes());
+  TORCH_CHECK(grad.device() == rois.device(), "roi_align_multilevel_backward: grad and rois on different devices");
+  int max_h = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0 && heights[l] <= INT32_MAX && widths[l] <= INT32_MAX,
+                "roi_align_multilevel_backward: bad level size");
+    max_h = std::max(max_h, int(heights[l]));
+  }
+  c10::cuda::CUDAGuard guard(grad.device());
+  const int ph = int(grad.size(-2)), pw = int(grad.size(-1));
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const bool reduced = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;
+  const auto acc_opts = grad.options().dtype(reduced ? at::kFloat : grad.scalar_type());
+  std::vector<at::Tensor> acc;
+  for (int64_t l = 0; l < L; ++l) acc.push_back(at::zeros({B, C, heights[l], widths[l]}, acc_opts.memory_format(fmt)));
+  const Problem pr{R, C, by_level ? R : L * R, int(B), ph, pw, int(sampling_ratio), aligned, by_level};
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const int64_t total = grad.numel();
+  if (total > 0 && B > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_multilevel_backward_cuda", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const at::Tensor g = grad.contiguous();
+      const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
+      const at::Tensor lv_t = by_level ? levels->contiguous() : at::Tensor();
+      const int64_t* lvp = by_level ? lv_t.data_ptr<int64_t>() : nullptr;
+      LevelTable<T*, T> lv{};
+      lv.num = int(L);
+      for (int64_t l = 0; l < L; ++l) {
+        lv.data[l] = acc[l].data_ptr<T>();
+        lv.H[l] = int(heights[l]);
+        lv.W[l] = int(widths[l]);
+        lv.scale[l] = T(spatial_scales[l]);
+        lv.channels_last[l] = channels_last;
+      }
+      if (deterministic) {
+        const int bands = std::max(1, (max_h + kRowsPerThread - 1) / kRowsPerThread);
+        const int64_t threads = L * B * bands * C;
+        if (threads > 0) {
+          roi_align_backward_deterministic_kernel<scalar_t, T><<<blocks_for(threads), kThreads, 0, stream>>>(
+              lv, r.data_ptr<T>(), lvp, pr, bands, threads, g.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      } else {
+        roi_align_backward_atomic_kernel<scalar_t, T><<<blocks_for(total), kThreads, 0, stream>>>(
+            lv, r.data_ptr<T>(), lvp, pr, channels_last, total, g.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  }
+  if (reduced)
+    for (auto& a : acc) a = a.to(grad.scalar_type());
+  return acc;
+}
+
+}  // namespace
+}  // namespace insloc
+
+TORCH_LIBRARY_IMPL(insloc_ops, CUDA, m) {
+  m.impl("roi_align_multilevel", &insloc::roi_align_multilevel_cuda);
+  m.impl("roi_align_multilevel_backward", &insloc::roi_align_multilevel_backward_cuda);
+}

@@ -1,0 +1,308 @@
+"""Multi-level RoIAlign in Triton: one launch for every level, forward and backward.
+
+One program per (level-RoI pair, block of channels), all bins of the RoI at once (tile [bins, channels]). Level tensors arrive as separate pointer
+arguments (the interpreter cannot load pointers from memory), so up to MAX_LEVELS levels; their sizes
+and scales come from small tensors. Geometry follows csrc/common/roi_align.h: the in-range samples of a
+bin are found by bisection, so boxes far larger than the map cost O(map), not O(grid^2).
+"""
+import torch
+import triton
+import triton.language as tl
+
+MAX_LEVELS = 5
+MAX_ADAPTIVE_GRID = tl.constexpr(65536)  # insloc_ops.reference.MAX_ADAPTIVE_GRID
+
+
+@triton.jit
+def _axis(lo, hi, scale, offset, ALIGNED: tl.constexpr, pooled, sampling_ratio):
+    start = lo * scale - offset
+    size = (hi * scale - offset) - start
+    if not ALIGNED:
+        size = tl.where(size < 1.0, 1.0, size)  # NaN stays NaN
+    bin_size = size / pooled
+    g = tl.ceil(bin_size)
+    finite = (g >= 0) & (g - g == 0)
+    g = tl.where(finite, tl.minimum(g, MAX_ADAPTIVE_GRID), 0.0)
+    grid = tl.where(sampling_ratio > 0, sampling_ratio, g.to(tl.int32))
+    return start, bin_size, grid
+
+
+@triton.jit
+def _sample_ranges(origin, bin_size, grid, size, kmask):
+    """Per bin (vector ``origin``), the samples whose coordinate lies in [-1, size]: first index and count,
+    plus the largest count. Coordinates are monotone along s (csrc/common/roi_align.h), so each range is
+    found by bisection; boxes far larger than the map then cost O(map), not O(grid^2). Every sample is
+    still tested."""
+    first = tl.zeros_like(kmask.to(tl.int32))
+    count = first + grid
+    if grid > 8:  # few samples: test each one rather than bisect
+        sz = size.to(origin.dtype)
+        up = bin_size >= 0
+        lo = first
+        hi = first + grid
+        for _ in range(32):  # first s inside: coord >= -1 (rising) or coord <= size (falling)
+            mid = lo + (hi - lo) // 2
+            y = origin + ((mid.to(origin.dtype) + 0.5) * bin_size) / grid.to(origin.dtype)
+            ok = tl.where(up, y >= -1.0, y <= sz)
+            hi = tl.where(ok, mid, hi)
+            lo = tl.where(ok, lo, tl.minimum(mid + 1, hi))
+        first = lo
+        hi = first * 0 + grid
+        for _ in range(32):  # first s past the map
+            mid = lo + (hi - lo) // 2
+            y = origin + ((mid.to(origin.dtype) + 0.5) * bin_size) / grid.to(origin.dtype)
+            out = tl.where(up, y > sz, y < -1.0)
+            hi = tl.where(out, mid, hi)
+            lo = tl.where(out, lo, tl.minimum(mid + 1, hi))
+        count = lo - first
+    count = tl.where(kmask, count, 0)
+    return first, count, tl.max(count, axis=0)
+
+
+@triton.jit
+def _axis_sample(y, size):
+    valid = (y >= -1.0) & (y <= size.to(y.dtype)) & (size > 0)
+    yc = tl.where(valid & (y > 0), y, 0.0)
+    low = yc.to(tl.int32)
+    edge = low >= size - 1
+    low = tl.where(edge, size - 1, low)
+    high = tl.where(edge, low, low + 1)
+    yc = tl.where(edge, low.to(y.dtype), yc)
+    frac = yc - low.to(y.dtype)
+    return valid, low, high, 1.0 - frac, frac
+
+
+@triton.jit
+def _level(lvl, f0, f1, f2, f3, f4):
+    ptr = f0
+    if lvl == 1:
+        ptr = f1
+    if lvl == 2:
+        ptr = f2
+    if lvl == 3:
+        ptr = f3
+    if lvl == 4:
+        ptr = f4
+    return ptr
+
+
+@triton.jit
+def _roi(pair, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, k, kmask,
+         BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr):
+    """A program's RoI on its level: geometry, and the per-bin origins of its bins k (vector)."""
+    if BY_LEVEL:
+        r = pair
+        lvl = tl.load(levels_ptr + r).to(tl.int32)
+    else:
+        r = pair % R
+        lvl = (pair // R).to(tl.int32)
+    lvl_ok = (lvl >= 0) & (lvl < L)
+    lvl = tl.where(lvl_ok, lvl, 0)
+    H = tl.load(sizes_ptr + 2 * lvl)
+    W = tl.load(sizes_ptr + 2 * lvl + 1)
+    scale = tl.load(scales_ptr + lvl)
+    bf = tl.load(rois_ptr + 5 * r)
+    x1 = tl.load(rois_ptr + 5 * r + 1)
+    y1 = tl.load(rois_ptr + 5 * r + 2)
+    x2 = tl.load(rois_ptr + 5 * r + 3)
+    y2 = tl.load(rois_ptr + 5 * r + 4)
+    batch_ok = (bf >= 0) & (bf < B)
+    b = tl.where(batch_ok, bf, 0.0).to(tl.int32)
+    offset = 0.5 if ALIGNED else 0.0
+    ys, ybin, gh = _axis(y1, y2, scale, offset, ALIGNED, ph, sampling_ratio)
+    xs, xbin, gw = _axis(x1, x2, scale, offset, ALIGNED, pw, sampling_ratio)
+    p = k // pw
+    q = k % pw
+    yo = ys + p.to(ys.dtype) * ybin  # [BINS]
+    xo = xs + q.to(xs.dtype) * xbin
+    sy0, ny, ny_max = _sample_ranges(yo, ybin, gh, H, kmask)
+    sx0, nx, nx_max = _sample_ranges(xo, xbin, gw, W, kmask)
+    count = tl.maximum(gh.to(ys.dtype) * gw.to(ys.dtype), 1.0)
+    ok = lvl_ok & batch_ok
+    return lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count, ok
+
+
+@triton.jit
+def _forward_kernel(out_ptr, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, f0, f1, f2, f3, f4,
+                    R, B, C, L, ph, pw, sampling_ratio,
+                    BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                    BINS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program: one (level, RoI) pair x all its bins x a block of channels; tile [BINS, BLOCK_C].
+    pair = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    k = tl.arange(0, BINS)
+    kmask = k < ph * pw
+    lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count, ok = _roi(
+        pair, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, k, kmask,
+        BY_LEVEL, ALIGNED)
+    fp = _level(lvl, f0, f1, f2, f3, f4)
+    HW = H.to(tl.int64) * W
+    if CHANNELS_LAST:
+        base = fp + b.to(tl.int64) * HW * C + c[None, :]
+        pstride = C
+    else:
+        base = fp + (b.to(tl.int64) * C + c[None, :]) * HW
+        pstride = 1
+    acc = tl.zeros([BINS, BLOCK_C], dtype=yo.dtype)  # float32, float64 for float64 features
+    if ok:
+        for ty in range(0, ny_max):  # the ty-th in-range sample of every bin
+            y = yo + (((sy0 + ty).to(yo.dtype) + 0.5) * ybin) / gh.to(yo.dtype)
+            vy, ylo, yhi, wyl, wyh = _axis_sample(y, H)
+            vy = vy & (ty < ny)
+            for tx in range(0, nx_max):
+                x = xo + (((sx0 + tx).to(xo.dtype) + 0.5) * xbin) / gw.to(xo.dtype)
+                vx, xlo, xhi, wxl, wxh = _axis_sample(x, W)
+                vx = vx & (tx < nx)
+                m = (vy & vx & kmask)[:, None] & cmask[None, :]
+                v1 = tl.load(base + ((ylo * W + xlo).to(tl.int64) * pstride)[:, None], mask=m, other=0.0)
+                v2 = tl.load(base + ((ylo * W + xhi).to(tl.int64) * pstride)[:, None], mask=m, other=0.0)
+                v3 = tl.load(base + ((yhi * W + xlo).to(tl.int64) * pstride)[:, None], mask=m, other=0.0)
+                v4 = tl.load(base + ((yhi * W + xhi).to(tl.int64) * pstride)[:, None], mask=m, other=0.0)
+                contrib = ((wyl * wxl)[:, None] * v1.to(acc.dtype) + (wyl * wxh)[:, None] * v2.to(acc.dtype)
+                           + (wyh * wxl)[:, None] * v3.to(acc.dtype) + (wyh * wxh)[:, None] * v4.to(acc.dtype))
+                acc += tl.where(m, contrib, 0.0)
+        acc = acc / count
+    out = out_ptr + (pair.to(tl.int64) * C + c[None, :]) * (ph * pw) + k[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _backward_kernel(grad_ptr, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, g0, g1, g2, g3, g4,
+                     R, B, C, L, ph, pw, sampling_ratio,
+                     BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                     BINS: tl.constexpr, BLOCK_C: tl.constexpr):
+    pair = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    k = tl.arange(0, BINS)
+    kmask = k < ph * pw
+    lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count, ok = _roi(
+        pair, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, k, kmask,
+        BY_LEVEL, ALIGNED)
+    if ok:
+        gp = _level(lvl, g0, g1, g2, g3, g4)
+        acc_t = gp.dtype.element_ty
+        tile = kmask[:, None] & cmask[None, :]
+        g = tl.load(grad_ptr + (pair.to(tl.int64) * C + c[None, :]) * (ph * pw) + k[:, None], mask=tile, other=0.0)
+        g = g.to(acc_t) / count.to(acc_t)
+        HW = H.to(tl.int64) * W
+        if CHANNELS_LAST:
+            base = gp + b.to(tl.int64) * HW * C + c[None, :]
+            pstride = C
+        else:
+            base = gp + (b.to(tl.int64) * C + c[None, :]) * HW
+            pstride = 1
+        for ty in range(0, ny_max):  # the ty-th in-range sample of every bin
+            y = yo + (((sy0 + ty).to(yo.dtype) + 0.5) * ybin) / gh.to(yo.dtype)
+            vy, ylo, yhi, wyl, wyh = _axis_sample(y, H)
+            vy = vy & (ty < ny)
+            for tx in range(0, nx_max):
+                x = xo + (((sx0 + tx).to(xo.dtype) + 0.5) * xbin) / gw.to(xo.dtype)
+                vx, xlo, xhi, wxl, wxh = _axis_sample(x, W)
+                vx = vx & (tx < nx)
+                m = (vy & vx)[:, None] & tile
+                tl.atomic_add(base + ((ylo * W + xlo).to(tl.int64) * pstride)[:, None],
+                              g * (wyl * wxl).to(acc_t)[:, None], mask=m)
+                tl.atomic_add(base + ((ylo * W + xhi).to(tl.int64) * pstride)[:, None],
+                              g * (wyl * wxh).to(acc_t)[:, None], mask=m)
+                tl.atomic_add(base + ((yhi * W + xlo).to(tl.int64) * pstride)[:, None],
+                              g * (wyh * wxl).to(acc_t)[:, None], mask=m)
+                tl.atomic_add(base + ((yhi * W + xhi).to(tl.int64) * pstride)[:, None],
+                              g * (wyh * wxh).to(acc_t)[:, None], mask=m)
+
+
+def _geometry_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _common(rois, levels, num_levels, spatial_scales, heights, widths, device, dtype):
+    if num_levels == 0:
+        raise ValueError("roi_align_multilevel: features must not be empty")
+    if num_levels > MAX_LEVELS:
+        raise ValueError(f"roi_align_multilevel (Triton): at most {MAX_LEVELS} levels, got {num_levels}; "
+                         "use the C++ backend for more")
+    if len(spatial_scales) != num_levels:
+        raise ValueError(f"roi_align_multilevel: spatial_scales has {len(spatial_scales)} entries but there are "
+                         f"{num_levels} levels")
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f"roi_align_multilevel: rois must be [R, 5], got {tuple(rois.shape)}")
+    if levels is not None and (levels.dim() != 1 or levels.shape[0] != rois.shape[0] or levels.dtype != torch.int64):
+        raise ValueError(f"roi_align_multilevel: levels must be int64 [R], got {levels.dtype} {tuple(levels.shape)}")
+    gdt = _geometry_dtype(dtype)
+    r = rois.to(device=device, dtype=gdt).contiguous()
+    lv = levels.contiguous() if levels is not None else r  # unused when levels is None
+    sizes = torch.tensor([[h, w] for h, w in zip(heights, widths)], dtype=torch.int32, device=device)
+    scales = torch.tensor(list(spatial_scales), dtype=gdt, device=device)
+    return r, lv, sizes, scales
+
+
+def _blocks(ph, pw, C):
+    bins = triton.next_power_of_2(ph * pw)
+    return bins, max(1, min(triton.next_power_of_2(max(C, 1)), 4096 // bins))
+
+
+def roi_align_multilevel(features, rois, levels, spatial_scales, pooled_height, pooled_width, sampling_ratio,
+                         aligned):
+    features = list(features)
+    L = len(features)
+    if L == 0:
+        raise ValueError("roi_align_multilevel: features must not be empty")
+    f0 = features[0]
+    channels_last = f0.dim() == 4 and not f0.is_contiguous() and f0.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feats = [f.contiguous(memory_format=fmt) for f in features]
+    B, C = f0.shape[:2]
+    r, lv, sizes, scales = _common(rois, levels, L, spatial_scales, [f.shape[2] for f in feats],
+                                   [f.shape[3] for f in feats], f0.device, f0.dtype)
+    R = r.shape[0]
+    ph, pw = int(pooled_height), int(pooled_width)
+    pairs = R if levels is not None else L * R
+    out = f0.new_empty((R, C, ph, pw) if levels is not None else (L, R, C, ph, pw))
+    if out.numel() == 0:
+        return out
+    ptrs = feats + [feats[0]] * (MAX_LEVELS - L)
+    BINS, BLOCK_C = _blocks(ph, pw, C)
+    grid = (pairs, triton.cdiv(C, BLOCK_C))
+    _forward_kernel[grid](out, r, lv, sizes, scales, *ptrs, R, B, C, L, ph, pw, int(sampling_ratio),
+                          BY_LEVEL=levels is not None, ALIGNED=bool(aligned), CHANNELS_LAST=channels_last,
+                          BINS=BINS, BLOCK_C=BLOCK_C)
+    return out
+
+
+def roi_align_multilevel_backward(grad, rois, levels, spatial_scales, sampling_ratio, aligned, batch_size, channels,
+                                  heights, widths, channels_last):
+    L = len(heights)
+    if grad.is_cuda and torch.are_deterministic_algorithms_enabled():
+        # Float atomics add in whatever order the threads arrive; the CUDA C++ backend has a deterministic path.
+        msg = ("roi_align_multilevel_backward_triton does not have a deterministic implementation; use "
+               "backend='cuda' under torch.use_deterministic_algorithms(True)")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(msg)
+        import warnings
+
+        warnings.warn(msg)
+    r, lv, sizes, scales = _common(rois, levels, L, spatial_scales, heights, widths, grad.device, grad.dtype)
+    R = r.shape[0]
+    B, C = int(batch_size), int(channels)
+    ph, pw = grad.shape[-2:]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = [torch.zeros((B, C, h, w), dtype=acc_dtype, device=grad.device).contiguous(memory_format=fmt)
+           for h, w in zip(heights, widths)]
+    pairs = R if levels is not None else L * R
+    if pairs * C * ph * pw > 0 and B > 0:
+        g = grad.contiguous()
+        ptrs = acc + [acc[0]] * (MAX_LEVELS - L)
+        BINS, BLOCK_C = _blocks(ph, pw, C)
+        grid = (pairs, triton.cdiv(C, BLOCK_C))
+        _backward_kernel[grid](g, r, lv, sizes, scales, *ptrs, R, B, C, L, ph, pw, int(sampling_ratio),
+                               BY_LEVEL=levels is not None, ALIGNED=bool(aligned), CHANNELS_LAST=bool(channels_last),
+                               BINS=BINS, BLOCK_C=BLOCK_C)
+    return [a if a.dtype == grad.dtype else a.to(grad.dtype) for a in acc]
+
+
+def register():
+    torch.library.register_kernel("insloc_ops::roi_align_multilevel_triton", ("cpu", "cuda"), roi_align_multilevel)
+    torch.library.register_kernel("insloc_ops::roi_align_multilevel_backward_triton", ("cpu", "cuda"),
+                                  roi_align_multilevel_backward)

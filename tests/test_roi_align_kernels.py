@@ -1,0 +1,447 @@
+"""roi_align_multilevel kernels (C++ CPU, Triton via the interpreter, CUDA and Triton under the gpu marker)
+against the pure-PyTorch reference and torchvision.ops.roi_align, forward and backward."""
+import pytest
+import torch
+import torchvision
+
+import insloc_ops
+from conftest import HAS_CUDA, poisoned_like
+from insloc_ops import reference
+from insloc_ops._backend import is_available
+
+OP = torch.ops.insloc_ops.roi_align_multilevel
+OP_BWD = torch.ops.insloc_ops.roi_align_multilevel_backward
+CPU_BACKENDS = [b for b in ("cpu", "triton") if is_available("roi_align_multilevel", b, "cpu")]
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+def tol(dtype):
+    return {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=1e-4),
+            torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}[dtype]
+
+
+def make_features(B, C, sizes, dtype, device="cpu", channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(B, C, h, w, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for h, w in sizes]
+    if channels_last:
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    return feats
+
+
+def make_rois(B, R, image, seed=0, device="cpu", special=True, dtype=torch.float32):
+    """R random boxes in an image of side ``image``; with ``special``, the first rows are the edge cases:
+    partly outside, fully outside, zero-size, x2 < x1, far larger than the map, NaN coordinates."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(R, 2, generator=g, dtype=torch.float64) * image * 1.1 - 0.05 * image
+    wh = torch.rand(R, 2, generator=g, dtype=torch.float64) * image * 0.7 + 0.5
+    b = torch.randint(0, B, (R, 1), generator=g).to(torch.float64)
+    rois = torch.cat([b, xy, xy + wh], 1)
+    cases = [
+        [-0.3 * image, 0.2 * image, 0.4 * image, 0.9 * image],  # partly outside
+        [1.5 * image, 1.5 * image, 2.0 * image, 2.5 * image],  # fully outside
+        [0.3 * image, 0.3 * image, 0.3 * image, 0.3 * image],  # zero size
+        [0.6 * image, 0.2 * image, 0.3 * image, 0.5 * image],  # x2 < x1
+        [-40.0 * image, -30.0 * image, 50.0 * image, 45.0 * image],  # huge
+        [float("nan"), 0.1 * image, 0.5 * image, 0.5 * image],  # NaN
+    ]
+    if special:
+        for i, box in enumerate(cases[:R]):
+            rois[i, 1:] = torch.tensor(box, dtype=torch.float64)
+    return rois.to(device=device, dtype=dtype)
+
+
+def well_formed(rois):
+    """Boxes torchvision can take (it crashes on NaN and on x2 < x1 with aligned=True)."""
+    ok = torch.isfinite(rois).all(1) & (rois[:, 3] >= rois[:, 1]) & (rois[:, 4] >= rois[:, 2])
+    ok &= (rois[:, 3] - rois[:, 1]).abs() < 4 * 64  # keep torchvision's grid^2 loop short
+    return rois[ok]
+
+
+SIZES_CPU = [(12, 15), (6, 8), (3, 4)]
+SCALES = [1 / 4, 1 / 8, 1 / 16]
+IMAGE = 60
+# Triton runs through the interpreter on CPU: tiny problems.
+SIZES_TRITON = [(6, 7), (3, 4)]
+SCALES_TRITON = [1 / 4, 1 / 8]
+
+
+def problem(backend, dtype=torch.float32, channels_last=False, seed=0, R=8, device="cpu", C=3, B=2,
+            all_cases=False):
+    interpreted = backend == "triton" and device == "cpu"
+    sizes, scales = (SIZES_TRITON, SCALES_TRITON) if interpreted else (SIZES_CPU, SCALES)
+    feats = make_features(B, C, sizes, dtype, device, channels_last, seed)
+    rois = make_rois(B, R, 28 if interpreted else IMAGE, seed, device)
+    if interpreted and not all_cases:
+        # The interpreter is slow: partly outside, x2 < x1, NaN and random boxes only.
+        rois = rois[[0, 3, 5, 6, 7]]
+    return feats, rois, scales
+
+
+def run(backend, feats, rois, out_size, scales, sampling, aligned, levels=None):
+    return insloc_ops.roi_align_multilevel(feats, rois, out_size, scales, sampling, aligned, levels, backend=backend)
+
+
+def grads(backend, feats, rois, out_size, scales, sampling, aligned, levels, g):
+    leaves = [f.detach().clone().requires_grad_() for f in feats]
+    if backend == "reference":
+        out = reference.roi_align_multilevel(leaves, rois, out_size, scales, sampling, aligned, levels)
+    else:
+        out = run(backend, leaves, rois, out_size, scales, sampling, aligned, levels)
+    out.backward(g)
+    # The reference never touches a level no RoI is assigned to: its gradient is zero.
+    return out, [torch.zeros_like(f) if f.grad is None else f.grad for f in leaves]
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU backends (C++ kernel and Triton through the interpreter) against the reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling", [0, 2])
+@pytest.mark.parametrize("mode", ["all", "levels"])
+def test_forward_backward_match_reference(backend, aligned, sampling, mode):
+    feats, rois, scales = problem(backend, seed=hash((aligned, sampling, mode)) % 1000)
+    levels = None if mode == "all" else torch.arange(rois.shape[0]) % len(feats)
+    out_size = (3, 2) if backend == "triton" else (5, 4)
+    ref_out = reference.roi_align_multilevel(feats, rois, out_size, scales, sampling, aligned, levels)
+    g = torch.randn_like(ref_out)
+    out, gk = grads(backend, feats, rois, out_size, scales, sampling, aligned, levels, g)
+    _, gr = grads("reference", feats, rois, out_size, scales, sampling, aligned, levels, g)
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype and out.is_contiguous()
+    torch.testing.assert_close(out, ref_out, **tol(torch.float32))
+    for a, b in zip(gk, gr):
+        torch.testing.assert_close(a, b, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dtypes_and_layouts_match_reference(backend, dtype, channels_last):
+    feats, rois, scales = problem(backend, dtype, channels_last, seed=7)
+    levels = torch.tensor([0, 1, 1, 0, 1, 0, 1, 1])[: rois.shape[0]]
+    for lv in (None, levels):
+        ref_out = reference.roi_align_multilevel(feats, rois, (3, 3), scales, 0, True, lv)
+        g = torch.randn_like(ref_out)
+        out, gk = grads(backend, feats, rois, (3, 3), scales, 0, True, lv, g)
+        _, gr = grads("reference", feats, rois, (3, 3), scales, 0, True, lv, g)
+        torch.testing.assert_close(out, ref_out, **tol(dtype))
+        for a, b in zip(gk, gr):
+            assert a.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            torch.testing.assert_close(a, b, **tol(dtype))
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling", [0, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_kernel_matches_torchvision_per_level(aligned, sampling, channels_last):
+    feats, rois, scales = problem("cpu", torch.float64, channels_last, seed=3, R=12)
+    rois = well_formed(rois).to(torch.float64)
+    out = OP(feats, rois, None, scales, 6, 5, sampling, aligned)  # [L, R, C, 6, 5]
+    g = torch.randn_like(out)
+    _, gk = grads("cpu", feats, rois, (6, 5), scales, sampling, aligned, None, g)
+    for lvl, (f, s) in enumerate(zip(feats, scales)):
+        leaf = f.detach().clone().requires_grad_()
+        tv = torchvision.ops.roi_align(leaf, rois, (6, 5), s, sampling, aligned)
+        tv.backward(g[lvl])
+        torch.testing.assert_close(out[lvl], tv, **tol(torch.float64))
+        torch.testing.assert_close(gk[lvl], leaf.grad, **tol(torch.float64))
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton not available")
+@pytest.mark.parametrize("aligned", [True, False])
+def test_triton_matches_torchvision_per_level(aligned):
+    feats, rois, scales = problem("triton", seed=4)
+    rois = well_formed(rois)
+    out = run("triton", feats, rois, (3, 2), scales, 0, aligned)
+    for lvl, (f, s) in enumerate(zip(feats, scales)):
+        torch.testing.assert_close(out[lvl], torchvision.ops.roi_align(f, rois, (3, 2), s, 0, aligned),
+                                   **tol(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_kernel_half_precision(dtype, channels_last):
+    feats, rois, scales = problem("cpu", dtype, channels_last, seed=5)
+    feats32 = [f.float() for f in feats]
+    levels = torch.arange(rois.shape[0]) % 3
+    for lv in (None, levels):
+        ref = reference.roi_align_multilevel(feats32, rois, (4, 4), scales, 0, True, lv)
+        g = torch.randn_like(ref)
+        out, gk = grads("cpu", feats, rois, (4, 4), scales, 0, True, lv, g.to(dtype))
+        _, gr = grads("reference", feats32, rois, (4, 4), scales, 0, True, lv, g.to(dtype).float())
+        assert out.dtype == dtype and all(a.dtype == dtype for a in gk)
+        torch.testing.assert_close(out.float(), ref, **tol(dtype))
+        for a, b in zip(gk, gr):
+            torch.testing.assert_close(a.float(), b, **tol(dtype))
+
+
+def test_cpu_kernel_pools_a_linear_map_to_the_bin_centre():
+    # Bilinear interpolation of f(y, x) = 10 y + x is exact inside the map, so every bin of a box inside
+    # it pools to f at the bin centre; aligned=True puts pixel centres at half-integers.
+    f = (10 * torch.arange(8.0)[:, None] + torch.arange(8.0)[None, :]).view(1, 1, 8, 8)
+    rois = torch.tensor([[0.0, 1.5, 2.5, 5.5, 4.5]])  # aligned: x in [1, 5], y in [2, 4] in pixel units
+    out = OP([f], rois, None, [1.0], 2, 2, 0, True)[0, 0, 0]
+    expected = torch.tensor([[10 * 2.5 + 2.0, 10 * 2.5 + 4.0], [10 * 3.5 + 2.0, 10 * 3.5 + 4.0]])
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_special_boxes(backend):
+    """NaN boxes and boxes outside the map pool to zero and take no gradient; huge boxes match the reference."""
+    feats, rois, scales = problem(backend, seed=9, R=6, all_cases=True)
+    out = run(backend, feats, rois, (2, 2), scales, 0, True)
+    assert torch.isfinite(out).all()
+    assert (out[:, 1] == 0).all()  # fully outside
+    assert (out[:, 3] == 0).all()  # x2 < x1, adaptive grid: no samples
+    assert (out[:, 5] == 0).all()  # NaN
+    nan_only = rois[5:6]
+    leaves = [f.detach().clone().requires_grad_() for f in feats]
+    run(backend, leaves, nan_only, (2, 2), scales, 2, False).sum().backward()
+    assert all((f.grad == 0).all() for f in leaves)
+    huge = rois[4:5]
+    torch.testing.assert_close(run(backend, feats, huge, (2, 2), scales, 0, True),
+                               reference.roi_align_multilevel(feats, huge, (2, 2), scales, 0, True))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_rois(backend):
+    feats, _, scales = problem(backend)
+    rois = torch.zeros(0, 5)
+    leaves = [f.detach().clone().requires_grad_() for f in feats]
+    out = run(backend, leaves, rois, (3, 3), scales, 0, True)
+    assert out.shape == (len(feats), 0, 3, 3, 3)
+    out.sum().backward()
+    assert all(f.grad is not None and (f.grad == 0).all() for f in leaves)
+    out = run(backend, feats, rois, (3, 3), scales, 0, True, torch.zeros(0, dtype=torch.int64))
+    assert out.shape == (0, 3, 3, 3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_noncontiguous_rois_and_levels_mode_equal_all_levels_mode(backend):
+    feats, rois, scales = problem(backend, seed=11)
+    wide = torch.zeros(rois.shape[0], 10)
+    wide[:, ::2] = rois
+    strided = wide[:, ::2]
+    assert not strided.is_contiguous()
+    all_levels = run(backend, feats, strided, (3, 2), scales, 0, True)
+    torch.testing.assert_close(all_levels, run(backend, feats, rois, (3, 2), scales, 0, True), rtol=0, atol=0)
+    levels = torch.arange(rois.shape[0]).flip(0) % len(feats)
+    by_level = run(backend, feats, strided, (3, 2), scales, 0, True, levels)
+    torch.testing.assert_close(by_level, all_levels[levels, torch.arange(rois.shape[0])], rtol=0, atol=0)
+
+
+def test_cpu_backward_is_deterministic():
+    feats, rois, scales = problem("cpu", seed=12, R=40, C=16)
+    rois[:, 0] = 0  # every RoI on one image: maximal overlap
+    g = torch.randn(3, 40, 16, 7, 7)
+    torch.use_deterministic_algorithms(True)
+    try:
+        a = OP_BWD(g, rois, None, scales, 0, True, 2, 16, [h for h, _ in SIZES_CPU], [w for _, w in SIZES_CPU], False)
+        b = OP_BWD(g, rois, None, scales, 0, True, 2, 16, [h for h, _ in SIZES_CPU], [w for _, w in SIZES_CPU], False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_cpu_kernel_zeroes_out_of_range_batch_and_level():
+    # The public API rejects these; a direct op call must still neither crash nor read out of bounds.
+    feats, rois, scales = problem("cpu", seed=13, R=4)
+    rois[0, 0] = 7.0
+    rois[1, 0] = -1.0
+    rois[2, 0] = float("nan")
+    out = OP(feats, rois, torch.tensor([0, 1, 5, -2]), scales, 2, 2, 0, True)
+    assert (out[:3] == 0).all()
+    assert (out[3] == 0).all()
+    grads_ = OP_BWD(torch.ones_like(out), rois, torch.tensor([0, 1, 5, -2]), scales, 0, True, 2, 3,
+                    [h for h, _ in SIZES_CPU], [w for _, w in SIZES_CPU], False)
+    assert all((x == 0).all() for x in grads_)
+
+
+def test_gradcheck_cpu_kernel_fp64():
+    feats, rois, scales = problem("cpu", torch.float64, seed=14, R=8, C=2)
+    rois = rois[[0, 2, 3, 6]]  # partly outside, zero-size, x2 < x1, random
+    leaves = [f[:1].detach().clone().requires_grad_() for f in feats]
+    rois[:, 0] = 0
+    for lv in (None, torch.tensor([0, 1, 2, 0])):
+        assert torch.autograd.gradcheck(
+            lambda *fs: insloc_ops.roi_align_multilevel(list(fs), rois, (3, 2), scales, 0, True, lv, backend="cpu"),
+            leaves, eps=1e-6, atol=1e-7)
+
+
+def test_opcheck_cpu_kernel():
+    feats, rois, scales = problem("cpu", seed=15, R=5)
+    rois = well_formed(rois)
+    feats = [f.requires_grad_() for f in feats]
+    torch.library.opcheck(OP.default, (feats, rois, None, scales, 3, 2, 0, True))
+    torch.library.opcheck(OP.default, (feats, rois, torch.arange(rois.shape[0]) % 3, scales, 2, 2, 2, False))
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton not available")
+def test_opcheck_triton_kernel():
+    feats, rois, scales = problem("triton", seed=16)
+    rois = well_formed(rois)[-2:]
+    torch.library.opcheck(torch.ops.insloc_ops.roi_align_multilevel_triton.default,
+                          (feats, rois, None, scales, 2, 1, 1, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph_cpu():
+    feats, rois, scales = problem("cpu", seed=17)
+    rois = well_formed(rois)
+    levels = torch.arange(rois.shape[0]) % 3
+
+    def pool(fs, r, lv):
+        return insloc_ops.roi_align_multilevel(fs, r, 3, scales, 0, True, lv, backend="cpu").relu().sum((-1, -2))
+
+    compiled = torch.compile(pool, fullgraph=True, backend="aot_eager")
+    for lv in (None, levels):
+        torch.testing.assert_close(compiled(feats, rois, lv), pool(feats, rois, lv))
+
+
+def test_bad_inputs_name_the_argument():
+    feats, rois, scales = problem("cpu")
+    with pytest.raises(ValueError, match="features"):
+        insloc_ops.roi_align_multilevel([], rois, 2, [], backend="cpu")
+    with pytest.raises(ValueError, match="spatial_scales"):
+        insloc_ops.roi_align_multilevel(feats, rois, 2, scales[:2], backend="cpu")
+    with pytest.raises(ValueError, match="rois"):
+        insloc_ops.roi_align_multilevel(feats, rois[:, :4], 2, scales, backend="cpu")
+    with pytest.raises(ValueError, match="levels"):
+        insloc_ops.roi_align_multilevel(feats, rois, 2, scales, levels=torch.zeros(rois.shape[0]), backend="cpu")
+    # Direct op calls skip the Python checks; the C++ entry points must refuse, not crash.
+    with pytest.raises(RuntimeError, match="features"):
+        OP([], rois, None, [], 2, 2, 0, True)
+    with pytest.raises(RuntimeError, match="spatial_scales"):
+        OP(feats, rois, None, scales[:1], 2, 2, 0, True)
+    with pytest.raises(RuntimeError, match="rois"):
+        OP(feats, rois[:, :3], None, scales, 2, 2, 0, True)
+    with pytest.raises(RuntimeError, match="levels"):
+        OP(feats, rois, torch.zeros(rois.shape[0], dtype=torch.int32), scales, 2, 2, 0, True)
+    with pytest.raises(RuntimeError, match="levels"):
+        OP(feats, rois, torch.zeros(3, dtype=torch.int64), scales, 2, 2, 0, True)
+    with pytest.raises(RuntimeError, match="grad"):
+        OP_BWD(torch.zeros(2, 8, 3, 2, 2), rois, None, scales, 0, True, 2, 3, [12, 6, 3], [15, 8, 4], False)
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton not available")
+def test_triton_refuses_more_than_five_levels():
+    feats = make_features(1, 1, [(2, 2)] * 6, torch.float32)
+    with pytest.raises(ValueError, match="at most 5 levels"):
+        insloc_ops.roi_align_multilevel(feats, torch.zeros(1, 5), 1, [1.0] * 6, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: CUDA kernel and Triton on CUDA tensors (run by the device-check script)
+# ------------------------------------------------------------------------------------------------
+
+
+def poison_cuda_allocator(nbytes=64 << 20):
+    """Fills the caching allocator's free blocks with NaN, so an output element a kernel leaves unwritten
+    (the op allocates its own outputs) reads back as NaN."""
+    x = poisoned_like(torch.empty(nbytes // 4, device="cuda"))
+    del x
+
+
+def gpu_backends():
+    return [b for b in GPU_BACKENDS if HAS_CUDA and is_available("roi_align_multilevel", b, "cuda")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["all", "levels"])
+@pytest.mark.parametrize("aligned,sampling", [(True, 0), (False, 2), (False, 0)])
+def test_gpu_matches_reference(backend, dtype, channels_last, mode, aligned, sampling):
+    if backend not in gpu_backends():
+        pytest.skip(f"{backend} not available on CUDA")
+    feats, rois, scales = problem(backend, dtype, channels_last, seed=21, R=37, device="cuda", C=19, B=3)
+    levels = None if mode == "all" else torch.randint(0, 3, (37,), device="cuda")
+    ref32 = [f.float() if dtype in (torch.float16, torch.bfloat16) else f for f in feats]
+    ref = reference.roi_align_multilevel(ref32, rois, (7, 6), scales, sampling, aligned, levels)
+    g = torch.randn_like(ref)
+    poison_cuda_allocator()
+    out, gk = grads(backend, feats, rois, (7, 6), scales, sampling, aligned, levels, g.to(dtype))
+    _, gr = grads("reference", ref32, rois, (7, 6), scales, sampling, aligned, levels, g.to(dtype).to(ref.dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.to(ref.dtype), ref, **tol(dtype))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for a, b in zip(gk, gr):
+        assert a.dtype == dtype and a.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(a.to(b.dtype), b, **tol(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_matches_torchvision(backend):
+    if backend not in gpu_backends():
+        pytest.skip(f"{backend} not available on CUDA")
+    feats, rois, scales = problem(backend, torch.float32, seed=22, R=50, device="cuda", C=8)
+    rois = well_formed(rois)
+    for aligned in (True, False):
+        out = run(backend, feats, rois, (7, 7), scales, 0, aligned)
+        for lvl, (f, s) in enumerate(zip(feats, scales)):
+            torch.testing.assert_close(out[lvl], torchvision.ops.roi_align(f, rois, (7, 7), s, 0, aligned),
+                                       **tol(torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["all", "levels"])
+def test_cuda_deterministic_backward(channels_last, mode):
+    if "cuda" not in gpu_backends():
+        pytest.skip("cuda kernel not available")
+    feats, rois, scales = problem("cuda", torch.float32, channels_last, seed=23, R=300, device="cuda", C=32)
+    rois[:, 0] = 1  # many overlapping RoIs on one image: atomics would reorder
+    levels = None if mode == "all" else torch.randint(0, 3, (300,), device="cuda")
+    ref = reference.roi_align_multilevel(feats, rois, (7, 7), scales, 0, True, levels)
+    g = torch.randn_like(ref)
+    _, gr = grads("reference", feats, rois, (7, 7), scales, 0, True, levels, g)
+    torch.use_deterministic_algorithms(True)
+    try:
+        poison_cuda_allocator()
+        _, ga = grads("cuda", feats, rois, (7, 7), scales, 0, True, levels, g)
+        _, gb = grads("cuda", feats, rois, (7, 7), scales, 0, True, levels, g)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b, r in zip(ga, gb, gr):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, **tol(torch.float32))
+
+
+@pytest.mark.gpu
+def test_cuda_zeroes_out_of_range_batch_and_level():
+    if "cuda" not in gpu_backends():
+        pytest.skip("cuda kernel not available")
+    feats, rois, scales = problem("cuda", seed=24, R=8, device="cuda")
+    rois = well_formed(rois)[:4].clone()
+    assert rois.shape[0] == 4
+    rois[0, 0] = 7.0
+    rois[1, 0] = -1.0
+    rois[2, 0] = float("nan")
+    levels = torch.tensor([0, 1, 5, -2], device="cuda")
+    poison_cuda_allocator()
+    out = OP(feats, rois, levels, scales, 2, 2, 0, True)
+    assert (out == 0).all()
+    for det in (False, True):
+        torch.use_deterministic_algorithms(det)
+        try:
+            gs = OP_BWD(torch.ones_like(out), rois, levels, scales, 0, True, 2, 3, [h for h, _ in SIZES_CPU],
+                        [w for _, w in SIZES_CPU], False)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert all((x == 0).all() for x in gs)
+
+
+@pytest.mark.gpu
+def test_cuda_empty_and_huge_boxes():
+    if "cuda" not in gpu_backends():
+        pytest.skip("cuda kernel not available")
+    feats, rois, scales = problem("cuda", seed=25, R=6, device="cuda")
+    out = OP(feats, rois[:0], None, scales, 3, 3, 0, True)
+    assert out.shape == (3, 0, 3, 3, 3)
+    giant = torch.tensor([[0.0, -1e7, -1e7, 1e7, 1e7]], device="cuda")  # grid clamps to 65536 per axis
+    torch.testing.assert_close(OP(feats, giant, None, scales, 2, 2, 0, True),
+                               reference.roi_align_multilevel(feats, giant, (2, 2), scales, 0, True))
