@@ -121,11 +121,13 @@ def plot_losses(csv_path, png_path, names):
     plt.close(fig)
 
 
-def epoch_means(csv_path):
-    """{epoch: mean total loss} from metrics.csv."""
+def epoch_means(csv_path, from_step=0):
+    """{epoch: mean total loss} from metrics.csv, over the steps after ``from_step``."""
     sums = {}
     with open(csv_path) as f:
         for r in csv.DictReader(f):
+            if int(r["step"]) <= from_step:
+                continue
             total, count = sums.get(int(r["epoch"]), (0.0, 0))
             sums[int(r["epoch"])] = (total + float(r["loss"]), count + 1)
     return {e: total / count for e, (total, count) in sorted(sums.items())}
@@ -283,13 +285,17 @@ def train(cfg: Config, *, interrupt_after_step=None):
     summary = {"step": step, "out_dir": out_dir, "first_loss": first_loss, "last_loss": last_loss,
                "wall_s": time.perf_counter() - t_start, "skipped_images": skipped_images}
     if main:
-        summary["epoch_mean_loss"] = epoch_means(log.path)
+        # Until the queue has been filled once it holds random vectors, which are easy negatives: the loss
+        # starts low and climbs to about log(K + 1) over those steps, so the trend is read after them.
+        queue_full_step = math.ceil(cfg.queue_size / global_batch)
+        summary["epoch_mean_loss"] = epoch_means(log.path, from_step=queue_full_step)
     if main and cfg.plot:
         plot_losses(log.path, os.path.join(out_dir, "loss.png"), names)
         say(f"wrote {os.path.join(out_dir, 'loss.png')}")
     means = summary.get("epoch_mean_loss") or {}
     trend = " -> ".join(f"{m:.3f}" for m in means.values())
-    say(f"done: {step} steps in {_fmt_time(summary['wall_s'])}; mean loss per epoch {trend}; outputs in {out_dir}")
+    say(f"done: {step} steps in {_fmt_time(summary['wall_s'])}; mean loss per epoch (once the queue is full) "
+        f"{trend}; outputs in {out_dir}")
     if world > 1:
         dist.barrier()
     return summary

@@ -11,7 +11,8 @@ A pretraining model (``insloc.moco.MoCo``) holds two encoders of identical struc
         lateral_convs.{0..3}         1x1 conv with bias (C2..C5)
         output_convs.{0..3}          3x3 conv with bias
       head                           FPNBoxHead, shared by the 4 levels
-        convs.{0..3}.0 / .1          3x3 conv (no bias) / BatchNorm2d  (.2 is the ReLU)
+        convs.{0..3}.0 / .1          3x3 conv (no bias) / BatchNorm2d  (.2 is the ReLU); with
+                                     head_norm="none": conv with bias / Identity
         fc1, fc2                     fc 1024 (ReLU)
         fc3                          projection to D=128
       -- C4 (C4Encoder, --arch c4) --
@@ -53,7 +54,7 @@ def build_encoder(cfg):
     if cfg.method == "moco":
         return GlobalEncoder(cfg.depth, cfg.dim)
     if cfg.arch == "fpn":
-        return FPNEncoder(cfg.depth, cfg.fpn_channels, cfg.head_fc_dim, cfg.dim, cfg.fpn_roi_size)
+        return FPNEncoder(cfg.depth, cfg.fpn_channels, cfg.head_fc_dim, cfg.dim, cfg.fpn_roi_size, cfg.head_norm)
     if cfg.arch == "c4":
         return C4Encoder(cfg.depth, cfg.dim, cfg.c4_roi_size)
     raise ValueError(f"unknown arch {cfg.arch!r} (expected 'fpn' or 'c4')")

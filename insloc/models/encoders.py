@@ -25,11 +25,11 @@ class FPNEncoder(nn.Module):
 
     strides = (4, 8, 16, 32)
 
-    def __init__(self, depth=50, fpn_channels=256, fc_dim=1024, dim=128, roi_size=7):
+    def __init__(self, depth=50, fpn_channels=256, fc_dim=1024, dim=128, roi_size=7, head_norm="bn"):
         super().__init__()
         self.backbone = ResNetBackbone(depth)
         self.neck = FPN(self.backbone.out_channels, fpn_channels)
-        self.head = FPNBoxHead(fpn_channels, roi_size, fc_dim, dim)
+        self.head = FPNBoxHead(fpn_channels, roi_size, fc_dim, dim, norm=head_norm)
         self.roi_size, self.num_groups = roi_size, len(self.strides)
 
     def forward(self, images, rois):

@@ -23,13 +23,20 @@ class FPN(nn.Module):
 
 
 class FPNBoxHead(nn.Module):
-    """4 x (3x3 conv, BN, ReLU) -> flatten -> fc1 -> ReLU -> fc2 -> ReLU -> fc3 (projection), on pooled RoIs."""
+    """4 x (3x3 conv, BN, ReLU) -> flatten -> fc1 -> ReLU -> fc2 -> ReLU -> fc3 (projection), on pooled RoIs.
 
-    def __init__(self, in_channels=256, roi_size=7, fc_dim=1024, out_dim=128, num_convs=4):
+    norm="none" drops the BN (the convs get a bias; index 1 of each block stays, as an Identity, so the
+    state-dict names do not move): short single-process runs on a handful of images collapse with a
+    normalised head (see insloc.config.demo)."""
+
+    def __init__(self, in_channels=256, roi_size=7, fc_dim=1024, out_dim=128, num_convs=4, norm="bn"):
         super().__init__()
+        if norm not in ("bn", "none"):
+            raise ValueError(f"norm must be 'bn' or 'none', got {norm!r}")
+        bn = norm == "bn"
         self.convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False),
-                          nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True))
+            nn.Sequential(nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=not bn),
+                          nn.BatchNorm2d(in_channels) if bn else nn.Identity(), nn.ReLU(inplace=True))
             for _ in range(num_convs))
         self.fc1 = nn.Linear(in_channels * roi_size * roi_size, fc_dim)
         self.fc2 = nn.Linear(fc_dim, fc_dim)
