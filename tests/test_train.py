@@ -117,3 +117,16 @@ def test_cli_flags_override_yaml_which_overrides_the_preset(tmp_path):
     assert (recipe.batch_size, recipe.epochs, recipe.lr, recipe.lr_batch) == (32, 200, 0.03, 256)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["pretrain", "--arch", "c5"])
+
+
+@pytest.mark.slow
+def test_demo_setting_learns_loss_falls_once_the_queue_is_full(tmp_path):
+    # The demo preset, shortened to 3 epochs of 20 steps: its loss must fall after the queue is full
+    # (the failure this guards against is the embedding collapse seen with a normalised box head,
+    # where the loss climbs back to log(K + 1)).
+    cfg = demo()
+    cfg.epochs, cfg.num_workers, cfg.out_dir, cfg.plot, cfg.log_every = 3, 0, str(tmp_path), False, 20
+    summary = train(cfg)
+    means = list(summary["epoch_mean_loss"].values())  # per epoch, steps after the queue first filled
+    assert len(means) == 3
+    assert means[-1] < means[0] - 0.2, means
