@@ -19,16 +19,34 @@ def roi_align_torchvision(features, rois, output_size, spatial_scales, sampling_
     return out
 
 
+def _cpu_or_own_generator(generator, device):
+    # A CPU generator cannot drive sampling on CUDA tensors: those use the device's default generator.
+    return generator if generator is not None and generator.device == torch.device(device) else None
+
+
 def sample_anchor_boxes_iou_matrix(gt_boxes, anchors, iou_threshold=0.5, *, generator=None, backend=None):
-    """box_iou (the N x A matrix) + threshold + per-box multinomial over the eligible anchors, argmax
-    fallback."""
+    """What the official code does: the N x A IoU matrix, a threshold, then one multinomial draw per box
+    over its eligible anchors (argmax when there is none)."""
     iou = torchvision.ops.box_iou(gt_boxes.float(), anchors.float())  # [N, A]
     eligible = iou > iou_threshold  # [N, A]
-    has = eligible.any(dim=1)  # [N]
-    weights = torch.where(has[:, None], eligible.float(), torch.ones_like(iou))  # [N, A]
-    gen = generator if generator is not None and generator.device == gt_boxes.device else None
-    pick = torch.multinomial(weights, 1, generator=gen).squeeze(1)  # [N]
-    index = torch.where(has, pick, iou.argmax(dim=1))  # [N]
+    gen = _cpu_or_own_generator(generator, gt_boxes.device)
+    index = torch.empty(gt_boxes.shape[0], dtype=torch.int64, device=gt_boxes.device)
+    for n in range(gt_boxes.shape[0]):
+        if eligible[n].any():
+            index[n] = torch.multinomial(eligible[n].float(), 1, generator=gen)[0]
+        else:
+            index[n] = iou[n].argmax()
+    return anchors[index], index, iou.gather(1, index[:, None]).squeeze(1)
+
+
+def sample_anchor_boxes_random_argmax(gt_boxes, anchors, iou_threshold=0.5, *, generator=None, backend=None):
+    """The strongest plain-PyTorch variant: the N x A IoU matrix and an N x A matrix of uniform random
+    numbers; the eligible anchor with the largest one is a uniform choice, all boxes at once."""
+    iou = torchvision.ops.box_iou(gt_boxes.float(), anchors.float())  # [N, A]
+    eligible = iou > iou_threshold  # [N, A]
+    noise = torch.rand(iou.shape, generator=generator).to(iou.device)  # [N, A]
+    pick = torch.where(eligible, noise, -1.0).argmax(dim=1)  # [N]
+    index = torch.where(eligible.any(dim=1), pick, iou.argmax(dim=1))  # [N]
     return anchors[index], index, iou.gather(1, index[:, None]).squeeze(1)
 
 

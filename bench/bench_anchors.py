@@ -21,8 +21,8 @@ sys.path.insert(0, ROOT)
 
 import insloc_ops  # noqa: E402
 from bench.common import Recorder, peak_extra_mb, time_ms  # noqa: E402
-from tests.test_anchor_kernels import (baseline_random_argmax, baseline_sample_anchor_boxes,  # noqa: E402
-                                       detection_anchors, insloc_inputs, random_boxes)
+from bench.baselines import sample_anchor_boxes_iou_matrix, sample_anchor_boxes_random_argmax  # noqa: E402
+from tests.test_anchor_kernels import detection_anchors, insloc_inputs, random_boxes  # noqa: E402
 
 
 def shapes(device):
@@ -52,10 +52,10 @@ def main():
         baseline_gen = g if device.type == "cpu" else None  # multinomial needs a generator on the tensors' device
 
         def baseline():
-            return baseline_sample_anchor_boxes(gt, anchors, 0.5, baseline_gen)
+            return sample_anchor_boxes_iou_matrix(gt, anchors, 0.5, generator=baseline_gen)
 
         def randargmax():
-            return baseline_random_argmax(gt, anchors, 0.5, g)
+            return sample_anchor_boxes_random_argmax(gt, anchors, 0.5, generator=g)
 
         # A per-box baseline call takes seconds at the detection shape: one warm-up, at least 5 timed runs.
         base = time_ms(baseline, device, reps, 1, max_seconds)

@@ -14,10 +14,10 @@ import os
 import sys
 
 import torch
-import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import insloc_ops  # noqa: E402
+from bench import baselines  # noqa: E402
 from bench.common import Recorder, peak_extra_mb, time_ms  # noqa: E402
 from insloc_ops._backend import is_available  # noqa: E402
 
@@ -50,15 +50,8 @@ def detection_inputs(device, output_size, dtype=torch.float32, seed=0):
 
 
 def baseline(inp, feats):
-    rois, scales, size = inp["rois"], inp["scales"], inp["output_size"]
-    if inp["levels"] is None:
-        return torch.stack([torchvision.ops.roi_align(f, rois, size, s, 0, inp["aligned"]) for f, s in zip(feats, scales)])
-    levels = inp["levels"]
-    out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], *size)
-    for lvl, (f, s) in enumerate(zip(feats, scales)):
-        idx = torch.where(levels == lvl)[0]
-        out = out.index_put((idx,), torchvision.ops.roi_align(f, rois[idx], size, s, 0, inp["aligned"]))
-    return out
+    return baselines.roi_align_torchvision(feats, inp["rois"], inp["output_size"], inp["scales"], 0, inp["aligned"],
+                                           inp["levels"])
 
 
 def fused(backend):

@@ -18,6 +18,8 @@ import torchvision
 import insloc_ops
 from insloc_ops import reference
 
+from bench import baselines
+
 INSLOC_SIZES = (32, 64, 128, 256)
 INSLOC_RATIOS = (0.5, 0.75, 1, 1.5, 2)
 
@@ -54,28 +56,11 @@ def detection_inputs(n, generator, strides=(32, 64, 128), height=800, width=1344
 
 
 def baseline_sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, generator=None):
-    """What the official code does: the N x A IoU matrix, a threshold, then one multinomial draw per box over
-    its eligible anchors (argmax when there is none)."""
-    iou = torchvision.ops.box_iou(gt_boxes, anchors)  # [N, A]
-    eligible = iou > iou_threshold  # [N, A]
-    index = torch.empty(gt_boxes.shape[0], dtype=torch.int64, device=gt_boxes.device)
-    for n in range(gt_boxes.shape[0]):
-        if eligible[n].any():
-            index[n] = torch.multinomial(eligible[n].float(), 1, generator=generator)[0]
-        else:
-            index[n] = iou[n].argmax()
-    return anchors[index], index, iou.gather(1, index[:, None]).squeeze(1)
+    return baselines.sample_anchor_boxes_iou_matrix(gt_boxes, anchors, iou_threshold, generator=generator)
 
 
 def baseline_random_argmax(gt_boxes, anchors, iou_threshold=0.5, generator=None):
-    """The strongest plain-PyTorch variant: the N x A IoU matrix and an N x A matrix of uniform random
-    numbers; the eligible anchor with the largest one is a uniform choice, all boxes at once."""
-    iou = torchvision.ops.box_iou(gt_boxes, anchors)  # [N, A]
-    eligible = iou > iou_threshold  # [N, A]
-    noise = torch.rand(iou.shape, generator=generator).to(iou.device)  # [N, A]
-    pick = torch.where(eligible, noise, -1.0).argmax(dim=1)  # [N]
-    index = torch.where(eligible.any(dim=1), pick, iou.argmax(dim=1))  # [N]
-    return anchors[index], index, iou.gather(1, index[:, None]).squeeze(1)
+    return baselines.sample_anchor_boxes_random_argmax(gt_boxes, anchors, iou_threshold, generator=generator)
 
 
 def cpu_backends():
