@@ -99,7 +99,7 @@ def _extensions():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    macros = [("Py_LIMITED_API", "0x030a0000")]
+    macros = []  # torch adds Py_LIMITED_API itself for py_limited_api=True extensions
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if use_cuda:

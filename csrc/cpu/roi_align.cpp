@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/roi_align.h"
+#include "common/roi_align_args.h"
 
 namespace insloc {
 namespace {
@@ -221,54 +222,16 @@ void backward_one(const RoiTables<T>& t, const scalar_t* g, int64_t C, int64_t c
   }
 }
 
-void check_common(const at::Tensor& rois, const std::optional<at::Tensor>& levels, int64_t num_levels,
-                  size_t num_scales) {
-  TORCH_CHECK(num_levels > 0, "roi_align_multilevel: features must not be empty");
-  TORCH_CHECK(size_t(num_levels) == num_scales, "roi_align_multilevel: spatial_scales has ", num_scales,
-              " entries but there are ", num_levels, " levels");
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "roi_align_multilevel: rois must be [R, 5], got ",
-              rois.sizes());
-  TORCH_CHECK(rois.is_floating_point(), "roi_align_multilevel: rois must be floating point, got ",
-              rois.scalar_type());
-  if (levels.has_value()) {
-    TORCH_CHECK(levels->dim() == 1 && levels->size(0) == rois.size(0),
-                "roi_align_multilevel: levels must be [R] with R = ", rois.size(0), ", got ", levels->sizes());
-    TORCH_CHECK(levels->scalar_type() == at::kLong, "roi_align_multilevel: levels must be int64, got ",
-                levels->scalar_type());
-    TORCH_CHECK(levels->device() == rois.device(), "roi_align_multilevel: levels must be on rois' device");
-  }
-}
-
-// A level's features in a layout the kernel reads: NCHW-contiguous or channels_last, as given if possible.
-at::Tensor as_readable(const at::Tensor& f) {
-  if (f.is_contiguous() || f.is_contiguous(at::MemoryFormat::ChannelsLast)) return f;
-  return f.contiguous();
-}
-
-bool is_channels_last(const at::Tensor& f) {
-  return !f.is_contiguous() && f.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 at::Tensor roi_align_multilevel_cpu(at::TensorList features, const at::Tensor& rois,
                                     const std::optional<at::Tensor>& levels, at::ArrayRef<double> spatial_scales,
                                     int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
                                     bool aligned) {
   const int64_t L = int64_t(features.size());
-  check_common(rois, levels, L, spatial_scales.size());
+  check_roi_align_rois(rois, levels, L, spatial_scales.size());
   TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align_multilevel: pooled size must be positive");
-  const at::Tensor& f0 = features[0];
-  TORCH_CHECK(f0.dim() == 4, "roi_align_multilevel: features[0] must be [B, C, H, W], got ", f0.sizes());
-  std::vector<at::Tensor> feats;
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor& f = features[l];
-    TORCH_CHECK(f.dim() == 4 && f.size(0) == f0.size(0) && f.size(1) == f0.size(1),
-                "roi_align_multilevel: features[", l, "] must be [B, C, H, W] with B, C of features[0], got ",
-                f.sizes());
-    TORCH_CHECK(f.scalar_type() == f0.scalar_type() && f.device() == f0.device(),
-                "roi_align_multilevel: all levels must share dtype and device");
-    TORCH_CHECK(f.device().is_cpu() && rois.device().is_cpu(), "roi_align_multilevel (CPU): tensors must be on CPU");
-    feats.push_back(as_readable(f));
-  }
+  TORCH_CHECK(rois.device().is_cpu(), "roi_align_multilevel (CPU): tensors must be on CPU");
+  const std::vector<at::Tensor> feats = readable_features(features, rois);
+  const at::Tensor& f0 = feats[0];
   const int64_t B = f0.size(0), C = f0.size(1), R = rois.size(0);
   const int ph = int(pooled_height), pw = int(pooled_width);
   const bool by_level = levels.has_value();
@@ -311,20 +274,12 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cpu(
     at::ArrayRef<double> spatial_scales, int64_t sampling_ratio, bool aligned, int64_t batch_size,
     int64_t channels, at::IntArrayRef heights, at::IntArrayRef widths, bool channels_last) {
   const int64_t L = int64_t(heights.size());
-  check_common(rois, levels, L, spatial_scales.size());
-  TORCH_CHECK(widths.size() == heights.size(), "roi_align_multilevel_backward: heights and widths differ in length");
+  check_roi_align_rois(rois, levels, L, spatial_scales.size());
   const bool by_level = levels.has_value();
   const int64_t R = rois.size(0), B = batch_size, C = channels;
-  TORCH_CHECK(B >= 0 && C >= 0, "roi_align_multilevel_backward: batch_size and channels must be >= 0");
-  TORCH_CHECK(grad.dim() == (by_level ? 4 : 5), "roi_align_multilevel_backward: grad must be ",
-              by_level ? "[R, C, ph, pw]" : "[L, R, C, ph, pw]", ", got ", grad.sizes());
-  TORCH_CHECK(by_level || grad.size(0) == L, "roi_align_multilevel_backward: grad has ", grad.size(0),
-              " levels, expected ", L);
-  TORCH_CHECK(grad.size(-4) == R && grad.size(-3) == C, "roi_align_multilevel_backward: grad must have R = ", R,
-              " RoIs and C = ", C, " channels, got ", grad.sizes());
-  TORCH_CHECK(grad.device().is_cpu() && rois.device().is_cpu(), "roi_align_multilevel_backward (CPU): tensors must be on CPU");
-  for (int64_t l = 0; l < L; ++l)
-    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, "roi_align_multilevel_backward: negative level size");
+  TORCH_CHECK(B >= 0, "roi_align_multilevel_backward: batch_size must be >= 0");
+  check_roi_align_grad(grad, rois, by_level, L, C, heights, widths);
+  TORCH_CHECK(grad.device().is_cpu(), "roi_align_multilevel_backward (CPU): tensors must be on CPU");
   const int ph = int(grad.size(-2)), pw = int(grad.size(-1));
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const bool reduced = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/roi_align.h"
+#include "common/roi_align_args.h"
 
 namespace insloc {
 namespace {
@@ -239,29 +240,10 @@ unsigned blocks_for(int64_t total) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20)));
 }
 
-void check_common(const at::Tensor& rois, const std::optional<at::Tensor>& levels, int64_t num_levels,
-                  size_t num_scales) {
-  TORCH_CHECK(num_levels > 0, "roi_align_multilevel: features must not be empty");
+void check_cuda_problem(const at::Tensor& rois, int64_t num_levels) {
   TORCH_CHECK(num_levels <= MAX_LEVELS, "roi_align_multilevel (CUDA): at most ", MAX_LEVELS, " levels, got ",
               num_levels);
-  TORCH_CHECK(size_t(num_levels) == num_scales, "roi_align_multilevel: spatial_scales has ", num_scales,
-              " entries but there are ", num_levels, " levels");
-  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "roi_align_multilevel: rois must be [R, 5], got ",
-              rois.sizes());
-  TORCH_CHECK(rois.is_floating_point(), "roi_align_multilevel: rois must be floating point, got ",
-              rois.scalar_type());
   TORCH_CHECK(rois.is_cuda(), "roi_align_multilevel (CUDA): rois must be a CUDA tensor");
-  if (levels.has_value()) {
-    TORCH_CHECK(levels->dim() == 1 && levels->size(0) == rois.size(0),
-                "roi_align_multilevel: levels must be [R] with R = ", rois.size(0), ", got ", levels->sizes());
-    TORCH_CHECK(levels->scalar_type() == at::kLong, "roi_align_multilevel: levels must be int64, got ",
-                levels->scalar_type());
-    TORCH_CHECK(levels->device() == rois.device(), "roi_align_multilevel: levels must be on rois' device");
-  }
-}
-
-bool is_channels_last(const at::Tensor& f) {
-  return !f.is_contiguous() && f.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& rois,
@@ -269,22 +251,14 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
                                      int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
                                      bool aligned) {
   const int64_t L = int64_t(features.size());
-  check_common(rois, levels, L, spatial_scales.size());
+  check_roi_align_rois(rois, levels, L, spatial_scales.size());
+  check_cuda_problem(rois, L);
   TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align_multilevel: pooled size must be positive");
-  const at::Tensor& f0 = features[0];
-  TORCH_CHECK(f0.dim() == 4, "roi_align_multilevel: features[0] must be [B, C, H, W], got ", f0.sizes());
+  const std::vector<at::Tensor> feats = readable_features(features, rois);
+  const at::Tensor& f0 = feats[0];
   c10::cuda::CUDAGuard guard(f0.device());
-  std::vector<at::Tensor> feats;
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor& f = features[l];
-    TORCH_CHECK(f.dim() == 4 && f.size(0) == f0.size(0) && f.size(1) == f0.size(1),
-                "roi_align_multilevel: features[", l, "] must be [B, C, H, W] with B, C of features[0], got ",
-                f.sizes());
-    TORCH_CHECK(f.scalar_type() == f0.scalar_type() && f.device() == f0.device() && rois.device() == f0.device(),
-                "roi_align_multilevel: all tensors must share features[0]'s dtype and device");
+  for (const at::Tensor& f : feats)
     TORCH_CHECK(f.size(2) <= INT32_MAX && f.size(3) <= INT32_MAX, "roi_align_multilevel: level too large");
-    feats.push_back(f.is_contiguous() || f.is_contiguous(at::MemoryFormat::ChannelsLast) ? f : f.contiguous());
-  }
   const int64_t B = f0.size(0), C = f0.size(1), R = rois.size(0);
   TORCH_CHECK(B <= INT32_MAX, "roi_align_multilevel: batch too large");
   const bool by_level = levels.has_value();
@@ -322,22 +296,15 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
     at::ArrayRef<double> spatial_scales, int64_t sampling_ratio, bool aligned, int64_t batch_size,
     int64_t channels, at::IntArrayRef heights, at::IntArrayRef widths, bool channels_last) {
   const int64_t L = int64_t(heights.size());
-  check_common(rois, levels, L, spatial_scales.size());
-  TORCH_CHECK(widths.size() == heights.size(), "roi_align_multilevel_backward: heights and widths differ in length");
+  check_roi_align_rois(rois, levels, L, spatial_scales.size());
+  check_cuda_problem(rois, L);
   const bool by_level = levels.has_value();
   const int64_t R = rois.size(0), B = batch_size, C = channels;
-  TORCH_CHECK(B >= 0 && B <= INT32_MAX && C >= 0, "roi_align_multilevel_backward: bad batch_size or channels");
-  TORCH_CHECK(grad.dim() == (by_level ? 4 : 5), "roi_align_multilevel_backward: grad must be ",
-              by_level ? "[R, C, ph, pw]" : "[L, R, C, ph, pw]", ", got ", grad.sizes());
-  TORCH_CHECK(by_level || grad.size(0) == L, "roi_align_multilevel_backward: grad has ", grad.size(0),
-              " levels, expected ", L);
-  TORCH_CHECK(grad.size(-4) == R && grad.size(-3) == C, "roi_align_multilevel_backward: grad must have R = ", R,
-              " RoIs and C = ", C, " channels, got ", grad.sizes());
-  TORCH_CHECK(grad.device() == rois.device(), "roi_align_multilevel_backward: grad and rois on different devices");
+  TORCH_CHECK(B >= 0 && B <= INT32_MAX, "roi_align_multilevel_backward: bad batch_size");
+  check_roi_align_grad(grad, rois, by_level, L, C, heights, widths);
   int max_h = 0;
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0 && heights[l] <= INT32_MAX && widths[l] <= INT32_MAX,
-                "roi_align_multilevel_backward: bad level size");
+    TORCH_CHECK(heights[l] <= INT32_MAX && widths[l] <= INT32_MAX, "roi_align_multilevel_backward: level too large");
     max_h = std::max(max_h, int(heights[l]));
   }
   c10::cuda::CUDAGuard guard(grad.device());
