@@ -18,6 +18,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def one_thread():
+    """Runs the test with one intra-op thread and restores the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def poisoned_like(t):
     """A tensor shaped like ``t`` full of NaN: a kernel that leaves an element unwritten shows it."""
     return torch.full_like(t, float("nan"))

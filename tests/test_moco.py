@@ -13,13 +13,8 @@ from insloc.moco import MoCo, batch_shuffle_ddp, batch_unshuffle_ddp, rois_from_
 from insloc.train import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a few small ops per step: one thread avoids OpenMP oversubscription on shared CPUs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# a few small ops per step: one thread avoids OpenMP oversubscription on shared CPUs
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**kw):

@@ -11,13 +11,8 @@ from insloc.config import Config, demo
 from insloc.train import cosine_lr, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a few small ops per step: one thread avoids OpenMP oversubscription on shared CPUs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# a few small ops per step: one thread avoids OpenMP oversubscription on shared CPUs
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(out_dir, **kw):

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/anchors.h"
+#include "common/anchors_args.h"
 
 namespace {
 
@@ -111,17 +112,10 @@ Pick scan_tile(const BoxesSoA& gt, int64_t n, const BoxesSoA& anc, int64_t begin
 
 std::tuple<at::Tensor, at::Tensor> sample_anchor_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& anchors,
                                                            double iou_threshold, int64_t seed) {
-  TORCH_CHECK_VALUE(gt_boxes.dim() == 2 && gt_boxes.size(1) == 4, "gt_boxes must be [N, 4], got ",
-                    gt_boxes.sizes());
-  TORCH_CHECK_VALUE(anchors.dim() == 2 && anchors.size(1) == 4, "anchors must be [A, 4], got ", anchors.sizes());
-  TORCH_CHECK_VALUE(gt_boxes.is_floating_point(), "gt_boxes must be floating point, got ", gt_boxes.scalar_type());
-  TORCH_CHECK_VALUE(anchors.is_floating_point(), "anchors must be floating point, got ", anchors.scalar_type());
+  insloc::check_sample_anchor_boxes_args(gt_boxes, anchors, iou_threshold);
   TORCH_CHECK_VALUE(gt_boxes.device().is_cpu() && anchors.device().is_cpu(),
                     "gt_boxes and anchors must be CPU tensors");
-  TORCH_CHECK_VALUE(std::isfinite(iou_threshold), "iou_threshold must be finite, got ", iou_threshold);
   const int64_t N = gt_boxes.size(0), A = anchors.size(0);
-  TORCH_CHECK_VALUE(A <= insloc::kMaxAnchors, "anchors must have at most ", insloc::kMaxAnchors, " rows, got ", A);
-  TORCH_CHECK_VALUE(N == 0 || A > 0, "anchors must not be empty when gt_boxes is not");
   auto index = at::empty({N}, gt_boxes.options().dtype(at::kLong));  // [N]
   auto iou = at::empty({N}, gt_boxes.options().dtype(at::kFloat));   // [N]
   if (N == 0) return {index, iou};

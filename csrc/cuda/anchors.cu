@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "common/anchors.h"
+#include "common/anchors_args.h"
 
 namespace {
 
@@ -110,17 +111,10 @@ __global__ void finalize_kernel(const float* __restrict__ gt, const float* __res
 
 std::tuple<at::Tensor, at::Tensor> sample_anchor_boxes_cuda(const at::Tensor& gt_boxes, const at::Tensor& anchors,
                                                             double iou_threshold, int64_t seed) {
-  TORCH_CHECK_VALUE(gt_boxes.dim() == 2 && gt_boxes.size(1) == 4, "gt_boxes must be [N, 4], got ",
-                    gt_boxes.sizes());
-  TORCH_CHECK_VALUE(anchors.dim() == 2 && anchors.size(1) == 4, "anchors must be [A, 4], got ", anchors.sizes());
-  TORCH_CHECK_VALUE(gt_boxes.is_floating_point(), "gt_boxes must be floating point, got ", gt_boxes.scalar_type());
-  TORCH_CHECK_VALUE(anchors.is_floating_point(), "anchors must be floating point, got ", anchors.scalar_type());
+  insloc::check_sample_anchor_boxes_args(gt_boxes, anchors, iou_threshold);
   TORCH_CHECK_VALUE(gt_boxes.is_cuda() && anchors.device() == gt_boxes.device(),
                     "gt_boxes and anchors must be on the same CUDA device");
-  TORCH_CHECK_VALUE(std::isfinite(iou_threshold), "iou_threshold must be finite, got ", iou_threshold);
   const int64_t N = gt_boxes.size(0), A = anchors.size(0);
-  TORCH_CHECK_VALUE(A <= insloc::kMaxAnchors, "anchors must have at most ", insloc::kMaxAnchors, " rows, got ", A);
-  TORCH_CHECK_VALUE(N == 0 || A > 0, "anchors must not be empty when gt_boxes is not");
   TORCH_CHECK_VALUE((N + kBoxesPerBlock - 1) / kBoxesPerBlock <= 0x7fffffff, "gt_boxes has too many rows: ", N);
   const c10::cuda::CUDAGuard guard(gt_boxes.device());
   auto index = at::empty({N}, gt_boxes.options().dtype(at::kLong));  // [N]
