@@ -2,7 +2,10 @@
 
 Shapes: InsLoc (G=4, N=32, K=65,536, D=128) and MoCo (G=1, N=256, K=65,536, D=128), queue fp32 and bf16;
 forward, backward and both; median ms and peak extra memory; on a GPU also the achieved bandwidth over
-the floor (the queue read once forward and once backward). On CPU the fused impl is the C++ kernel.
+the floor (the queue read once forward and once backward). On CPU the fused impl is the C++ kernel:
+"cpu" is what the public API runs (for training, the one-pass kernel that returns what the backward needs,
+so "forward" -- timed under no_grad, i.e. inference -- and "backward" do not add up to "both"), and
+"cpu-twopass" is the same kernel's forward + recompute-in-backward path, for comparison.
 
     python bench/bench_infonce.py [--device cpu|cuda] [--quick] [--out bench/results/infonce.csv]
 """
@@ -43,6 +46,8 @@ def impls(device):
         if insloc_ops._backend.is_available("queue_infonce", backend, device):
             out[backend] = (lambda b: lambda q, k, queue, t: insloc_ops.queue_infonce(q, k, queue, t, backend=b))(
                 backend)
+    if device == "cpu" and "cpu" in out:
+        out["cpu-twopass"] = lambda q, k, queue, t: torch.ops.insloc_ops.queue_infonce(q, k, queue, t)[0].mean(-1)
     return out
 
 

@@ -68,4 +68,11 @@ TORCH_LIBRARY(insloc_ops, m) {
   define_twice(m, "queue_infonce_backward",
                "(Tensor grad_loss, Tensor q, Tensor k, Tensor queue, Tensor lse, float temperature) "
                "-> (Tensor, Tensor)");
+  // One pass over the queue, for training (CPU kernel only): also returns neg_mean float32 [G, N, D],
+  // sum_j p_ij queue_j (the softmax-weighted mean of the negatives), from which the backward needs no pass
+  // over the queue. (loss, lse, neg_mean).
+  m.def("queue_infonce_onepass(Tensor q, Tensor k, Tensor queue, float temperature) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_q, grad_k) in q's dtype.
+  m.def("queue_infonce_onepass_backward(Tensor grad_loss, Tensor q, Tensor k, Tensor lse, Tensor neg_mean, "
+        "float temperature) -> (Tensor, Tensor)");
 }

@@ -81,6 +81,30 @@ def _infonce_setup(suffix):
     return setup_context, backward
 
 
+def _onepass_fake(q, k, queue, temperature):
+    G, N, D = q.shape
+    acc = _acc_dtype(q)
+    return q.new_empty((G, N), dtype=acc), q.new_empty((G, N), dtype=acc), q.new_empty((G, N, D), dtype=acc)
+
+
+def _onepass_backward_fake(grad_loss, q, k, lse, neg_mean, temperature):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _onepass_setup_context(ctx, inputs, output):
+    q, k, queue, temperature = inputs
+    ctx.save_for_backward(q, k, output[1], output[2])
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _onepass_backward(ctx, grad_loss, grad_lse, grad_neg_mean):
+    q, k, lse, neg_mean = ctx.saved_tensors
+    dq, dk = torch.ops.insloc_ops.queue_infonce_onepass_backward(grad_loss.contiguous(), q, k, lse, neg_mean,
+                                                                 ctx.temperature)
+    return dq, dk, None, None
+
+
 def register():
     for suffix in VARIANTS:
         torch.library.register_fake(_lib("roi_align_multilevel" + suffix))(_roi_align_fake)
@@ -94,3 +118,8 @@ def register():
         torch.library.register_fake(_lib("queue_infonce_backward" + suffix))(_infonce_backward_fake)
         setup, backward = _infonce_setup(suffix)
         torch.library.register_autograd(_lib("queue_infonce" + suffix), backward, setup_context=setup)
+
+    torch.library.register_fake(_lib("queue_infonce_onepass"))(_onepass_fake)
+    torch.library.register_fake(_lib("queue_infonce_onepass_backward"))(_onepass_backward_fake)
+    torch.library.register_autograd(_lib("queue_infonce_onepass"), _onepass_backward,
+                                    setup_context=_onepass_setup_context)

@@ -41,6 +41,11 @@ def queue_infonce(q, k, queue, temperature, *, reduction="mean", backend=None):
     own queue). loss_i = logsumexp([q_i.k_i, q_i.queue_j ...] / T) - q_i.k_i / T, accumulated in fp32.
     reduction "mean" -> [] or [G] (an empty batch gives 0); "none" -> [N] or [G, N]. Gradients flow to q
     and k (where they require grad), never to the queue.
+
+    Nothing of size N x K is allocated by the fused backends. The C++ CPU kernel, when q requires grad,
+    also accumulates sum_j p_ij queue_j (G x N x D) in the same pass over the queue, so its backward does
+    not read the queue again; otherwise (and on the GPU backends) the backward recomputes the logits from
+    the saved log-sum-exp.
     """
     _check(q, k, queue, temperature)
     if reduction not in ("mean", "none"):
@@ -51,6 +56,9 @@ def queue_infonce(q, k, queue, temperature, *, reduction="mean", backend=None):
     which = select("queue_infonce", q.device, backend)
     if which == "reference":
         loss, _ = reference.queue_infonce(q, k, queue.detach(), float(temperature))
+    elif which == "cpu" and q.requires_grad and torch.is_grad_enabled():
+        # Training on CPU: one pass over the queue yields the loss and what dq needs (see the C++ kernel).
+        loss = torch.ops.insloc_ops.queue_infonce_onepass(q, k, queue.detach(), float(temperature))[0]
     else:
         op = torch.ops.insloc_ops.queue_infonce_triton if which == "triton" else torch.ops.insloc_ops.queue_infonce
         loss, _ = op(q, k, queue.detach(), float(temperature))

@@ -43,12 +43,32 @@ def tolerances(q, queue):
     return dict(rtol=1e-4, atol=1e-5)
 
 
+def cpu_op(onepass):
+    """The C++ kernel's training path (one pass over the queue) or its two-pass path (forward; backward
+    re-reads the queue), called directly, as a public-API-like fn(q, k, queue, T) -> per-row loss."""
+    op = torch.ops.insloc_ops.queue_infonce_onepass if onepass else torch.ops.insloc_ops.queue_infonce
+
+    def fn(q, k, queue, temperature):
+        if q.dim() == 2:
+            return op(q[None], k[None], queue[None], temperature)[0][0]
+        return op(q, k, queue, temperature)[0]
+
+    return fn
+
+
+CPU_PATHS = {"onepass": cpu_op(True), "twopass": cpu_op(False)}
+
+
 def check_against_oracles(backend, q, k, queue, temperature, k_grad=True, tol=None):
-    """Values and gradients of the public API with ``backend`` vs the reference and F.cross_entropy."""
+    """Values and gradients of the public API with ``backend`` (or of a callable fn(q, k, queue, T)) vs the
+    reference and F.cross_entropy."""
     grouped = q.dim() == 3
     q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_(k_grad)
     q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_(k_grad)
-    loss = insloc_ops.queue_infonce(q1, k1, queue, temperature, reduction="none", backend=backend)
+    if callable(backend):
+        loss = backend(q1, k1, queue, temperature)
+    else:
+        loss = insloc_ops.queue_infonce(q1, k1, queue, temperature, reduction="none", backend=backend)
     expected = insloc_ops.queue_infonce(q2, k2, queue, temperature, reduction="none", backend="reference")
     tol = tol or tolerances(q, queue)
     assert loss.shape == expected.shape == (q.shape[:-1])
@@ -72,39 +92,71 @@ SHAPES = [  # (G, N, K, D); G = 0 means ungrouped [N, D]
     (0, 5, 1007, 16),
     (2, 1, 33, 8),
     (3, 130, 1543, 24),  # more rows than one row block, several K splits
+    (2, 9, 20011, 8),  # several 512-row blocks per K split: the one-pass running max is rescaled
 ]
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("temperature", [0.07, 0.2])
-def test_cpu_kernel_matches_reference_and_cross_entropy(shape, temperature):
+def test_cpu_kernel_matches_reference_and_cross_entropy(path, shape, temperature):
     q, k, queue = make_inputs(*shape)
-    check_against_oracles("cpu", q, k, queue, temperature)
+    if path == "onepass" and shape[2] > 10000:
+        # Growing norms along the queue: the running max grows block after block.
+        queue = queue * torch.linspace(0.2, 3.0, shape[2], dtype=queue.dtype)[:, None]
+    check_against_oracles(CPU_PATHS[path], q, k, queue, temperature)
 
 
+def autograd_node_names(t):
+    names, stack = [], [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.append(node.name())
+            stack.extend(fn for fn, _ in node.next_functions)
+    return " ".join(names)
+
+
+def test_public_api_trains_with_the_one_pass_kernel_and_infers_with_the_forward_only_one():
+    q, k, queue = make_inputs(2, 5, 300, 16)
+    loss = insloc_ops.queue_infonce(q.clone().requires_grad_(), k, queue, 0.2, backend="cpu")
+    assert "queue_infonce_onepass" in autograd_node_names(loss)
+    with torch.no_grad():
+        no_grad = insloc_ops.queue_infonce(q.clone().requires_grad_(), k, queue, 0.2, backend="cpu")
+    torch.testing.assert_close(no_grad, loss.detach(), rtol=1e-6, atol=1e-6)
+    # k alone requiring grad: the two-pass kernel (dk needs only the lse).
+    loss = insloc_ops.queue_infonce(q, k.clone().requires_grad_(), queue, 0.2, backend="cpu")
+    names = autograd_node_names(loss)
+    assert "queue_infonce" in names and "queue_infonce_onepass" not in names
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("queue_dtype", [torch.bfloat16, torch.float16])
-def test_cpu_kernel_low_precision_queue_with_fp32_queries(queue_dtype):
+def test_cpu_kernel_low_precision_queue_with_fp32_queries(path, queue_dtype):
     q, k, queue = make_inputs(4, 5, 1007, 16, queue_dtype=queue_dtype)
     # The queue is upcast exactly, so fp32 tolerances hold against the reference on the same values.
-    check_against_oracles("cpu", q, k, queue, 0.07, tol=dict(rtol=1e-4, atol=1e-5))
+    check_against_oracles(CPU_PATHS[path], q, k, queue, 0.07, tol=dict(rtol=1e-4, atol=1e-5))
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cpu_kernel_low_precision_everything(dtype):
+def test_cpu_kernel_low_precision_everything(path, dtype):
     q, k, queue = make_inputs(2, 7, 600, 32, dtype=dtype)
-    check_against_oracles("cpu", q, k, queue, 0.2)
+    check_against_oracles(CPU_PATHS[path], q, k, queue, 0.2)
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("k_grad", [True, False])
-def test_cpu_kernel_gradients_with_and_without_k_grad(k_grad):
+def test_cpu_kernel_gradients_with_and_without_k_grad(path, k_grad):
     q, k, queue = make_inputs(2, 5, 300, 16)
-    check_against_oracles("cpu", q, k, queue, 0.07, k_grad=k_grad)
+    check_against_oracles(CPU_PATHS[path], q, k, queue, 0.07, k_grad=k_grad)
 
 
-def test_cpu_kernel_empty_queue_gives_zero_loss_and_gradient():
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_cpu_kernel_empty_queue_gives_zero_loss_and_gradient(path):
     q, k, queue = make_inputs(2, 3, 0, 8)
     q.requires_grad_()
-    loss = insloc_ops.queue_infonce(q, k, queue, 0.2, reduction="none", backend="cpu")
+    loss = CPU_PATHS[path](q, k, queue, 0.2)
     torch.testing.assert_close(loss, torch.zeros(2, 3))
     loss.sum().backward()
     torch.testing.assert_close(q.grad, torch.zeros_like(q))
@@ -116,19 +168,29 @@ def test_cpu_kernel_empty_batch():
     torch.testing.assert_close(loss, torch.zeros(2))
     out, lse = torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.2)
     assert out.shape == lse.shape == (2, 0)
+    q.requires_grad_()
+    out, lse, neg_mean = torch.ops.insloc_ops.queue_infonce_onepass(q, k, queue, 0.2)
+    assert out.shape == lse.shape == (2, 0) and neg_mean.shape == (2, 0, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
 
 
 def test_cpu_kernel_does_not_depend_on_thread_count():
-    q, k, queue = make_inputs(3, 40, 5000, 16)
+    q, k, queue = make_inputs(3, 40, 20000, 16)
+    q.requires_grad_()
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.1)
-        torch.set_num_threads(max(2, threads))
-        many = torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.1)
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            two = torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.1)
+            one = torch.ops.insloc_ops.queue_infonce_onepass(q, k, queue, 0.1)
+            grads = [torch.autograd.grad(out[0].sum(), q)[0] for out in (two, one)]
+            results.append([t.detach() for t in (*two, *one, *grads)])
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_lse_output_is_the_log_sum_exp_of_all_logits():
@@ -141,10 +203,11 @@ def test_lse_output_is_the_log_sum_exp_of_all_logits():
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
 
 
-def test_fp64_gradcheck_cpu_kernel():
-    q, k, queue = make_inputs(2, 3, 40, 5, dtype=torch.float64)
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_fp64_gradcheck_cpu_kernel(path):
+    q, k, queue = make_inputs(2, 3, 1100, 5, dtype=torch.float64)  # 3 K splits
     q.requires_grad_(), k.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: torch.ops.insloc_ops.queue_infonce(a, b, queue, 0.2)[0], (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: CPU_PATHS[path](a, b, queue, 0.2), (q, k))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
@@ -153,10 +216,15 @@ def test_non_finite_input_gives_non_finite_loss(backend):
     q[0, 1, 2] = float("nan")
     k[0, 2, 0] = float("inf")  # positive logit +-inf: loss NaN or inf
     queue[1, 17, 3] = float("nan")  # poisons every row of group 1
-    loss = insloc_ops.queue_infonce(q, k, queue, 0.2, reduction="none", backend=backend)
-    assert not torch.isfinite(loss[0, 1]) and not torch.isfinite(loss[0, 2])
-    assert not torch.isfinite(loss[1]).any()
-    assert torch.isfinite(loss[0, 0])
+    for requires_grad in (False, True):  # on CPU: the forward-only and the one-pass training kernels
+        q1 = q.clone().requires_grad_(requires_grad)
+        loss = insloc_ops.queue_infonce(q1, k, queue, 0.2, reduction="none", backend=backend)
+        assert not torch.isfinite(loss[0, 1]) and not torch.isfinite(loss[0, 2])
+        assert not torch.isfinite(loss[1]).any()
+        assert torch.isfinite(loss[0, 0])
+        if requires_grad:
+            loss[0, 0].backward()  # no crash; the clean row keeps a finite gradient
+            assert torch.isfinite(q1.grad[0, 0]).all()
 
 
 @pytest.mark.parametrize("temperature", [0.0, -0.1, float("nan"), float("inf")])
@@ -166,6 +234,8 @@ def test_bad_temperature_is_an_error_naming_it(temperature):
         insloc_ops.queue_infonce(q, k, queue, temperature)
     with pytest.raises(RuntimeError, match="temperature"):
         torch.ops.insloc_ops.queue_infonce(q, k, queue, temperature)
+    with pytest.raises(RuntimeError, match="temperature"):
+        torch.ops.insloc_ops.queue_infonce_onepass(q, k, queue, temperature)
     if "triton" in CPU_BACKENDS:
         with pytest.raises(ValueError, match="temperature"):
             torch.ops.insloc_ops.queue_infonce_triton(q, k, queue, temperature)
@@ -179,6 +249,13 @@ def test_bad_shapes_are_errors_naming_the_argument():
         torch.ops.insloc_ops.queue_infonce(q, k[:, :2], queue, 0.2)
     with pytest.raises(RuntimeError, match="grad_loss"):
         torch.ops.insloc_ops.queue_infonce_backward(torch.ones(2, 2), q, k, queue, torch.ones(2, 3), 0.2)
+    with pytest.raises(RuntimeError, match="queue must"):
+        torch.ops.insloc_ops.queue_infonce_onepass(q, k, queue[:1], 0.2)
+    lse, neg_mean = torch.ones(2, 3), torch.ones(2, 3, 4)
+    with pytest.raises(RuntimeError, match="neg_mean"):
+        torch.ops.insloc_ops.queue_infonce_onepass_backward(torch.ones(2, 3), q, k, lse, neg_mean[:, :2], 0.2)
+    with pytest.raises(RuntimeError, match="lse"):
+        torch.ops.insloc_ops.queue_infonce_onepass_backward(torch.ones(2, 3), q, k, lse[:1], neg_mean, 0.2)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
@@ -225,6 +302,10 @@ def test_opcheck_cpp_op():
     lse = torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.2)[1].detach()
     torch.library.opcheck(torch.ops.insloc_ops.queue_infonce_backward.default,
                           (torch.rand(2, 3), q.detach(), k.detach(), queue, lse, 0.2))
+    torch.library.opcheck(torch.ops.insloc_ops.queue_infonce_onepass.default, (q, k, queue, 0.2))
+    _, lse, neg_mean = torch.ops.insloc_ops.queue_infonce_onepass(q.detach(), k.detach(), queue, 0.2)
+    torch.library.opcheck(torch.ops.insloc_ops.queue_infonce_onepass_backward.default,
+                          (torch.rand(2, 3), q.detach(), k.detach(), lse, neg_mean, 0.2))
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")

@@ -5,6 +5,12 @@
 // across blocks and, after the parallel loop, across splits in a fixed order (so the result does not
 // depend on the thread count). The backward recomputes p from the saved lse block by block and adds
 // p @ block into a per-split dq partial ([splits, G, N, D]), summed afterwards.
+//
+// queue_infonce_onepass (what training uses on CPU) does both in one pass over the queue: while it
+// streams the blocks for the log-sum-exp it also accumulates sum_j exp(logit_ij - m) queue_j (rescaled
+// when the running max m grows, as in flash attention), so it returns, next to the loss, the
+// softmax-weighted mean of the negatives. dq and dk follow from it in O(N D): the queue is read once per
+// step instead of twice, and the GEMM that recomputes the logits in the backward disappears.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -102,66 +108,122 @@ void for_each_logit_block(const Geometry& geo, const at::Tensor& qa, const at::T
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> queue_infonce_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                     const at::Tensor& queue, double temperature) {
+// The per-row end of every backward: with e_i = sum_j p_ij queue_j already in `neg` (rows of D, or
+// `parts` partial sums laid out [parts, rows, D] summed in a fixed order) and scaled by `neg_scale`_i,
+//   dq_i = a_i k_i + neg_scale_i * e_i,  dk_i = a_i q_i,  a_i = (g_i / T) (p_i0 - 1).
+template <typename acc_t, typename NegScale>
+void finish_rows(int64_t rows, int64_t D, const acc_t* qp, const acc_t* kp, const acc_t* gp, const acc_t* lp,
+                 acc_t inv_t, const acc_t* neg, int64_t parts, const NegScale& neg_scale, acc_t* dqp, acc_t* dkp) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t dot = 0;
+      for (int64_t d = 0; d < D; ++d) dot += qp[i * D + d] * kp[i * D + d];
+      const acc_t a = positive_coef(gp[i], inv_t, dot * inv_t, lp[i]);
+      const acc_t c = neg_scale(i);
+      for (int64_t d = 0; d < D; ++d) {
+        acc_t sum = 0;
+        for (int64_t p = 0; p < parts; ++p) sum += neg[(p * rows + i) * D + d];
+        dqp[i * D + d] = a * kp[i * D + d] + c * sum;
+        dkp[i * D + d] = a * qp[i * D + d];
+      }
+    }
+  });
+}
+
+// The forward: loss and lse, and with `with_neg` (queue_infonce_onepass) also neg_mean [G, N, D] =
+// sum_j p_ij queue_j, in the same pass over the queue.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue,
+                                                       double temperature, bool with_neg) {
   check_inputs(q, k, queue, temperature);
   const auto acc = acc_type(q);
   const Geometry geo(q, queue);
   auto loss = at::empty({geo.G, geo.N}, q.options().dtype(acc));
   auto lse = at::empty({geo.G, geo.N}, q.options().dtype(acc));
-  if (geo.G * geo.N == 0) return {loss, lse};
-  const auto qa = q.detach().to(acc).contiguous();  // [G, N, D]; detached: out= ops below refuse grad
+  auto neg_mean = at::empty({with_neg ? geo.G : 0, geo.N, geo.D}, q.options().dtype(acc));
+  if (geo.G * geo.N == 0) return {loss, lse, neg_mean};
+  const auto qa = q.detach().to(acc).contiguous();  // [G, N, D]
   const auto ka = k.detach().to(acc).contiguous();
   const auto queue_c = queue.detach().contiguous();  // [G, K, D]
 
   AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_cpu", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
-    // Partial (m, s) per (g, n, split); every slot a task owns is written.
-    std::vector<acc_t> part_m(geo.G * geo.N * geo.splits, neg_inf<acc_t>());
-    std::vector<acc_t> part_s(geo.G * geo.N * geo.splits, acc_t(0));
+    const int64_t rows_total = geo.G * geo.N, D = geo.D;
+    // Per (g, n, split): the running (m, s) and sum_j exp(logit_ij - m) queue_j; each slot is owned by one task.
+    std::vector<acc_t> part_m(rows_total * geo.splits, neg_inf<acc_t>());
+    std::vector<acc_t> part_s(rows_total * geo.splits, acc_t(0));
+    at::Tensor part_e;
+    if (with_neg) part_e = at::zeros({geo.splits, geo.G, geo.N, D}, qa.options());
+    acc_t* ep = with_neg ? part_e.data_ptr<acc_t>() : nullptr;
     if (geo.K > 0) {
       for_each_logit_block<acc_t>(geo, qa, queue_c, [&](int64_t g, int64_t r0, int64_t nr, at::Tensor& logits,
-                                                         const at::Tensor&, int64_t split) {
+                                                         const at::Tensor& block, int64_t split) {
         const int64_t nk = logits.size(1);
         acc_t* x = logits.data_ptr<acc_t>();
-        std::vector<acc_t> shift(nr);
         for (int64_t r = 0; r < nr; ++r) {
           acc_t* row = x + r * nk;
           acc_t bmax = neg_inf<acc_t>();
           for (int64_t j = 0; j < nk; ++j) bmax = row[j] > bmax ? row[j] : bmax;
           const int64_t slot = ((g * geo.N) + r0 + r) * geo.splits + split;
-          shift[r] = std::max(part_m[slot], bmax * inv_t);
-          const acc_t sh = shift[r];
-          for (int64_t j = 0; j < nk; ++j) row[j] = row[j] * inv_t - sh;
+          const acc_t m_old = part_m[slot], m_new = std::max(m_old, bmax * inv_t);
+          if (m_new > m_old) {  // rescale what was summed relative to the old max (nothing, the first time)
+            const acc_t scale = m_old == neg_inf<acc_t>() ? acc_t(0) : exp_acc(m_old - m_new);
+            part_s[slot] *= scale;
+            if (with_neg) {
+              acc_t* e = ep + ((split * rows_total) + g * geo.N + r0 + r) * D;
+              for (int64_t d = 0; d < D; ++d) e[d] *= scale;
+            }
+            part_m[slot] = m_new;
+          }
+          for (int64_t j = 0; j < nk; ++j) row[j] = row[j] * inv_t - m_new;
         }
-        // The bulk of the exps: ATen's vectorised exp on the L2-resident block.
-        logits.exp_();
+        logits.exp_();  // the bulk of the exps: ATen's vectorised exp on the L2-resident block
         for (int64_t r = 0; r < nr; ++r) {
-          const acc_t* row = x + r * nk;
-          const acc_t sum = row_sum(row, nk);
           const int64_t slot = ((g * geo.N) + r0 + r) * geo.splits + split;
-          lse_merge(part_m[slot], part_s[slot], shift[r], sum);
+          part_s[slot] += row_sum(x + r * nk, nk);
         }
+        if (with_neg) part_e[split][g].narrow(0, r0, nr).addmm_(logits, block);  // [nr, D] += [nr, nk] @ [nk, D]
       });
     }
     const acc_t* qp = qa.data_ptr<acc_t>();
     const acc_t* kp = ka.data_ptr<acc_t>();
     acc_t* loss_p = loss.data_ptr<acc_t>();
     acc_t* lse_p = lse.data_ptr<acc_t>();
-    at::parallel_for(0, geo.G * geo.N, 64, [&](int64_t begin, int64_t end) {
+    acc_t* np = neg_mean.data_ptr<acc_t>();
+    at::parallel_for(0, rows_total, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         acc_t dot = 0;
-        for (int64_t d = 0; d < geo.D; ++d) dot += qp[i * geo.D + d] * kp[i * geo.D + d];
+        for (int64_t d = 0; d < D; ++d) dot += qp[i * D + d] * kp[i * D + d];
         const acc_t positive = dot * inv_t;
         acc_t m = positive, s = 1;
         for (int64_t c = 0; c < geo.splits; ++c) lse_merge(m, s, part_m[i * geo.splits + c], part_s[i * geo.splits + c]);
         lse_p[i] = lse_value(m, s);
         loss_p[i] = infonce_loss(lse_p[i], positive);
+        if (!with_neg) continue;
+        // Splits in a fixed order, each weighted by exp(m_c - lse): the result does not depend on threads.
+        for (int64_t d = 0; d < D; ++d) np[i * D + d] = 0;
+        for (int64_t c = 0; c < geo.splits; ++c) {
+          const acc_t mc = part_m[i * geo.splits + c];
+          if (mc == neg_inf<acc_t>()) continue;  // an empty split (or one whose logits were all -inf)
+          const acc_t w = infonce_prob(mc, lse_p[i]);
+          const acc_t* e = ep + (c * rows_total + i) * D;
+          for (int64_t d = 0; d < D; ++d) np[i * D + d] += w * e[d];
+        }
       }
     });
   });
-  return {loss, lse};
+  return {loss, lse, neg_mean};
+}
+
+std::tuple<at::Tensor, at::Tensor> queue_infonce_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& queue, double temperature) {
+  auto out = forward(q, k, queue, temperature, /*with_neg=*/false);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> queue_infonce_onepass_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                         const at::Tensor& queue, double temperature) {
+  return forward(q, k, queue, temperature, /*with_neg=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& q,
@@ -210,25 +272,48 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cpu(const at::Tensor& 
         dq_part[split][g].narrow(0, r0, nr).addmm_(logits, block);  // [nr, D] += [nr, nk] @ [nk, D]
       });
     }
-    const acc_t* qp = qa.data_ptr<acc_t>();
-    const acc_t* kp = ka.data_ptr<acc_t>();
-    const acc_t* pp = dq_part.data_ptr<acc_t>();
-    acc_t* dqp = dqa.data_ptr<acc_t>();
-    acc_t* dkp = dka.data_ptr<acc_t>();
-    const int64_t rows_total = geo.G * geo.N, D = geo.D;
-    at::parallel_for(0, rows_total, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += qp[i * D + d] * kp[i * D + d];
-        const acc_t a = positive_coef(gp[i], inv_t, dot * inv_t, lp[i]);
-        for (int64_t d = 0; d < D; ++d) {
-          acc_t sum = a * kp[i * D + d];
-          for (int64_t c = 0; c < geo.splits; ++c) sum += pp[(c * rows_total + i) * D + d];
-          dqp[i * D + d] = sum;
-          dkp[i * D + d] = a * qp[i * D + d];
-        }
-      }
-    });
+    // The partials already carry g_i / T.
+    finish_rows<acc_t>(geo.G * geo.N, geo.D, qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), gp, lp, inv_t,
+                       dq_part.data_ptr<acc_t>(), geo.splits, [](int64_t) { return acc_t(1); },
+                       dqa.data_ptr<acc_t>(), dka.data_ptr<acc_t>());
+  });
+  return {dqa.to(q.scalar_type()), dka.to(k.scalar_type())};
+}
+
+// The backward of queue_infonce_onepass: no pass over the queue.
+std::tuple<at::Tensor, at::Tensor> queue_infonce_onepass_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& q,
+                                                                      const at::Tensor& k, const at::Tensor& lse,
+                                                                      const at::Tensor& neg_mean, double temperature) {
+  TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes(), "queue_infonce_onepass_backward: q and k must be [G, N, D], got ",
+              q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && k.scalar_type() == q.scalar_type(),
+              "queue_infonce_onepass_backward: q and k must be floating point of one dtype, got ", q.scalar_type(),
+              " and ", k.scalar_type());
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "queue_infonce_onepass_backward: temperature must be a positive finite number, got ", temperature);
+  const int64_t G = q.size(0), N = q.size(1), D = q.size(2);
+  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == G && grad_loss.size(1) == N,
+              "queue_infonce_onepass_backward: grad_loss must be [G, N] = [", G, ", ", N, "], got ", grad_loss.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == G && lse.size(1) == N,
+              "queue_infonce_onepass_backward: lse must be [G, N] = [", G, ", ", N, "], got ", lse.sizes());
+  TORCH_CHECK(neg_mean.sizes() == q.sizes(), "queue_infonce_onepass_backward: neg_mean must be [G, N, D] = ",
+              q.sizes(), ", got ", neg_mean.sizes());
+  if (q.numel() == 0) return {at::empty_like(q), at::empty_like(k)};
+  const auto acc = acc_type(q);
+  const auto qa = q.detach().to(acc).contiguous();
+  const auto ka = k.detach().to(acc).contiguous();
+  const auto ga = grad_loss.to(acc).contiguous();
+  const auto la = lse.to(acc).contiguous();
+  const auto na = neg_mean.to(acc).contiguous();
+  auto dqa = at::empty({G, N, D}, qa.options());
+  auto dka = at::empty({G, N, D}, qa.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_onepass_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
+    const acc_t* gp = ga.data_ptr<acc_t>();
+    finish_rows<acc_t>(G * N, D, qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), gp, la.data_ptr<acc_t>(), inv_t,
+                       na.data_ptr<acc_t>(), 1, [&](int64_t i) { return gp[i] * inv_t; }, dqa.data_ptr<acc_t>(),
+                       dka.data_ptr<acc_t>());
   });
   return {dqa.to(q.scalar_type()), dka.to(k.scalar_type())};
 }
@@ -239,4 +324,6 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cpu(const at::Tensor& 
 TORCH_LIBRARY_IMPL(insloc_ops, CPU, m) {
   m.impl("queue_infonce", &insloc::queue_infonce_cpu);
   m.impl("queue_infonce_backward", &insloc::queue_infonce_backward_cpu);
+  m.impl("queue_infonce_onepass", &insloc::queue_infonce_onepass_cpu);
+  m.impl("queue_infonce_onepass_backward", &insloc::queue_infonce_onepass_backward_cpu);
 }

@@ -6,7 +6,9 @@ partial per (g, n, split). Combining the [G, N, splits] partials with the positi
 torch ops. Backward: same grid; p is recomputed per tile from the saved lse and tl.dot(p, queue_tile)
 is accumulated into dq, either through per-split partials summed afterwards (deterministic mode) or
 with fp32 atomics into one [G, N, D] buffer (default: extra memory G x N x D). dk is elementwise.
-fp64 inputs are computed in fp32 here (results returned in fp64 as the op's contract says).
+fp64 inputs are computed in fp32 here (results returned in fp64 as the op's contract says); they are
+cast before the launch, since fp64 tiles staged in shared memory would need more of it than an A100 has
+(tests/triton_aot.py measures every variant's shared memory against sm_80 and sm_90).
 """
 import torch
 import triton
@@ -117,6 +119,10 @@ def _check(q, k, queue, temperature):
                          f"{tuple(k.shape)}, {tuple(queue.shape)}")
 
 
+def _launch_dtype(t):
+    return t.float() if t.dtype == torch.float64 else t
+
+
 def _acc(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
@@ -130,7 +136,7 @@ def queue_infonce(q, k, queue, temperature):
     G, N, K, D, block_n, block_d, n_blocks, splits, per_split = _geometry(q, queue)
     if G * N == 0:
         return q.new_empty((G, N), dtype=_acc(q)), q.new_empty((G, N), dtype=_acc(q))
-    q_c, queue_c = q.contiguous(), queue.detach().contiguous()
+    q_c, queue_c = _launch_dtype(q).contiguous(), _launch_dtype(queue.detach()).contiguous()
     m = torch.empty((G, N, splits), device=q.device, dtype=torch.float32)
     s = torch.empty_like(m)
     dot_dtype, precision = _dot_dtype(q, queue)
@@ -151,7 +157,7 @@ def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
     G, N, K, D, block_n, block_d, n_blocks, splits, per_split = _geometry(q, queue)
     if q.numel() == 0:
         return torch.empty_like(q), torch.empty_like(k)
-    q_c, queue_c = q.detach().contiguous(), queue.detach().contiguous()
+    q_c, queue_c = _launch_dtype(q.detach()).contiguous(), _launch_dtype(queue.detach()).contiguous()
     lse32 = lse.detach().float().contiguous()  # G x N
     coef = (grad_loss.detach().float() / temperature).contiguous()  # g_i / T: G x N
     deterministic = torch.are_deterministic_algorithms_enabled()
