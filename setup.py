@@ -111,12 +111,15 @@ def _extensions():
         nvcc_version = _nvcc_version(cuda_home)
         macros.append(("INSLOC_NVCC_VERSION", '"' + (nvcc_version or "unknown") + '"'))
         _log(f"building CUDA kernels with {cuda_home} (nvcc {nvcc_version}) for {archs}")
+        nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        if os.environ.get("INSLOC_OPS_PTXAS_VERBOSE") == "1":  # registers, spills, shared memory per kernel
+            nvcc_flags += ["-Xptxas", "-v"]
         ext = CUDAExtension(
             "insloc_ops._C",
             sources,
             include_dirs=include_dirs,
             define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
             py_limited_api=True,
         )

@@ -8,7 +8,7 @@ and constexprs are read off the arguments, and `triton.compile` takes it to a cu
 cannot reach (tf32, the atomic and deterministic backward modes) are added by flipping those constexprs.
 
 Run without TRITON_INTERPRET: `python tests/triton_aot.py [--full] [ARCH ...]` (default sm_90). Prints one
-JSON line per compile. The default set covers every dtype, layout and mode at least once (54 compiles per
+JSON line per compile. The default set covers every dtype, layout and mode at least once (48 compiles per
 arch, about 80 s on 2 cores); --full takes the whole product (190 per arch, about 5 minutes).
 """
 import itertools
