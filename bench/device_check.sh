@@ -31,8 +31,8 @@ if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
   TORCH_CUDA_ARCH_LIST=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
   export TORCH_CUDA_ARCH_LIST
 fi
-# ptxas -v: each kernel's registers, spills and shared memory go to build.log.
-INSLOC_OPS_CUDA=1 INSLOC_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} python -m pip install --no-build-isolation --no-deps -e . \
+# -v and ptxas -v: the compiler output, with each kernel's registers, spills and shared memory, goes to build.log.
+INSLOC_OPS_CUDA=1 INSLOC_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} python -m pip install -v --no-build-isolation --no-deps -e . \
   >>"$OUT/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -n 30 "$OUT/build.log"; exit 1; }
 python -c "import insloc_ops, json; print(json.dumps(insloc_ops.build_info())); print(json.dumps(insloc_ops.available_backends()))" \
   | tee -a "$OUT/env.txt"
