@@ -73,6 +73,24 @@ def _axis_sample(y, size):
 
 
 @triton.jit
+def _sample(origin, start, t, bin_size, grid, size, n):
+    """The t-th in-range sample of every bin along one axis: (valid, low, high, weight low, weight high)."""
+    y = origin + (((start + t).to(origin.dtype) + 0.5) * bin_size) / grid.to(origin.dtype)
+    valid, low, high, w_low, w_high = _axis_sample(y, size)
+    return valid & (t < n), low, high, w_low, w_high
+
+
+@triton.jit
+def _plane(ptr, b, H, W, C, c, CHANNELS_LAST: tl.constexpr):
+    """Pointers to pixel 0 of image b's channels c ([1, BLOCK_C]) and the stride between pixels."""
+    HW = H.to(tl.int64) * W
+    if CHANNELS_LAST:
+        return ptr + b.to(tl.int64) * HW * C + c[None, :], C
+    else:
+        return ptr + (b.to(tl.int64) * C + c[None, :]) * HW, 1
+
+
+@triton.jit
 def _level(lvl, f0, f1, f2, f3, f4):
     ptr = f0
     if lvl == 1:
@@ -87,9 +105,15 @@ def _level(lvl, f0, f1, f2, f3, f4):
 
 
 @triton.jit
-def _roi(pair, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, k, kmask,
-         BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr):
-    """A program's RoI on its level: geometry, and the per-bin origins of its bins k (vector)."""
+def _roi(rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, C, L, ph, pw, sampling_ratio,
+         BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr, BINS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A program's tile -- one (level, RoI) pair x all its bins k x a block of channels c -- and that RoI's
+    geometry on its level, with the per-bin origins of its bins (vectors over k)."""
+    pair = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    k = tl.arange(0, BINS)
+    kmask = k < ph * pw
     if BY_LEVEL:
         r = pair
         lvl = tl.load(levels_ptr + r).to(tl.int32)
@@ -119,7 +143,8 @@ def _roi(pair, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sam
     sx0, nx, nx_max = _sample_ranges(xo, xbin, gw, W, kmask)
     count = tl.maximum(gh.to(ys.dtype) * gw.to(ys.dtype), 1.0)
     ok = lvl_ok & batch_ok
-    return lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count, ok
+    return (pair, c, cmask, k, kmask, lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max,
+            count, ok)
 
 
 @triton.jit
@@ -128,32 +153,16 @@ def _forward_kernel(out_ptr, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, f0, f1
                     BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                     BINS: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program: one (level, RoI) pair x all its bins x a block of channels; tile [BINS, BLOCK_C].
-    pair = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    k = tl.arange(0, BINS)
-    kmask = k < ph * pw
-    lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count, ok = _roi(
-        pair, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, k, kmask,
-        BY_LEVEL, ALIGNED)
-    fp = _level(lvl, f0, f1, f2, f3, f4)
-    HW = H.to(tl.int64) * W
-    if CHANNELS_LAST:
-        base = fp + b.to(tl.int64) * HW * C + c[None, :]
-        pstride = C
-    else:
-        base = fp + (b.to(tl.int64) * C + c[None, :]) * HW
-        pstride = 1
+    (pair, c, cmask, k, kmask, lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count,
+     ok) = _roi(rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, C, L, ph, pw, sampling_ratio,
+                BY_LEVEL, ALIGNED, BINS, BLOCK_C)
+    base, pstride = _plane(_level(lvl, f0, f1, f2, f3, f4), b, H, W, C, c, CHANNELS_LAST)
     acc = tl.zeros([BINS, BLOCK_C], dtype=yo.dtype)  # float32, float64 for float64 features
     if ok:
         for ty in range(0, ny_max):  # the ty-th in-range sample of every bin
-            y = yo + (((sy0 + ty).to(yo.dtype) + 0.5) * ybin) / gh.to(yo.dtype)
-            vy, ylo, yhi, wyl, wyh = _axis_sample(y, H)
-            vy = vy & (ty < ny)
+            vy, ylo, yhi, wyl, wyh = _sample(yo, sy0, ty, ybin, gh, H, ny)
             for tx in range(0, nx_max):
-                x = xo + (((sx0 + tx).to(xo.dtype) + 0.5) * xbin) / gw.to(xo.dtype)
-                vx, xlo, xhi, wxl, wxh = _axis_sample(x, W)
-                vx = vx & (tx < nx)
+                vx, xlo, xhi, wxl, wxh = _sample(xo, sx0, tx, xbin, gw, W, nx)
                 m = (vy & vx & kmask)[:, None] & cmask[None, :]
                 v1 = tl.load(base + ((ylo * W + xlo).to(tl.int64) * pstride)[:, None], mask=m, other=0.0)
                 v2 = tl.load(base + ((ylo * W + xhi).to(tl.int64) * pstride)[:, None], mask=m, other=0.0)
@@ -172,35 +181,20 @@ def _backward_kernel(grad_ptr, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, g0, 
                      R, B, C, L, ph, pw, sampling_ratio,
                      BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                      BINS: tl.constexpr, BLOCK_C: tl.constexpr):
-    pair = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    k = tl.arange(0, BINS)
-    kmask = k < ph * pw
-    lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count, ok = _roi(
-        pair, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, L, ph, pw, sampling_ratio, k, kmask,
-        BY_LEVEL, ALIGNED)
+    (pair, c, cmask, k, kmask, lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count,
+     ok) = _roi(rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, C, L, ph, pw, sampling_ratio,
+                BY_LEVEL, ALIGNED, BINS, BLOCK_C)
     if ok:
         gp = _level(lvl, g0, g1, g2, g3, g4)
         acc_t = gp.dtype.element_ty
         tile = kmask[:, None] & cmask[None, :]
         g = tl.load(grad_ptr + (pair.to(tl.int64) * C + c[None, :]) * (ph * pw) + k[:, None], mask=tile, other=0.0)
         g = g.to(acc_t) / count.to(acc_t)
-        HW = H.to(tl.int64) * W
-        if CHANNELS_LAST:
-            base = gp + b.to(tl.int64) * HW * C + c[None, :]
-            pstride = C
-        else:
-            base = gp + (b.to(tl.int64) * C + c[None, :]) * HW
-            pstride = 1
+        base, pstride = _plane(gp, b, H, W, C, c, CHANNELS_LAST)
         for ty in range(0, ny_max):  # the ty-th in-range sample of every bin
-            y = yo + (((sy0 + ty).to(yo.dtype) + 0.5) * ybin) / gh.to(yo.dtype)
-            vy, ylo, yhi, wyl, wyh = _axis_sample(y, H)
-            vy = vy & (ty < ny)
+            vy, ylo, yhi, wyl, wyh = _sample(yo, sy0, ty, ybin, gh, H, ny)
             for tx in range(0, nx_max):
-                x = xo + (((sx0 + tx).to(xo.dtype) + 0.5) * xbin) / gw.to(xo.dtype)
-                vx, xlo, xhi, wxl, wxh = _axis_sample(x, W)
-                vx = vx & (tx < nx)
+                vx, xlo, xhi, wxl, wxh = _sample(xo, sx0, tx, xbin, gw, W, nx)
                 m = (vy & vx)[:, None] & tile
                 tl.atomic_add(base + ((ylo * W + xlo).to(tl.int64) * pstride)[:, None],
                               g * (wyl * wxl).to(acc_t)[:, None], mask=m)
