@@ -18,10 +18,9 @@ BLOCK_K = 64
 
 
 @triton.jit
-def _forward_partials(q_ptr, queue_ptr, m_ptr, s_ptr, N, K, D, per_split, splits, scale,
-                      stride_qg, stride_qn, stride_kg, stride_kk,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _program(q_ptr, N, D, stride_qg, stride_qn,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A program's group, split, rows and columns, and its q tile [BLOCK_N, BLOCK_D]."""
     g = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -30,17 +29,34 @@ def _forward_partials(q_ptr, queue_ptr, m_ptr, s_ptr, N, K, D, per_split, splits
     row_ok = rows < N
     col_ok = cols < D
     q = tl.load(q_ptr + g * stride_qg + rows[:, None] * stride_qn + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+    return g, split, rows, cols, row_ok, col_ok, q
+
+
+@triton.jit
+def _logits(q, queue_ptr, g, k0, k_end, cols, col_ok, scale, stride_kg, stride_kk,
+            BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Queue rows k0 .. k0 + BLOCK_K: (in range [BLOCK_K], the tile [BLOCK_K, BLOCK_D], q.tile^T / T)."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < k_end
+    neg = tl.load(queue_ptr + g * stride_kg + ks[:, None] * stride_kk + cols[None, :],
+                  mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+    return k_ok, neg, tl.dot(q, tl.trans(neg), input_precision=PRECISION) * scale
+
+
+@triton.jit
+def _forward_partials(q_ptr, queue_ptr, m_ptr, s_ptr, N, K, D, per_split, splits, scale,
+                      stride_qg, stride_qn, stride_kg, stride_kk,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    g, split, rows, cols, row_ok, col_ok, q = _program(q_ptr, N, D, stride_qg, stride_qn, BLOCK_N, BLOCK_D, DOT_DTYPE)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     k_begin = split * per_split
     k_end = tl.minimum(K, k_begin + per_split)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_end
-        neg = tl.load(queue_ptr + g * stride_kg + ks[:, None] * stride_kk + cols[None, :],
-                      mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_K, BLOCK_D]
-        logits = tl.dot(q, tl.trans(neg), input_precision=PRECISION) * scale  # [BLOCK_N, BLOCK_K]
+        k_ok, neg, logits = _logits(q, queue_ptr, g, k0, k_end, cols, col_ok, scale, stride_kg, stride_kk,
+                                    BLOCK_K, DOT_DTYPE, PRECISION)  # logits [BLOCK_N, BLOCK_K]
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, 1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
@@ -55,26 +71,15 @@ def _backward_dq(q_ptr, queue_ptr, lse_ptr, coef_ptr, dq_ptr, N, K, D, per_split
                  stride_qg, stride_qn, stride_kg, stride_kk, stride_split,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
-    g = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    split = tl.program_id(2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    col_ok = cols < D
-    q = tl.load(q_ptr + g * stride_qg + rows[:, None] * stride_qn + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
+    g, split, rows, cols, row_ok, col_ok, q = _program(q_ptr, N, D, stride_qg, stride_qn, BLOCK_N, BLOCK_D, DOT_DTYPE)
     lse = tl.load(lse_ptr + g * N + rows, mask=row_ok, other=0.0)  # [BLOCK_N]
     coef = tl.load(coef_ptr + g * N + rows, mask=row_ok, other=0.0)  # g_i / T
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     k_begin = split * per_split
     k_end = tl.minimum(K, k_begin + per_split)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_end
-        neg = tl.load(queue_ptr + g * stride_kg + ks[:, None] * stride_kk + cols[None, :],
-                      mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BLOCK_K, BLOCK_D]
-        logits = tl.dot(q, tl.trans(neg), input_precision=PRECISION) * scale  # [BLOCK_N, BLOCK_K]
+        k_ok, neg, logits = _logits(q, queue_ptr, g, k0, k_end, cols, col_ok, scale, stride_kg, stride_kk,
+                                    BLOCK_K, DOT_DTYPE, PRECISION)
         p = tl.exp(logits - lse[:, None]) * coef[:, None]
         p = tl.where(k_ok[None, :], p, 0.0)
         acc += tl.dot(p.to(DOT_DTYPE), neg, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
