@@ -54,4 +54,6 @@ fi
 step "summary"
 echo "gpu tests exit $tests_rc; benchmarks exit $bench_rc"
 [[ -f "$OUT/ops.md" ]] && cat "$OUT/ops.md"
+# Which backend each op may default to on CUDA (verified by the tests above and faster at every shape).
+python bench/pick_defaults.py "$OUT" | tee "$OUT/defaults.md"
 exit $(( tests_rc || bench_rc ))

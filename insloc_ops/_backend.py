@@ -15,7 +15,8 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 # The backend a device gets when nobody asks for one. A CUDA entry names one of our GPU kernels only
 # once it has passed the GPU tests and won its benchmark on a GPU; the entry then cites the
-# BENCHMARKS.md row. No GPU kernel has been verified yet, so CUDA tensors use the reference.
+# BENCHMARKS.md row (bench/pick_defaults.py proposes the entries from a bench/device_check.sh run). No GPU
+# kernel has been verified yet, so CUDA tensors use the reference.
 DEFAULTS = {
     "cpu": {"roi_align_multilevel": "cpu", "sample_anchor_boxes": "cpu", "queue_infonce": "cpu"},
     "cuda": {"roi_align_multilevel": "reference", "sample_anchor_boxes": "reference",

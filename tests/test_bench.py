@@ -35,3 +35,55 @@ def test_every_op_benchmark_has_the_runner_flags(name):
         source = fh.read()
     for flag in ("--out", "--device", "--quick"):
         assert f'"{flag}"' in source, f"{name} lacks {flag}"
+
+
+def _write_gpu_results(tmp_path, cases, rows):
+    xml = ['<?xml version="1.0"?><testsuites><testsuite name="pytest">']
+    for module, name, status in cases:
+        body = {"passed": "", "failed": '<failure message="x">x</failure>', "skipped": '<skipped message="s"/>'}[status]
+        xml.append(f'<testcase classname="tests.{module}" name="{name}" time="0.1">{body}</testcase>')
+    xml.append("</testsuite></testsuites>")
+    (tmp_path / "gpu_tests.xml").write_text("".join(xml))
+    with open(tmp_path / "ops.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["op", "shape", "impl", "pass", "median_ms", "speedup_vs_baseline", "device"])
+        w.writeheader()
+        for op, shape, impl, pass_, ms, speedup in rows:
+            w.writerow({"op": op, "shape": shape, "impl": impl, "pass": pass_, "median_ms": ms,
+                        "speedup_vs_baseline": speedup, "device": "NVIDIA H100"})
+
+
+def test_pick_defaults_needs_passing_tests_and_a_win_at_every_shape(tmp_path, capsys):
+    from bench import pick_defaults
+
+    assert pick_defaults.backends_named("test_gpu_matches_reference[triton-float32-nchw]") == ["triton"]
+    assert pick_defaults.backends_named("test_gpu_opcheck_cuda") == ["cuda"]
+    assert pick_defaults.backends_named("test_gpu_empty_inputs") == ["cuda", "triton"]
+    R, A, Q = "test_roi_align_kernels", "test_anchor_kernels", "test_infonce_kernels"
+    cases = [
+        (R, "test_gpu_matches_reference[cuda-float32]", "passed"),
+        (R, "test_gpu_matches_reference[triton-float32]", "passed"),
+        (A, "test_gpu_backend_matches_reference[cuda-insloc]", "failed"),  # cuda anchors: a failure
+        (A, "test_gpu_backend_matches_reference[triton-insloc]", "passed"),
+        (A, "test_gpu_empty_gt_boxes", "passed"),  # concerns both
+        (Q, "test_gpu_backends_match_reference[triton-a]", "passed"),
+        (Q, "test_gpu_backends_match_reference[cuda-a]", "skipped"),  # cuda infonce: nothing ran
+    ]
+    rows = [
+        ("roi_align_multilevel", "insloc", "cuda", "fwd+bwd", 1.0, "3.00"),
+        ("roi_align_multilevel", "detection-7x7", "cuda", "fwd+bwd", 2.0, "1.60"),
+        ("roi_align_multilevel", "insloc", "triton", "fwd+bwd", 0.8, "4.00"),  # faster at one shape,
+        ("roi_align_multilevel", "detection-7x7", "triton", "fwd+bwd", 4.0, "0.90"),  # slower at the other
+        ("roi_align_multilevel", "insloc", "cuda", "forward", 0.1, "9.00"),  # not a deciding pass
+        ("sample_anchor_boxes", "insloc", "cuda", "forward", 0.1, "20.0"),
+        ("sample_anchor_boxes", "insloc", "triton", "forward", 0.2, "10.0"),
+        ("queue_infonce", "insloc/float32", "triton", "both", 0.5, "0.70"),  # verified but slower
+        ("queue_infonce", "insloc/float32", "cuda", "both", 0.2, "5.00"),
+    ]
+    _write_gpu_results(tmp_path, cases, rows)
+    assert pick_defaults.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert '"roi_align_multilevel": "cuda",  # insloc fwd+bwd 1.000 ms = 3.00x on NVIDIA H100' in out
+    assert '"sample_anchor_boxes": "triton",' in out
+    assert '"queue_infonce": "reference",  # no GPU backend qualified' in out
+    assert "- sample_anchor_boxes / cuda: test_gpu_backend_matches_reference[cuda-insloc]" in out
+    assert pick_defaults.main([str(tmp_path / "missing")]) == 2
