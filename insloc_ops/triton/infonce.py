@@ -28,7 +28,7 @@ def _program(q_ptr, N, D, stride_qg, stride_qn,
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     col_ok = cols < D
-    q = tl.load(q_ptr + g * stride_qg + rows[:, None] * stride_qn + cols[None, :],
+    q = tl.load(q_ptr + g.to(tl.int64) * stride_qg + rows[:, None] * stride_qn + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
     return g, split, rows, cols, row_ok, col_ok, q
 
@@ -39,7 +39,7 @@ def _logits(q, queue_ptr, g, k0, k_end, cols, col_ok, scale, stride_kg, stride_k
     """Queue rows k0 .. k0 + BLOCK_K: (in range [BLOCK_K], the tile [BLOCK_K, BLOCK_D], q.tile^T / T)."""
     ks = k0 + tl.arange(0, BLOCK_K)
     k_ok = ks < k_end
-    neg = tl.load(queue_ptr + g * stride_kg + ks[:, None] * stride_kk + cols[None, :],
+    neg = tl.load(queue_ptr + g.to(tl.int64) * stride_kg + ks[:, None] * stride_kk + cols[None, :],
                   mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
     return k_ok, neg, tl.dot(q, tl.trans(neg), input_precision=PRECISION) * scale
 
