@@ -386,16 +386,15 @@ def test_torch_compile_with_a_generator_says_to_pass_seed():
 
 
 _PTX_CHECK = textwrap.dedent("""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
+    import triton_aot  # drops TRITON_INTERPRET; captures the launches the wrapper really makes
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from insloc_ops.triton import anchors
-    sig = {"gt_ptr": "*fp32", "anchor_ptr": "*fp32", "packed_ptr": "*i64", "N": "i32", "A": "i32",
-           "threshold": "fp32", "seed_key": "i64", "span": "i32", "BLOCK": "constexpr"}
-    src = ASTSource(anchors._sample_anchor_kernel, sig, constexprs={"BLOCK": 1024})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=anchors.LAUNCH_OPTIONS).asm["ptx"]
+    fn, args, kwargs = next(l for l in triton_aot.launches() if l[0] is anchors._sample_anchor_kernel)
+    sig, constexprs, options = triton_aot.signature_of(fn, args, kwargs)
+    ptx = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                         options=options).asm["ptx"]
     print("fma", ptx.count("fma.rn.f32"), "div_rn", ptx.count("div.rn.f32"), "mul_rn", ptx.count("mul.rn.f32"))
 """)
 
@@ -406,6 +405,7 @@ def test_triton_kernel_compiles_for_sm90_without_fma():
     # and read the PTX.
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/infonce.h"
+#include "common/infonce_args.h"
 
 namespace insloc {
 namespace {
@@ -34,25 +35,6 @@ using namespace infonce;
 constexpr int64_t kBlockK = 512;  // queue rows per GEMM block: the block and its logits stay in L2
 constexpr int64_t kRowBlock = 128;
 constexpr int64_t kMaxSplits = 16;  // bounds the backward's dq partials at 16 x G x N x D
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double temperature) {
-  TORCH_CHECK(q.dim() == 3, "queue_infonce: q must be [G, N, D], got ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "queue_infonce: k must have q's shape ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(queue.dim() == 3 && queue.size(0) == q.size(0) && queue.size(2) == q.size(2),
-              "queue_infonce: queue must be [G, K, D] with q's G and D ", q.sizes(), ", got ", queue.sizes());
-  for (const auto* t : {&q, &k, &queue}) {
-    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "queue_infonce: q, k and queue must be floating point, got ",
-                t->scalar_type());
-  }
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "queue_infonce: k must have q's dtype ", q.scalar_type(),
-              ", got ", k.scalar_type());
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "queue_infonce: temperature must be a positive finite number, got ", temperature);
-}
-
-at::ScalarType acc_type(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 struct Geometry {
   int64_t G, N, K, D, rows, row_blocks, splits, per_split;
@@ -134,8 +116,8 @@ void finish_rows(int64_t rows, int64_t D, const acc_t* qp, const acc_t* kp, cons
 // sum_j p_ij queue_j, in the same pass over the queue.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue,
                                                        double temperature, bool with_neg) {
-  check_inputs(q, k, queue, temperature);
-  const auto acc = acc_type(q);
+  check_infonce_args(q, k, queue, temperature);
+  const auto acc = infonce_acc_type(q);
   const Geometry geo(q, queue);
   auto loss = at::empty({geo.G, geo.N}, q.options().dtype(acc));
   auto lse = at::empty({geo.G, geo.N}, q.options().dtype(acc));
@@ -229,14 +211,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> queue_infonce_onepass_cpu(const a
 std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& q,
                                                               const at::Tensor& k, const at::Tensor& queue,
                                                               const at::Tensor& lse, double temperature) {
-  check_inputs(q, k, queue, temperature);
-  const auto acc = acc_type(q);
+  check_infonce_args(q, k, queue, temperature);
+  const auto acc = infonce_acc_type(q);
   const Geometry geo(q, queue);
-  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == geo.G && grad_loss.size(1) == geo.N,
-              "queue_infonce_backward: grad_loss must be [G, N] = [", geo.G, ", ", geo.N, "], got ",
-              grad_loss.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == geo.G && lse.size(1) == geo.N,
-              "queue_infonce_backward: lse must be [G, N] = [", geo.G, ", ", geo.N, "], got ", lse.sizes());
+  check_infonce_rows("queue_infonce_backward", "grad_loss", grad_loss, q);
+  check_infonce_rows("queue_infonce_backward", "lse", lse, q);
   if (q.numel() == 0) return {at::empty_like(q), at::empty_like(k)};
   const auto qa = q.detach().to(acc).contiguous();  // [G, N, D]; detached: out= ops below refuse grad
   const auto ka = k.detach().to(acc).contiguous();
@@ -284,22 +263,15 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cpu(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> queue_infonce_onepass_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& q,
                                                                       const at::Tensor& k, const at::Tensor& lse,
                                                                       const at::Tensor& neg_mean, double temperature) {
-  TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes(), "queue_infonce_onepass_backward: q and k must be [G, N, D], got ",
-              q.sizes(), " and ", k.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && k.scalar_type() == q.scalar_type(),
-              "queue_infonce_onepass_backward: q and k must be floating point of one dtype, got ", q.scalar_type(),
-              " and ", k.scalar_type());
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "queue_infonce_onepass_backward: temperature must be a positive finite number, got ", temperature);
+  constexpr const char* op = "queue_infonce_onepass_backward";
+  check_infonce_qk(op, q, k, temperature);
+  check_infonce_rows(op, "grad_loss", grad_loss, q);
+  check_infonce_rows(op, "lse", lse, q);
   const int64_t G = q.size(0), N = q.size(1), D = q.size(2);
-  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == G && grad_loss.size(1) == N,
-              "queue_infonce_onepass_backward: grad_loss must be [G, N] = [", G, ", ", N, "], got ", grad_loss.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == G && lse.size(1) == N,
-              "queue_infonce_onepass_backward: lse must be [G, N] = [", G, ", ", N, "], got ", lse.sizes());
-  TORCH_CHECK(neg_mean.sizes() == q.sizes(), "queue_infonce_onepass_backward: neg_mean must be [G, N, D] = ",
-              q.sizes(), ", got ", neg_mean.sizes());
+  TORCH_CHECK(neg_mean.sizes() == q.sizes(), op, ": neg_mean must be [G, N, D] = ", q.sizes(), ", got ",
+              neg_mean.sizes());
   if (q.numel() == 0) return {at::empty_like(q), at::empty_like(k)};
-  const auto acc = acc_type(q);
+  const auto acc = infonce_acc_type(q);
   const auto qa = q.detach().to(acc).contiguous();
   const auto ka = k.detach().to(acc).contiguous();
   const auto ga = grad_loss.to(acc).contiguous();

@@ -20,6 +20,7 @@
 #include <cmath>
 
 #include "common/infonce.h"
+#include "common/infonce_args.h"
 
 namespace insloc {
 namespace {
@@ -188,16 +189,9 @@ __global__ void backward_finish_kernel(const acc_t* qa, const acc_t* ka, const a
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double temperature) {
-  TORCH_CHECK(q.dim() == 3, "queue_infonce: q must be [G, N, D], got ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "queue_infonce: k must have q's shape ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(queue.dim() == 3 && queue.size(0) == q.size(0) && queue.size(2) == q.size(2),
-              "queue_infonce: queue must be [G, K, D] with q's G and D ", q.sizes(), ", got ", queue.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "queue_infonce: k must have q's dtype ", q.scalar_type(),
-              ", got ", k.scalar_type());
+  check_infonce_args(q, k, queue, temperature);
   TORCH_CHECK(q.is_cuda() && k.device() == q.device() && queue.device() == q.device(),
               "queue_infonce: q, k and queue must be on one CUDA device");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "queue_infonce: temperature must be a positive finite number, got ", temperature);
   TORCH_CHECK(q.size(1) <= int64_t(65535) * kRows, "queue_infonce: N too large for the CUDA kernel's grid");
 }
 
@@ -217,16 +211,13 @@ void allow_shared(Kernel kernel, size_t bytes, int device, int64_t D) {
   }
 }
 
-at::ScalarType acc_type(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& queue, double temperature) {
   check_inputs(q, k, queue, temperature);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t G = q.size(0), N = q.size(1), D = q.size(2), K = queue.size(1);
-  const auto acc = acc_type(q);
+  const auto acc = infonce_acc_type(q);
   auto loss = at::empty({G, N}, q.options().dtype(acc));
   auto lse = at::empty({G, N}, q.options().dtype(acc));
   if (G * N == 0) return {loss, lse};
@@ -270,12 +261,10 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   check_inputs(q, k, queue, temperature);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t G = q.size(0), N = q.size(1), D = q.size(2), K = queue.size(1);
-  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == G && grad_loss.size(1) == N,
-              "queue_infonce_backward: grad_loss must be [G, N] = [", G, ", ", N, "], got ", grad_loss.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == G && lse.size(1) == N,
-              "queue_infonce_backward: lse must be [G, N] = [", G, ", ", N, "], got ", lse.sizes());
+  check_infonce_rows("queue_infonce_backward", "grad_loss", grad_loss, q);
+  check_infonce_rows("queue_infonce_backward", "lse", lse, q);
   if (q.numel() == 0) return {at::empty_like(q), at::empty_like(k)};
-  const auto acc = acc_type(q);
+  const auto acc = infonce_acc_type(q);
   const auto qa = q.detach().to(acc).contiguous();  // [G, N, D]
   const auto ka = k.detach().to(acc).contiguous();
   const auto ga = grad_loss.detach().to(acc).contiguous();  // [G, N]
