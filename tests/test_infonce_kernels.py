@@ -211,11 +211,12 @@ def test_fp64_gradcheck_cpu_kernel(path):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-def test_non_finite_input_gives_non_finite_loss(backend):
+@pytest.mark.parametrize("nan_row", [0, 17])  # 0: the NaN logit comes before any finite negative one
+def test_non_finite_input_gives_non_finite_loss(backend, nan_row):
     q, k, queue = make_inputs(2, 3, 100, 8)
     q[0, 1, 2] = float("nan")
     k[0, 2, 0] = float("inf")  # positive logit +-inf: loss NaN or inf
-    queue[1, 17, 3] = float("nan")  # poisons every row of group 1
+    queue[1, nan_row, 3] = float("nan")  # poisons every row of group 1
     for requires_grad in (False, True):  # on CPU: the forward-only and the one-pass training kernels
         q1 = q.clone().requires_grad_(requires_grad)
         loss = insloc_ops.queue_infonce(q1, k, queue, 0.2, reduction="none", backend=backend)

@@ -5,10 +5,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +12,7 @@
 
 #include "common/anchors.h"
 #include "common/anchors_args.h"
+#include "cuda/runtime.h"
 
 namespace {
 
@@ -112,11 +109,11 @@ __global__ void finalize_kernel(const float* __restrict__ gt, const float* __res
 std::tuple<at::Tensor, at::Tensor> sample_anchor_boxes_cuda(const at::Tensor& gt_boxes, const at::Tensor& anchors,
                                                             double iou_threshold, int64_t seed) {
   insloc::check_sample_anchor_boxes_args(gt_boxes, anchors, iou_threshold);
-  TORCH_CHECK_VALUE(gt_boxes.is_cuda() && anchors.device() == gt_boxes.device(),
+  TORCH_CHECK_VALUE(insloc::gpu::on_device(gt_boxes) && anchors.device() == gt_boxes.device(),
                     "gt_boxes and anchors must be on the same CUDA device");
   const int64_t N = gt_boxes.size(0), A = anchors.size(0);
   TORCH_CHECK_VALUE((N + kBoxesPerBlock - 1) / kBoxesPerBlock <= 0x7fffffff, "gt_boxes has too many rows: ", N);
-  const c10::cuda::CUDAGuard guard(gt_boxes.device());
+  const insloc::gpu::DeviceGuard guard(gt_boxes.device());
   auto index = at::empty({N}, gt_boxes.options().dtype(at::kLong));  // [N]
   auto iou = at::empty({N}, gt_boxes.options().dtype(at::kFloat));   // [N]
   if (N == 0) return {index, iou};
@@ -124,10 +121,9 @@ std::tuple<at::Tensor, at::Tensor> sample_anchor_boxes_cuda(const at::Tensor& gt
   const auto gt = gt_boxes.to(at::kFloat).contiguous();  // [N, 4]
   const auto anc = anchors.to(at::kFloat).contiguous();  // [A, 4]
   auto packed = at::zeros({2, N}, gt_boxes.options().dtype(at::kLong));  // [2, N]
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = insloc::gpu::current_stream();
 
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, gt_boxes.device().index()));
+  const int sms = insloc::gpu::sm_count(gt_boxes.device().index());
   const int64_t groups = (N + kBoxesPerBlock - 1) / kBoxesPerBlock;
   // Split the anchors into enough ranges to give every SM several blocks, each at least kThreads anchors.
   const int64_t target = 8 * static_cast<int64_t>(std::max(sms, 1));
@@ -136,21 +132,21 @@ std::tuple<at::Tensor, at::Tensor> sample_anchor_boxes_cuda(const at::Tensor& gt
   const int64_t span = ((A + ranges - 1) / ranges + kThreads - 1) / kThreads * kThreads;
   ranges = (A + span - 1) / span;
   const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(ranges));
-  scan_anchors_kernel<<<grid, kThreads, 0, stream>>>(
+  INSLOC_LAUNCH(grid, kThreads, 0, stream, scan_anchors_kernel)(
       gt.const_data_ptr<float>(), anc.const_data_ptr<float>(), N, A, static_cast<float>(iou_threshold),
       insloc::seed_key(seed), span, reinterpret_cast<unsigned long long*>(packed.mutable_data_ptr<int64_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  INSLOC_LAUNCH_CHECK();
   const unsigned finalize_blocks = static_cast<unsigned>((N + kFinalizeThreads - 1) / kFinalizeThreads);
-  finalize_kernel<<<finalize_blocks, kFinalizeThreads, 0, stream>>>(
+  INSLOC_LAUNCH(finalize_blocks, kFinalizeThreads, 0, stream, finalize_kernel)(
       gt.const_data_ptr<float>(), anc.const_data_ptr<float>(),
       reinterpret_cast<const unsigned long long*>(packed.const_data_ptr<int64_t>()), N,
       index.mutable_data_ptr<int64_t>(), iou.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  INSLOC_LAUNCH_CHECK();
   return {index, iou};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(insloc_ops, CUDA, m) {
+INSLOC_CUDA_LIBRARY_IMPL(m) {
   m.impl("sample_anchor_boxes", &sample_anchor_boxes_cuda);
 }

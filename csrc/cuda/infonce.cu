@@ -12,15 +12,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cmath>
 
 #include "common/infonce.h"
 #include "common/infonce_args.h"
+#include "cuda/runtime.h"
 
 namespace insloc {
 namespace {
@@ -71,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
     forward_partials_kernel(const acc_t* __restrict__ qa, const queue_t* __restrict__ queue, acc_t* part_m,
                             acc_t* part_s, int64_t N, int64_t K, int64_t D, int64_t per_split, int64_t splits,
                             acc_t inv_t) {
-  extern __shared__ unsigned char smem_raw[];
+  INSLOC_DYNAMIC_SHARED(smem_raw);
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kRows, D + 1]
   acc_t* tile = q_s + kRows * (D + 1);               // [kTile, D + 1]
   __shared__ acc_t red_m[kThreads], red_s[kThreads];
@@ -124,7 +121,7 @@ __global__ void __launch_bounds__(kThreads)
     backward_partials_kernel(const acc_t* __restrict__ qa, const queue_t* __restrict__ queue,
                              const acc_t* __restrict__ lse, const acc_t* __restrict__ grad, acc_t* dq_part,
                              int64_t G, int64_t N, int64_t K, int64_t D, int64_t per_split, acc_t inv_t) {
-  extern __shared__ unsigned char smem_raw[];
+  INSLOC_DYNAMIC_SHARED(smem_raw);
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kRows, D + 1]
   acc_t* tile = q_s + kRows * (D + 1);               // [kTile, D + 1]
   acc_t* dq_s = tile + kTile * (D + 1);              // [kRows, D]
@@ -190,32 +187,24 @@ __global__ void backward_finish_kernel(const acc_t* qa, const acc_t* ka, const a
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double temperature) {
   check_infonce_args(q, k, queue, temperature);
-  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && queue.device() == q.device(),
+  TORCH_CHECK(gpu::on_device(q) && k.device() == q.device() && queue.device() == q.device(),
               "queue_infonce: q, k and queue must be on one CUDA device");
   TORCH_CHECK(q.size(1) <= int64_t(65535) * kRows, "queue_infonce: N too large for the CUDA kernel's grid");
 }
 
-int device_attribute(cudaDeviceAttr attr, int device) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
-  return value;
-}
-
 template <typename Kernel>
 void allow_shared(Kernel kernel, size_t bytes, int device, int64_t D) {
-  const size_t limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const size_t limit = gpu::max_shared_per_block_optin(device);
   TORCH_CHECK(bytes <= limit, "queue_infonce: feature dim D=", D, " needs ", bytes,
               " bytes of shared memory per block, more than the device's ", limit);
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  }
+  if (bytes > 48 * 1024) gpu::allow_dynamic_shared(kernel, bytes);
 }
 
 
 std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& queue, double temperature) {
   check_inputs(q, k, queue, temperature);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const gpu::DeviceGuard guard(q.device());
   const int64_t G = q.size(0), N = q.size(1), D = q.size(2), K = queue.size(1);
   const auto acc = infonce_acc_type(q);
   auto loss = at::empty({G, N}, q.options().dtype(acc));
@@ -226,14 +215,14 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
   const auto queue_c = queue.detach().contiguous();  // [G, K, D]
   const int64_t row_blocks = (N + kRows - 1) / kRows;
   const int device = q.get_device();
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const int64_t sms = gpu::sm_count(device);
   int64_t splits, per_split;
   split_k<int64_t>(K, kTile, std::max<int64_t>(1, (4 * sms + G * row_blocks - 1) / (G * row_blocks)), splits,
                    per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
   auto part_m = at::empty({G, N, splits}, qa.options());
   auto part_s = at::empty({G, N, splits}, qa.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_cuda", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
@@ -241,16 +230,16 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
       using queue_t = scalar_t;
       const size_t smem = sizeof(acc_t) * (kRows + kTile) * (D + 1);
       allow_shared(forward_partials_kernel<acc_t, queue_t>, smem, device, D);
-      forward_partials_kernel<acc_t, queue_t><<<dim3(splits, row_blocks, G), kThreads, smem, stream>>>(
+      INSLOC_LAUNCH(dim3(splits, row_blocks, G), kThreads, smem, stream, forward_partials_kernel<acc_t, queue_t>)(
           qa.data_ptr<acc_t>(), queue_c.data_ptr<queue_t>(), part_m.data_ptr<acc_t>(), part_s.data_ptr<acc_t>(), N,
           K, D, per_split, splits, inv_t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      INSLOC_LAUNCH_CHECK();
     });
     const int64_t rows = G * N;
-    forward_combine_kernel<acc_t><<<(rows + 127) / 128, 128, 0, stream>>>(
+    INSLOC_LAUNCH((rows + 127) / 128, 128, 0, stream, forward_combine_kernel<acc_t>)(
         qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), part_m.data_ptr<acc_t>(), part_s.data_ptr<acc_t>(),
         loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), rows, D, splits, inv_t);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    INSLOC_LAUNCH_CHECK();
   });
   return {loss, lse};
 }
@@ -259,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
                                                                const at::Tensor& k, const at::Tensor& queue,
                                                                const at::Tensor& lse, double temperature) {
   check_inputs(q, k, queue, temperature);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const gpu::DeviceGuard guard(q.device());
   const int64_t G = q.size(0), N = q.size(1), D = q.size(2), K = queue.size(1);
   check_infonce_rows("queue_infonce_backward", "grad_loss", grad_loss, q);
   check_infonce_rows("queue_infonce_backward", "lse", lse, q);
@@ -278,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   if (K == 0) dq_part.zero_();
   auto dqa = at::empty({G, N, D}, qa.options());
   auto dka = at::empty({G, N, D}, qa.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_backward_cuda", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
@@ -288,17 +277,17 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
         using queue_t = scalar_t;
         const size_t smem = sizeof(acc_t) * ((kRows + kTile) * (D + 1) + kRows * D);
         allow_shared(backward_partials_kernel<acc_t, queue_t>, smem, device, D);
-        backward_partials_kernel<acc_t, queue_t><<<dim3(splits, row_blocks, G), kThreads, smem, stream>>>(
+        INSLOC_LAUNCH(dim3(splits, row_blocks, G), kThreads, smem, stream, backward_partials_kernel<acc_t, queue_t>)(
             qa.data_ptr<acc_t>(), queue_c.data_ptr<queue_t>(), la.data_ptr<acc_t>(), ga.data_ptr<acc_t>(),
             dq_part.data_ptr<acc_t>(), G, N, K, D, per_split, inv_t);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        INSLOC_LAUNCH_CHECK();
       });
     }
     const int64_t rows = G * N;
-    backward_finish_kernel<acc_t><<<static_cast<unsigned>(rows), 128, 0, stream>>>(
+    INSLOC_LAUNCH(static_cast<unsigned>(rows), 128, 0, stream, backward_finish_kernel<acc_t>)(
         qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), ga.data_ptr<acc_t>(), la.data_ptr<acc_t>(),
         dq_part.data_ptr<acc_t>(), dqa.data_ptr<acc_t>(), dka.data_ptr<acc_t>(), rows, D, splits, inv_t);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    INSLOC_LAUNCH_CHECK();
   });
   return {dqa.to(q.scalar_type()), dka.to(k.scalar_type())};
 }
@@ -306,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
 }  // namespace
 }  // namespace insloc
 
-TORCH_LIBRARY_IMPL(insloc_ops, CUDA, m) {
+INSLOC_CUDA_LIBRARY_IMPL(m) {
   m.impl("queue_infonce", &insloc::queue_infonce_cuda);
   m.impl("queue_infonce_backward", &insloc::queue_infonce_backward_cuda);
 }

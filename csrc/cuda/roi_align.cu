@@ -11,11 +11,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
@@ -23,6 +18,7 @@
 
 #include "common/roi_align.h"
 #include "common/roi_align_args.h"
+#include "cuda/runtime.h"
 
 namespace insloc {
 namespace {
@@ -243,7 +239,7 @@ unsigned blocks_for(int64_t total) {
 void check_cuda_problem(const at::Tensor& rois, int64_t num_levels) {
   TORCH_CHECK(num_levels <= MAX_LEVELS, "roi_align_multilevel (CUDA): at most ", MAX_LEVELS, " levels, got ",
               num_levels);
-  TORCH_CHECK(rois.is_cuda(), "roi_align_multilevel (CUDA): rois must be a CUDA tensor");
+  TORCH_CHECK(gpu::on_device(rois), "roi_align_multilevel (CUDA): rois must be a CUDA tensor");
 }
 
 at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& rois,
@@ -256,7 +252,7 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
   TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align_multilevel: pooled size must be positive");
   const std::vector<at::Tensor> feats = readable_features(features, rois);
   const at::Tensor& f0 = feats[0];
-  c10::cuda::CUDAGuard guard(f0.device());
+  const gpu::DeviceGuard guard(f0.device());
   for (const at::Tensor& f : feats)
     TORCH_CHECK(f.size(2) <= INT32_MAX && f.size(3) <= INT32_MAX, "roi_align_multilevel: level too large");
   const int64_t B = f0.size(0), C = f0.size(1), R = rois.size(0);
@@ -269,7 +265,7 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
                    aligned, by_level};
   const bool channel_fastest = is_channels_last(feats[0]);
   const int64_t total = out.numel();
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_multilevel_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
@@ -283,10 +279,10 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
       lv.scale[l] = T(spatial_scales[l]);
       lv.channels_last[l] = is_channels_last(feats[l]);
     }
-    roi_align_forward_kernel<scalar_t, T><<<blocks_for(total), kThreads, 0, stream>>>(
+    INSLOC_LAUNCH(blocks_for(total), kThreads, 0, stream, roi_align_forward_kernel<scalar_t, T>)(
         lv, r.data_ptr<T>(), by_level ? lv_t.data_ptr<int64_t>() : nullptr, pr, channel_fastest, total,
         out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    INSLOC_LAUNCH_CHECK();
   });
   return out;
 }
@@ -307,18 +303,20 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
     TORCH_CHECK(heights[l] <= INT32_MAX && widths[l] <= INT32_MAX, "roi_align_multilevel_backward: level too large");
     max_h = std::max(max_h, int(heights[l]));
   }
-  c10::cuda::CUDAGuard guard(grad.device());
+  const gpu::DeviceGuard guard(grad.device());
   const int ph = int(grad.size(-2)), pw = int(grad.size(-1));
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const bool reduced = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;
   const auto acc_opts = grad.options().dtype(reduced ? at::kFloat : grad.scalar_type());
   std::vector<at::Tensor> acc;
-  for (int64_t l = 0; l < L; ++l) acc.push_back(at::zeros({B, C, heights[l], widths[l]}, acc_opts.memory_format(fmt)));
+  // at::zeros ignores a memory format in its options (it would hand back NCHW); at::empty honours it.
+  for (int64_t l = 0; l < L; ++l)
+    acc.push_back(at::empty({B, C, heights[l], widths[l]}, acc_opts.memory_format(fmt)).zero_());
   const Problem pr{R, C, by_level ? R : L * R, int(B), ph, pw, int(sampling_ratio), aligned, by_level};
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const int64_t total = grad.numel();
   if (total > 0 && B > 0) {
-    auto stream = c10::cuda::getCurrentCUDAStream();
+    auto stream = gpu::current_stream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_multilevel_backward_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
       const at::Tensor g = grad.contiguous();
@@ -338,14 +336,14 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
         const int bands = std::max(1, (max_h + kRowsPerThread - 1) / kRowsPerThread);
         const int64_t threads = L * B * bands * C;
         if (threads > 0) {
-          roi_align_backward_deterministic_kernel<scalar_t, T><<<blocks_for(threads), kThreads, 0, stream>>>(
+          INSLOC_LAUNCH(blocks_for(threads), kThreads, 0, stream, roi_align_backward_deterministic_kernel<scalar_t, T>)(
               lv, r.data_ptr<T>(), lvp, pr, bands, threads, g.data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          INSLOC_LAUNCH_CHECK();
         }
       } else {
-        roi_align_backward_atomic_kernel<scalar_t, T><<<blocks_for(total), kThreads, 0, stream>>>(
+        INSLOC_LAUNCH(blocks_for(total), kThreads, 0, stream, roi_align_backward_atomic_kernel<scalar_t, T>)(
             lv, r.data_ptr<T>(), lvp, pr, channels_last, total, g.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        INSLOC_LAUNCH_CHECK();
       }
     });
   }
@@ -357,7 +355,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
 }  // namespace
 }  // namespace insloc
 
-TORCH_LIBRARY_IMPL(insloc_ops, CUDA, m) {
+INSLOC_CUDA_LIBRARY_IMPL(m) {
   m.impl("roi_align_multilevel", &insloc::roi_align_multilevel_cuda);
   m.impl("roi_align_multilevel_backward", &insloc::roi_align_multilevel_backward_cuda);
 }

@@ -1,0 +1,68 @@
+// Every place csrc/cuda/*.cu touches the CUDA runtime, in one header: kernel launches, dynamic shared
+// memory, device properties, the device guard and stream, and op registration. Built by setup.py these
+// are the CUDA runtime and c10::cuda calls. With INSLOC_CUDA_EMU defined (tests/cuda_emu.py), the same
+// .cu files compile as host C++ against csrc/emu/cuda_emu.h, so CI runs the CUDA kernels' own code on the
+// CPU and registers them as torch.ops.insloc_emu.* for CPU tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstddef>
+
+#ifdef INSLOC_CUDA_EMU
+
+#include "emu/cuda_emu.h"
+
+// INSLOC_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...) is kernel<<<...>>>(args...); the
+// kernel comes last so that template arguments may contain commas.
+#define INSLOC_LAUNCH(grid, block, shared_bytes, stream, ...) \
+  ::insloc_emu::launch(grid, block, shared_bytes, __VA_ARGS__)
+#define INSLOC_DYNAMIC_SHARED(name) unsigned char* name = ::insloc_emu::dynamic_shared()
+#define INSLOC_LAUNCH_CHECK() ((void)0)
+#define INSLOC_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(insloc_emu, CPU, m)
+
+namespace insloc::gpu {
+using DeviceGuard = ::insloc_emu::DeviceGuard;
+inline int current_stream() { return 0; }
+inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+inline int sm_count(int /*device*/) { return ::insloc_emu::sm_count(); }
+inline size_t max_shared_per_block_optin(int /*device*/) { return size_t(::insloc_emu::max_shared_per_block_optin()); }
+template <typename Kernel>
+void allow_dynamic_shared(Kernel kernel, size_t bytes) {
+  ::insloc_emu::allow_dynamic_shared(reinterpret_cast<const void*>(kernel), bytes);
+}
+}  // namespace insloc::gpu
+
+#else
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#define INSLOC_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
+#define INSLOC_DYNAMIC_SHARED(name) extern __shared__ unsigned char name[]
+#define INSLOC_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+#define INSLOC_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(insloc_ops, CUDA, m)
+
+namespace insloc::gpu {
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+inline int device_attribute(cudaDeviceAttr attr, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+inline int sm_count(int device) { return device_attribute(cudaDevAttrMultiProcessorCount, device); }
+inline size_t max_shared_per_block_optin(int device) {
+  return size_t(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+}
+// Needed before a launch with more than 48 KiB of dynamic shared memory.
+template <typename Kernel>
+void allow_dynamic_shared(Kernel kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+}  // namespace insloc::gpu
+
+#endif

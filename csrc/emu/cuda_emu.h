@@ -1,0 +1,346 @@
+// A small CUDA emulator, for tests: csrc/cuda/*.cu compiled as host C++ (with INSLOC_CUDA_EMU defined,
+// see csrc/cuda/runtime.h) run their kernels' own code on the CPU.
+//
+// Every thread of a block is a fiber (ucontext) with its own stack, on the calling OS thread. A block runs
+// in rounds: each runnable thread runs until it reaches __syncthreads, a warp shuffle or its end; then
+// the barrier is released and the next round runs the threads in the opposite order. So a missing
+// __syncthreads shows up as a read of data another thread has not written yet, or has already
+// overwritten, whichever direction the race goes. Checked, and reported as a C++ exception at the launch:
+// - launch limits (block <= 1024 threads, grid.y/z <= 65535, dynamic shared memory over 48 KiB only after
+//   allow_dynamic_shared and never over the opt-in limit, grid sizes that do not fit their field);
+// - __syncthreads that some threads of the block never reach (they exited or wait elsewhere);
+// - warp shuffles that not every lane of the warp reaches.
+// Dynamic shared memory is filled with 0xff bytes (NaN for floats) before every block.
+// Not emulated: real concurrency (atomics are plain read-modify-writes here), the memory model, timing,
+// registers. Static __shared__ variables are function statics: they keep their values between blocks.
+#pragma once
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct uint3 {
+  unsigned x, y, z;
+};
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  // CUDA's dim3 truncates silently; here a value that does not fit is an error at the launch.
+  dim3(long long x_ = 1, long long y_ = 1, long long z_ = 1) : x(fit(x_)), y(fit(y_)), z(fit(z_)) {}
+
+ private:
+  static unsigned fit(long long v) {
+    if (v < 0 || v > 0xffffffffLL) throw std::runtime_error("cuda_emu: dim3 component out of range: " + std::to_string(v));
+    return unsigned(v);
+  }
+};
+
+namespace insloc_emu {
+
+constexpr int kWarpSize = 32;
+constexpr size_t kDefaultSharedLimit = 48 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
+
+enum class FiberState { kRunnable, kAtBarrier, kAtWarpSync, kDone };
+
+struct Fiber {
+  ucontext_t context;
+  uint3 thread_idx;
+  int linear;
+  FiberState state;
+};
+
+struct State {
+  std::mutex mutex;  // one launch at a time
+  uint3 block_idx{0, 0, 0};
+  uint3 block_dim{1, 1, 1};
+  uint3 grid_dim{1, 1, 1};
+  std::vector<Fiber> fibers;
+  Fiber* current = nullptr;
+  ucontext_t scheduler;
+  char* stacks = nullptr;
+  size_t stack_slots = 0;
+  std::vector<unsigned char> dynamic_shared;
+  std::vector<uint64_t> exchange;  // a warp shuffle's value, per thread
+  const std::function<void()>* body = nullptr;
+  std::map<const void*, size_t> shared_allowed;  // kernel -> dynamic shared bytes allowed
+  std::string error;
+  int64_t launches = 0;
+};
+
+inline State& state() {
+  static State s;
+  return s;
+}
+
+// Device properties the host code asks for; INSLOC_EMU_SM_COUNT sets the SM count (default 4) so that
+// tests can vary the launch geometry that depends on it.
+inline int sm_count() {
+  const char* v = std::getenv("INSLOC_EMU_SM_COUNT");
+  const int n = v ? std::atoi(v) : 4;
+  return n > 0 ? n : 4;
+}
+inline int max_shared_per_block_optin() { return 227 * 1024; }  // H100
+
+inline void allow_dynamic_shared(const void* kernel, size_t bytes) {
+  if (bytes > size_t(max_shared_per_block_optin()))
+    throw std::runtime_error("cuda_emu: cudaFuncSetAttribute asks for " + std::to_string(bytes) +
+                             " bytes of dynamic shared memory, over the opt-in limit");
+  state().shared_allowed[kernel] = bytes;
+}
+
+inline const uint3& thread_idx() {
+  State& s = state();
+  if (s.current == nullptr) throw std::logic_error("cuda_emu: threadIdx read outside a kernel");
+  return s.current->thread_idx;
+}
+
+inline unsigned char* dynamic_shared() { return state().dynamic_shared.data(); }
+
+// Suspends the running thread (fiber) in `to` and returns to the block's scheduler.
+inline void yield(FiberState to) {
+  State& s = state();
+  Fiber* f = s.current;
+  f->state = to;
+  swapcontext(&f->context, &s.scheduler);
+}
+
+// An error found inside a kernel thread: recorded, the thread never resumes, the launch throws it.
+[[noreturn]] inline void fail(const std::string& message) {
+  State& s = state();
+  if (s.error.empty()) s.error = message;
+  yield(FiberState::kDone);
+  std::abort();  // never resumed
+}
+
+inline void fiber_main() {
+  State& s = state();
+  (*s.body)();
+  s.current->state = FiberState::kDone;
+  // returning resumes uc_link, the scheduler
+}
+
+inline void ensure_stacks(size_t threads) {
+  State& s = state();
+  if (s.stack_slots >= threads) return;
+  if (s.stacks != nullptr) munmap(s.stacks, s.stack_slots * kStackBytes);
+  void* p = mmap(nullptr, threads * kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                 -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map fiber stacks");
+  s.stacks = static_cast<char*>(p);
+  s.stack_slots = threads;
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  for (size_t i = 0; i < threads; ++i) mprotect(s.stacks + i * kStackBytes, page, PROT_NONE);  // overflow guard
+}
+
+inline std::string where() {
+  const State& s = state();
+  return " (block " + std::to_string(s.block_idx.x) + "," + std::to_string(s.block_idx.y) + "," +
+         std::to_string(s.block_idx.z) + ")";
+}
+
+inline void run_block(size_t shared_bytes) {
+  State& s = state();
+  const int n = int(s.block_dim.x * s.block_dim.y * s.block_dim.z);
+  s.fibers.resize(size_t(n));
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = s.fibers[size_t(i)];
+    f.linear = i;
+    f.thread_idx = {unsigned(i) % s.block_dim.x, (unsigned(i) / s.block_dim.x) % s.block_dim.y,
+                    unsigned(i) / (s.block_dim.x * s.block_dim.y)};
+    f.state = FiberState::kRunnable;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = s.stacks + size_t(i) * kStackBytes;
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &s.scheduler;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  s.dynamic_shared.assign(std::max<size_t>(shared_bytes, 1), 0xff);
+  s.exchange.assign(size_t(n), 0);
+  bool reverse = false;
+  for (;;) {
+    for (int k = 0; k < n; ++k) {
+      Fiber& f = s.fibers[size_t(reverse ? n - 1 - k : k)];
+      if (f.state != FiberState::kRunnable) continue;
+      s.current = &f;
+      swapcontext(&s.scheduler, &f.context);
+      s.current = nullptr;
+      if (!s.error.empty()) throw std::runtime_error("cuda_emu: " + s.error + where());
+    }
+    reverse = !reverse;
+    bool released = false;
+    int done = 0, at_barrier = 0;
+    for (int w = 0; w * kWarpSize < n; ++w) {
+      const int lo = w * kWarpSize, hi = std::min(n, lo + kWarpSize);
+      int waiting = 0;
+      for (int i = lo; i < hi; ++i) waiting += s.fibers[size_t(i)].state == FiberState::kAtWarpSync;
+      if (waiting == hi - lo) {
+        for (int i = lo; i < hi; ++i) s.fibers[size_t(i)].state = FiberState::kRunnable;
+        released = true;
+      } else if (waiting > 0) {
+        for (int i = lo; i < hi; ++i) {
+          done += s.fibers[size_t(i)].state == FiberState::kDone;
+          at_barrier += s.fibers[size_t(i)].state == FiberState::kAtBarrier;
+        }
+        if (done + at_barrier > 0)
+          throw std::runtime_error("cuda_emu: a warp shuffle reached by " + std::to_string(waiting) + " of the " +
+                                   std::to_string(hi - lo) + " lanes of warp " + std::to_string(w) + where());
+      }
+    }
+    if (released) continue;
+    done = at_barrier = 0;
+    for (const Fiber& f : s.fibers) {
+      done += f.state == FiberState::kDone;
+      at_barrier += f.state == FiberState::kAtBarrier;
+    }
+    if (done == n) return;
+    if (at_barrier != n)
+      throw std::runtime_error("cuda_emu: __syncthreads reached by " + std::to_string(at_barrier) + " of " +
+                               std::to_string(n) + " threads (the others exited)" + where());
+    for (Fiber& f : s.fibers) f.state = FiberState::kRunnable;
+  }
+}
+
+inline void check_launch(const dim3& grid, const dim3& block, size_t shared_bytes, const void* kernel) {
+  const State& s = state();
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  auto bad = [](const std::string& what) { throw std::runtime_error("cuda_emu: invalid launch: " + what); };
+  if (threads == 0 || grid.x == 0 || grid.y == 0 || grid.z == 0) bad("a zero grid or block dimension");
+  if (threads > 1024 || block.z > 64) bad("more than 1024 threads per block, or block.z > 64");
+  if (grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) bad("grid dimensions over (2^31-1, 65535, 65535)");
+  if (shared_bytes > kDefaultSharedLimit) {
+    auto it = s.shared_allowed.find(kernel);
+    if (it == s.shared_allowed.end() || it->second < shared_bytes)
+      bad(std::to_string(shared_bytes) + " bytes of dynamic shared memory without cudaFuncSetAttribute");
+  }
+}
+
+inline void run_grid(const dim3& grid, const dim3& block, size_t shared_bytes, const void* kernel,
+                     const std::function<void()>& body) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  check_launch(grid, block, shared_bytes, kernel);
+  s.error.clear();
+  s.block_dim = {block.x, block.y, block.z};
+  s.grid_dim = {grid.x, grid.y, grid.z};
+  s.body = &body;
+  ensure_stacks(size_t(block.x) * block.y * block.z);
+  ++s.launches;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        s.block_idx = {x, y, z};
+        run_block(shared_bytes);
+      }
+  s.body = nullptr;
+}
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...) is launch(grid, block, shared_bytes, kernel)(args...):
+// the arguments are converted to the kernel's parameter types once, as a launch copies them.
+template <typename... P>
+struct Launch {
+  dim3 grid, block;
+  size_t shared_bytes;
+  void (*kernel)(P...);
+
+  template <typename... A>
+  void operator()(A&&... args) const {
+    static_assert(sizeof...(A) == sizeof...(P), "cuda_emu: wrong number of kernel arguments");
+    const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+    auto* k = kernel;
+    const std::function<void()> body = [&params, k] { std::apply(k, params); };
+    run_grid(grid, block, shared_bytes, reinterpret_cast<const void*>(kernel), body);
+  }
+};
+
+template <typename... P>
+Launch<P...> launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(P...)) {
+  return {grid, block, shared_bytes, kernel};
+}
+
+inline int64_t launch_count() { return state().launches; }
+
+struct DeviceGuard {
+  template <typename D>
+  explicit DeviceGuard(const D&) {}
+};
+
+}  // namespace insloc_emu
+
+#define threadIdx (::insloc_emu::thread_idx())
+#define blockIdx (static_cast<const uint3&>(::insloc_emu::state().block_idx))
+#define blockDim (static_cast<const uint3&>(::insloc_emu::state().block_dim))
+#define gridDim (static_cast<const uint3&>(::insloc_emu::state().grid_dim))
+
+inline void __syncthreads() { insloc_emu::yield(insloc_emu::FiberState::kAtBarrier); }
+
+template <typename T>
+T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = insloc_emu::kWarpSize) {
+  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "cuda_emu: shuffle of an unsupported type");
+  insloc_emu::State& s = insloc_emu::state();
+  if (mask != 0xffffffffu || width != insloc_emu::kWarpSize)
+    insloc_emu::fail("__shfl_down_sync: only full-warp shuffles are emulated");
+  const int i = s.current->linear;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  s.exchange[size_t(i)] = bits;
+  insloc_emu::yield(insloc_emu::FiberState::kAtWarpSync);  // every lane has published its value
+  T out = value;
+  const int src = i + int(delta);
+  if (i % insloc_emu::kWarpSize + int(delta) < insloc_emu::kWarpSize && src < int(s.exchange.size()))
+    std::memcpy(&out, &s.exchange[size_t(src)], sizeof(T));
+  insloc_emu::yield(insloc_emu::FiberState::kAtWarpSync);  // every lane has read before the next shuffle writes
+  return out;
+}
+
+// Sequential: the fibers of a launch never run at the same time.
+template <typename T>
+T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+
+template <typename T>
+T atomicMax(T* address, T value) {
+  const T old = *address;
+  *address = old < value ? value : old;
+  return old;
+}
+
+template <typename T>
+T __ldg(const T* address) {
+  return *address;
+}
+
+// CUDA's integer min/max (its floating-point ones have fminf semantics and are not needed here).
+template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
+T min(T a, T b) {
+  return b < a ? b : a;
+}
+
+template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
+T max(T a, T b) {
+  return a < b ? b : a;
+}

@@ -1,0 +1,3 @@
+// csrc/cuda/roi_align.cu compiled as host C++ for the CUDA emulator (see csrc/emu/cuda_emu.h).
+#define INSLOC_CUDA_EMU
+#include "cuda/roi_align.cu"

@@ -1,0 +1,73 @@
+"""Builds and loads the CUDA emulator library: csrc/cuda/*.cu compiled as host C++ against
+csrc/emu/cuda_emu.h, registered as torch.ops.insloc_emu.* for CPU tensors.
+
+    import cuda_emu; cuda_emu.load()
+    torch.ops.insloc_emu.queue_infonce(q, k, queue, 0.2)   # the CUDA kernels' own code, run on the CPU
+
+INSLOC_EMU_SM_COUNT (read at every launch) sets the SM count the host code sees (default 4).
+With INSLOC_EMU_ASAN=1 the library is built with AddressSanitizer (build/cuda_emu_asan/), so that an
+out-of-bounds read or write of a kernel aborts the process with a report; the process must then start
+with libasan preloaded: see asan_env(). Linux only (fibers are ucontext). Builds are incremental."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BUILD = ROOT / "build" / "cuda_emu"
+SOURCES = sorted(str(p) for p in (ROOT / "csrc" / "emu").glob("*.cpp"))
+OPS = ("roi_align_multilevel", "roi_align_multilevel_backward", "sample_anchor_boxes", "queue_infonce",
+       "queue_infonce_backward")
+
+_loaded = False
+
+
+def supported():
+    return sys.platform.startswith("linux")
+
+
+def asan_wanted():
+    return os.environ.get("INSLOC_EMU_ASAN") == "1"
+
+
+def asan_env(env=None):
+    """The environment for a child process that loads the AddressSanitizer build."""
+    env = dict(os.environ if env is None else env)
+    runtime = subprocess.run(["c++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    env["LD_PRELOAD"] = runtime
+    # Python and torch are not instrumented: leaks at exit are theirs, not the kernels'.
+    env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0"
+    env["INSLOC_EMU_ASAN"] = "1"
+    return env
+
+
+def load(verbose=False):
+    global _loaded
+    if _loaded:
+        return torch.ops.insloc_emu
+    from torch.utils.cpp_extension import load as load_extension
+
+    asan = asan_wanted()
+    build = BUILD.with_name("cuda_emu_asan") if asan else BUILD
+    build.mkdir(parents=True, exist_ok=True)
+    flags = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if asan else ["-O2"]
+    load_extension(
+        name="insloc_cuda_emu_asan" if asan else "insloc_cuda_emu",
+        sources=SOURCES,
+        extra_include_paths=[str(ROOT / "csrc")],
+        extra_cflags=flags,
+        extra_ldflags=["-fsanitize=address"] if asan else [],
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    _loaded = True
+    return torch.ops.insloc_emu
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MAX_JOBS", "2")
+    load(verbose=True)
+    print("loaded:", ", ".join(f"insloc_emu.{op}" for op in OPS))

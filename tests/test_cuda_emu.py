@@ -1,0 +1,344 @@
+"""The CUDA kernels (csrc/cuda/*.cu), their own code compiled as host C++ and run on the CPU by the emulator
+in csrc/emu/cuda_emu.h: launch geometry, shared-memory staging, barriers, warp shuffles, split-K combines
+and the host code around them, against the reference and the CPU kernels. What the emulator cannot show
+(real concurrency, the memory model, speed) is left to the gpu-marked tests."""
+import contextlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import cuda_emu
+import test_anchor_kernels as anchor_tests
+import test_infonce_kernels as infonce_tests
+import test_roi_align_kernels as roi_tests
+from insloc_ops import reference
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not cuda_emu.supported(), reason="the emulator needs Linux")]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return cuda_emu.load()
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Deterministic mode with fill_uninitialized_memory: every at::empty the host code makes starts as NaN
+    (floats) or the largest integer, so an element a kernel leaves unwritten shows."""
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = before
+
+
+@contextlib.contextmanager
+def sm_count(n, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setenv("INSLOC_EMU_SM_COUNT", str(n))
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+# The emulator itself: every class of bug it claims to catch, caught; correct kernels pass
+# ------------------------------------------------------------------------------------------------
+
+
+def test_emulator_library_carries_the_insloc_ops_signatures(emu):
+    for op in cuda_emu.OPS:
+        mine = str(getattr(torch.ops.insloc_emu, op).default._schema)
+        theirs = str(getattr(torch.ops.insloc_ops, op).default._schema)
+        assert mine == theirs.replace("insloc_ops::", "insloc_emu::")
+
+
+def test_emulator_runs_barriers_and_shuffles_correctly(emu):
+    x = torch.arange(512, dtype=torch.float32)
+    assert torch.equal(emu.selftest("reverse"), torch.cat([x[:256].flip(0), x[256:].flip(0)]))
+    want = torch.zeros(512)
+    want[:256] = x[:256].roll(-1) + x[256:].roll(-1)  # s[(t + 1) % 256], summed over the two rounds
+    assert torch.equal(emu.selftest("two_rounds"), want)
+    lanes = torch.arange(256, dtype=torch.float32).view(8, 32).sum(1)
+    assert torch.equal(emu.selftest("warp_sum")[:8], lanes)
+
+
+@pytest.mark.parametrize("case", ["reverse_unsynced", "two_rounds_unsynced"])
+def test_emulator_exposes_a_missing_syncthreads(emu, case):
+    # Read-after-write (threads read slots not yet written) and write-after-read (a second round overwrites
+    # slots not yet read): both give wrong values, whichever order the previous blocks ran in.
+    good = emu.selftest(case.replace("_unsynced", ""))
+    for _ in range(2):
+        assert not torch.equal(emu.selftest(case), good)
+
+
+def test_emulator_poisons_dynamic_shared_memory(emu):
+    assert emu.selftest("dynamic_shared")[:256].isnan().all()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("divergent_barrier", "__syncthreads reached by 128 of 256"),
+    ("partial_shuffle", "warp shuffle reached by 16 of the 32 lanes"),
+    ("shared_over_48k", "without cudaFuncSetAttribute"),
+    ("grid_y_too_large", "grid dimensions"),
+    ("block_too_large", "more than 1024 threads"),
+    ("grid_truncated", "out of range"),
+])
+def test_emulator_rejects_what_a_gpu_would_reject(emu, case, match):
+    with pytest.raises(RuntimeError, match=match):
+        emu.selftest(case)
+
+
+def test_emulator_allows_large_shared_memory_after_the_attribute(emu):
+    assert emu.selftest("shared_over_48k_allowed")[:256].isnan().all()
+
+
+# Out-of-bounds accesses: this module again in a child process, with the emulator library built with
+# AddressSanitizer (every global and shared memory access of the kernels checked).
+asan_only = pytest.mark.skipif(cuda_emu.asan_wanted(), reason="already the AddressSanitizer run")
+
+
+def run_asan(args, timeout):
+    return subprocess.run([sys.executable, *args], cwd=cuda_emu.ROOT, env=cuda_emu.asan_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@asan_only
+def test_address_sanitizer_stops_an_out_of_bounds_read():
+    code = "import sys; sys.path.insert(0, 'tests'); import cuda_emu; cuda_emu.load().selftest('read_past_end')"
+    r = run_asan(["-c", code], timeout=900)
+    assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
+
+
+@asan_only
+def test_cuda_kernels_under_address_sanitizer():
+    # Triton's native library aborts at import under the preloaded sanitizer runtime, and these tests do
+    # not need it: the child hides it (insloc_ops then reports no Triton backend).
+    code = ("import sys; sys.modules['triton'] = None; import pytest; sys.exit(pytest.main(['-q', '-x', '-p', "
+            f"'no:cacheprovider', {__file__!r}, '-k', 'roi_align or anchors or infonce']))")
+    r = run_asan(["-c", code], timeout=1800)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert " passed" in r.stdout and "ERROR: AddressSanitizer" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# roi_align_multilevel (CUDA kernels: forward, atomic backward, deterministic backward)
+# ------------------------------------------------------------------------------------------------
+
+
+def emu_roi_align(emu, feats, rois, out_size, scales, sampling, aligned, levels, grad, deterministic):
+    with poisoned_outputs():
+        out = emu.roi_align_multilevel(feats, rois, levels, scales, out_size[0], out_size[1], sampling, aligned)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        gs = emu.roi_align_multilevel_backward(
+            grad, rois, levels, scales, sampling, aligned, feats[0].shape[0], feats[0].shape[1],
+            [f.shape[2] for f in feats], [f.shape[3] for f in feats],
+            feats[0].is_contiguous(memory_format=torch.channels_last) and not feats[0].is_contiguous())
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return out, gs
+
+
+def check_roi_align(emu, dtype, channels_last, mode, aligned, sampling, seed):
+    feats, rois, scales = roi_tests.problem("cuda", dtype, channels_last, seed=seed, R=37, C=19, B=3)
+    levels = None if mode == "all" else torch.randint(0, 3, (37,), generator=torch.Generator().manual_seed(seed))
+    ref32 = [f.float() if dtype in (torch.float16, torch.bfloat16) else f for f in feats]
+    ref = reference.roi_align_multilevel(ref32, rois, (7, 6), scales, sampling, aligned, levels)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=ref.dtype)
+    _, gr = roi_tests.grads("reference", ref32, rois, (7, 6), scales, sampling, aligned, levels, g.to(dtype).to(ref.dtype))
+    tol = roi_tests.tol(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for deterministic in (False, True):
+        out, gs = emu_roi_align(emu, feats, rois, (7, 6), scales, sampling, aligned, levels, g.to(dtype), deterministic)
+        assert out.dtype == dtype and out.shape == ref.shape
+        torch.testing.assert_close(out.to(ref.dtype), ref, **tol)
+        for a, b in zip(gs, gr):
+            assert a.dtype == dtype and a.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(a.to(b.dtype), b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["all", "levels"])
+def test_roi_align_dtypes_layouts_modes(emu, dtype, channels_last, mode):
+    check_roi_align(emu, dtype, channels_last, mode, True, 0, seed=31)
+
+
+@pytest.mark.parametrize("aligned,sampling", [(False, 2), (False, 0), (True, 3)])
+@pytest.mark.parametrize("mode", ["all", "levels"])
+def test_roi_align_sampling_and_alignment(emu, aligned, sampling, mode):
+    check_roi_align(emu, torch.float32, False, mode, aligned, sampling, seed=32)
+
+
+def test_roi_align_matches_torchvision(emu):
+    feats, rois, scales = roi_tests.problem("cuda", torch.float32, seed=22, R=50, C=8)
+    rois = roi_tests.well_formed(rois)
+    for aligned in (True, False):
+        out = emu.roi_align_multilevel(feats, rois, None, scales, 7, 7, 0, aligned)
+        for lvl, (f, s) in enumerate(zip(feats, scales)):
+            torch.testing.assert_close(out[lvl], torchvision.ops.roi_align(f, rois, (7, 7), s, 0, aligned),
+                                       **roi_tests.tol(torch.float32))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_deterministic_backward_is_bitwise_repeatable(emu, channels_last):
+    feats, rois, scales = roi_tests.problem("cuda", torch.float32, channels_last, seed=23, R=120, C=8)
+    rois[:, 0] = 1  # many overlapping RoIs on one image
+    ref = reference.roi_align_multilevel(feats, rois, (7, 7), scales, 0, True)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5))
+    _, gr = roi_tests.grads("reference", feats, rois, (7, 7), scales, 0, True, None, g)
+    _, ga = emu_roi_align(emu, feats, rois, (7, 7), scales, 0, True, None, g, deterministic=True)
+    _, gb = emu_roi_align(emu, feats, rois, (7, 7), scales, 0, True, None, g, deterministic=True)
+    for a, b, r in zip(ga, gb, gr):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, **roi_tests.tol(torch.float32))
+
+
+def test_roi_align_zeroes_out_of_range_batch_and_level(emu):
+    feats, rois, scales = roi_tests.problem("cuda", seed=24, R=8)
+    rois = roi_tests.well_formed(rois)[:4].clone()
+    rois[0, 0] = 7.0
+    rois[1, 0] = -1.0
+    rois[2, 0] = float("nan")
+    levels = torch.tensor([0, 1, 5, -2])
+    with poisoned_outputs():
+        out = emu.roi_align_multilevel(feats, rois, levels, scales, 2, 2, 0, True)
+    assert (out == 0).all()
+    for det in (False, True):
+        torch.use_deterministic_algorithms(det)
+        try:
+            gs = emu.roi_align_multilevel_backward(torch.ones_like(out), rois, levels, scales, 0, True, 2, 3,
+                                                   [h for h, _ in roi_tests.SIZES_CPU],
+                                                   [w for _, w in roi_tests.SIZES_CPU], False)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert all((x == 0).all() for x in gs)
+
+
+def test_roi_align_empty_and_huge_boxes(emu):
+    feats, rois, scales = roi_tests.problem("cuda", seed=25, R=6)
+    assert emu.roi_align_multilevel(feats, rois[:0], None, scales, 3, 3, 0, True).shape == (3, 0, 3, 3, 3)
+    giant = torch.tensor([[0.0, -1e7, -1e7, 1e7, 1e7]])  # grid clamps to 65536 per axis
+    torch.testing.assert_close(emu.roi_align_multilevel(feats, giant, None, scales, 2, 2, 0, True),
+                               reference.roi_align_multilevel(feats, giant, (2, 2), scales, 0, True))
+
+
+# ------------------------------------------------------------------------------------------------
+# sample_anchor_boxes: the CUDA kernel picks exactly the CPU kernel's anchors (same counter-based keys)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["insloc", "detection", "odd_sizes"])
+def test_anchors_match_the_cpu_kernel(emu, case, monkeypatch):
+    g = torch.Generator().manual_seed(41)
+    if case == "insloc":
+        gt, anchors = anchor_tests.insloc_inputs(32, g)
+    elif case == "detection":
+        gt, anchors = anchor_tests.detection_inputs(13, g, strides=(16, 32, 64))
+    else:  # N not a multiple of the block's box group, A not a multiple of a block, float16 and float64 input
+        gt, anchors = anchor_tests.detection_inputs(7, g, strides=(32, 64, 128), dtype=torch.float16)
+        anchors = anchors[:-3].double()
+    for sms in (1, 5):  # how the anchors are split into block ranges
+        with sm_count(sms, monkeypatch):
+            for seed in (0, 2**63 - 1, -7):
+                want = torch.ops.insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, seed)
+                with poisoned_outputs():
+                    index, iou = emu.sample_anchor_boxes(gt, anchors, 0.5, seed)
+                assert torch.equal(index, want[0]) and torch.equal(iou, want[1])
+
+
+def test_anchors_fallback_ties_and_empty(emu, monkeypatch):
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [100.0, 100.0, 110.0, 110.0]])
+    far = torch.tensor([[500.0, 500.0, 510.0, 510.0]]).repeat(3000, 1)
+    anchors = torch.cat([far[:1], torch.tensor([[5.0, 0.0, 15.0, 10.0]]), far,
+                         torch.tensor([[-5.0, 0.0, 5.0, 10.0]]), far, torch.tensor([[0.0, 5.0, 10.0, 15.0]])])
+    with sm_count(3, monkeypatch):  # the tied anchors land in different blocks
+        index, iou = emu.sample_anchor_boxes(gt, anchors, 0.5, 3)
+    assert index.tolist() == [1, 0]  # box 0: lowest index among the ties; box 1: argmax 0 (all IoU 0)
+    assert torch.equal(index, torch.ops.insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, 3)[0])
+    index, iou = emu.sample_anchor_boxes(torch.zeros(0, 4), torch.ones(5, 4), 0.5, 1)
+    assert index.shape == (0,) and iou.shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------------
+# queue_infonce (CUDA kernels: split-K partial LSEs, combine, backward partials and finish)
+# ------------------------------------------------------------------------------------------------
+
+
+def check_infonce(emu, G, N, K, D, dtype=torch.float32, queue_dtype=None, temperature=0.2, seed=0):
+    q, k, queue = infonce_tests.make_inputs(G, N, K, D, dtype, queue_dtype, seed=seed)
+    with poisoned_outputs():
+        loss, lse = emu.queue_infonce(q, k, queue, temperature)
+    want_loss = infonce_tests.cross_entropy_oracle(q, k, queue, temperature)
+    tol = infonce_tests.tolerances(q, queue)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == lse.dtype == acc and loss.shape == (G, N)
+    torch.testing.assert_close(loss, want_loss.to(acc), **tol)
+    # Gradients against autograd through the reference.
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    ref, want_lse = reference.queue_infonce(q2, k2, queue, temperature)
+    torch.testing.assert_close(lse, want_lse.detach(), **tol)
+    g = torch.rand(ref.shape, generator=torch.Generator().manual_seed(seed + 1)).to(ref)
+    (ref * g).sum().backward()
+    with poisoned_outputs():
+        dq, dk = emu.queue_infonce_backward(g.to(acc), q, k, queue, lse, temperature)
+    assert dq.dtype == dk.dtype == dtype
+    torch.testing.assert_close(dq, q2.grad, **tol)
+    torch.testing.assert_close(dk, k2.grad, **tol)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 8), (2, 19, 300, 24), (4, 33, 1000, 128), (1, 3, 0, 8)])
+@pytest.mark.parametrize("temperature", [0.07, 0.2])
+def test_infonce_matches_the_oracles(emu, shape, temperature):
+    check_infonce(emu, *shape, temperature=temperature)
+
+
+@pytest.mark.parametrize("sms", [1, 3, 132])
+def test_infonce_split_counts(emu, sms, monkeypatch):
+    # The forward's number of K splits follows the SM count; 132 (an H100) gives one tile per split.
+    with sm_count(sms, monkeypatch):
+        check_infonce(emu, 2, 17, 777, 16, seed=sms)
+
+
+@pytest.mark.parametrize("dtype,queue_dtype", [
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, None),
+    (torch.float16, None), (torch.float64, None)])
+def test_infonce_dtypes(emu, dtype, queue_dtype):
+    check_infonce(emu, 2, 9, 200, 32, dtype, queue_dtype, seed=3)
+
+
+def test_infonce_feature_dim_over_48k_of_shared_memory(emu):
+    # D = 300: the forward tile needs 57 KiB and the backward 77 KiB of dynamic shared memory, which a
+    # launch may use only after cudaFuncSetAttribute; the emulator checks that it was called.
+    check_infonce(emu, 1, 5, 100, 300, seed=4)
+
+
+def test_infonce_empty_batch(emu):
+    q, k, queue = infonce_tests.make_inputs(2, 0, 50, 8)
+    loss, lse = emu.queue_infonce(q, k, queue, 0.2)
+    assert loss.shape == lse.shape == (2, 0)
+    dq, dk = emu.queue_infonce_backward(loss, q, k, queue, lse, 0.2)
+    assert dq.shape == dk.shape == (2, 0, 8)
+
+
+@pytest.mark.parametrize("nan_row", [0, 7, 40])
+def test_infonce_non_finite_input_gives_non_finite_loss(emu, nan_row):
+    # nan_row 0 and 7 were the bug this test found: a NaN logit that a thread met before any finite one
+    # was dropped by the merge of partial log-sum-exps, so the CUDA kernel returned a finite loss.
+    q, k, queue = infonce_tests.make_inputs(2, 3, 50, 8)
+    q[0, 1, 2] = float("nan")
+    k[0, 2, 0] = float("inf")  # positive logit +-inf: loss NaN or inf
+    queue[1, nan_row, 3] = float("nan")  # poisons every row of group 1
+    loss, lse = emu.queue_infonce(q, k, queue, 0.2)
+    assert not torch.isfinite(loss[0, 1]) and not torch.isfinite(loss[0, 2])
+    assert not torch.isfinite(loss[1]).any()
+    assert torch.isfinite(loss[0, 0])
+    g = torch.zeros_like(loss)
+    g[0, 0] = 1
+    dq, _ = emu.queue_infonce_backward(g, q, k, queue, lse, 0.2)
+    assert torch.isfinite(dq[0, 0]).all()
