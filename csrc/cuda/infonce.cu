@@ -63,6 +63,30 @@ __device__ void load_rows(acc_t* q_s, const acc_t* qa, int64_t g, int64_t r0, in
   }
 }
 
+// Stages queue rows [k0, k0 + kTile) in shared memory, once every thread is done with the previous tile
+// (and, for the first, once q_s is loaded), then this thread's logits against them.
+template <typename acc_t, typename queue_t>
+__device__ __forceinline__ void next_tile_logits(acc_t (&logits)[kCols], acc_t* tile, const acc_t* q_s,
+                                                 const queue_t* queue_g, int64_t k0, int64_t k_end, int64_t D,
+                                                 int row, int lane, acc_t inv_t) {
+  __syncthreads();
+  load_tile(tile, queue_g, k0, k_end, D);
+  __syncthreads();
+  tile_logits(logits, q_s + row * (D + 1), tile, lane, D, inv_t);
+}
+
+// What a partials block (split, row block, group) covers, and this thread's row and lane in it.
+struct Place {
+  int64_t split, r0, g, k_begin, k_end;
+  int row, lane;
+};
+
+__device__ __forceinline__ Place place(int64_t K, int64_t per_split) {
+  const int64_t split = blockIdx.x, k_begin = split * per_split;
+  return {split, int64_t(blockIdx.y) * kRows, int64_t(blockIdx.z), k_begin, min(K, k_begin + per_split),
+          int(threadIdx.x / kLanes), int(threadIdx.x % kLanes)};
+}
+
 template <typename acc_t, typename queue_t>
 __global__ void __launch_bounds__(kThreads)
     forward_partials_kernel(const acc_t* __restrict__ qa, const queue_t* __restrict__ queue, acc_t* part_m,
@@ -72,19 +96,13 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kRows, D + 1]
   acc_t* tile = q_s + kRows * (D + 1);               // [kTile, D + 1]
   __shared__ acc_t red_m[kThreads], red_s[kThreads];
-  const int64_t split = blockIdx.x, r0 = int64_t(blockIdx.y) * kRows, g = blockIdx.z;
-  const int row = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
-  const int64_t k_begin = split * per_split;
-  const int64_t k_end = min(K, k_begin + per_split);
+  const auto [split, r0, g, k_begin, k_end, row, lane] = place(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
   load_rows(q_s, qa, g, r0, N, D);
   acc_t m = neg_inf<acc_t>(), s = 0;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
-    __syncthreads();  // previous tile fully consumed (and q_s loaded on the first pass)
-    load_tile(tile, queue_g, k0, k_end, D);
-    __syncthreads();
     acc_t logits[kCols];
-    tile_logits(logits, q_s + row * (D + 1), tile, lane, D, inv_t);
+    next_tile_logits(logits, tile, q_s, queue_g, k0, k_end, D, row, lane, inv_t);
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       if (k0 + lane + c * kLanes < k_end) lse_add(m, s, logits[c]);
@@ -126,10 +144,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* tile = q_s + kRows * (D + 1);               // [kTile, D + 1]
   acc_t* dq_s = tile + kTile * (D + 1);              // [kRows, D]
   __shared__ acc_t p_s[kRows][kTile + 1];
-  const int64_t split = blockIdx.x, r0 = int64_t(blockIdx.y) * kRows, g = blockIdx.z;
-  const int row = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
-  const int64_t k_begin = split * per_split;
-  const int64_t k_end = min(K, k_begin + per_split);
+  const auto [split, r0, g, k_begin, k_end, row, lane] = place(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
   load_rows(q_s, qa, g, r0, N, D);
   for (int64_t i = threadIdx.x; i < kRows * D; i += kThreads) dq_s[i] = 0;
@@ -137,11 +152,8 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t row_lse = row_ok ? lse[g * N + r0 + row] : acc_t(0);
   const acc_t row_coef = row_ok ? grad[g * N + r0 + row] * inv_t : acc_t(0);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
-    __syncthreads();
-    load_tile(tile, queue_g, k0, k_end, D);
-    __syncthreads();
     acc_t logits[kCols];
-    tile_logits(logits, q_s + row * (D + 1), tile, lane, D, inv_t);
+    next_tile_logits(logits, tile, q_s, queue_g, k0, k_end, D, row, lane, inv_t);
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int col = lane + c * kLanes;

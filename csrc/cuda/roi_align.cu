@@ -95,6 +95,20 @@ __device__ __forceinline__ bool bin_geometry(const LevelTable<ptr_t, T>& lv, con
   return true;
 }
 
+// visit(ys, xs) for every sample of the bin that lies on the map (the others add nothing).
+template <typename T, typename Visit>
+__device__ __forceinline__ void for_each_sample(const BinGeometry<T>& g, int H, int W, Visit&& visit) {
+  for (int sy = g.sy0; sy < g.sy1; ++sy) {
+    AxisSample<T> ys;
+    if (!axis_sample(sample_coord(g.y0, g.y.bin, sy, g.y.grid), H, ys)) continue;
+    for (int sx = g.sx0; sx < g.sx1; ++sx) {
+      AxisSample<T> xs;
+      if (!axis_sample(sample_coord(g.x0, g.x.bin, sx, g.x.grid), W, xs)) continue;
+      visit(ys, xs);
+    }
+  }
+}
+
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads) roi_align_forward_kernel(
     LevelTable<const scalar_t*, T> lv, const T* __restrict__ rois, const int64_t* __restrict__ levels, Problem pr,
@@ -111,20 +125,14 @@ __global__ void __launch_bounds__(kThreads) roi_align_forward_kernel(
       const bool cl = lv.channels_last[g.level];
       const scalar_t* f = lv.data[g.level];
       T sum = T(0);
-      for (int sy = g.sy0; sy < g.sy1; ++sy) {
-        AxisSample<T> ys;
-        if (!axis_sample(sample_coord(g.y0, g.y.bin, sy, g.y.grid), H, ys)) continue;
-        for (int sx = g.sx0; sx < g.sx1; ++sx) {
-          AxisSample<T> xs;
-          if (!axis_sample(sample_coord(g.x0, g.x.bin, sx, g.x.grid), W, xs)) continue;
-          const T v1 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.low)]);
-          const T v2 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.high)]);
-          const T v3 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.low)]);
-          const T v4 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.high)]);
-          sum += ys.w_low * xs.w_low * v1 + ys.w_low * xs.w_high * v2 + ys.w_high * xs.w_low * v3 +
-                 ys.w_high * xs.w_high * v4;
-        }
-      }
+      for_each_sample(g, H, W, [&](const AxisSample<T>& ys, const AxisSample<T>& xs) {
+        const T v1 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.low)]);
+        const T v2 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.high)]);
+        const T v3 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.low)]);
+        const T v4 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.high)]);
+        sum += ys.w_low * xs.w_low * v1 + ys.w_low * xs.w_high * v2 + ys.w_high * xs.w_low * v3 +
+               ys.w_high * xs.w_high * v4;
+      });
       val = sum * inv_count<T>(g.y.grid, g.x.grid);
     }
     out[(pair * pr.C + c) * pr.ph * pr.pw + p * pr.pw + q] = static_cast<scalar_t>(val);
@@ -147,18 +155,12 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_atomic_kernel(
     const int H = lv.H[g.level], W = lv.W[g.level];
     const bool cl = lv.channels_last[g.level];
     T* gf = lv.data[g.level];
-    for (int sy = g.sy0; sy < g.sy1; ++sy) {
-      AxisSample<T> ys;
-      if (!axis_sample(sample_coord(g.y0, g.y.bin, sy, g.y.grid), H, ys)) continue;
-      for (int sx = g.sx0; sx < g.sx1; ++sx) {
-        AxisSample<T> xs;
-        if (!axis_sample(sample_coord(g.x0, g.x.bin, sx, g.x.grid), W, xs)) continue;
-        atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.low), gv * ys.w_low * xs.w_low);
-        atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.high), gv * ys.w_low * xs.w_high);
-        atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.low), gv * ys.w_high * xs.w_low);
-        atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.high), gv * ys.w_high * xs.w_high);
-      }
-    }
+    for_each_sample(g, H, W, [&](const AxisSample<T>& ys, const AxisSample<T>& xs) {
+      atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.low), gv * ys.w_low * xs.w_low);
+      atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.high), gv * ys.w_low * xs.w_high);
+      atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.low), gv * ys.w_high * xs.w_low);
+      atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.high), gv * ys.w_high * xs.w_high);
+    });
   }
 }
 
