@@ -135,3 +135,51 @@ def _shuffle_worker(rank, world, port):
 
 def test_shuffle_bn_round_trips_images_and_boxes_across_two_gloo_processes():
     mp.spawn(_shuffle_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+# The trainer's CUDA-only settings (bf16 autocast, channels_last, torch.compile), exercised on the CPU:
+# CPU autocast casts the same op classes to bfloat16, so dtype mismatches between the model and the fused
+# ops show here too.
+
+
+@pytest.mark.parametrize("method, arch", [("insloc", "fpn"), ("insloc", "c4"), ("moco", "fpn")])
+def test_step_under_bf16_autocast_with_channels_last(method, arch):
+    torch.manual_seed(0)
+    cfg = tiny_config(method=method, arch=arch)
+    moco = build_model(cfg).to(memory_format=torch.channels_last)
+    N = 4
+    im_q, im_k = (torch.randn(N, 3, 64, 64).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    boxes = torch.tensor([[2.0, 4.0, 50.0, 40.0]]).repeat(N, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, keys = moco(im_q, boxes, im_k, boxes, generator=torch.Generator().manual_seed(0))
+    assert losses.dtype == keys.dtype == torch.float32 and torch.isfinite(losses).all()
+    torch.testing.assert_close(keys.norm(dim=-1), torch.ones(keys.shape[:-1]), atol=1e-2, rtol=0)
+    losses.sum().backward()
+    grads = [p.grad for p in moco.encoder_q.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    moco.dequeue_and_enqueue(keys)
+    assert moco.queue.dtype == torch.float32 and int(moco.queue_ptr) == N
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["fpn", "c4"])
+def test_compiled_encoders_match_eager(arch):
+    # What cfg.compile does (Module.compile in place), with fullgraph=True: no graph break around the
+    # fused ops. aot_eager traces forward and backward through the fake kernels and autograd formulas
+    # without inductor's code generation, which would take minutes here.
+    torch.manual_seed(0)
+    eager = build_model(tiny_config(arch=arch))
+    compiled = build_model(tiny_config(arch=arch))
+    compiled.load_state_dict(eager.state_dict())
+    compiled.encoder_q.compile(backend="aot_eager", fullgraph=True)
+    compiled.encoder_k.compile(backend="aot_eager", fullgraph=True)
+    N = 4
+    im_q, im_k = torch.randn(N, 3, 64, 64), torch.randn(N, 3, 64, 64)
+    boxes = torch.tensor([[2.0, 4.0, 50.0, 40.0], [10.0, 3.0, 60.0, 33.0]]).repeat(N // 2, 1)
+    out = []
+    for moco in (eager, compiled):
+        losses, keys = moco(im_q, boxes, im_k, boxes, generator=torch.Generator().manual_seed(3))
+        losses.sum().backward()
+        out.append((losses, keys, moco.encoder_q.backbone.conv1.weight.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
