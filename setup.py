@@ -3,7 +3,8 @@
 Environment:
   INSLOC_OPS_CUDA=0      never compile CUDA sources
   INSLOC_OPS_CUDA=1      require CUDA sources to be compiled (fail loudly otherwise)
-  TORCH_CUDA_ARCH_LIST   architectures (default "8.0;9.0+PTX")
+  TORCH_CUDA_ARCH_LIST   architectures (default "8.0;9.0+PTX", plus the architecture of each GPU visible
+                         at build time that those do not cover, e.g. 7.5 on a T4)
   MAX_JOBS               parallel compile jobs (ninja)
 """
 import glob
@@ -89,12 +90,34 @@ def _want_cuda():
     return True, cuda_home
 
 
+def _default_archs():
+    """DEFAULT_ARCHS (A100 and newer: sm_80 machine code also runs on sm_86/sm_89, sm_90 PTX on anything
+    newer), plus the architecture of each visible GPU they would not run on (e.g. a T4's 7.5)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_archs", os.path.join(ROOT, "insloc_ops", "_archs.py"))
+    archs_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(archs_module)
+    archs = DEFAULT_ARCHS.split(";")
+    try:
+        import torch
+
+        found = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    except Exception:  # no driver or no GPU: the defaults
+        found = set()
+    for capability in sorted(found):
+        if not any(archs_module.arch_runs_on(a, capability) for a in archs):
+            archs.insert(0, "%d.%d" % capability)
+            _log(f"adding the visible GPU's architecture {archs[0]} to {DEFAULT_ARCHS}")
+    return ";".join(archs)
+
+
 def _extensions():
     use_cuda, cuda_home = _want_cuda()
     if use_cuda:
         # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_archs())
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))

@@ -32,6 +32,17 @@ def _has_kernel(qualname, key):
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
 
 
+@torch.compiler.assume_constant_result
+def _cuda_arch_ok():
+    """False when a GPU is visible that none of the compiled architectures runs on (its launches would
+    fail with "no kernel image is available"); True without a GPU, where nothing can be launched."""
+    if not torch.cuda.is_available():
+        return True
+    from ._build import cuda_kernels_run_on
+
+    return cuda_kernels_run_on(torch.cuda.get_device_capability())
+
+
 def _triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -43,7 +54,7 @@ def is_available(op, backend, device_type):
     if backend == "cpu":
         return device_type == "cpu" and _has_kernel(f"insloc_ops::{op}", "CPU")
     if backend == "cuda":
-        return device_type == "cuda" and _has_kernel(f"insloc_ops::{op}", "CUDA")
+        return device_type == "cuda" and _has_kernel(f"insloc_ops::{op}", "CUDA") and _cuda_arch_ok()
     if backend == "triton":
         if device_type == "cpu" and not _triton_interpreted():
             return False
@@ -64,8 +75,15 @@ def select(op, device, backend=None):
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
     if not is_available(op, backend, device_type):
+        why = ""
+        if backend == "cuda" and device_type == "cuda" and _has_kernel(f"insloc_ops::{op}", "CUDA"):
+            from ._build import cuda_archs
+
+            major, minor = torch.cuda.get_device_capability()
+            why = (f": the CUDA kernels were compiled for {';'.join(cuda_archs())}, which cannot run on this GPU "
+                   f"(compute capability {major}.{minor}); reinstall with TORCH_CUDA_ARCH_LIST={major}.{minor}")
         raise RuntimeError(
-            f"{source}={backend!r} is not available for {op} on {device_type} tensors here "
+            f"{source}={backend!r} is not available for {op} on {device_type} tensors here{why} "
             f"(available: {[b for b in BACKENDS if is_available(op, b, device_type)]}); "
             "see insloc_ops.build_info()"
         )

@@ -5,6 +5,7 @@ import torch
 
 import insloc_ops
 from insloc_ops import _backend
+from insloc_ops._archs import arch_runs_on
 
 SCALES = [1 / 4, 1 / 8]
 
@@ -176,6 +177,40 @@ def test_available_backends_and_build_info_describe_this_install():
     assert info["extension_loaded"] is insloc_ops._ext.HAS_EXTENSION
     if info["cuda_kernels_compiled"]:
         assert info["cuda_archs"] and info["nvcc"]
+
+
+@pytest.mark.parametrize("arch, capability, runs", [
+    ("8.0", (8, 0), True), ("8.0", (8, 6), True), ("8.0", (8, 9), True),  # machine code: same major, newer minor
+    ("8.6", (8, 0), False), ("8.0", (9, 0), False), ("8.0", (7, 5), False),
+    ("9.0+PTX", (9, 0), True), ("9.0+PTX", (10, 0), True), ("9.0+PTX", (12, 0), True),  # PTX: any newer GPU
+    ("9.0+PTX", (8, 9), False), ("7.5", (7, 5), True),
+    ("9.0a", (9, 0), True), ("9.0a", (10, 0), False), ("10.0f", (10, 3), True), ("10.0f", (12, 0), False),
+    ("sm_90", (9, 0), False),  # not a TORCH_CUDA_ARCH_LIST entry
+])
+def test_which_gpus_an_architecture_runs_on(arch, capability, runs):
+    assert arch_runs_on(arch, capability) is runs
+
+
+def test_a_gpu_the_kernels_were_not_built_for_gets_a_clear_error(monkeypatch):
+    # A T4 (7.5) with kernels built for 8.0;9.0+PTX: the CUDA backend is unavailable, and asking for it
+    # says how to rebuild instead of failing at launch with "no kernel image is available".
+    if not insloc_ops.build_info()["cuda_kernels_compiled"]:
+        pytest.skip("CUDA kernels not compiled")
+    from insloc_ops import _build
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(_build, "cuda_archs", lambda: ["8.0", "9.0+PTX"])
+    _build.cuda_kernels_run_on.cache_clear()
+    try:
+        assert not _backend.is_available("roi_align_multilevel", "cuda", "cuda")
+        with pytest.raises(RuntimeError, match=r"compiled for 8\.0;9\.0\+PTX.*TORCH_CUDA_ARCH_LIST=7\.5"):
+            _backend.select("roi_align_multilevel", "cuda", "cuda")
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # an L4 / RTX 4090
+        _build.cuda_kernels_run_on.cache_clear()
+        assert _backend.is_available("roi_align_multilevel", "cuda", "cuda")
+    finally:
+        _build.cuda_kernels_run_on.cache_clear()
 
 
 def test_every_schema_is_registered_once_with_its_triton_twin():
