@@ -45,6 +45,29 @@ def sm_count(n, monkeypatch):
         yield
 
 
+SCHEDULES = ["alternate", "forward", "reverse", "random:1", "random:7"]
+
+
+def under_schedules(monkeypatch, fn):
+    """fn() under every emulator schedule (thread order per round, block order): a race between threads
+    of one round or between blocks makes the results differ."""
+    results = []
+    for schedule in SCHEDULES:
+        with monkeypatch.context() as m:
+            m.setenv("INSLOC_EMU_SCHEDULE", schedule)
+            results.append(fn())
+    return results
+
+
+def assert_all_equal(results, rtol=0.0, atol=0.0):
+    """Every result equal to the first (exactly, by default; NaN equal to NaN)."""
+    flat = [torch.utils._pytree.tree_leaves(r) for r in results]
+    for other in flat[1:]:
+        assert len(other) == len(flat[0])
+        for a, b in zip(flat[0], other):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # The emulator itself: every class of bug it claims to catch, caught; correct kernels pass
 # ------------------------------------------------------------------------------------------------
@@ -74,6 +97,18 @@ def test_emulator_exposes_a_missing_syncthreads(emu, case):
     good = emu.selftest(case.replace("_unsynced", ""))
     for _ in range(2):
         assert not torch.equal(emu.selftest(case), good)
+
+
+def test_emulator_schedules_expose_races(emu, monkeypatch):
+    # Racy kernels give a different result under some schedule; race-free ones never do.
+    for case in ("race_in_round", "race_between_blocks"):
+        values = {float(out[0]) for out in under_schedules(monkeypatch, lambda: emu.selftest(case))}
+        assert len(values) > 1, case
+    for case in ("reverse", "two_rounds", "warp_sum"):
+        assert_all_equal(under_schedules(monkeypatch, lambda: emu.selftest(case)))
+    monkeypatch.setenv("INSLOC_EMU_SCHEDULE", "sideways")
+    with pytest.raises(RuntimeError, match="INSLOC_EMU_SCHEDULE"):
+        emu.selftest("reverse")
 
 
 def test_emulator_poisons_dynamic_shared_memory(emu):
@@ -342,3 +377,43 @@ def test_infonce_non_finite_input_gives_non_finite_loss(emu, nan_row):
     g[0, 0] = 1
     dq, _ = emu.queue_infonce_backward(g, q, k, queue, lse, 0.2)
     assert torch.isfinite(dq[0, 0]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# No kernel's results depend on the order its threads and blocks run in
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["all", "levels"])
+def test_roi_align_is_schedule_independent(emu, monkeypatch, channels_last, mode):
+    feats, rois, scales = roi_tests.problem("cuda", torch.float32, channels_last, seed=51, R=20, C=6, B=2)
+    levels = None if mode == "all" else torch.arange(20) % 3
+    rois[:, 0] = 1  # overlapping RoIs on one image: backward contributions collide
+    g = torch.randn((20, 6, 4, 3) if levels is not None else (3, 20, 6, 4, 3),
+                    generator=torch.Generator().manual_seed(2))
+
+    def run(deterministic):
+        return lambda: emu_roi_align(emu, feats, rois, (4, 3), scales, 0, True, levels, g, deterministic)
+
+    assert_all_equal(under_schedules(monkeypatch, run(True)))
+    # Atomic adds in another order round differently, by a few ulps at most.
+    assert_all_equal(under_schedules(monkeypatch, run(False)), rtol=1e-5, atol=1e-6)
+
+
+def test_anchors_are_schedule_independent(emu, monkeypatch):
+    gt, anchors = anchor_tests.detection_inputs(9, torch.Generator().manual_seed(52), strides=(32, 64))
+    with sm_count(3, monkeypatch):
+        assert_all_equal(under_schedules(monkeypatch, lambda: emu.sample_anchor_boxes(gt, anchors, 0.5, 11)))
+
+
+def test_infonce_is_schedule_independent(emu, monkeypatch):
+    q, k, queue = infonce_tests.make_inputs(2, 21, 400, 24, seed=53)
+    g = torch.rand(2, 21, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        loss, lse = emu.queue_infonce(q, k, queue, 0.2)
+        return loss, lse, *emu.queue_infonce_backward(g, q, k, queue, lse, 0.2)
+
+    with sm_count(3, monkeypatch):
+        assert_all_equal(under_schedules(monkeypatch, run))

@@ -5,7 +5,11 @@
 // in rounds: each runnable thread runs until it reaches __syncthreads, a warp shuffle or its end; then
 // the barrier is released and the next round runs the threads in the opposite order. So a missing
 // __syncthreads shows up as a read of data another thread has not written yet, or has already
-// overwritten, whichever direction the race goes. Checked, and reported as a C++ exception at the launch:
+// overwritten, whichever direction the race goes. INSLOC_EMU_SCHEDULE (read at every launch) picks the
+// order: "alternate" (the default), "forward", "reverse", or "random:SEED" (threads shuffled every round,
+// blocks shuffled too). A kernel whose results change with the schedule has a race: two threads of one
+// round, or two blocks, touching the same memory without a barrier or an atomic between them.
+// Checked, and reported as a C++ exception at the launch:
 // - launch limits (block <= 1024 threads, grid.y/z <= 65535, dynamic shared memory over 48 KiB only after
 //   allow_dynamic_shared and never over the opt-in limit, grid sizes that do not fit their field);
 // - __syncthreads that some threads of the block never reach (they exited or wait elsewhere);
@@ -26,6 +30,8 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -110,6 +116,27 @@ inline void allow_dynamic_shared(const void* kernel, size_t bytes) {
   state().shared_allowed[kernel] = bytes;
 }
 
+struct Schedule {
+  enum Kind { kAlternate, kForward, kReverse, kRandom } kind = kAlternate;
+  uint64_t seed = 0;
+};
+
+inline Schedule schedule() {
+  Schedule sc;
+  const char* v = std::getenv("INSLOC_EMU_SCHEDULE");
+  const std::string s = v ? v : "alternate";
+  if (s == "alternate") return sc;
+  if (s == "forward") sc.kind = Schedule::kForward;
+  else if (s == "reverse") sc.kind = Schedule::kReverse;
+  else if (s.rfind("random:", 0) == 0) {
+    sc.kind = Schedule::kRandom;
+    sc.seed = std::stoull(s.substr(7));
+  } else {
+    throw std::runtime_error("cuda_emu: INSLOC_EMU_SCHEDULE must be alternate, forward, reverse or random:SEED, got " + s);
+  }
+  return sc;
+}
+
 inline const uint3& thread_idx() {
   State& s = state();
   if (s.current == nullptr) throw std::logic_error("cuda_emu: threadIdx read outside a kernel");
@@ -160,7 +187,7 @@ inline std::string where() {
          std::to_string(s.block_idx.z) + ")";
 }
 
-inline void run_block(size_t shared_bytes) {
+inline void run_block(size_t shared_bytes, const Schedule& sc, uint64_t block_number) {
   State& s = state();
   const int n = int(s.block_dim.x * s.block_dim.y * s.block_dim.z);
   s.fibers.resize(size_t(n));
@@ -178,17 +205,21 @@ inline void run_block(size_t shared_bytes) {
   }
   s.dynamic_shared.assign(std::max<size_t>(shared_bytes, 1), 0xff);
   s.exchange.assign(size_t(n), 0);
-  bool reverse = false;
+  std::vector<int> order(size_t(n), 0);
+  std::iota(order.begin(), order.end(), 0);
+  std::mt19937_64 rng(sc.seed * 0x9e3779b97f4a7c15ULL + block_number);
+  bool reverse = sc.kind == Schedule::kReverse;
   for (;;) {
+    if (sc.kind == Schedule::kRandom) std::shuffle(order.begin(), order.end(), rng);
     for (int k = 0; k < n; ++k) {
-      Fiber& f = s.fibers[size_t(reverse ? n - 1 - k : k)];
+      Fiber& f = s.fibers[size_t(order[size_t(reverse ? n - 1 - k : k)])];
       if (f.state != FiberState::kRunnable) continue;
       s.current = &f;
       swapcontext(&s.scheduler, &f.context);
       s.current = nullptr;
       if (!s.error.empty()) throw std::runtime_error("cuda_emu: " + s.error + where());
     }
-    reverse = !reverse;
+    if (sc.kind == Schedule::kAlternate) reverse = !reverse;
     bool released = false;
     int done = 0, at_barrier = 0;
     for (int w = 0; w * kWarpSize < n; ++w) {
@@ -247,12 +278,20 @@ inline void run_grid(const dim3& grid, const dim3& block, size_t shared_bytes, c
   s.body = &body;
   ensure_stacks(size_t(block.x) * block.y * block.z);
   ++s.launches;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        s.block_idx = {x, y, z};
-        run_block(shared_bytes);
-      }
+  const Schedule sc = schedule();
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  std::vector<uint64_t> block_order;
+  if (sc.kind == Schedule::kRandom) {
+    block_order.resize(blocks);
+    std::iota(block_order.begin(), block_order.end(), uint64_t(0));
+    std::mt19937_64 rng(sc.seed);
+    std::shuffle(block_order.begin(), block_order.end(), rng);
+  }
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const uint64_t b = block_order.empty() ? i : block_order[i];
+    s.block_idx = {unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y))};
+    run_block(shared_bytes, sc, b);
+  }
   s.body = nullptr;
 }
 

@@ -35,6 +35,19 @@ __global__ void two_rounds_kernel(const float* in, float* out, bool synced) {
   out[threadIdx.x] = acc;
 }
 
+// Every thread writes one shared slot in the same round: the value left depends on who ran last.
+__global__ void race_in_round_kernel(float* out) {
+  __shared__ float s;
+  s = float(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = s;
+}
+
+// Every block writes out[0]: the value left depends on the block order.
+__global__ void race_between_blocks_kernel(float* out) {
+  if (threadIdx.x == 0) out[0] = float(blockIdx.x);
+}
+
 __global__ void divergent_barrier_kernel(float* out) {
   if (threadIdx.x < kThreads / 2) __syncthreads();
   out[threadIdx.x] = 1;
@@ -78,6 +91,10 @@ at::Tensor selftest(const std::string& name) {
     INSLOC_LAUNCH(1, kThreads, 0, 0, two_rounds_kernel)(i, o, true);
   } else if (name == "two_rounds_unsynced") {
     INSLOC_LAUNCH(1, kThreads, 0, 0, two_rounds_kernel)(i, o, false);
+  } else if (name == "race_in_round") {
+    INSLOC_LAUNCH(1, kThreads, 0, 0, race_in_round_kernel)(o);
+  } else if (name == "race_between_blocks") {
+    INSLOC_LAUNCH(64, 32, 0, 0, race_between_blocks_kernel)(o);
   } else if (name == "divergent_barrier") {
     INSLOC_LAUNCH(1, kThreads, 0, 0, divergent_barrier_kernel)(o);
   } else if (name == "partial_shuffle") {
