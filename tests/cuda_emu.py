@@ -5,9 +5,13 @@ csrc/emu/cuda_emu.h, registered as torch.ops.insloc_emu.* for CPU tensors.
     torch.ops.insloc_emu.queue_infonce(q, k, queue, 0.2)   # the CUDA kernels' own code, run on the CPU
 
 INSLOC_EMU_SM_COUNT (read at every launch) sets the SM count the host code sees (default 4).
-With INSLOC_EMU_ASAN=1 the library is built with AddressSanitizer (build/cuda_emu_asan/), so that an
-out-of-bounds read or write of a kernel aborts the process with a report; the process must then start
-with libasan preloaded: see asan_env(). Linux only (fibers are ucontext). Builds are incremental."""
+Two more builds, one per process, chosen by the environment:
+- INSLOC_EMU_ASAN=1: with AddressSanitizer (build/cuda_emu_asan/), so that an out-of-bounds read or
+  write of a kernel aborts the process with a report; the process must start with libasan preloaded
+  (asan_env()).
+- INSLOC_EMU_RACES=1: with the race detector (build/cuda_emu_races/): -fsanitize=thread instrumentation
+  whose hooks csrc/emu/races.cpp supplies; a race fails the launch.
+Linux only (fibers are ucontext). Builds are incremental."""
 import os
 import pathlib
 import subprocess
@@ -32,6 +36,22 @@ def asan_wanted():
     return os.environ.get("INSLOC_EMU_ASAN") == "1"
 
 
+def races_wanted():
+    return os.environ.get("INSLOC_EMU_RACES") == "1"
+
+
+def variant():
+    return "asan" if asan_wanted() else "races" if races_wanted() else "plain"
+
+
+FLAGS = {
+    "plain": ["-O2"],
+    "asan": ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"],
+    # Instrumentation only: the hooks are ours (csrc/emu/races.cpp), so nothing links ThreadSanitizer.
+    "races": ["-O1", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-DINSLOC_EMU_RACES"],
+}
+
+
 def asan_env(env=None):
     """The environment for a child process that loads the AddressSanitizer build."""
     env = dict(os.environ if env is None else env)
@@ -49,16 +69,15 @@ def load(verbose=False):
         return torch.ops.insloc_emu
     from torch.utils.cpp_extension import load as load_extension
 
-    asan = asan_wanted()
-    build = BUILD.with_name("cuda_emu_asan") if asan else BUILD
+    kind = variant()
+    build = BUILD if kind == "plain" else BUILD.with_name(f"cuda_emu_{kind}")
     build.mkdir(parents=True, exist_ok=True)
-    flags = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if asan else ["-O2"]
     load_extension(
-        name="insloc_cuda_emu_asan" if asan else "insloc_cuda_emu",
+        name="insloc_cuda_emu" if kind == "plain" else f"insloc_cuda_emu_{kind}",
         sources=SOURCES,
         extra_include_paths=[str(ROOT / "csrc")],
-        extra_cflags=flags,
-        extra_ldflags=["-fsanitize=address"] if asan else [],
+        extra_cflags=FLAGS[kind],
+        extra_ldflags=["-fsanitize=address"] if kind == "asan" else [],
         build_directory=str(build),
         is_python_module=False,
         verbose=verbose,

@@ -3,6 +3,7 @@ in csrc/emu/cuda_emu.h: launch geometry, shared-memory staging, barriers, warp s
 and the host code around them, against the reference and the CPU kernels. What the emulator cannot show
 (real concurrency, the memory model, speed) is left to the gpu-marked tests."""
 import contextlib
+import os
 import subprocess
 import sys
 
@@ -132,32 +133,57 @@ def test_emulator_allows_large_shared_memory_after_the_attribute(emu):
     assert emu.selftest("shared_over_48k_allowed")[:256].isnan().all()
 
 
-# Out-of-bounds accesses: this module again in a child process, with the emulator library built with
-# AddressSanitizer (every global and shared memory access of the kernels checked).
-asan_only = pytest.mark.skipif(cuda_emu.asan_wanted(), reason="already the AddressSanitizer run")
+# The kernel tests of this module again in child processes, with the emulator library built
+# - with AddressSanitizer: an out-of-bounds access of a kernel aborts;
+# - with the race detector: two threads (or blocks) touching one word unordered, one of them writing,
+#   fail the launch, including the lost updates no schedule shows.
+from_the_plain_build = pytest.mark.skipif(cuda_emu.variant() != "plain", reason="runs in the plain build's process")
+races_only = pytest.mark.skipif(not cuda_emu.races_wanted(), reason="only in the race detector's build")
 
 
-def run_asan(args, timeout):
-    return subprocess.run([sys.executable, *args], cwd=cuda_emu.ROOT, env=cuda_emu.asan_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def run_child(args, env, timeout):
+    return subprocess.run([sys.executable, *args], cwd=cuda_emu.ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
-@asan_only
+def pytest_child(selection):
+    # Triton's native library aborts at import under the preloaded AddressSanitizer runtime, and these
+    # tests do not need it: the child hides it (insloc_ops then reports no Triton backend).
+    return ["-c", "import sys; sys.modules['triton'] = None; import pytest; sys.exit(pytest.main(['-q', '-x', '-p', "
+                  f"'no:cacheprovider', {__file__!r}, '-k', {selection!r}]))"]
+
+
+@from_the_plain_build
 def test_address_sanitizer_stops_an_out_of_bounds_read():
     code = "import sys; sys.path.insert(0, 'tests'); import cuda_emu; cuda_emu.load().selftest('read_past_end')"
-    r = run_asan(["-c", code], timeout=900)
+    r = run_child(["-c", code], cuda_emu.asan_env(), timeout=900)
     assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
 
 
-@asan_only
+@from_the_plain_build
 def test_cuda_kernels_under_address_sanitizer():
-    # Triton's native library aborts at import under the preloaded sanitizer runtime, and these tests do
-    # not need it: the child hides it (insloc_ops then reports no Triton backend).
-    code = ("import sys; sys.modules['triton'] = None; import pytest; sys.exit(pytest.main(['-q', '-x', '-p', "
-            f"'no:cacheprovider', {__file__!r}, '-k', 'roi_align or anchors or infonce']))")
-    r = run_asan(["-c", code], timeout=1800)
+    r = run_child(pytest_child("roi_align or anchors or infonce"), cuda_emu.asan_env(), timeout=1800)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert " passed" in r.stdout and "ERROR: AddressSanitizer" not in r.stderr
+
+
+@from_the_plain_build
+def test_cuda_kernels_under_the_race_detector():
+    env = {**os.environ, "INSLOC_EMU_RACES": "1"}
+    r = run_child(pytest_child("roi_align or anchors or infonce or race_detector_flags"), env, timeout=1800)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert " passed" in r.stdout and " skipped" not in r.stdout  # the self-test below ran too
+
+
+@races_only
+def test_race_detector_flags_racy_kernels_only():
+    emu = cuda_emu.load()
+    for case in ("reverse_unsynced", "two_rounds_unsynced", "race_in_round", "race_between_blocks", "lost_update"):
+        with pytest.raises(RuntimeError, match="race on"):
+            emu.selftest(case)
+    for case in ("reverse", "two_rounds", "warp_sum", "dynamic_shared"):
+        emu.selftest(case)
+    assert emu.selftest("atomic_update")[0] == 256  # atomics are not races
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,8 +15,13 @@
 // - __syncthreads that some threads of the block never reach (they exited or wait elsewhere);
 // - warp shuffles that not every lane of the warp reaches.
 // Dynamic shared memory is filled with 0xff bytes (NaN for floats) before every block.
-// Not emulated: real concurrency (atomics are plain read-modify-writes here), the memory model, timing,
-// registers. Static __shared__ variables are function statics: they keep their values between blocks.
+// Built with INSLOC_EMU_RACES (and -fsanitize=thread, whose per-access hooks csrc/emu/races.cpp supplies
+// instead of the sanitizer's runtime), every memory access of a kernel thread is also checked against the
+// others: two threads of a block touching one 4-byte word in the same barrier interval, or two blocks
+// touching one global word, at least one of them writing and neither through an atomic, is a race.
+// That catches what no schedule shows: a lost update (two threads adding to one value without an atomic).
+// Not emulated: the memory model, timing, registers. Static __shared__ variables are function statics:
+// they keep their values between blocks.
 #pragma once
 
 #include <sys/mman.h>
@@ -36,6 +41,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -62,6 +68,9 @@ struct dim3 {
   }
 };
 
+// Emulator code that runs inside kernel threads is left out of the race build's instrumentation.
+#define INSLOC_EMU_INTERNAL __attribute__((no_sanitize_thread))
+
 namespace insloc_emu {
 
 constexpr int kWarpSize = 32;
@@ -75,6 +84,30 @@ struct Fiber {
   uint3 thread_idx;
   int linear;
   FiberState state;
+  int quiet;  // the thread's Quiet depth while it is suspended
+};
+
+// Per OS thread: whether a kernel thread (fiber) is running, and how deep in emulator internals it is
+// (accesses are recorded only at depth 0).
+struct Recording {
+  bool in_kernel = false;
+  int quiet = 0;
+};
+inline thread_local Recording recording;
+
+struct Quiet {
+  INSLOC_EMU_INTERNAL Quiet() { ++recording.quiet; }
+  INSLOC_EMU_INTERNAL ~Quiet() { --recording.quiet; }
+};
+
+// Race build: who last wrote and read a 4-byte word (block, thread, barrier interval).
+struct Access {
+  int64_t block = -1, phase = -1;
+  int thread = -1;
+};
+struct WordRecord {
+  Access write, read;
+  bool readers = false;  // more than one thread read it in read's (block, phase)
 };
 
 struct State {
@@ -93,6 +126,10 @@ struct State {
   std::map<const void*, size_t> shared_allowed;  // kernel -> dynamic shared bytes allowed
   std::string error;
   int64_t launches = 0;
+  // race build
+  int64_t block_linear = 0, phase = 0;
+  std::unordered_map<uintptr_t, WordRecord> global_words, shared_words;
+  std::vector<std::pair<uintptr_t, uintptr_t>> static_ranges;  // this library's writable segments
 };
 
 inline State& state() {
@@ -137,16 +174,20 @@ inline Schedule schedule() {
   return sc;
 }
 
-inline const uint3& thread_idx() {
+INSLOC_EMU_INTERNAL inline const uint3& thread_idx() {
   State& s = state();
   if (s.current == nullptr) throw std::logic_error("cuda_emu: threadIdx read outside a kernel");
   return s.current->thread_idx;
 }
 
-inline unsigned char* dynamic_shared() { return state().dynamic_shared.data(); }
+INSLOC_EMU_INTERNAL inline unsigned char* dynamic_shared() {
+  Quiet quiet;
+  return state().dynamic_shared.data();
+}
 
 // Suspends the running thread (fiber) in `to` and returns to the block's scheduler.
-inline void yield(FiberState to) {
+INSLOC_EMU_INTERNAL inline void yield(FiberState to) {
+  Quiet quiet;
   State& s = state();
   Fiber* f = s.current;
   f->state = to;
@@ -154,21 +195,22 @@ inline void yield(FiberState to) {
 }
 
 // An error found inside a kernel thread: recorded, the thread never resumes, the launch throws it.
-[[noreturn]] inline void fail(const std::string& message) {
+[[noreturn]] INSLOC_EMU_INTERNAL inline void fail(const std::string& message) {
+  Quiet quiet;
   State& s = state();
   if (s.error.empty()) s.error = message;
   yield(FiberState::kDone);
   std::abort();  // never resumed
 }
 
-inline void fiber_main() {
+INSLOC_EMU_INTERNAL inline void fiber_main() {
   State& s = state();
   (*s.body)();
   s.current->state = FiberState::kDone;
   // returning resumes uc_link, the scheduler
 }
 
-inline void ensure_stacks(size_t threads) {
+INSLOC_EMU_INTERNAL inline void ensure_stacks(size_t threads) {
   State& s = state();
   if (s.stack_slots >= threads) return;
   if (s.stacks != nullptr) munmap(s.stacks, s.stack_slots * kStackBytes);
@@ -187,7 +229,7 @@ inline std::string where() {
          std::to_string(s.block_idx.z) + ")";
 }
 
-inline void run_block(size_t shared_bytes, const Schedule& sc, uint64_t block_number) {
+INSLOC_EMU_INTERNAL inline void run_block(size_t shared_bytes, const Schedule& sc, uint64_t block_number) {
   State& s = state();
   const int n = int(s.block_dim.x * s.block_dim.y * s.block_dim.z);
   s.fibers.resize(size_t(n));
@@ -197,6 +239,7 @@ inline void run_block(size_t shared_bytes, const Schedule& sc, uint64_t block_nu
     f.thread_idx = {unsigned(i) % s.block_dim.x, (unsigned(i) / s.block_dim.x) % s.block_dim.y,
                     unsigned(i) / (s.block_dim.x * s.block_dim.y)};
     f.state = FiberState::kRunnable;
+    f.quiet = 0;
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = s.stacks + size_t(i) * kStackBytes;
     f.context.uc_stack.ss_size = kStackBytes;
@@ -204,6 +247,9 @@ inline void run_block(size_t shared_bytes, const Schedule& sc, uint64_t block_nu
     makecontext(&f.context, fiber_main, 0);
   }
   s.dynamic_shared.assign(std::max<size_t>(shared_bytes, 1), 0xff);
+  s.block_linear = int64_t(block_number);
+  s.phase = 0;
+  s.shared_words.clear();
   s.exchange.assign(size_t(n), 0);
   std::vector<int> order(size_t(n), 0);
   std::iota(order.begin(), order.end(), 0);
@@ -215,7 +261,10 @@ inline void run_block(size_t shared_bytes, const Schedule& sc, uint64_t block_nu
       Fiber& f = s.fibers[size_t(order[size_t(reverse ? n - 1 - k : k)])];
       if (f.state != FiberState::kRunnable) continue;
       s.current = &f;
+      recording = {true, f.quiet};
       swapcontext(&s.scheduler, &f.context);
+      f.quiet = recording.quiet;
+      recording = {false, 0};
       s.current = nullptr;
       if (!s.error.empty()) throw std::runtime_error("cuda_emu: " + s.error + where());
     }
@@ -250,6 +299,7 @@ inline void run_block(size_t shared_bytes, const Schedule& sc, uint64_t block_nu
       throw std::runtime_error("cuda_emu: __syncthreads reached by " + std::to_string(at_barrier) + " of " +
                                std::to_string(n) + " threads (the others exited)" + where());
     for (Fiber& f : s.fibers) f.state = FiberState::kRunnable;
+    ++s.phase;  // accesses on either side of a __syncthreads are ordered
   }
 }
 
@@ -267,12 +317,13 @@ inline void check_launch(const dim3& grid, const dim3& block, size_t shared_byte
   }
 }
 
-inline void run_grid(const dim3& grid, const dim3& block, size_t shared_bytes, const void* kernel,
+INSLOC_EMU_INTERNAL inline void run_grid(const dim3& grid, const dim3& block, size_t shared_bytes, const void* kernel,
                      const std::function<void()>& body) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);
   check_launch(grid, block, shared_bytes, kernel);
   s.error.clear();
+  s.global_words.clear();
   s.block_dim = {block.x, block.y, block.z};
   s.grid_dim = {grid.x, grid.y, grid.z};
   s.body = &body;
@@ -332,10 +383,11 @@ struct DeviceGuard {
 #define blockDim (static_cast<const uint3&>(::insloc_emu::state().block_dim))
 #define gridDim (static_cast<const uint3&>(::insloc_emu::state().grid_dim))
 
-inline void __syncthreads() { insloc_emu::yield(insloc_emu::FiberState::kAtBarrier); }
+INSLOC_EMU_INTERNAL inline void __syncthreads() { insloc_emu::yield(insloc_emu::FiberState::kAtBarrier); }
 
 template <typename T>
-T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = insloc_emu::kWarpSize) {
+INSLOC_EMU_INTERNAL T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = insloc_emu::kWarpSize) {
+  insloc_emu::Quiet quiet;
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "cuda_emu: shuffle of an unsupported type");
   insloc_emu::State& s = insloc_emu::state();
   if (mask != 0xffffffffu || width != insloc_emu::kWarpSize)
@@ -353,16 +405,18 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = insloc_em
   return out;
 }
 
-// Sequential: the fibers of a launch never run at the same time.
+// Sequential: the fibers of a launch never run at the same time. Not recorded by the race build.
 template <typename T>
-T atomicAdd(T* address, T value) {
+INSLOC_EMU_INTERNAL T atomicAdd(T* address, T value) {
+  insloc_emu::Quiet quiet;
   const T old = *address;
   *address = old + value;
   return old;
 }
 
 template <typename T>
-T atomicMax(T* address, T value) {
+INSLOC_EMU_INTERNAL T atomicMax(T* address, T value) {
+  insloc_emu::Quiet quiet;
   const T old = *address;
   *address = old < value ? value : old;
   return old;

@@ -48,6 +48,16 @@ __global__ void race_between_blocks_kernel(float* out) {
   if (threadIdx.x == 0) out[0] = float(blockIdx.x);
 }
 
+// Every thread adds to out[0]: without an atomic, a GPU loses updates; the emulator's sequential threads
+// do not, so only the race build sees it.
+__global__ void lost_update_kernel(float* out, bool atomic) {
+  if (atomic) {
+    atomicAdd(out, 1.0f);
+  } else {
+    out[0] += 1.0f;
+  }
+}
+
 __global__ void divergent_barrier_kernel(float* out) {
   if (threadIdx.x < kThreads / 2) __syncthreads();
   out[threadIdx.x] = 1;
@@ -95,6 +105,10 @@ at::Tensor selftest(const std::string& name) {
     INSLOC_LAUNCH(1, kThreads, 0, 0, race_in_round_kernel)(o);
   } else if (name == "race_between_blocks") {
     INSLOC_LAUNCH(64, 32, 0, 0, race_between_blocks_kernel)(o);
+  } else if (name == "lost_update") {
+    INSLOC_LAUNCH(1, kThreads, 0, 0, lost_update_kernel)(o, false);
+  } else if (name == "atomic_update") {
+    INSLOC_LAUNCH(1, kThreads, 0, 0, lost_update_kernel)(o, true);
   } else if (name == "divergent_barrier") {
     INSLOC_LAUNCH(1, kThreads, 0, 0, divergent_barrier_kernel)(o);
   } else if (name == "partial_shuffle") {
