@@ -1,7 +1,8 @@
 """The CUDA kernels (csrc/cuda/*.cu), their own code compiled as host C++ and run on the CPU by the emulator
 in csrc/emu/cuda_emu.h: launch geometry, shared-memory staging, barriers, warp shuffles, split-K combines
-and the host code around them, against the reference and the CPU kernels. What the emulator cannot show
-(real concurrency, the memory model, speed) is left to the gpu-marked tests."""
+and the host code around them, against the reference and the CPU kernels; then again under
+AddressSanitizer and under the race detector. What the emulator cannot show (the memory model, speed) is
+left to the gpu-marked tests."""
 import contextlib
 import os
 import subprocess

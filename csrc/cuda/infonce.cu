@@ -212,7 +212,6 @@ void allow_shared(Kernel kernel, size_t bytes, int device, int64_t D) {
   if (bytes > 48 * 1024) gpu::allow_dynamic_shared(kernel, bytes);
 }
 
-
 std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& queue, double temperature) {
   check_inputs(q, k, queue, temperature);

@@ -17,8 +17,9 @@
 // Dynamic shared memory is filled with 0xff bytes (NaN for floats) before every block.
 // Built with INSLOC_EMU_RACES (and -fsanitize=thread, whose per-access hooks csrc/emu/races.cpp supplies
 // instead of the sanitizer's runtime), every memory access of a kernel thread is also checked against the
-// others: two threads of a block touching one 4-byte word in the same barrier interval, or two blocks
-// touching one global word, at least one of them writing and neither through an atomic, is a race.
+// others: two threads of a block touching one 4-byte word (one byte, for narrower accesses) in the same
+// barrier interval, or two blocks touching one global word, at least one of them writing and neither
+// through an atomic, is a race.
 // That catches what no schedule shows: a lost update (two threads adding to one value without an atomic).
 // Not emulated: the memory model, timing, registers. Static __shared__ variables are function statics:
 // they keep their values between blocks.
@@ -100,7 +101,7 @@ struct Quiet {
   INSLOC_EMU_INTERNAL ~Quiet() { --recording.quiet; }
 };
 
-// Race build: who last wrote and read a 4-byte word (block, thread, barrier interval).
+// Race build: who last wrote and read a word or byte (block, thread, barrier interval).
 struct Access {
   int64_t block = -1, phase = -1;
   int thread = -1;
@@ -125,7 +126,6 @@ struct State {
   const std::function<void()>* body = nullptr;
   std::map<const void*, size_t> shared_allowed;  // kernel -> dynamic shared bytes allowed
   std::string error;
-  int64_t launches = 0;
   // race build
   int64_t block_linear = 0, phase = 0;
   std::unordered_map<uintptr_t, WordRecord> global_words, shared_words;
@@ -269,8 +269,9 @@ INSLOC_EMU_INTERNAL inline void run_block(size_t shared_bytes, const Schedule& s
       if (!s.error.empty()) throw std::runtime_error("cuda_emu: " + s.error + where());
     }
     if (sc.kind == Schedule::kAlternate) reverse = !reverse;
+    // After a round every thread is done or waiting: a warp whose lanes all wait at a shuffle goes on; a
+    // warp with some lanes at a shuffle and the others done or at __syncthreads never could.
     bool released = false;
-    int done = 0, at_barrier = 0;
     for (int w = 0; w * kWarpSize < n; ++w) {
       const int lo = w * kWarpSize, hi = std::min(n, lo + kWarpSize);
       int waiting = 0;
@@ -279,17 +280,12 @@ INSLOC_EMU_INTERNAL inline void run_block(size_t shared_bytes, const Schedule& s
         for (int i = lo; i < hi; ++i) s.fibers[size_t(i)].state = FiberState::kRunnable;
         released = true;
       } else if (waiting > 0) {
-        for (int i = lo; i < hi; ++i) {
-          done += s.fibers[size_t(i)].state == FiberState::kDone;
-          at_barrier += s.fibers[size_t(i)].state == FiberState::kAtBarrier;
-        }
-        if (done + at_barrier > 0)
-          throw std::runtime_error("cuda_emu: a warp shuffle reached by " + std::to_string(waiting) + " of the " +
-                                   std::to_string(hi - lo) + " lanes of warp " + std::to_string(w) + where());
+        throw std::runtime_error("cuda_emu: a warp shuffle reached by " + std::to_string(waiting) + " of the " +
+                                 std::to_string(hi - lo) + " lanes of warp " + std::to_string(w) + where());
       }
     }
     if (released) continue;
-    done = at_barrier = 0;
+    int done = 0, at_barrier = 0;
     for (const Fiber& f : s.fibers) {
       done += f.state == FiberState::kDone;
       at_barrier += f.state == FiberState::kAtBarrier;
@@ -328,7 +324,6 @@ INSLOC_EMU_INTERNAL inline void run_grid(const dim3& grid, const dim3& block, si
   s.grid_dim = {grid.x, grid.y, grid.z};
   s.body = &body;
   ensure_stacks(size_t(block.x) * block.y * block.z);
-  ++s.launches;
   const Schedule sc = schedule();
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   std::vector<uint64_t> block_order;
@@ -368,8 +363,6 @@ template <typename... P>
 Launch<P...> launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(P...)) {
   return {grid, block, shared_bytes, kernel};
 }
-
-inline int64_t launch_count() { return state().launches; }
 
 struct DeviceGuard {
   template <typename D>
