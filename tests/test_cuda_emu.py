@@ -448,3 +448,36 @@ def test_infonce_is_schedule_independent(emu, monkeypatch):
 
     with sm_count(3, monkeypatch):
         assert_all_equal(under_schedules(monkeypatch, run))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fresh random inputs every run (the seed is in the failure message, to reproduce it)
+# ------------------------------------------------------------------------------------------------
+
+
+def fresh_seed():
+    return int.from_bytes(os.urandom(4), "little") % 100000
+
+
+def test_fresh_inputs_roi_align(emu):
+    seed = fresh_seed()
+    try:
+        check_roi_align(emu, torch.float32, bool(seed % 2), ("all", "levels")[seed // 2 % 2], True, 0, seed=seed)
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed}: {e}") from e
+
+
+def test_fresh_inputs_anchors(emu):
+    seed = fresh_seed()
+    gt, anchors = anchor_tests.insloc_inputs(23, torch.Generator().manual_seed(seed))
+    want = torch.ops.insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, seed)
+    got = emu.sample_anchor_boxes(gt, anchors, 0.5, seed)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"seed {seed}"
+
+
+def test_fresh_inputs_infonce(emu):
+    seed = fresh_seed()
+    try:
+        check_infonce(emu, 1 + seed % 4, 1 + seed % 37, seed % 700, 8 * (1 + seed % 5), seed=seed)
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed}: {e}") from e
