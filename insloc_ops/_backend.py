@@ -4,7 +4,9 @@ Backends: "reference" (pure PyTorch, any device), "cpu" (C++ kernel), "cuda" (CU
 "triton" (Triton kernel; on CPU tensors only under TRITON_INTERPRET=1).
 Precedence: the call's ``backend=``, then the ``INSLOC_OPS_BACKEND`` environment variable, then DEFAULTS.
 """
+import functools
 import os
+import re
 
 import torch
 
@@ -47,6 +49,34 @@ def _triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Triton's interpreter before 3.7 cannot take a loop bound computed from tl.program_id (its `range` gets
+# a one-element array: "only 0-dimensional arrays can be converted to Python scalars"), which every one
+# of our kernels has. Compiled kernels are not affected (tests/triton_aot.py passes with Triton 3.6).
+MIN_INTERPRETER_TRITON = (3, 7)
+
+
+def _version_tuple(version):
+    """(major, minor) of a version string such as "3.6.0" or "3.7.0+git1234", or None."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version():
+    """(major, minor) of the installed Triton, or None without one."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return _version_tuple(getattr(triton, "__version__", ""))
+
+
+@torch.compiler.assume_constant_result
+def _triton_interpreter_ok():
+    found = _triton_version()
+    return found is not None and found >= MIN_INTERPRETER_TRITON
+
+
 def is_available(op, backend, device_type):
     """Whether ``backend`` can run ``op`` on tensors of ``device_type`` ("cpu" or "cuda") here."""
     if backend == "reference":
@@ -58,7 +88,9 @@ def is_available(op, backend, device_type):
     if backend == "triton":
         if device_type == "cpu" and not _triton_interpreted():
             return False
-        return _has_kernel(f"insloc_ops::{op}_triton", "CPU" if device_type == "cpu" else "CUDA")
+        if not _has_kernel(f"insloc_ops::{op}_triton", "CPU" if device_type == "cpu" else "CUDA"):
+            return False
+        return device_type != "cpu" or _triton_interpreter_ok()
     return False
 
 
@@ -82,6 +114,12 @@ def select(op, device, backend=None):
             major, minor = torch.cuda.get_device_capability()
             why = (f": the CUDA kernels were compiled for {';'.join(cuda_archs())}, which cannot run on this GPU "
                    f"(compute capability {major}.{minor}); reinstall with TORCH_CUDA_ARCH_LIST={major}.{minor}")
+        if (backend == "triton" and device_type == "cpu" and _triton_interpreted()
+                and _has_kernel(f"insloc_ops::{op}_triton", "CPU") and not _triton_interpreter_ok()):
+            found = ".".join(map(str, _triton_version()))
+            need = ".".join(map(str, MIN_INTERPRETER_TRITON))
+            why = (f": the Triton interpreter of Triton {found} cannot run these kernels (it needs Triton >= {need}; "
+                   "compiled kernels on a GPU are not affected)")
         raise RuntimeError(
             f"{source}={backend!r} is not available for {op} on {device_type} tensors here{why} "
             f"(available: {[b for b in BACKENDS if is_available(op, b, device_type)]}); "

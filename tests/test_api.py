@@ -213,6 +213,27 @@ def test_a_gpu_the_kernels_were_not_built_for_gets_a_clear_error(monkeypatch):
         _build.cuda_kernels_run_on.cache_clear()
 
 
+@pytest.mark.parametrize("version, parsed", [("3.6.0", (3, 6)), ("3.7.1", (3, 7)), ("3.10.0+git5a1b", (3, 10)),
+                                             ("", None), ("dev", None)])
+def test_triton_version_parsing(version, parsed):
+    assert _backend._version_tuple(version) == parsed
+
+
+def test_a_triton_whose_interpreter_cannot_run_the_kernels_gets_a_clear_error(monkeypatch):
+    # Triton 3.6's interpreter fails on a loop bound computed from tl.program_id; on CPU tensors the
+    # triton backend is then unavailable, and asking for it names the Triton version needed.
+    if not _backend._has_kernel("insloc_ops::queue_infonce_triton", "CPU"):
+        pytest.skip("Triton kernels not registered")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend, "_triton_version", lambda: (3, 6))
+    assert not _backend.is_available("queue_infonce", "triton", "cpu")
+    with pytest.raises(RuntimeError, match=r"Triton 3\.6 cannot run these kernels.*Triton >= 3\.7"):
+        _backend.select("queue_infonce", "cpu", "triton")
+    monkeypatch.setattr(_backend, "_triton_version", lambda: (3, 7))
+    assert _backend.is_available("queue_infonce", "triton", "cpu")
+    assert _backend.select("queue_infonce", "cpu", "triton") == "triton"
+
+
 def test_every_schema_is_registered_once_with_its_triton_twin():
     if not insloc_ops._ext.HAS_EXTENSION:
         pytest.skip("extension not built")
