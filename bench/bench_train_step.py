@@ -14,7 +14,6 @@ import contextlib
 import functools
 import os
 import sys
-import time
 
 import torch
 

@@ -9,7 +9,6 @@ import csv
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np

@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HAS_CUDA
 
 import insloc_ops
 from insloc_ops import reference
