@@ -9,8 +9,6 @@ Environment:
 """
 import glob
 import os
-import shutil
-import subprocess
 import sys
 
 from setuptools import setup
@@ -24,24 +22,17 @@ def _log(msg):
     print(f"[insloc_ops setup] {msg}", file=sys.stderr)
 
 
-def _cuda_home():
-    """The real CUDA toolkit root: one whose bin/nvcc and include/cuda_runtime.h both exist.
+def _load(name):
+    """A stdlib-only module of insloc_ops, loaded by path (nothing is built or installed yet)."""
+    import importlib.util
 
-    torch guesses CUDA_HOME from the nvcc on PATH, which can be a wrapper in /usr/local/bin that
-    makes it pick /usr/local; we check each candidate for the toolkit layout instead.
-    """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        candidates.append(os.path.dirname(os.path.dirname(real)))
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for c in candidates:
-        if c and os.path.isfile(os.path.join(c, "bin", "nvcc")) and os.path.isfile(
-            os.path.join(c, "include", "cuda_runtime.h")
-        ):
-            return os.path.realpath(c)
-    return None
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "insloc_ops", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_toolkit = _load("_toolkit")
 
 
 def _pip_nvidia_includes():
@@ -57,17 +48,6 @@ def _pip_nvidia_includes():
     return found
 
 
-def _nvcc_version(cuda_home):
-    try:
-        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    for tok in out.replace(",", " ").split():
-        if tok.startswith("V") and tok[1:2].isdigit():
-            return tok[1:]
-    return None
-
-
 def _want_cuda():
     flag = os.environ.get("INSLOC_OPS_CUDA", "auto").strip().lower()
     if flag not in ("auto", "0", "1"):
@@ -76,12 +56,17 @@ def _want_cuda():
         return False, None
     import torch
 
-    cuda_home = _cuda_home()
+    torch_major = torch.version.cuda.split(".")[0] if torch.version.cuda else None
+    cuda_home = _toolkit.find_cuda_home(torch_major)
     problems = []
     if torch.version.cuda is None:
         problems.append(f"torch {torch.__version__} is not a CUDA build")
     if cuda_home is None:
         problems.append("no CUDA toolkit (bin/nvcc + include/cuda_runtime.h) found")
+    else:
+        why = _toolkit.mismatch(cuda_home, _toolkit.nvcc_version(cuda_home), torch.__version__, torch.version.cuda)
+        if why:
+            problems.append(why)
     if problems:
         if flag == "1":
             raise SystemExit("INSLOC_OPS_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(problems))
@@ -93,11 +78,7 @@ def _want_cuda():
 def _default_archs():
     """DEFAULT_ARCHS (A100 and newer: sm_80 machine code also runs on sm_86/sm_89, sm_90 PTX on anything
     newer), plus the architecture of each visible GPU they would not run on (e.g. a T4's 7.5)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_archs", os.path.join(ROOT, "insloc_ops", "_archs.py"))
-    archs_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(archs_module)
+    archs_module = _load("_archs")
     archs = DEFAULT_ARCHS.split(";")
     try:
         import torch
@@ -131,7 +112,7 @@ def _extensions():
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         macros.append(("INSLOC_WITH_CUDA", None))
         macros.append(("INSLOC_CUDA_ARCHS", '"' + archs + '"'))
-        nvcc_version = _nvcc_version(cuda_home)
+        nvcc_version = _toolkit.nvcc_version(cuda_home)
         macros.append(("INSLOC_NVCC_VERSION", '"' + (nvcc_version or "unknown") + '"'))
         _log(f"building CUDA kernels with {cuda_home} (nvcc {nvcc_version}) for {archs}")
         nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]

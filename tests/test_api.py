@@ -213,6 +213,38 @@ def test_a_gpu_the_kernels_were_not_built_for_gets_a_clear_error(monkeypatch):
         _build.cuda_kernels_run_on.cache_clear()
 
 
+def _fake_toolkit(root, version):
+    """A folder with a toolkit's layout whose bin/nvcc prints ``version`` as nvcc --version does."""
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {version[:4]}, V{version}'\n")
+    nvcc.chmod(0o755)
+    return str(root)
+
+
+def test_the_build_picks_a_toolkit_that_matches_torchs_cuda(tmp_path):
+    from insloc_ops import _toolkit
+
+    cuda13 = _fake_toolkit(tmp_path / "cuda-13.0", "13.0.88")
+    cuda12 = _fake_toolkit(tmp_path / "cuda-12.4", "12.4.131")
+    not_a_toolkit = str(tmp_path / "empty")
+    assert _toolkit.nvcc_version(cuda12) == "12.4.131"
+    assert _toolkit.nvcc_version(not_a_toolkit) is None
+    found = [not_a_toolkit, cuda13, cuda12]
+    assert _toolkit.find_cuda_home("12", explicit=[], candidates=found) == cuda12
+    assert _toolkit.find_cuda_home("13", explicit=[], candidates=found) == cuda13
+    assert _toolkit.find_cuda_home("11", explicit=[], candidates=found) == cuda13  # none matches: the first
+    assert _toolkit.find_cuda_home(None, explicit=[], candidates=[not_a_toolkit]) is None
+    assert _toolkit.find_cuda_home("12", explicit=[None, cuda13], candidates=found) == cuda13  # CUDA_HOME wins
+    # A toolkit of another major version than torch's CUDA: torch would refuse it, so the build says why.
+    why = _toolkit.mismatch(cuda13, "13.0.88", "2.6.0+cu124", "12.4")
+    assert "13.0.88" in why and "12.4" in why and "CUDA_HOME" in why
+    assert _toolkit.mismatch(cuda13, "13.0.88", "2.11.0+cu130", "13.0") is None
+    assert _toolkit.mismatch(cuda13, "13.2.10", "2.11.0+cu130", "13.0") is None  # minor versions may differ
+
+
 @pytest.mark.parametrize("version, parsed", [("3.6.0", (3, 6)), ("3.7.1", (3, 7)), ("3.10.0+git5a1b", (3, 10)),
                                              ("", None), ("dev", None)])
 def test_triton_version_parsing(version, parsed):
