@@ -46,7 +46,7 @@ def main():
     reps, max_seconds = (10, 3.0) if args.quick else (50, 15.0)
     available = insloc_ops.available_backends()["sample_anchor_boxes"][device.type]
     fused = [b for b in (("cpu",) if device.type == "cpu" else ("cuda", "triton")) if b in available]
-    rec = Recorder("sample_anchor_boxes")
+    rec = Recorder("sample_anchor_boxes", path=args.out)
     for name, gt, anchors in shapes(device):
         g = torch.Generator().manual_seed(1)
         baseline_gen = g if device.type == "cpu" else None  # multinomial needs a generator on the tensors' device

@@ -62,7 +62,7 @@ def main():
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     reps, max_s = (5, 5.0) if args.quick else (30, 20.0)
-    rec = Recorder("queue_infonce")
+    rec = Recorder("queue_infonce", path=args.out)
     for shape_name, shape in SHAPES.items():
         for queue_dtype in (torch.float32, torch.bfloat16):
             q, k, queue = make_inputs(shape, queue_dtype, args.device)

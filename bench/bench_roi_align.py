@@ -118,7 +118,7 @@ def main():
                 finally:
                     torch.use_deterministic_algorithms(False)
             impls.append(("cuda-determ", deterministic))
-    rec = Recorder(OP)
+    rec = Recorder(OP, path=args.out)
     shapes = args.shapes.split(",")
     if "insloc" in shapes:
         bench_shape(rec, "insloc", insloc_inputs(device), impls, device, reps, max_seconds)

@@ -157,6 +157,8 @@ def main(argv=None):
         if "baseline" in times and "fused" in times:
             rec.rows[-1]["speedup_vs_baseline"] = f"{times['baseline'] / times['fused']:.2f}"
             print(f"    fused step x{times['baseline'] / times['fused']:.2f} vs baseline", flush=True)
+        if args.out:  # each architecture's rows as soon as they are complete: a stopped run keeps them
+            rec.write(args.out)
     if args.data:
         cfg = Config(method="insloc", image_size=args.image_size, data="builtin")
         measure_data(cfg, args, rec)

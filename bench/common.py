@@ -89,12 +89,15 @@ def peak_extra_mb(fn, device):
 
 
 class Recorder:
-    """Collects rows and writes them to CSV (appending) and prints a compact table."""
+    """Collects rows, prints a compact table and writes them to CSV (appending). Given ``path``, each row
+    is appended as it is measured, so a benchmark stopped part-way keeps what it measured."""
 
-    def __init__(self, op):
+    def __init__(self, op, path=None):
         self.op = op
         self.env = environment()
         self.rows = []
+        self.path = path
+        self.written = 0
 
     def add(self, shape, impl, pass_, timing, peak_mb=None, baseline_ms=None):
         med, p20, p80, reps = timing
@@ -106,13 +109,17 @@ class Recorder:
         print(f"{self.op:22s} {shape:18s} {impl:12s} {pass_:9s} {med:10.3f} ms"
               + (f"  x{baseline_ms / med:5.2f}" if baseline_ms is not None else "")
               + (f"  peak {peak_mb:9.3f} MB" if peak_mb is not None else ""), flush=True)
+        if self.path:
+            self.write(self.path)
         return row
 
     def write(self, path):
+        """Appends the rows not yet written to ``path``."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         new = not os.path.exists(path)
         with open(path, "a", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=FIELDS)
             if new:
                 w.writeheader()
-            w.writerows(self.rows)
+            w.writerows(self.rows[self.written:])
+        self.written = len(self.rows)

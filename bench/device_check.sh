@@ -6,12 +6,22 @@
 #
 # WHEELS=DIR installs pytest (and pytest-benchmark) from local wheels when the machine has no index.
 # TORCH_CUDA_ARCH_LIST defaults to the local GPU's architecture to keep the build short.
+# Time limits, so that one slow step cannot take the others' time: DEADLINE_S (whole script, default 420 s),
+# TESTS_S (the gpu tests, 200 s), BENCH_S (each op benchmark, 50 s), TRAIN_S (the training step, 45 s). A step
+# gets the smaller of its own limit and what is left before the deadline (less 20 s for the summary); a
+# stopped step keeps what it wrote, and pick_defaults.py lets no backend qualify from unfinished tests.
 set -uo pipefail
 OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 step() { echo "== $* ($(( $(date +%s) - start )) s)"; }
+DEADLINE_S=${DEADLINE_S:-420}
+# budget LIMIT: LIMIT, or the seconds left before the deadline less 20, whichever is smaller (at least 1).
+budget() {
+  local left=$(( DEADLINE_S - ($(date +%s) - start) - 20 ))
+  (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"
+}
 
 step "environment"
 {
@@ -38,17 +48,22 @@ python -c "import insloc_ops, json; print(json.dumps(insloc_ops.build_info())); 
   | tee -a "$OUT/env.txt"
 
 step "gpu tests"
-python -m pytest -m gpu -q -p no:cacheprovider -rf --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.txt" 2>&1
+# SIGINT at the limit: pytest stops as on Ctrl-C, still writing the JUnit XML of what ran; timeout exits 124.
+timeout -s INT -k 15 "$(budget "${TESTS_S:-200}")" \
+  python -m pytest -m gpu -q -p no:cacheprovider -rf --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.txt" 2>&1
 tests_rc=$?
+echo "$tests_rc" >"$OUT/gpu_tests.rc"
 tail -n 15 "$OUT/gpu_tests.txt"
 
 step "op benchmarks"
-python bench/run_all.py --device cuda --out "$OUT" >"$OUT/bench.log" 2>&1
+bench_s=$(budget $(( 3 * ${BENCH_S:-50} )))
+python bench/run_all.py --device cuda --out "$OUT" --timeout $(( bench_s / 3 > 1 ? bench_s / 3 : 1 )) >"$OUT/bench.log" 2>&1
 bench_rc=$?
 
 if [[ -f bench/bench_train_step.py ]]; then
   step "training step benchmark"
-  python bench/bench_train_step.py --device cuda --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
+  timeout -k 10 "$(budget "${TRAIN_S:-45}")" \
+    python bench/bench_train_step.py --device cuda --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
 fi
 
 step "summary"

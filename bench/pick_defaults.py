@@ -2,7 +2,9 @@
 
     python bench/pick_defaults.py OUTDIR        # OUTDIR as written by bench/device_check.sh
 
-Reads OUTDIR/gpu_tests.xml (the `gpu`-marked tests, JUnit XML) and OUTDIR/ops.csv (bench/run_all.py). A
+Reads OUTDIR/gpu_tests.xml (the `gpu`-marked tests, JUnit XML), OUTDIR/gpu_tests.rc (pytest's exit status,
+when device_check.sh wrote it) and OUTDIR/ops.csv (bench/run_all.py). When the tests did not run to the end
+(an exit status other than 0 or 1: interrupted or stopped at their time limit), no backend qualifies. A
 backend qualifies for an op when every GPU test of that op that concerns it passed (at least one ran)
 and its fused forward+backward (forward for the anchor op) is at least as fast as the baseline at every
 benchmarked shape; among those, the highest geometric-mean speed-up wins, otherwise the reference stays.
@@ -66,7 +68,19 @@ def read_speedups(path):
     return rows
 
 
-def decide(tests, speedups):
+def tests_finished(outdir):
+    """(finished, note): whether the GPU test run went to the end, by the exit status in gpu_tests.rc."""
+    path = os.path.join(outdir, "gpu_tests.rc")
+    if not os.path.exists(path):
+        return True, "gpu_tests.rc missing: taking the test run as finished"
+    with open(path) as fh:
+        status = fh.read().strip()
+    if status in ("0", "1"):
+        return True, None
+    return False, f"the GPU tests did not finish (pytest exit status {status}): no backend qualifies"
+
+
+def decide(tests, speedups, finished=True):
     """[(op, backend, verdict dict)] and {op: chosen backend}."""
     table, chosen = [], {}
     for op, (module, passes) in OPS.items():
@@ -74,7 +88,7 @@ def decide(tests, speedups):
         for backend in GPU_BACKENDS:
             t = tests.get((module, backend), {"passed": 0, "failed": 0, "skipped": 0, "failures": []})
             rows = [r for r in speedups.get((op, backend), []) if r[1] in passes]
-            verified = t["passed"] > 0 and t["failed"] == 0
+            verified = finished and t["passed"] > 0 and t["failed"] == 0
             wins = bool(rows) and all(s >= 1.0 for _, _, s, _, _ in rows)
             score = math.exp(sum(math.log(s) for _, _, s, _, _ in rows) / len(rows)) if rows else None
             if verified and wins and (best_score is None or score > best_score):
@@ -113,7 +127,10 @@ def main(argv=None):
     if missing:
         print(f"pick_defaults: missing {', '.join(missing)}", file=sys.stderr)
         return 2
-    table, chosen = decide(read_tests(tests_xml), read_speedups(ops_csv))
+    finished, note = tests_finished(args.outdir)
+    table, chosen = decide(read_tests(tests_xml), read_speedups(ops_csv), finished)
+    if note:
+        print(f"Note: {note}.\n")
     print(render(table, chosen))
     return 0
 

@@ -35,6 +35,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--only", nargs="*", default=None, help="benchmark files to run (default: all)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds each benchmark may run; one that runs longer is stopped and counted as failed, "
+                        "keeping the rows it measured (default: no limit)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "ops.csv")
@@ -49,10 +52,14 @@ def main(argv=None):
             cmd.append("--quick")
         print("+", " ".join(cmd), flush=True)
         t0 = time.time()
-        rc = subprocess.call(cmd)
-        print(f"  {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+        try:
+            rc = subprocess.call(cmd, timeout=args.timeout)
+            print(f"  {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+        except subprocess.TimeoutExpired:
+            rc = "timed out"
+            print(f"  {name}: stopped after {args.timeout:.0f} s (--timeout); its rows so far are kept", flush=True)
         if rc:
-            failures.append(name)
+            failures.append(f"{name} ({rc})" if isinstance(rc, str) else name)
     rows = []
     if os.path.exists(csv_path):
         with open(csv_path) as fh:

@@ -29,6 +29,28 @@ def test_markdown_table_has_a_line_per_row():
     assert len(table) == 3 and table[2] == "| queue_infonce | insloc | both | cpu | 1.500 | 2.00 | 0.5 | CPU |"
 
 
+def test_a_benchmark_past_its_time_is_stopped_and_keeps_its_rows(tmp_path, capsys):
+    # Rows are appended as they are measured, so a benchmark stopped by --timeout leaves what it measured.
+    script = tmp_path / "bench_slow.py"
+    script.write_text(
+        "import argparse, sys, time\n"
+        f"sys.path.insert(0, {run_all.HERE + '/..'!r})\n"
+        "from bench.common import Recorder\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--out'); p.add_argument('--device'); p.add_argument('--quick',"
+        " action='store_true')\n"
+        "args = p.parse_args()\n"
+        "rec = Recorder('slow_op', path=args.out)\n"
+        "rec.add('tiny', 'fused', 'forward', (1.0, 0.9, 1.1, 3))\n"
+        "time.sleep(60)\n"
+        "rec.add('tiny', 'fused', 'backward', (2.0, 1.9, 2.1, 3))\n")
+    out = tmp_path / "results"
+    assert run_all.main(["--device", "cpu", "--out", str(out), "--only", str(script), "--timeout", "15"]) == 1
+    with open(out / "ops.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["op"], r["pass"], r["median_ms"]) for r in rows] == [("slow_op", "forward", "1.0000")]
+    assert "bench_slow.py (timed out)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", run_all.OP_BENCHMARKS)
 def test_every_op_benchmark_has_the_runner_flags(name):
     with open(f"{run_all.HERE}/{name}") as fh:
@@ -87,3 +109,12 @@ def test_pick_defaults_needs_passing_tests_and_a_win_at_every_shape(tmp_path, ca
     assert '"queue_infonce": "reference",  # no GPU backend qualified' in out
     assert "- sample_anchor_boxes / cuda: test_gpu_backend_matches_reference[cuda-insloc]" in out
     assert pick_defaults.main([str(tmp_path / "missing")]) == 2
+    # The same results from a test run stopped part-way (pytest exit status 2): nothing qualifies.
+    (tmp_path / "gpu_tests.rc").write_text("2\n")
+    assert pick_defaults.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "did not finish (pytest exit status 2)" in out
+    assert out.count("no GPU backend qualified") == 3
+    (tmp_path / "gpu_tests.rc").write_text("1\n")  # finished, with failures: as before
+    assert pick_defaults.main([str(tmp_path)]) == 0
+    assert '"roi_align_multilevel": "cuda",' in capsys.readouterr().out
