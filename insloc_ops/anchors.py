@@ -85,12 +85,14 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, *, nms_iou=None, g
         raise ValueError("anchors must not be empty when gt_boxes is not")
     _check_box_values("gt_boxes", gt_boxes)
     _check_box_values("anchors", anchors)
-    if generator is not None and generator.device.type != "cpu":
-        raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+    if generator is not None:
+        if torch.compiler.is_compiling():  # before touching the generator: older dynamo cannot read its device
+            if seed is None:
+                raise ValueError("a torch.Generator cannot be traced by torch.compile: pass seed= (drawn from the "
+                                 "generator outside the compiled function) or generator=None")
+        elif generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
     if seed is None:
-        if generator is not None and torch.compiler.is_compiling():
-            raise ValueError("a torch.Generator cannot be traced by torch.compile: pass seed= (drawn from the "
-                             "generator outside the compiled function) or generator=None")
         seed = _draw_seed(generator)
     elif isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)) or (
             isinstance(seed, int) and not -2**63 <= seed < 2**63):

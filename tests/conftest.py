@@ -32,6 +32,19 @@ def poisoned_like(t):
     return torch.full_like(t, float("nan"))
 
 
+def triton_compile_api():
+    """Whether this Triton's triton.compile takes what tests/triton_aot.py gives it (ASTSource(...,
+    constexprs=)); older releases (e.g. 3.2) name those arguments differently. Checked without importing
+    triton_aot, which clears TRITON_INTERPRET."""
+    try:
+        import inspect
+
+        from triton.compiler import ASTSource
+    except ImportError:
+        return False
+    return "constexprs" in inspect.signature(ASTSource.__init__).parameters
+
+
 def devices():
     return ["cpu"] + (["cuda"] if HAS_CUDA else [])
 

@@ -1,5 +1,6 @@
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -130,11 +131,22 @@ def _shuffle_worker(rank, world, port):
         assert int(moco.queue_ptr) == 2 * N
         assert moco.queue[:, :N].eq(1).all() and moco.queue[:, N:2 * N].eq(2).all()
     finally:
+        # Both ranks leave together: with torch 2.6, a rank whose peer had already destroyed the group and
+        # exited could hang in destroy_process_group.
+        dist.barrier()
         dist.destroy_process_group()
 
 
 def test_shuffle_bn_round_trips_images_and_boxes_across_two_gloo_processes():
-    mp.spawn(_shuffle_worker, args=(2, _free_port()), nprocs=2, join=True)
+    # join with a deadline: a rank stuck in a collective (its peer gone) fails the test instead of hanging it.
+    ctx = mp.start_processes(_shuffle_worker, args=(2, _free_port()), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two gloo processes did not finish within 300 s: " +
+                        ", ".join(f"rank {r} exit code {p.exitcode}" for r, p in enumerate(ctx.processes)))
 
 
 # The trainer's CUDA-only settings (bf16 autocast, channels_last, torch.compile), exercised on the CPU:

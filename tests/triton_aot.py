@@ -170,6 +170,11 @@ def main(archs, full=False):
 
 
 if __name__ == "__main__":
+    import inspect
+
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        sys.exit(f"tests/triton_aot.py: Triton {triton.__version__}'s ASTSource takes no constexprs=; "
+                 "this tool needs a newer Triton (3.6 and 3.8 are known to work)")
     argv = sys.argv[1:]
     full = "--full" in argv
     archs = [int(a) for a in argv if a != "--full"] or [90]
