@@ -131,10 +131,9 @@ def _shuffle_worker(rank, world, port):
         assert int(moco.queue_ptr) == 2 * N
         assert moco.queue[:, :N].eq(1).all() and moco.queue[:, N:2 * N].eq(2).all()
     finally:
-        # Both ranks leave together: with torch 2.6, a rank whose peer had already destroyed the group and
-        # exited could hang in destroy_process_group.
+        # Both ranks leave together, and without destroy_process_group: with torch 2.6, rank 0 (which holds
+        # the store) hung in it now and then, before and after a barrier. The process ends here anyway.
         dist.barrier()
-        dist.destroy_process_group()
 
 
 def test_shuffle_bn_round_trips_images_and_boxes_across_two_gloo_processes():
