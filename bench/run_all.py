@@ -54,12 +54,13 @@ def main(argv=None):
         t0 = time.time()
         try:
             rc = subprocess.call(cmd, timeout=args.timeout)
-            print(f"  {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
         except subprocess.TimeoutExpired:
-            rc = "timed out"
             print(f"  {name}: stopped after {args.timeout:.0f} s (--timeout); its rows so far are kept", flush=True)
+            failures.append(f"{name} (timed out)")
+            continue
+        print(f"  {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
         if rc:
-            failures.append(f"{name} ({rc})" if isinstance(rc, str) else name)
+            failures.append(name)
     rows = []
     if os.path.exists(csv_path):
         with open(csv_path) as fh:
