@@ -1,8 +1,13 @@
 """The plain-PyTorch / torchvision baselines the fused ops are measured against, with the fused ops'
-signatures, so a model can run on either (bench_train_step.py swaps them in)."""
+signatures, so a model can run on either (bench_train_step.py swaps them in); and the anchor op's benchmark
+inputs, which its tests share."""
+import math
+
 import torch
 import torch.nn.functional as F
 import torchvision
+
+import insloc_ops
 
 
 def roi_align_torchvision(features, rois, output_size, spatial_scales, sampling_ratio=0, aligned=True,
@@ -64,3 +69,39 @@ def queue_infonce_materialised(q, k, queue, temperature, *, reduction="mean", ba
         losses.append(F.cross_entropy(logits, labels, reduction=reduction))
     out = torch.stack(losses)
     return out if grouped else out.squeeze(0)
+
+
+# Inputs of the anchor benchmark and tests.
+INSLOC_SIZES = (32, 64, 128, 256)
+INSLOC_RATIOS = (0.5, 0.75, 1, 1.5, 2)
+
+
+def random_boxes(n, width, height, min_side, max_side, generator, dtype=torch.float32):
+    """n xyxy boxes inside a width x height canvas with sides uniform in [min_side, max_side]."""
+    u = torch.rand(4, n, generator=generator, dtype=torch.float64)  # [4, N]
+    w = min_side + (max_side - min_side) * u[0]
+    h = min_side + (max_side - min_side) * u[1]
+    x1 = (width - w) * u[2]
+    y1 = (height - h) * u[3]
+    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).to(dtype)  # [N, 4]
+
+
+def insloc_inputs(n, generator, dtype=torch.float32):
+    """InsLoc's jitter: boxes in a 256 x 256 composite (sides 64..254) and the 5,120 anchors of a 16 x 16 grid."""
+    anchors = insloc_ops.grid_anchors(16, 16, INSLOC_SIZES, INSLOC_RATIOS, dtype=dtype)  # [5120, 4]
+    return random_boxes(n, 256, 256, 64, 254, generator, dtype), anchors
+
+
+def detection_anchors(height, width, strides, ratios=(0.5, 1.0, 2.0), dtype=torch.float32):
+    """FPN anchors of one image, levels concatenated: one size (8 x stride) and 3 ratios per level.
+    800 x 1216 with strides 4..64 (P2-P6) gives 242,991 anchors."""
+    return torch.cat([
+        insloc_ops.grid_anchors((math.ceil(height / s), math.ceil(width / s)), s, (8 * s,), ratios, dtype=dtype)
+        for s in strides
+    ])
+
+
+def detection_inputs(n, generator, strides=(32, 64, 128), height=800, width=1344, dtype=torch.float32):
+    """Ground-truth boxes of an 800 x 1344 image (sides 16..600) and its anchors (4,200 for P5-P7)."""
+    return (random_boxes(n, width, height, 16, 600, generator, dtype),
+            detection_anchors(height, width, strides, dtype=dtype))

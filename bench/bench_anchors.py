@@ -21,8 +21,8 @@ sys.path.insert(0, ROOT)
 
 import insloc_ops  # noqa: E402
 from bench.common import Recorder, peak_extra_mb, time_ms  # noqa: E402
-from bench.baselines import sample_anchor_boxes_iou_matrix, sample_anchor_boxes_random_argmax  # noqa: E402
-from tests.test_anchor_kernels import detection_anchors, insloc_inputs, random_boxes  # noqa: E402
+from bench.baselines import (detection_anchors, insloc_inputs, random_boxes,  # noqa: E402
+                             sample_anchor_boxes_iou_matrix, sample_anchor_boxes_random_argmax)
 
 
 def shapes(device):

@@ -10,6 +10,8 @@
 # TESTS_S (the gpu tests, 200 s), BENCH_S (each op benchmark, 50 s), TRAIN_S (the training step, 45 s). A step
 # gets the smaller of its own limit and what is left before the deadline (less 20 s for the summary); a
 # stopped step keeps what it wrote, and pick_defaults.py lets no backend qualify from unfinished tests.
+# A dry run of the script's plumbing without a GPU (tests/test_bench.py does this): SKIP_BUILD=1 uses the installed
+# build, BENCH_DEVICE=cpu benchmarks on the CPU, QUICK=1 passes --quick to the benchmarks.
 set -uo pipefail
 OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -36,14 +38,21 @@ if [[ -n "${WHEELS:-}" ]]; then
   python -m pip install -q --no-index --find-links "$WHEELS" pytest pytest-benchmark >>"$OUT/build.log" 2>&1
 fi
 
+BENCH_DEVICE=${BENCH_DEVICE:-cuda}
+quick=(); [[ "${QUICK:-0}" == 1 ]] && quick=(--quick)
+
 step "build"
-if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+if [[ "${SKIP_BUILD:-0}" == 1 ]]; then
+  echo "SKIP_BUILD=1: using the installed build"
+elif [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
   TORCH_CUDA_ARCH_LIST=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
   export TORCH_CUDA_ARCH_LIST
 fi
-# -v and ptxas -v: the compiler output, with each kernel's registers, spills and shared memory, goes to build.log.
-INSLOC_OPS_CUDA=1 INSLOC_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} python -m pip install -v --no-build-isolation --no-deps -e . \
-  >>"$OUT/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -n 30 "$OUT/build.log"; exit 1; }
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+  # -v and ptxas -v: the compiler output, with each kernel's registers, spills and shared memory, goes to build.log.
+  INSLOC_OPS_CUDA=1 INSLOC_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} python -m pip install -v --no-build-isolation --no-deps -e . \
+    >>"$OUT/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -n 30 "$OUT/build.log"; exit 1; }
+fi
 python -c "import insloc_ops, json; print(json.dumps(insloc_ops.build_info())); print(json.dumps(insloc_ops.available_backends()))" \
   | tee -a "$OUT/env.txt"
 
@@ -57,13 +66,13 @@ tail -n 15 "$OUT/gpu_tests.txt"
 
 step "op benchmarks"
 bench_s=$(budget $(( 3 * ${BENCH_S:-50} )))
-python bench/run_all.py --device cuda --out "$OUT" --timeout $(( bench_s / 3 > 1 ? bench_s / 3 : 1 )) >"$OUT/bench.log" 2>&1
+python bench/run_all.py --device "$BENCH_DEVICE" "${quick[@]}" --out "$OUT" --timeout $(( bench_s / 3 > 1 ? bench_s / 3 : 1 )) >"$OUT/bench.log" 2>&1
 bench_rc=$?
 
 if [[ -f bench/bench_train_step.py ]]; then
   step "training step benchmark"
   timeout -k 10 "$(budget "${TRAIN_S:-45}")" \
-    python bench/bench_train_step.py --device cuda --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
+    python bench/bench_train_step.py --device "$BENCH_DEVICE" "${quick[@]}" --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
 fi
 
 step "summary"

@@ -2,10 +2,9 @@
 uniform choice, the argmax fallback, reproducibility, the nms_iou path, errors, opcheck and torch.compile.
 
 The random key is one function of (seed, box, anchor) on every backend, so backends must pick exactly the
-reference's anchors for the same seed; the input factories and the baseline are shared with
-bench/bench_anchors.py.
+reference's anchors for the same seed; the input factories and the baselines live in bench/baselines.py,
+shared with bench/bench_anchors.py.
 """
-import math
 import os
 import subprocess
 import sys
@@ -20,41 +19,7 @@ from conftest import triton_compile_api
 from insloc_ops import reference
 
 from bench import baselines
-
-INSLOC_SIZES = (32, 64, 128, 256)
-INSLOC_RATIOS = (0.5, 0.75, 1, 1.5, 2)
-
-
-def random_boxes(n, width, height, min_side, max_side, generator, dtype=torch.float32):
-    """n xyxy boxes inside a width x height canvas with sides uniform in [min_side, max_side]."""
-    u = torch.rand(4, n, generator=generator, dtype=torch.float64)  # [4, N]
-    w = min_side + (max_side - min_side) * u[0]
-    h = min_side + (max_side - min_side) * u[1]
-    x1 = (width - w) * u[2]
-    y1 = (height - h) * u[3]
-    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1).to(dtype)  # [N, 4]
-
-
-def insloc_inputs(n, generator, dtype=torch.float32):
-    """InsLoc's jitter: boxes in a 256 x 256 composite (sides 64..254) and the 5,120 anchors of a 16 x 16 grid."""
-    anchors = insloc_ops.grid_anchors(16, 16, INSLOC_SIZES, INSLOC_RATIOS, dtype=dtype)  # [5120, 4]
-    return random_boxes(n, 256, 256, 64, 254, generator, dtype), anchors
-
-
-def detection_anchors(height, width, strides, ratios=(0.5, 1.0, 2.0), dtype=torch.float32):
-    """FPN anchors of one image, levels concatenated: one size (8 x stride) and 3 ratios per level.
-    800 x 1216 with strides 4..64 (P2-P6) gives 242,991 anchors."""
-    return torch.cat([
-        insloc_ops.grid_anchors((math.ceil(height / s), math.ceil(width / s)), s, (8 * s,), ratios, dtype=dtype)
-        for s in strides
-    ])
-
-
-def detection_inputs(n, generator, strides=(32, 64, 128), height=800, width=1344, dtype=torch.float32):
-    """Ground-truth boxes of an 800 x 1344 image (sides 16..600) and its anchors (4,200 for P5-P7)."""
-    return (random_boxes(n, width, height, 16, 600, generator, dtype),
-            detection_anchors(height, width, strides, dtype=dtype))
-
+from bench.baselines import detection_anchors, detection_inputs, insloc_inputs, random_boxes  # noqa: F401
 
 def baseline_sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, generator=None):
     return baselines.sample_anchor_boxes_iou_matrix(gt_boxes, anchors, iou_threshold, generator=generator)

@@ -1,10 +1,16 @@
 """The benchmark scripts still run (tiny shapes): a benchmark that rots is found here, not on a GPU."""
 import csv
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from bench import run_all
+from bench import pick_defaults, run_all
+
+ROOT = os.path.dirname(run_all.HERE)
 
 
 def test_training_step_benchmark_runs_fused_and_baseline(tmp_path):
@@ -75,8 +81,6 @@ def _write_gpu_results(tmp_path, cases, rows):
 
 
 def test_pick_defaults_needs_passing_tests_and_a_win_at_every_shape(tmp_path, capsys):
-    from bench import pick_defaults
-
     assert pick_defaults.backends_named("test_gpu_matches_reference[triton-float32-nchw]") == ["triton"]
     assert pick_defaults.backends_named("test_gpu_opcheck_cuda") == ["cuda"]
     assert pick_defaults.backends_named("test_gpu_empty_inputs") == ["cuda", "triton"]
@@ -118,3 +122,45 @@ def test_pick_defaults_needs_passing_tests_and_a_win_at_every_shape(tmp_path, ca
     (tmp_path / "gpu_tests.rc").write_text("1\n")  # finished, with failures: as before
     assert pick_defaults.main([str(tmp_path)]) == 0
     assert '"roi_align_multilevel": "cuda",' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", run_all.OP_BENCHMARKS + ["bench_train_step.py", "run_all.py", "pick_defaults.py"])
+def test_benchmark_scripts_start_as_scripts(script, tmp_path):
+    # As `python bench/<script>` from another folder: sys.path is then a user's, not pytest's (which puts
+    # tests/ on it, so a benchmark importing a test module that imports conftest works only here).
+    proc = subprocess.run([sys.executable, os.path.join(run_all.HERE, script), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:")
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_without_a_gpu(tmp_path):
+    """bench/device_check.sh end to end on the CPU (installed build, CPU benchmarks with short limits), so the
+    script a GPU machine runs once has run here: every step, the limits, the summary and pick_defaults."""
+    out = tmp_path / "check"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "SKIP_BUILD": "1", "BENCH_DEVICE": "cpu", "QUICK": "1",
+           "DEADLINE_S": "400", "TESTS_S": "200", "BENCH_S": "8", "TRAIN_S": "8"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "device_check.sh"), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    summary = re.search(r"gpu tests exit (\d+); benchmarks exit (\d+)", proc.stdout)
+    assert summary, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert summary.group(1) == "0" and (out / "gpu_tests.rc").read_text().strip() == "0"
+    # The training step (R50, batch 32) cannot finish in 8 s on a CPU: stopped, so the benchmarks count as failed.
+    assert summary.group(2) == "1" and proc.returncode == 1
+    env_txt = (out / "env.txt").read_text()
+    assert "torch " in env_txt and '"extension_loaded": true' in env_txt
+    # Every gpu test was collected and skipped (no CUDA device), none ran.
+    tests = pick_defaults.read_tests(out / "gpu_tests.xml")
+    assert {module for module, _ in tests} == {"test_roi_align_kernels", "test_anchor_kernels", "test_infonce_kernels"}
+    assert all(t["passed"] == 0 and t["failed"] == 0 and t["skipped"] > 0 for t in tests.values())
+    # Each op benchmark started and then ended: by itself, or stopped at its limit keeping its rows.
+    log = (out / "bench.log").read_text()
+    for name in run_all.OP_BENCHMARKS:
+        assert re.search(rf"  {name}: (exit 0 after|stopped after 8 s)", log), log[-3000:]
+    with open(out / "ops.csv") as fh:
+        assert list(csv.DictReader(fh)), "no benchmark row was kept"
+    defaults = (out / "defaults.md").read_text()
+    for op in pick_defaults.OPS:
+        assert f'"{op}": "reference",  # no GPU backend qualified' in defaults
+    assert proc.stdout.rstrip().endswith(defaults.rstrip().splitlines()[-1])
