@@ -13,6 +13,8 @@
 # A dry run of the script's plumbing without a GPU (tests/test_bench.py does this): SKIP_BUILD=1 uses the installed
 # build, BENCH_DEVICE=cpu benchmarks on the CPU, QUICK=1 passes --quick to the benchmarks.
 set -uo pipefail
+# PYTHON: the interpreter that holds torch (default python3, else python; some GPU images have no `python`).
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
@@ -29,13 +31,13 @@ step "environment"
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-  python -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  python -c "import triton; print('triton', triton.__version__)" 2>&1
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
   nvcc --version 2>&1 | tail -n 2
 } | tee "$OUT/env.txt"
 
 if [[ -n "${WHEELS:-}" ]]; then
-  python -m pip install -q --no-index --find-links "$WHEELS" pytest pytest-benchmark >>"$OUT/build.log" 2>&1
+  "$PY" -m pip install -q --no-index --find-links "$WHEELS" pytest pytest-benchmark >>"$OUT/build.log" 2>&1
 fi
 
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
@@ -45,39 +47,39 @@ step "build"
 if [[ "${SKIP_BUILD:-0}" == 1 ]]; then
   echo "SKIP_BUILD=1: using the installed build"
 elif [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
-  TORCH_CUDA_ARCH_LIST=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
   export TORCH_CUDA_ARCH_LIST
 fi
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
   # -v and ptxas -v: the compiler output, with each kernel's registers, spills and shared memory, goes to build.log.
-  INSLOC_OPS_CUDA=1 INSLOC_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} python -m pip install -v --no-build-isolation --no-deps -e . \
+  INSLOC_OPS_CUDA=1 INSLOC_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
     >>"$OUT/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -n 30 "$OUT/build.log"; exit 1; }
 fi
-python -c "import insloc_ops, json; print(json.dumps(insloc_ops.build_info())); print(json.dumps(insloc_ops.available_backends()))" \
+"$PY" -c "import insloc_ops, json; print(json.dumps(insloc_ops.build_info())); print(json.dumps(insloc_ops.available_backends()))" \
   | tee -a "$OUT/env.txt"
 
 step "gpu tests"
 # SIGINT at the limit: pytest stops as on Ctrl-C, still writing the JUnit XML of what ran; timeout exits 124.
 timeout -s INT -k 15 "$(budget "${TESTS_S:-200}")" \
-  python -m pytest -m gpu -q -p no:cacheprovider -rf --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.txt" 2>&1
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider -rf --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.txt" 2>&1
 tests_rc=$?
 echo "$tests_rc" >"$OUT/gpu_tests.rc"
 tail -n 15 "$OUT/gpu_tests.txt"
 
 step "op benchmarks"
 bench_s=$(budget $(( 3 * ${BENCH_S:-50} )))
-python bench/run_all.py --device "$BENCH_DEVICE" "${quick[@]}" --out "$OUT" --timeout $(( bench_s / 3 > 1 ? bench_s / 3 : 1 )) >"$OUT/bench.log" 2>&1
+"$PY" bench/run_all.py --device "$BENCH_DEVICE" "${quick[@]}" --out "$OUT" --timeout $(( bench_s / 3 > 1 ? bench_s / 3 : 1 )) >"$OUT/bench.log" 2>&1
 bench_rc=$?
 
 if [[ -f bench/bench_train_step.py ]]; then
   step "training step benchmark"
   timeout -k 10 "$(budget "${TRAIN_S:-45}")" \
-    python bench/bench_train_step.py --device "$BENCH_DEVICE" "${quick[@]}" --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
+    "$PY" bench/bench_train_step.py --device "$BENCH_DEVICE" "${quick[@]}" --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
 fi
 
 step "summary"
 echo "gpu tests exit $tests_rc; benchmarks exit $bench_rc"
 [[ -f "$OUT/ops.md" ]] && cat "$OUT/ops.md"
 # Which backend each op may default to on CUDA (verified by the tests above and faster at every shape).
-python bench/pick_defaults.py "$OUT" | tee "$OUT/defaults.md"
+"$PY" bench/pick_defaults.py "$OUT" | tee "$OUT/defaults.md"
 exit $(( tests_rc || bench_rc ))

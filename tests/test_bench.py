@@ -139,8 +139,8 @@ def test_device_check_dry_run_without_a_gpu(tmp_path):
     """bench/device_check.sh end to end on the CPU (installed build, CPU benchmarks with short limits), so the
     script a GPU machine runs once has run here: every step, the limits, the summary and pick_defaults."""
     out = tmp_path / "check"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "SKIP_BUILD": "1", "BENCH_DEVICE": "cpu", "QUICK": "1",
-           "DEADLINE_S": "400", "TESTS_S": "200", "BENCH_S": "8", "TRAIN_S": "8"}
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "SKIP_BUILD": "1",
+           "BENCH_DEVICE": "cpu", "QUICK": "1", "DEADLINE_S": "400", "TESTS_S": "200", "BENCH_S": "8", "TRAIN_S": "8"}
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "device_check.sh"), str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     summary = re.search(r"gpu tests exit (\d+); benchmarks exit (\d+)", proc.stdout)
