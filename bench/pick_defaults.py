@@ -42,6 +42,8 @@ def read_tests(path):
     for case in ET.parse(path).getroot().iter("testcase"):
         module = case.get("classname", "").split(".")[-1]
         name = case.get("name", "")
+        if not module:  # a module that failed to import: pytest names the module, with no class
+            module = name.split(".")[-1]
         if case.find("failure") is not None or case.find("error") is not None:
             status = "failed"
         elif case.find("skipped") is not None:
