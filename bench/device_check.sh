@@ -62,8 +62,15 @@ step "gpu tests"
 # SIGINT at the limit: pytest stops as on Ctrl-C, still writing the JUnit XML of what ran; timeout exits 124.
 # --continue-on-collection-errors: a test module that fails to import (a package the machine lacks) fails its
 # own op's tests (exit 1) instead of stopping the whole run (exit 2, which would qualify no backend at all).
+# TEST_WORKERS (default 8): pytest-xdist processes, where it is installed. Most of the tests' time is Triton
+# compiling each kernel variant on the CPU, one at a time per process; the tests share the GPU.
+workers=()
+if [[ "${TEST_WORKERS:-8}" -gt 1 ]] && "$PY" -c "import xdist" 2>/dev/null; then
+  workers=(-n "${TEST_WORKERS:-8}")
+fi
 timeout -s INT -k 15 "$(budget "${TESTS_S:-200}")" \
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider -rf --continue-on-collection-errors --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.txt" 2>&1
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider -rf --continue-on-collection-errors "${workers[@]}" \
+  --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.txt" 2>&1
 tests_rc=$?
 echo "$tests_rc" >"$OUT/gpu_tests.rc"
 tail -n 15 "$OUT/gpu_tests.txt"
