@@ -21,6 +21,7 @@ from insloc_ops import reference
 from bench import baselines
 from bench.baselines import detection_anchors, detection_inputs, insloc_inputs, random_boxes  # noqa: F401
 
+
 def baseline_sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, generator=None):
     return baselines.sample_anchor_boxes_iou_matrix(gt_boxes, anchors, iou_threshold, generator=generator)
 
