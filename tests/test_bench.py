@@ -19,13 +19,15 @@ def test_training_step_benchmark_runs_fused_and_baseline(tmp_path):
     out = tmp_path / "step.csv"
     torch.manual_seed(0)
     step.main(["--device", "cpu", "--arch", "fpn", "c4", "--depth", "18", "--batch", "2", "--image-size", "64",
-               "--queue", "16", "--steps", "1", "--warmup", "0", "--no-flops", "--data-samples", "2",
+               "--queue", "16", "--steps", "1", "--warmup", "0", "--data-samples", "2",
                "--out", str(out)])
     with open(out) as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["impl"], r["pass"]) for r in rows] == [("baseline", "step"), ("fused", "step")] * 2 + [("data", "sample")]
     assert all(float(r["median_ms"]) > 0 for r in rows)
     assert rows[1]["speedup_vs_baseline"] and rows[3]["speedup_vs_baseline"]
+    # The FLOP count (torch.utils.flop_counter, through the fused ops too) that the GPU's MFU is computed from.
+    assert all("TFLOP/s" in r["shape"] for r in rows[:4])
 
 
 def test_markdown_table_has_a_line_per_row():
