@@ -277,6 +277,61 @@ def test_every_schema_is_registered_once_with_its_triton_twin():
         assert [str(x.type) for x in a.returns] == [str(x.type) for x in b.returns]
 
 
+def test_triton_kernels_run_with_their_tensors_device_current(monkeypatch):
+    # Triton launches on the current CUDA device, not on its pointers' device, so every Triton op makes its
+    # tensors' device current first (as the CUDA C++ kernels do with a device guard).
+    from insloc_ops import triton as triton_ops
+
+    x = torch.zeros(2)
+    assert triton_ops.tensor_device((3, [], [1.0, (x,)])) == x.device
+    assert triton_ops.tensor_device((3, "a", [])) is None
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            entered.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    run = triton_ops.on_tensor_device(lambda features, n: ("ran", n))
+    assert run([x], 3) == ("ran", 3) and entered == []  # CPU tensors: no device to make current
+    monkeypatch.setattr(triton_ops, "tensor_device", lambda args: torch.device("cuda", 1))
+    assert run([x], 4) == ("ran", 4) and entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+def test_gpu_triton_ops_on_a_device_that_is_not_current():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    ops = ("roi_align_multilevel", "sample_anchor_boxes", "queue_infonce")
+    if not all(_backend.is_available(op, "triton", "cuda") for op in ops):
+        pytest.skip("Triton kernels not available on CUDA")
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    feats, rois = [f.to(dev) for f in _feats()], ROIS.to(dev)
+    want = insloc_ops.roi_align_multilevel(feats, rois, 7, SCALES, backend="reference")
+    got = insloc_ops.roi_align_multilevel(feats, rois, 7, SCALES, backend="triton")
+    torch.testing.assert_close(got, want)
+    anchors = insloc_ops.grid_anchors(4, 4, (8, 16), (0.5, 1.0, 2.0)).to(dev)
+    gt = ROIS[:, 1:].to(dev) / 4
+    want = insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, seed=5, backend="reference")
+    got = insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, seed=5, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    q = torch.nn.functional.normalize(torch.randn(2, 5, 16, device=dev), dim=-1).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(2, 5, 16, device=dev), dim=-1)
+    queue = torch.nn.functional.normalize(torch.randn(2, 300, 16, device=dev), dim=-1)
+    losses = [insloc_ops.queue_infonce(q, k, queue, 0.2, backend=b) for b in ("reference", "triton")]
+    grads = [torch.autograd.grad(loss.sum(), q)[0] for loss in losses]
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    assert torch.cuda.current_device() == 0 and all(loss.device == dev for loss in losses)
+
+
 def test_reference_backend_compiles_fullgraph():
     def step(q, k, queue):
         return insloc_ops.queue_infonce(q, k, queue, 0.2, backend="reference")

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from . import register_kernel
 
 _MAX_ANCHORS = 2**31 - 2  # csrc/common/anchors.h: kMaxAnchors; kernels write 2^31 - 1 as a literal
 # No mul + add contraction into FMA (Triton's default): every backend must round like the reference.
@@ -136,4 +137,4 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
 
 
 def register():
-    torch.library.register_kernel("insloc_ops::sample_anchor_boxes_triton", ("cpu", "cuda"), sample_anchor_boxes)
+    register_kernel("sample_anchor_boxes_triton", sample_anchor_boxes)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import register_kernel
+
 BLOCK_K = 64
 
 
@@ -188,6 +190,5 @@ def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
 
 
 def register():
-    torch.library.register_kernel("insloc_ops::queue_infonce_triton", ("cpu", "cuda"), queue_infonce)
-    torch.library.register_kernel("insloc_ops::queue_infonce_backward_triton", ("cpu", "cuda"),
-                                  queue_infonce_backward)
+    register_kernel("queue_infonce_triton", queue_infonce)
+    register_kernel("queue_infonce_backward_triton", queue_infonce_backward)

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import register_kernel
+
 MAX_LEVELS = 5
 MAX_ADAPTIVE_GRID = tl.constexpr(65536)  # insloc_ops.reference.MAX_ADAPTIVE_GRID
 
@@ -297,6 +299,5 @@ def roi_align_multilevel_backward(grad, rois, levels, spatial_scales, sampling_r
 
 
 def register():
-    torch.library.register_kernel("insloc_ops::roi_align_multilevel_triton", ("cpu", "cuda"), roi_align_multilevel)
-    torch.library.register_kernel("insloc_ops::roi_align_multilevel_backward_triton", ("cpu", "cuda"),
-                                  roi_align_multilevel_backward)
+    register_kernel("roi_align_multilevel_triton", roi_align_multilevel)
+    register_kernel("roi_align_multilevel_backward_triton", roi_align_multilevel_backward)
