@@ -164,7 +164,7 @@ def test_device_check_dry_run_without_a_gpu(tmp_path):
     assert "torch " in env_txt and '"extension_loaded": true' in env_txt
     # Every gpu test was collected and skipped (no CUDA device), none ran.
     tests = pick_defaults.read_tests(out / "gpu_tests.xml")
-    assert {module for module, _ in tests} == {"test_roi_align_kernels", "test_anchor_kernels", "test_infonce_kernels"}
+    assert {module for module, _ in tests} >= {"test_roi_align_kernels", "test_anchor_kernels", "test_infonce_kernels"}
     assert all(t["passed"] == 0 and t["failed"] == 0 and t["skipped"] > 0 for t in tests.values())
     # Each op benchmark started and then ended: by itself, or stopped at its limit keeping its rows.
     log = (out / "bench.log").read_text()
