@@ -46,11 +46,11 @@ quick=(); [[ "${QUICK:-0}" == 1 ]] && quick=(--quick)
 step "build"
 if [[ "${SKIP_BUILD:-0}" == 1 ]]; then
   echo "SKIP_BUILD=1: using the installed build"
-elif [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
-  TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  export TORCH_CUDA_ARCH_LIST
-fi
-if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+else
+  if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+    TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    export TORCH_CUDA_ARCH_LIST
+  fi
   # -v and ptxas -v: the compiler output, with each kernel's registers, spills and shared memory, goes to build.log.
   INSLOC_OPS_CUDA=1 INSLOC_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
     >>"$OUT/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -n 30 "$OUT/build.log"; exit 1; }

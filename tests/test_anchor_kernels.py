@@ -19,7 +19,7 @@ from conftest import triton_compile_api
 from insloc_ops import reference
 
 from bench import baselines
-from bench.baselines import detection_anchors, detection_inputs, insloc_inputs, random_boxes  # noqa: F401
+from bench.baselines import detection_anchors, detection_inputs, insloc_inputs, random_boxes
 
 
 def baseline_sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, generator=None):

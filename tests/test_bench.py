@@ -10,8 +10,6 @@ import torch
 
 from bench import pick_defaults, run_all
 
-ROOT = os.path.dirname(run_all.HERE)
-
 
 def test_training_step_benchmark_runs_fused_and_baseline(tmp_path):
     import bench.bench_train_step as step  # noqa: F401  (imports the trainer and the baselines)
@@ -153,7 +151,7 @@ def test_device_check_dry_run_without_a_gpu(tmp_path):
     out = tmp_path / "check"
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "SKIP_BUILD": "1",
            "BENCH_DEVICE": "cpu", "QUICK": "1", "DEADLINE_S": "400", "TESTS_S": "200", "BENCH_S": "8", "TRAIN_S": "8"}
-    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "device_check.sh"), str(out)], cwd=tmp_path, env=env,
+    proc = subprocess.run(["bash", os.path.join(run_all.HERE, "device_check.sh"), str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     summary = re.search(r"gpu tests exit (\d+); benchmarks exit (\d+)", proc.stdout)
     assert summary, proc.stdout[-3000:] + proc.stderr[-2000:]
