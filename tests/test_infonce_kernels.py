@@ -417,6 +417,32 @@ def test_gpu_triton_deterministic_backward_matches_atomic():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("queue_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_gpu_triton_fp32_dot_precision(allow_tf32, queue_dtype):
+    """fp32 q on tensor cores: TF32x3 (the default) is as accurate as an fp32 matmul; TF32, where torch
+    allows it, within TF32's rounding. On these inputs, with the dots' operands rounded on the CPU and
+    summed in fp64, the largest loss error against fp64 is 1.3e-4 for TF32 and 3e-8 for TF32x3 (1.5e-8
+    for fp32), so the TF32x3 bound below (2e-5, room for fp32 sums) fails if plain TF32 ran instead."""
+    q, k, queue = make_inputs(4, 32, 65536, 128, queue_dtype=queue_dtype, device="cuda")
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    exact = insloc_ops.queue_infonce(q64, k64, queue.double(), 0.07, reduction="none", backend="reference")
+    (exact_dq,) = torch.autograd.grad(exact.sum(), q64)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        q1 = q.clone().requires_grad_()
+        loss = insloc_ops.queue_infonce(q1, k, queue, 0.07, reduction="none", backend="triton")
+        (dq,) = torch.autograd.grad(loss.sum(), q1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    loss_tol = dict(rtol=0, atol=1e-3) if allow_tf32 else dict(rtol=0, atol=2e-5)
+    torch.testing.assert_close(loss.double(), exact.detach(), **loss_tol)
+    dq_tol = dict(rtol=2e-2, atol=2e-3) if allow_tf32 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dq.double(), exact_dq, **dq_tol)
+
+
+@pytest.mark.gpu
 def test_gpu_enqueue_wraps_around():
     queue = torch.zeros(2, 10, 3, device="cuda")
     keys = torch.randn(2, 4, 3, device="cuda")

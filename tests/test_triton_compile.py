@@ -29,12 +29,19 @@ def test_every_triton_launch_compiles_for_sm80_and_sm90(tmp_path):
     expected = {"_forward_partials", "_backward_dq", "_forward_kernel", "_backward_kernel", "_sample_anchor_kernel",
                 "_finalize_kernel"}
     assert kernels == {(k, a) for k in expected for a in (80, 90)}
-    # Every mode a GPU run can take was compiled: tf32 and IEEE dots, atomic and deterministic dq, bf16 and
+    # Every mode a GPU run can take was compiled: tf32x3, tf32 and IEEE dots, atomic and deterministic dq, bf16 and
     # fp16 tensor-core dots, channels_last and aligned RoIAlign.
     seen = {(r["kernel"], k, v) for r in rows for k, v in r["constexprs"].items()}
-    for item in [("_forward_partials", "PRECISION", "tf32"), ("_forward_partials", "PRECISION", "ieee"),
+    for item in [("_forward_partials", "PRECISION", "tf32"), ("_forward_partials", "PRECISION", "tf32x3"),
+                 ("_backward_dq", "PRECISION", "tf32x3"), ("_forward_partials", "PRECISION", "ieee"),
                  ("_backward_dq", "ATOMIC", "True"), ("_backward_dq", "ATOMIC", "False"),
                  ("_forward_partials", "DOT_DTYPE", "bf16"), ("_forward_partials", "DOT_DTYPE", "fp16"),
                  ("_backward_kernel", "CHANNELS_LAST", "True"), ("_forward_kernel", "ALIGNED", "True"),
                  ("_forward_kernel", "BY_LEVEL", "False")]:
         assert item in seen, item
+    # The InfoNCE dots a GPU runs by default are on tensor cores: 16-bit operands, and fp32 as TF32x3 (or
+    # TF32); only IEEE fp32 (which the GPU path never picks) uses CUDA cores.
+    for r in rows:
+        if r["kernel"] in ("_forward_partials", "_backward_dq"):
+            on_cuda_cores = r["constexprs"]["PRECISION"] == "ieee" and r["constexprs"]["DOT_DTYPE"] == "fp32"
+            assert (r["mma"] == 0) == on_cuda_cores, r

@@ -5,15 +5,16 @@ rules, tl.dot shapes and layouts, and shared-memory limits are only met by the r
 launch the CPU wrappers would make is captured (JITFunction.run is replaced; nothing runs), its signature
 and constexprs are read off the arguments, and `triton.compile` takes it to a cubin for each target
 (ptxas included), whose shared memory must fit the target's per-block limit. Variants the CPU wrappers
-cannot reach (tf32, the atomic and deterministic backward modes) are added by flipping those constexprs.
+cannot reach (tf32x3 and tf32 dots, the atomic and deterministic backward modes) are added by flipping those constexprs.
 
 Run without TRITON_INTERPRET: `python tests/triton_aot.py [--full] [ARCH ...]` (default sm_90). Prints one
-JSON line per compile. The default set covers every dtype, layout and mode at least once (48 compiles per
-arch, about 80 s on 2 cores); --full takes the whole product (190 per arch, about 5 minutes).
+JSON line per compile. The default set covers every dtype, layout and mode at least once (60 compiles per
+arch, about 2 minutes on 2 cores); --full takes the whole product (196 per arch, about 8 minutes).
 """
 import itertools
 import json
 import os
+import re
 import sys
 import time
 
@@ -132,7 +133,9 @@ def variants(fn, sig, constexprs):
     """The captured constexprs plus those a GPU run would use that a CPU run does not reach."""
     out = [dict(constexprs)]
     if "PRECISION" in constexprs and constexprs.get("DOT_DTYPE") == tl.float32:
-        out.append(dict(constexprs, PRECISION="tf32"))  # torch.backends.cuda.matmul.allow_tf32
+        # fp32 dots on a GPU: TF32x3 by default, TF32 under torch.backends.cuda.matmul.allow_tf32 (the CPU
+        # run captured "ieee", which the interpreter computes).
+        out += [dict(constexprs, PRECISION="tf32x3"), dict(constexprs, PRECISION="tf32")]
     if "ATOMIC" in constexprs:
         out += [dict(c, ATOMIC=not c["ATOMIC"]) for c in list(out)]  # deterministic partials vs atomics
     return out
@@ -156,8 +159,11 @@ def main(archs, full=False):
                 compiled = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", arch, 32),
                                           options=options)
                 shared = compiled.metadata.shared
+                # Tensor-core instructions in the PTX (mma.sync, or Hopper's wgmma): a tl.dot that has none
+                # runs on CUDA cores.
+                mma = len(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async)\b", compiled.asm.get("ptx", "")))
                 row.update(cubin=bool(compiled.asm.get("cubin")), shared=shared,
-                           shared_limit=SHARED_LIMIT.get(arch))
+                           shared_limit=SHARED_LIMIT.get(arch), mma=mma)
                 row["ok"] = row["cubin"] and shared <= SHARED_LIMIT.get(arch, shared)
                 if not row["ok"]:
                     row["error"] = f"no cubin, or {shared} B of shared memory > the sm_{arch} limit"

@@ -6,7 +6,8 @@ partial per (g, n, split). Combining the [G, N, splits] partials with the positi
 torch ops. Backward: same grid; p is recomputed per tile from the saved lse and tl.dot(p, queue_tile)
 is accumulated into dq, either through per-split partials summed afterwards (deterministic mode) or
 with fp32 atomics into one [G, N, D] buffer (default: extra memory G x N x D). dk is elementwise.
-fp64 inputs are computed in fp32 here (results returned in fp64 as the op's contract says); they are
+fp32 dots run on tensor cores as TF32x3 (about fp32 accuracy), or TF32 where torch allows it for matmuls
+(see _dot_dtype). fp64 inputs are computed in fp32 here (results returned in fp64 as the op's contract says); they are
 cast before the launch, since fp64 tiles staged in shared memory would need more of it than an A100 has
 (tests/triton_aot.py measures every variant's shared memory against sm_80 and sm_90).
 """
@@ -94,12 +95,19 @@ def _backward_dq(q_ptr, queue_ptr, lse_ptr, coef_ptr, dq_ptr, N, K, D, per_split
 
 
 def _dot_dtype(q, queue):
-    # 16-bit q and queue: native tensor-core dot (fp32 accumulation). Anything fp32: fp32 operands,
-    # tf32 only where torch itself allows it for matmuls.
+    """(operand dtype, tl.dot input_precision) of the two dots.
+
+    16-bit q and queue: native tensor-core dot (fp32 accumulation). Anything with fp32 (an fp32 q with a
+    bf16 queue included): fp32 operands. On a GPU those go to tensor cores too: "tf32" where torch itself
+    allows TF32 for matmuls, otherwise "tf32x3" (each operand split into a TF32 high and low part, three
+    TF32 products: about fp32 accuracy). An "ieee" fp32 dot would run on CUDA cores, where the ~6 GFLOP of
+    an InsLoc step's loss (forward and backward) take longer than reading the queue twice. The interpreter
+    (CPU) computes "ieee" dots."""
     if q.dtype in (torch.float16, torch.bfloat16) and queue.dtype == q.dtype:
         return (tl.float16 if q.dtype == torch.float16 else tl.bfloat16), "ieee"
-    tf32 = q.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    return tl.float32, ("tf32" if tf32 else "ieee")
+    if not q.is_cuda:
+        return tl.float32, "ieee"
+    return tl.float32, ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3")
 
 
 def _geometry(q, queue):
