@@ -7,7 +7,11 @@ the floor (the queue read once forward and once backward). On CPU the fused impl
 so "forward" -- timed under no_grad, i.e. inference -- and "backward" do not add up to "both"), and
 "cpu-twopass" is the same kernel's forward + recompute-in-backward path, for comparison.
 
-    python bench/bench_infonce.py [--device cpu|cuda] [--quick] [--out bench/results/infonce.csv]
+On a GPU, fp32 products run as IEEE fp32 in the baseline (torch's default) and as TF32x3 on tensor cores
+in the Triton kernel (about fp32 accuracy); --tf32 allows TF32 for both (torch.backends.cuda.matmul
+.allow_tf32) and marks the rows' shapes with "/tf32".
+
+    python bench/bench_infonce.py [--device cpu|cuda] [--quick] [--tf32] [--out bench/results/infonce.csv]
 """
 import argparse
 import os
@@ -57,16 +61,22 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--peak-gbs", type=float, default=3350.0, help="GPU memory bandwidth for the floor")
+    parser.add_argument("--tf32", action="store_true",
+                        help="allow TF32 for fp32 products (baseline matmuls and Triton dots alike)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "infonce.csv"))
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     reps, max_s = (5, 5.0) if args.quick else (30, 20.0)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    if args.device != "cpu":
+        print(f"fp32 products: baseline {'TF32' if args.tf32 else 'IEEE fp32'}, Triton "
+              f"{'TF32' if args.tf32 else 'TF32x3'}, CUDA C++ fp32 on CUDA cores", flush=True)
     rec = Recorder("queue_infonce", path=args.out)
     for shape_name, shape in SHAPES.items():
         for queue_dtype in (torch.float32, torch.bfloat16):
             q, k, queue = make_inputs(shape, queue_dtype, args.device)
-            label = f"{shape_name}/{str(queue_dtype).split('.')[-1]}"
+            label = f"{shape_name}/{str(queue_dtype).split('.')[-1]}" + ("/tf32" if args.tf32 else "")
             queue_bytes = queue.numel() * queue.element_size()
             baseline_ms = {}
             for name, fn in impls(args.device).items():

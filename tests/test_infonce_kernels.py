@@ -1,8 +1,11 @@
 """queue_infonce / enqueue_: every backend against the materialised-logits reference and F.cross_entropy."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
-
 
 import insloc_ops
 from insloc_ops import reference
@@ -440,6 +443,35 @@ def test_gpu_triton_fp32_dot_precision(allow_tf32, queue_dtype):
     torch.testing.assert_close(loss.double(), exact.detach(), **loss_tol)
     dq_tol = dict(rtol=2e-2, atol=2e-3) if allow_tf32 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dq.double(), exact_dq, **dq_tol)
+
+
+# Each way torch has of asking for TF32 matmuls (set in a fresh process: these are process-wide settings,
+# and mixing the legacy and newer APIs makes torch refuse to read the legacy flag), and whether the Triton
+# InfoNCE then takes TF32 (True) or TF32x3 (False) for fp32 dots.
+TF32_SETTINGS = {
+    "default": ("", False),
+    "allow_tf32": ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+    "float32_matmul_precision": ("torch.set_float32_matmul_precision('high')", True),
+    "matmul_fp32_precision_tf32": ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+    "backends_fp32_precision_tf32": ("torch.backends.fp32_precision = 'tf32'", True),
+    "matmul_fp32_precision_ieee": ("torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+                                   "torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+}
+
+
+@pytest.mark.slow  # a fresh process per setting
+@pytest.mark.parametrize("setting", TF32_SETTINGS)
+def test_triton_reads_every_tf32_setting(setting):
+    pytest.importorskip("triton")
+    code, expected = TF32_SETTINGS[setting]
+    if "fp32_precision" in code and not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no fp32_precision setting")
+    script = "\n".join(["import torch", code, "from insloc_ops.triton.infonce import tf32_matmuls_allowed",
+                        "print(tf32_matmuls_allowed())"])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == str(expected)
 
 
 @pytest.mark.gpu

@@ -99,15 +99,33 @@ def _dot_dtype(q, queue):
 
     16-bit q and queue: native tensor-core dot (fp32 accumulation). Anything with fp32 (an fp32 q with a
     bf16 queue included): fp32 operands. On a GPU those go to tensor cores too: "tf32" where torch itself
-    allows TF32 for matmuls, otherwise "tf32x3" (each operand split into a TF32 high and low part, three
-    TF32 products: about fp32 accuracy). An "ieee" fp32 dot would run on CUDA cores, where the ~6 GFLOP of
-    an InsLoc step's loss (forward and backward) take longer than reading the queue twice. The interpreter
-    (CPU) computes "ieee" dots."""
+    allows TF32 for matmuls (tf32_matmuls_allowed), otherwise "tf32x3" (each operand split into a TF32
+    high and low part, three TF32 products: about fp32 accuracy). An "ieee" fp32 dot would run on CUDA
+    cores, where the ~6 GFLOP of an InsLoc step's loss (forward and backward) take longer than reading the
+    queue twice. The interpreter (CPU) computes "ieee" dots."""
     if q.dtype in (torch.float16, torch.bfloat16) and queue.dtype == q.dtype:
         return (tl.float16 if q.dtype == torch.float16 else tl.bfloat16), "ieee"
     if not q.is_cuda:
         return tl.float32, "ieee"
-    return tl.float32, ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3")
+    return tl.float32, ("tf32" if tf32_matmuls_allowed() else "tf32x3")
+
+
+def tf32_matmuls_allowed():
+    """Whether torch runs fp32 CUDA matmuls in TF32, however that was asked for: the legacy
+    ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``, or the newer
+    ``torch.backends[.cuda.matmul].fp32_precision = "tf32"`` of newer torch (2.11 and 2.14 have it),
+    after which reading ``allow_tf32`` raises instead of answering."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision  # "tf32", "ieee", or "none" (the legacy flag decides)
+    except (AttributeError, RuntimeError):  # older torch: no such setting
+        precision = "none"
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 def _geometry(q, queue):
