@@ -4,10 +4,13 @@
 // Forward: grid (K splits, row blocks, G). A block stages kRows query rows and kTile queue rows at a
 // time in shared memory; each thread owns one row and kTile / kLanes columns of each tile and keeps an
 // online (max, sum-exp) that is merged across the row's threads at the end -> partial per (g, n, split).
-// A combine kernel merges the splits in order with the positive logit. Backward: same grid; p is
-// recomputed per tile from the saved lse into shared memory and p @ tile is added into a shared dq
-// tile, written per split to [splits, G, N, D] (at most kMaxBackwardSplits) and summed by a last kernel.
-// Nothing of size N x K is allocated.
+// A combine kernel merges the splits in order with the positive logit. Backward: p is recomputed per
+// tile from the saved lse into shared memory and p @ tile is added into a shared dq tile. By default the
+// backward has the forward's grid and each block adds its dq tile into one [G, N, D] fp32 buffer with
+// atomics (extra memory G x N x D); under torch.use_deterministic_algorithms it writes one partial per
+// split to [splits, G, N, D] (at most kMaxBackwardSplits splits) instead, summed in a fixed order by the
+// last kernel. Nothing of size N x K is allocated.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -29,7 +32,7 @@ constexpr int kRows = 16;                   // query rows per block
 constexpr int kLanes = kThreads / kRows;    // threads per row
 constexpr int kTile = 32;                   // queue rows per shared-memory tile
 constexpr int kCols = kTile / kLanes;       // logits per thread per tile
-constexpr int64_t kMaxBackwardSplits = 16;  // bounds the dq partials at 16 x G x N x D
+constexpr int64_t kMaxBackwardSplits = 16;  // deterministic backward: bounds the dq partials at 16 x G x N x D
 
 template <typename acc_t, typename queue_t>
 __device__ void load_tile(acc_t* tile, const queue_t* queue, int64_t k0, int64_t k_end, int64_t D) {
@@ -138,7 +141,8 @@ template <typename acc_t, typename queue_t>
 __global__ void __launch_bounds__(kThreads)
     backward_partials_kernel(const acc_t* __restrict__ qa, const queue_t* __restrict__ queue,
                              const acc_t* __restrict__ lse, const acc_t* __restrict__ grad, acc_t* dq_part,
-                             int64_t G, int64_t N, int64_t K, int64_t D, int64_t per_split, acc_t inv_t) {
+                             int64_t G, int64_t N, int64_t K, int64_t D, int64_t per_split, acc_t inv_t,
+                             bool atomic) {
   INSLOC_DYNAMIC_SHARED(smem_raw);
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kRows, D + 1]
   acc_t* tile = q_s + kRows * (D + 1);               // [kTile, D + 1]
@@ -169,10 +173,15 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  acc_t* out = dq_part + ((int64_t(split) * G + g) * N) * D;
+  // atomic: every split adds into slot 0 (zeroed); otherwise each split owns its slot.
+  acc_t* out = dq_part + ((int64_t(atomic ? 0 : split) * G + g) * N) * D;
   for (int64_t i = threadIdx.x; i < kRows * D; i += kThreads) {
     const int64_t r = i / D;
-    if (r0 + r < N) out[(r0 + r) * D + i % D] = dq_s[i];
+    if (r0 + r >= N) continue;
+    if (atomic)
+      atomicAdd(out + (r0 + r) * D + i % D, dq_s[i]);
+    else
+      out[(r0 + r) * D + i % D] = dq_s[i];
   }
 }
 
@@ -272,10 +281,18 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   const auto queue_c = queue.detach().contiguous();
   const int64_t row_blocks = (N + kRows - 1) / kRows;
   const int device = q.get_device();
+  // Default: as many splits as the forward (enough blocks to fill the GPU), atomics into one buffer.
+  // Deterministic: at most kMaxBackwardSplits partials, summed in order by backward_finish_kernel.
+  const bool atomic = !at::globalContext().deterministicAlgorithms();
+  const int64_t max_splits =
+      atomic ? std::max<int64_t>(1, (4 * gpu::sm_count(device) + G * row_blocks - 1) / (G * row_blocks))
+             : kMaxBackwardSplits;
   int64_t splits, per_split;
-  split_k<int64_t>(K, kTile, kMaxBackwardSplits, splits, per_split);
-  auto dq_part = at::empty({splits, G, N, D}, qa.options());  // every slot written when K > 0
-  if (K == 0) dq_part.zero_();
+  split_k<int64_t>(K, kTile, max_splits, splits, per_split);
+  TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
+  const int64_t slots = atomic ? 1 : splits;
+  auto dq_part = at::empty({slots, G, N, D}, qa.options());  // every slot written when K > 0 and !atomic
+  if (atomic || K == 0) dq_part.zero_();
   auto dqa = at::empty({G, N, D}, qa.options());
   auto dka = at::empty({G, N, D}, qa.options());
   auto stream = gpu::current_stream();
@@ -290,14 +307,14 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
         allow_shared(backward_partials_kernel<acc_t, queue_t>, smem, device, D);
         INSLOC_LAUNCH(dim3(splits, row_blocks, G), kThreads, smem, stream, backward_partials_kernel<acc_t, queue_t>)(
             qa.data_ptr<acc_t>(), queue_c.data_ptr<queue_t>(), la.data_ptr<acc_t>(), ga.data_ptr<acc_t>(),
-            dq_part.data_ptr<acc_t>(), G, N, K, D, per_split, inv_t);
+            dq_part.data_ptr<acc_t>(), G, N, K, D, per_split, inv_t, atomic);
         INSLOC_LAUNCH_CHECK();
       });
     }
     const int64_t rows = G * N;
     INSLOC_LAUNCH(static_cast<unsigned>(rows), 128, 0, stream, backward_finish_kernel<acc_t>)(
         qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), ga.data_ptr<acc_t>(), la.data_ptr<acc_t>(),
-        dq_part.data_ptr<acc_t>(), dqa.data_ptr<acc_t>(), dka.data_ptr<acc_t>(), rows, D, splits, inv_t);
+        dq_part.data_ptr<acc_t>(), dqa.data_ptr<acc_t>(), dka.data_ptr<acc_t>(), rows, D, slots, inv_t);
     INSLOC_LAUNCH_CHECK();
   });
   return {dqa.to(q.scalar_type()), dka.to(k.scalar_type())};
