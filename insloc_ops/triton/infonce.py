@@ -7,9 +7,9 @@ torch ops. Backward: same grid; p is recomputed per tile from the saved lse and 
 is accumulated into dq, either through per-split partials summed afterwards (deterministic mode) or
 with fp32 atomics into one [G, N, D] buffer (default: extra memory G x N x D). dk is elementwise.
 fp32 dots run on tensor cores as TF32x3 (about fp32 accuracy), or TF32 where torch allows it for matmuls
-(see _dot_dtype). fp64 inputs are computed in fp32 here (results returned in fp64 as the op's contract says); they are
-cast before the launch, since fp64 tiles staged in shared memory would need more of it than an A100 has
-(tests/triton_aot.py measures every variant's shared memory against sm_80 and sm_90).
+(see _dot_dtype). fp64 inputs are computed in fp32 here (results returned in fp64 as the op's contract
+says); they are cast before the launch, since fp64 tiles staged in shared memory would need more of it
+than an A100 has (tests/triton_aot.py measures every variant's shared memory against sm_80 and sm_90).
 """
 import torch
 import triton
@@ -113,7 +113,7 @@ def _dot_dtype(q, queue):
 def tf32_matmuls_allowed():
     """Whether torch runs fp32 CUDA matmuls in TF32, however that was asked for: the legacy
     ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``, or the newer
-    ``torch.backends[.cuda.matmul].fp32_precision = "tf32"`` of newer torch (2.11 and 2.14 have it),
+    ``torch.backends[.cuda.matmul].fp32_precision = "tf32"`` (torch 2.11 and 2.14 have it, 2.6 does not),
     after which reading ``allow_tf32`` raises instead of answering."""
     matmul = torch.backends.cuda.matmul
     try:
