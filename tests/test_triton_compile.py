@@ -26,8 +26,8 @@ def test_every_triton_launch_compiles_for_sm80_and_sm90(tmp_path):
     assert not failed, json.dumps(failed[:3], indent=1)[:6000]
     assert out.returncode == 0, out.stderr[-3000:]
     kernels = {(r["kernel"], r["arch"]) for r in rows}
-    expected = {"_forward_partials", "_backward_dq", "_forward_kernel", "_backward_kernel", "_sample_anchor_kernel",
-                "_finalize_kernel"}
+    expected = {"_forward_partials", "_forward_combine", "_backward_dq", "_backward_finish", "_forward_kernel",
+                "_backward_kernel", "_sample_anchor_kernel", "_finalize_kernel"}
     assert kernels == {(k, a) for k in expected for a in (80, 90)}
     # Every mode a GPU run can take was compiled: tf32x3, tf32 and IEEE dots, atomic and deterministic dq, bf16 and
     # fp16 tensor-core dots, channels_last and aligned RoIAlign.
@@ -37,7 +37,7 @@ def test_every_triton_launch_compiles_for_sm80_and_sm90(tmp_path):
                  ("_backward_dq", "ATOMIC", "True"), ("_backward_dq", "ATOMIC", "False"),
                  ("_forward_partials", "DOT_DTYPE", "bf16"), ("_forward_partials", "DOT_DTYPE", "fp16"),
                  ("_backward_kernel", "CHANNELS_LAST", "True"), ("_forward_kernel", "ALIGNED", "True"),
-                 ("_forward_kernel", "BY_LEVEL", "False")]:
+                 ("_forward_kernel", "BY_LEVEL", "False"), ("_forward_combine", "BLOCK_S", "1024")]:
         assert item in seen, item
     # The InfoNCE dots a GPU runs by default are on tensor cores: 16-bit operands, and fp32 as TF32x3 (or
     # TF32); only IEEE fp32 (which the GPU path never picks) uses CUDA cores.

@@ -2,10 +2,12 @@
 
 Forward: grid (G, N blocks, K splits); each program streams its share of the queue in BLOCK_K tiles,
 logits = tl.dot(q_tile, queue_tile^T) / T, keeps an online (max, sum-exp) per row and writes one
-partial per (g, n, split). Combining the [G, N, splits] partials with the positive logit is a few tiny
-torch ops. Backward: same grid; p is recomputed per tile from the saved lse and tl.dot(p, queue_tile)
-is accumulated into dq, either through per-split partials summed afterwards (deterministic mode) or
-with fp32 atomics into one [G, N, D] buffer (default: extra memory G x N x D). dk is elementwise.
+partial per (g, n, split); one small kernel merges the [G, N, splits] partials with the positive logit.
+Backward: same grid; p is recomputed per tile from the saved lse and tl.dot(p, queue_tile) is
+accumulated into dq, either through per-split partials (deterministic mode) or with fp32 atomics into
+one [G, N, D] buffer (default: extra memory G x N x D); one small kernel then sums the partials and adds
+the positive logit's terms to dq and dk. So a pass is two Triton launches (plus the atomic buffer's
+zeroing), not a dozen torch ops each launching its own kernel.
 fp32 dots run on tensor cores as TF32x3 (about fp32 accuracy), or TF32 where torch allows it for matmuls
 (see _dot_dtype). fp64 inputs are computed in fp32 here (results returned in fp64 as the op's contract
 says); they are cast before the launch, since fp64 tiles staged in shared memory would need more of it
@@ -94,6 +96,62 @@ def _backward_dq(q_ptr, queue_ptr, lse_ptr, coef_ptr, dq_ptr, N, K, D, per_split
         tl.store(out, acc, mask=mask)
 
 
+@triton.jit
+def _rows(q_ptr, k_ptr, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows of q and k ([BLOCK_R, BLOCK_D], fp32) and their offsets and masks."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
+    cols = tl.arange(0, BLOCK_D)
+    mask = r_ok[:, None] & (cols < D)[None, :]
+    offs = r.to(tl.int64)[:, None] * D + cols[None, :]
+    qv = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    kv = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return r, r_ok, offs, mask, qv, kv
+
+
+@triton.jit
+def _forward_combine(q_ptr, k_ptr, m_ptr, s_ptr, loss_ptr, lse_ptr, rows, D, splits, scale,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per row: the positive logit q.k / T, merged with the splits' (max, sum-exp) partials into the
+    log-sum-exp, and the loss lse - positive. Empty splits hold (-inf, 0) and add nothing."""
+    r, r_ok, offs, mask, qv, kv = _rows(q_ptr, k_ptr, rows, D, BLOCK_R, BLOCK_D)
+    pos = tl.sum(qv * kv, 1) * scale
+    c = tl.arange(0, BLOCK_S)
+    s_mask = r_ok[:, None] & (c < splits)[None, :]
+    s_offs = r.to(tl.int64)[:, None] * splits + c[None, :]
+    m = tl.load(m_ptr + s_offs, mask=s_mask, other=float("-inf"))
+    s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
+    top = tl.maximum(tl.max(m, 1), pos)
+    total = tl.sum(s * tl.exp(m - top[:, None]), 1) + tl.exp(pos - top)
+    lse = top + tl.log(total)
+    tl.store(lse_ptr + r, lse, mask=r_ok)
+    tl.store(loss_ptr + r, lse - pos, mask=r_ok)
+
+
+@triton.jit
+def _backward_finish(q_ptr, k_ptr, lse_ptr, coef_ptr, acc_ptr, dq_ptr, dk_ptr, rows, D, slots, scale,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq = sum of the dq slots + a k and dk = a q, with a = g / T (p_positive - 1) per row."""
+    r, r_ok, offs, mask, qv, kv = _rows(q_ptr, k_ptr, rows, D, BLOCK_R, BLOCK_D)
+    pos = tl.sum(qv * kv, 1) * scale
+    lse = tl.load(lse_ptr + r, mask=r_ok, other=0.0)
+    coef = tl.load(coef_ptr + r, mask=r_ok, other=0.0)
+    a = coef * (tl.exp(pos - lse) - 1.0)
+    dq = a[:, None] * kv
+    for slot in range(slots):
+        dq += tl.load(acc_ptr + slot * rows * D + offs, mask=mask, other=0.0)
+    tl.store(dq_ptr + offs, dq, mask=mask)
+    tl.store(dk_ptr + offs, a[:, None] * qv, mask=mask)
+
+
+def _row_blocks(rows, D, splits=1):
+    """(BLOCK_R, BLOCK_D, BLOCK_S, programs) of the per-row kernels: at most 4,096 elements per tile."""
+    block_d = max(16, triton.next_power_of_2(D))
+    block_s = max(16, triton.next_power_of_2(splits))
+    block_r = max(1, min(16, 4096 // max(block_d, block_s)))
+    return block_r, block_d, block_s, triton.cdiv(rows, block_r)
+
+
 def _dot_dtype(q, queue):
     """(operand dtype, tl.dot input_precision) of the two dots.
 
@@ -160,10 +218,6 @@ def _acc(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _positive(q, k, temperature):
-    return (q.float() * k.float()).sum(-1) / temperature  # positive logits: G x N
-
-
 def queue_infonce(q, k, queue, temperature):
     _check(q, k, queue, temperature)
     G, N, K, D, block_n, block_d, n_blocks, splits, per_split = _geometry(q, queue)
@@ -177,12 +231,15 @@ def queue_infonce(q, k, queue, temperature):
         q_c, queue_c, m, s, N, K, D, per_split, splits, 1.0 / temperature,
         q_c.stride(0), q_c.stride(1), queue_c.stride(0), queue_c.stride(1),
         BLOCK_N=block_n, BLOCK_K=BLOCK_K, BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision)
-    pos = _positive(q, k, temperature)  # G x N
-    top = torch.maximum(m.amax(-1), pos)  # G x N
-    # Empty splits (K = 0) hold (-inf, 0): exp(-inf) = 0 keeps them out.
-    total = (s * torch.exp(m - top.unsqueeze(-1))).sum(-1) + torch.exp(pos - top)
-    lse = top + torch.log(total)
-    return (lse - pos).to(_acc(q)), lse.to(_acc(q))
+    # One small launch merges the partials with the positive logit (instead of a dozen torch ops, each a
+    # launch of its own).
+    k_c = _launch_dtype(k.detach()).contiguous()
+    loss = torch.empty((G, N), device=q.device, dtype=torch.float32)
+    lse = torch.empty_like(loss)
+    block_r, block_d, block_s, programs = _row_blocks(G * N, D, splits)
+    _forward_combine[(programs,)](q_c, k_c, m, s, loss, lse, G * N, D, splits, 1.0 / temperature,
+                                  BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_S=block_s)
+    return loss.to(_acc(q)), lse.to(_acc(q))
 
 
 def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
@@ -208,11 +265,14 @@ def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
             ATOMIC=not deterministic)
     else:
         dq_acc.zero_()
-    p0 = torch.exp(_positive(q, k, temperature) - lse32)  # G x N
-    a = (coef * (p0 - 1)).unsqueeze(-1)  # d loss / d (q.k): G x N x 1
-    dq = dq_acc.sum(0) + a * k.float()
-    dk = a * q.float()
-    return dq.to(q.dtype), dk.to(k.dtype)
+    # One small launch adds the slots and the positive logit's terms and writes dq and dk in their dtypes.
+    k_c = _launch_dtype(k.detach()).contiguous()
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    block_r, block_d, _, programs = _row_blocks(G * N, D)
+    _backward_finish[(programs,)](q_c, k_c, lse32, coef, dq_acc, dq, dk, G * N, D, dq_acc.shape[0],
+                                  1.0 / temperature, BLOCK_R=block_r, BLOCK_D=block_d)
+    return dq, dk
 
 
 def register():
