@@ -206,6 +206,12 @@ __global__ void backward_finish_kernel(const acc_t* qa, const acc_t* ka, const a
   }
 }
 
+// K splits per (group, row block) for about 4 blocks per SM: enough to fill the GPU when N is small.
+int64_t splits_to_fill(int device, int64_t G, int64_t row_blocks) {
+  const int64_t per_k = G * row_blocks;
+  return std::max<int64_t>(1, (4 * gpu::sm_count(device) + per_k - 1) / per_k);
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double temperature) {
   check_infonce_args(q, k, queue, temperature);
   TORCH_CHECK(gpu::on_device(q) && k.device() == q.device() && queue.device() == q.device(),
@@ -235,10 +241,8 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
   const auto queue_c = queue.detach().contiguous();  // [G, K, D]
   const int64_t row_blocks = (N + kRows - 1) / kRows;
   const int device = q.get_device();
-  const int64_t sms = gpu::sm_count(device);
   int64_t splits, per_split;
-  split_k<int64_t>(K, kTile, std::max<int64_t>(1, (4 * sms + G * row_blocks - 1) / (G * row_blocks)), splits,
-                   per_split);
+  split_k<int64_t>(K, kTile, splits_to_fill(device, G, row_blocks), splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
   auto part_m = at::empty({G, N, splits}, qa.options());
   auto part_s = at::empty({G, N, splits}, qa.options());
@@ -284,9 +288,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   // Default: as many splits as the forward (enough blocks to fill the GPU), atomics into one buffer.
   // Deterministic: at most kMaxBackwardSplits partials, summed in order by backward_finish_kernel.
   const bool atomic = !at::globalContext().deterministicAlgorithms();
-  const int64_t max_splits =
-      atomic ? std::max<int64_t>(1, (4 * gpu::sm_count(device) + G * row_blocks - 1) / (G * row_blocks))
-             : kMaxBackwardSplits;
+  const int64_t max_splits = atomic ? splits_to_fill(device, G, row_blocks) : kMaxBackwardSplits;
   int64_t splits, per_split;
   split_k<int64_t>(K, kTile, max_splits, splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
