@@ -490,9 +490,11 @@ def test_fresh_inputs_anchors(emu):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"seed {seed}"
 
 
-def test_fresh_inputs_infonce(emu):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fresh_inputs_infonce(emu, deterministic):
     seed = fresh_seed()
     try:
-        check_infonce(emu, 1 + seed % 4, 1 + seed % 37, seed % 700, 8 * (1 + seed % 5), seed=seed)
+        check_infonce(emu, 1 + seed % 4, 1 + seed % 37, seed % 700, 8 * (1 + seed % 5), seed=seed,
+                      deterministic=deterministic)
     except AssertionError as e:
         raise AssertionError(f"seed {seed}: {e}") from e

@@ -361,6 +361,20 @@ def test_triton_interpreter_backward_modes_and_bf16_queue(deterministic):
         torch.use_deterministic_algorithms(before)
 
 
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")
+def test_triton_interpreter_fresh_inputs():
+    # A new shape and seed every run (in the failure message, to reproduce it): the partials, the merge
+    # and the finish kernels against the reference.
+    seed = int.from_bytes(os.urandom(4), "little") % 100000
+    shape = (seed % 4, 1 + seed % 23, seed % 300, 8 * (1 + seed % 4))  # G = 0: ungrouped
+    q, k, queue = make_inputs(*shape, seed=seed)
+    try:
+        check_against_oracles("triton", q, k, queue, (0.07, 0.2)[seed % 2])
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed}, shape {shape}: {e}") from e
+
+
 # GPU: fresh random inputs; the caching allocator is first filled with NaN so that an output element a
 # kernel forgets to write shows up (the ops allocate their own outputs).
 def _poison_cuda_cache():
