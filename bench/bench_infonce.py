@@ -9,7 +9,9 @@ so "forward" -- timed under no_grad, i.e. inference -- and "backward" do not add
 
 On a GPU, fp32 products run as IEEE fp32 in the baseline (torch's default) and as TF32x3 on tensor cores
 in the Triton kernel (about fp32 accuracy); --tf32 allows TF32 for both (torch.backends.cuda.matmul
-.allow_tf32) and marks the rows' shapes with "/tf32".
+.allow_tf32) and marks the rows' shapes with "/tf32". The CUDA C++ kernels run twice: "cuda" (TF32x3
+WMMA on tensor cores where they apply, as by default) and "cuda-cudacores" (INSLOC_OPS_CUDA_INFONCE_TC=0:
+fp32 on CUDA cores), to show whether the tensor cores pay.
 
     python bench/bench_infonce.py [--device cpu|cuda] [--quick] [--tf32] [--out bench/results/infonce.csv]
 """
@@ -50,6 +52,8 @@ def impls(device):
         if insloc_ops._backend.is_available("queue_infonce", backend, device):
             out[backend] = (lambda b: lambda q, k, queue, t: insloc_ops.queue_infonce(q, k, queue, t, backend=b))(
                 backend)
+    if "cuda" in out:  # the CUDA C++ kernels on CUDA cores (timed with INSLOC_OPS_CUDA_INFONCE_TC=0)
+        out["cuda-cudacores"] = out["cuda"]
     if device == "cpu" and "cpu" in out:
         out["cpu-twopass"] = lambda q, k, queue, t: torch.ops.insloc_ops.queue_infonce(q, k, queue, t)[0].mean(-1)
     return out
@@ -71,7 +75,9 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     if args.device != "cpu":
         print(f"fp32 products: baseline {'TF32' if args.tf32 else 'IEEE fp32'}, Triton "
-              f"{'TF32' if args.tf32 else 'TF32x3'}, CUDA C++ fp32 on CUDA cores", flush=True)
+              f"{'TF32' if args.tf32 else 'TF32x3'}, CUDA C++ TF32x3 (WMMA; cuda-cudacores: fp32 on CUDA "
+              f"cores)", flush=True)
+    tc_setting = os.environ.get("INSLOC_OPS_CUDA_INFONCE_TC", "1")
     rec = Recorder("queue_infonce", path=args.out)
     for shape_name, shape in SHAPES.items():
         for queue_dtype in (torch.float32, torch.bfloat16):
@@ -80,6 +86,8 @@ def main():
             queue_bytes = queue.numel() * queue.element_size()
             baseline_ms = {}
             for name, fn in impls(args.device).items():
+                os.environ["INSLOC_OPS_CUDA_INFONCE_TC"] = "0" if name == "cuda-cudacores" else tc_setting
+
                 def forward():
                     with torch.no_grad():
                         fn(q, k, queue, TEMPERATURE)

@@ -55,8 +55,13 @@ FLAGS = {
 def asan_env(env=None):
     """The environment for a child process that loads the AddressSanitizer build."""
     env = dict(os.environ if env is None else env)
-    runtime = subprocess.run(["c++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    env["LD_PRELOAD"] = runtime
+
+    def lib(name):
+        return subprocess.run(["c++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+
+    # libstdc++ right after the ASan runtime: loaded later (by Python's imports), a C++ exception thrown by
+    # the kernels (the emulator's launch errors, TORCH_CHECK) aborts in ASan's __cxa_throw interceptor.
+    env["LD_PRELOAD"] = f"{lib('libasan.so')} {lib('libstdc++.so.6')}"
     # Python and torch are not instrumented: leaks at exit are theirs, not the kernels'.
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0"
     env["INSLOC_EMU_ASAN"] = "1"

@@ -134,6 +134,100 @@ def test_emulator_allows_large_shared_memory_after_the_attribute(emu):
     assert emu.selftest("shared_over_48k_allowed")[:256].isnan().all()
 
 
+def tf32(x):
+    """float32 x rounded to TF32 as cvt.rna.tf32.f32 (wmma::__float_to_tf32) rounds: to nearest with ties away
+    from zero, on the bits (a carry runs on into the exponent, up to Inf); Inf and NaN stay."""
+    rounded = ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(x.isfinite(), rounded, x)
+
+
+def from_bits(bits):
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def gemm_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for shape in ((32, 24), (24, 32), (32, 32))]
+
+
+@pytest.mark.parametrize("case", ["gemm", "gemm_b_row_major", "gemm_a_col_major"])
+def test_emulator_wmma_gemm_matches_torch(emu, case, monkeypatch):
+    # c + a b by four warps, one 16 x 16 tile each: a and b staged in (128-byte aligned) dynamic shared memory
+    # with padded rows (ldm 28 and 36) and rounded to TF32 in the fragments, c loaded from global memory, the
+    # result stored column-major. Cases: A row-major and B column-major, B row-major, A column-major.
+    a, b, c = gemm_inputs(61)
+    results = under_schedules(monkeypatch, lambda: emu.selftest_wmma(case, a, b, c))
+    assert_all_equal(results)
+    want = c.double() + tf32(a).double() @ tf32(b).double()
+    scale = want.abs().max()
+    assert (results[0] - want).abs().max() <= 1e-6 * scale
+    assert (c.double() + a.double() @ b.double() - want).abs().max() > 1e-5 * scale  # the rounding shows
+
+
+def test_emulator_wmma_loads_and_stores_whole_tiles(emu):
+    tile = torch.randn(16, 16, generator=torch.Generator().manual_seed(62))
+    assert torch.equal(emu.selftest_wmma("copy", tile, tile, tile), torch.cat([tile, tile], 1))
+    # Warp 0 stores the tile to columns 0..15, then (after a barrier) warp 1 to columns 8..23.
+    want = torch.cat([tile[:, :8], tile, torch.zeros(16, 8)], 1)
+    assert torch.equal(emu.selftest_wmma("overlap_synced", tile, tile, tile), want)
+
+
+def test_emulator_wmma_float_to_tf32_edge_values(emu):
+    cases = [  # input bits, expected bits
+        (0x3F801000, 0x3F802000),  # 1 + 2^-11, a tie: away from zero (to even would give 1)
+        (0xBF801000, 0xBF802000),  # its negative: away from zero too
+        (0x3F800FFF, 0x3F800000),  # just under the tie
+        (0x3F803000, 0x3F804000),  # a tie whose upper neighbour is also the even one
+        (0x3FFFF000, 0x40000000),  # a tie at the top of [1, 2): on into the next exponent, 2
+        (0x3FFFFFFF, 0x40000000),  # 2 - 2^-23: 2
+        (0x7F7FEFFF, 0x7F7FE000),  # rounds down to the largest TF32 value
+        (0x7F7FF000, 0x7F800000),  # a tie above the largest TF32 value: Inf (no .satfinite)
+        (0x7F7FFFFF, 0x7F800000),  # the largest float: Inf
+        (0xFF7FFFFF, 0xFF800000),  # and its negative: -Inf
+        (0x7F800000, 0x7F800000),  # Inf
+        (0xFF800000, 0xFF800000),  # -Inf
+        (0x00000000, 0x00000000),  # 0
+        (0x80000000, 0x80000000),  # -0 keeps its sign
+        (0x00000001, 0x00000000),  # the smallest subnormal: 0
+        (0x80000FFF, 0x80000000),  # a negative subnormal under the tie: -0
+        (0x00001000, 0x00002000),  # a subnormal tie: away from zero
+        (0x007FF000, 0x00800000),  # the largest subnormals round up to the smallest normal
+        (0x00800FFF, 0x00800000),  # the smallest normal, plus less than half
+    ]
+    x = from_bits([i for i, _ in cases])
+    got = emu.selftest_wmma("to_tf32", x, x, x)
+    assert got.view(torch.int32).tolist() == from_bits([o for _, o in cases]).view(torch.int32).tolist()
+    assert torch.equal(tf32(x).view(torch.int32), got.view(torch.int32))  # the tests' rounding is the same
+    # NaNs stay NaNs (a payload in the low 13 bits only must not become Inf), in TF32 form.
+    nans = from_bits([0x7FC00000, 0x7F800001, 0xFF801FFF, 0xFFFFFFFF, 0x7FBFFFFF])
+    got = emu.selftest_wmma("to_tf32", nans, nans, nans)
+    assert got.isnan().all() and ((got.view(torch.int32) & 0x1FFF) == 0).all()
+    # Every float bit pattern class: random bits, which cover all exponents, subnormals and NaNs.
+    g = torch.Generator().manual_seed(64)
+    x = torch.randint(-2**31, 2**31, (4096,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    got = emu.selftest_wmma("to_tf32", x, x, x)
+    finite = x.isfinite()
+    assert torch.equal(got[finite].view(torch.int32), tf32(x)[finite].view(torch.int32))
+    assert got[x.isnan()].isnan().all() and torch.equal(got[x.isinf()], x[x.isinf()])
+
+
+@pytest.mark.parametrize("case,match", [
+    ("misaligned", r"wmma::load_matrix_sync: the pointer 0x[0-9a-f]+ is not 32-byte \(256-bit\) aligned"),
+    ("ldm", "ldm 10 is not a multiple of 4 floats"),
+    ("lane_pointers", r"lanes 0 and \d+ of warp \d pass different pointers"),
+    ("fragment_types", "pass different fragment types"),
+    ("skipping_lanes", "wmma::load_matrix_sync reached by 16 of the 32 lanes of warp 0"),
+    ("shuffle_and_wmma", r"wait at different warp-collective operations \(a warp shuffle, wmma::load_matrix_sync\)"),
+    ("partial_warp", "needs a full warp of 32 lanes; the last warp of this 48-thread block has 16"),
+    ("not_tf32", "wmma::mma_sync: element .* is not a TF32 value .* wmma::__float_to_tf32"),
+])
+def test_emulator_wmma_rejects_misuse(emu, case, match):
+    # Each of these runs on a GPU, with wrong results or none.
+    tile = torch.randn(16, 16, generator=torch.Generator().manual_seed(63))
+    with pytest.raises(RuntimeError, match=match):
+        emu.selftest_wmma(case, tile, tile, tile)
+
+
 # The kernel tests of this module again in child processes, with the emulator library built
 # - with AddressSanitizer: an out-of-bounds access of a kernel aborts;
 # - with the race detector: two threads (or blocks) touching one word unordered, one of them writing,
@@ -189,6 +283,22 @@ def test_race_detector_flags_racy_kernels_only():
     for case in ("reverse", "two_rounds", "warp_sum", "dynamic_shared"):
         emu.selftest(case)
     assert emu.selftest("atomic_update")[0] == 256  # atomics are not races
+
+
+@races_only
+def test_race_detector_flags_racy_wmma_kernels_only():
+    # WMMA loads and stores are recorded element by element, for the lane that holds the element.
+    emu = cuda_emu.load()
+    tile = torch.randn(16, 16, generator=torch.Generator().manual_seed(65))
+    a, b, c = gemm_inputs(66)
+    with pytest.raises(RuntimeError, match="race on global word"):
+        emu.selftest_wmma("overlap", tile, tile, tile)  # two warps store overlapping tiles
+    with pytest.raises(RuntimeError, match="race on shared word"):
+        emu.selftest_wmma("gemm_unsynced", a, b, c)  # fragments loaded without a barrier after the staging
+    for case in ("gemm", "gemm_b_row_major", "gemm_a_col_major"):
+        emu.selftest_wmma(case, a, b, c)
+    for case in ("copy", "overlap_synced"):
+        emu.selftest_wmma(case, tile, tile, tile)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,32 +477,103 @@ def check_infonce(emu, G, N, K, D, dtype=torch.float32, queue_dtype=None, temper
     torch.testing.assert_close(dk, k2.grad, **tol)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 5, 8), (2, 19, 300, 24), (4, 33, 1000, 128), (1, 3, 0, 8)])
+@contextlib.contextmanager
+def tensor_cores(on, monkeypatch):
+    """INSLOC_OPS_CUDA_INFONCE_TC: "1" (the default) runs the WMMA kernels where D % 16 == 0, "0" never."""
+    with monkeypatch.context() as m:
+        m.setenv("INSLOC_OPS_CUDA_INFONCE_TC", "1" if on else "0")
+        yield
+
+
+# D = 8, 24: CUDA cores whatever the setting; 16, 48, 128: tensor cores unless switched off.
+@pytest.mark.parametrize("shape", [(1, 1, 5, 8), (2, 19, 300, 24), (4, 33, 1000, 128), (1, 3, 0, 8),
+                                   (1, 40, 130, 16), (2, 17, 333, 48), (1, 3, 0, 16)])
 @pytest.mark.parametrize("temperature", [0.07, 0.2])
-def test_infonce_matches_the_oracles(emu, shape, temperature):
-    check_infonce(emu, *shape, temperature=temperature)
+@pytest.mark.parametrize("tc", [True, False], ids=["tc", "cudacores"])
+def test_infonce_matches_the_oracles(emu, shape, temperature, tc, monkeypatch):
+    with tensor_cores(tc, monkeypatch):
+        check_infonce(emu, *shape, temperature=temperature)
 
 
+def infonce_run(emu, q, k, queue, temperature, g):
+    loss, lse = emu.queue_infonce(q, k, queue, temperature)
+    with poisoned_outputs():  # deterministic backward: bitwise repeatable
+        return (loss, lse, *emu.queue_infonce_backward(g, q, k, queue, lse, temperature))
+
+
+@pytest.mark.parametrize("queue_dtype", [torch.float32, torch.bfloat16])
+def test_infonce_tensor_cores_reach_fp32_accuracy(emu, queue_dtype, monkeypatch):
+    # TF32x3 (hi.hi + hi.lo + lo.hi): errors against fp64 of the size of the fp32 path's. Plain TF32 (the
+    # low parts dropped) is off by about 1e-4 in the loss here, so these bounds catch a lost term.
+    q, k, queue = infonce_tests.make_inputs(2, 20, 700, 128, queue_dtype=queue_dtype, seed=61)
+    g = torch.rand(2, 20, generator=torch.Generator().manual_seed(62))
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    exact, _ = reference.queue_infonce(q64, k64, queue.double(), 0.07)
+    exact_dq, exact_dk = torch.autograd.grad((exact * g.double()).sum(), (q64, k64))
+    for tc in (True, False):
+        with tensor_cores(tc, monkeypatch):
+            loss, _, dq, dk = infonce_run(emu, q, k, queue, 0.07, g)
+        torch.testing.assert_close(loss.double(), exact.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(dq.double(), exact_dq, rtol=0, atol=1e-5)
+        torch.testing.assert_close(dk.double(), exact_dk, rtol=0, atol=1e-5)
+
+
+def test_infonce_tensor_core_selection(emu, monkeypatch):
+    # Which kernels ran shows in the bits: each version gives the same bits whenever it runs, and the two
+    # versions do not give the same bits.
+    q, k, queue = infonce_tests.make_inputs(2, 9, 300, 32, seed=63)
+    g = torch.rand(2, 9, generator=torch.Generator().manual_seed(64))
+    with tensor_cores(False, monkeypatch):
+        cores = infonce_run(emu, q, k, queue, 0.2, g)
+    with tensor_cores(True, monkeypatch):
+        tc = infonce_run(emu, q, k, queue, 0.2, g)
+    assert not torch.equal(cores[0], tc[0]) and not torch.equal(cores[2], tc[2])
+    assert_all_equal([cores, tc], rtol=1e-5, atol=1e-6)
+    monkeypatch.delenv("INSLOC_OPS_CUDA_INFONCE_TC", raising=False)  # unset: tensor cores where they run
+    assert_all_equal([tc, infonce_run(emu, q, k, queue, 0.2, g)])
+    monkeypatch.setenv("INSLOC_EMU_CC_MAJOR", "7")  # a Turing GPU: no TF32 WMMA
+    assert_all_equal([cores, infonce_run(emu, q, k, queue, 0.2, g)])
+    monkeypatch.delenv("INSLOC_EMU_CC_MAJOR")
+    q64, k64, queue64 = q.double(), k.double(), queue.double()  # fp64: CUDA cores
+    with tensor_cores(True, monkeypatch):
+        on = infonce_run(emu, q64, k64, queue64, 0.2, g.double())
+    with tensor_cores(False, monkeypatch):
+        assert_all_equal([on, infonce_run(emu, q64, k64, queue64, 0.2, g.double())])
+    q, k, queue = infonce_tests.make_inputs(2, 9, 300, 40, seed=65)  # D % 16 != 0: CUDA cores
+    with tensor_cores(True, monkeypatch):
+        on = infonce_run(emu, q, k, queue, 0.2, g)
+    with tensor_cores(False, monkeypatch):
+        assert_all_equal([on, infonce_run(emu, q, k, queue, 0.2, g)])
+    monkeypatch.setenv("INSLOC_OPS_CUDA_INFONCE_TC", "yes")
+    with pytest.raises(RuntimeError, match="INSLOC_OPS_CUDA_INFONCE_TC must be 0 or 1"):
+        emu.queue_infonce(q, k, queue, 0.2)
+
+
+@pytest.mark.parametrize("tc", [True, False], ids=["tc", "cudacores"])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("sms", [1, 3, 132])
-def test_infonce_split_counts(emu, sms, deterministic, monkeypatch):
+def test_infonce_split_counts(emu, sms, deterministic, tc, monkeypatch):
     # The number of K splits of the forward and the default backward follows the SM count; 132 (an H100)
     # gives one tile per split. The deterministic backward takes at most 16 splits whatever the SM count.
-    with sm_count(sms, monkeypatch):
+    with sm_count(sms, monkeypatch), tensor_cores(tc, monkeypatch):
         check_infonce(emu, 2, 17, 777, 16, seed=sms, deterministic=deterministic)
 
 
+@pytest.mark.parametrize("tc", [True, False], ids=["tc", "cudacores"])
 @pytest.mark.parametrize("dtype,queue_dtype", [
     (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, None),
-    (torch.float16, None), (torch.float64, None)])
-def test_infonce_dtypes(emu, dtype, queue_dtype):
-    check_infonce(emu, 2, 9, 200, 32, dtype, queue_dtype, seed=3)
+    (torch.float16, None), (torch.float64, None), (torch.float32, torch.float64)])
+def test_infonce_dtypes(emu, dtype, queue_dtype, tc, monkeypatch):
+    with tensor_cores(tc, monkeypatch):
+        check_infonce(emu, 2, 9, 200, 32, dtype, queue_dtype, seed=3)
 
 
-def test_infonce_feature_dim_over_48k_of_shared_memory(emu):
-    # D = 300: the forward tile needs 57 KiB and the backward 77 KiB of dynamic shared memory, which a
-    # launch may use only after cudaFuncSetAttribute; the emulator checks that it was called.
-    check_infonce(emu, 1, 5, 100, 300, seed=4)
+@pytest.mark.parametrize("D", [300, 304])
+def test_infonce_feature_dim_over_48k_of_shared_memory(emu, D):
+    # D = 300 (CUDA cores): the forward tile needs 57 KiB and the backward 77 KiB of dynamic shared memory;
+    # D = 304 (tensor cores): 101 and 120 KiB. A launch may use over 48 KiB only after
+    # cudaFuncSetAttribute; the emulator checks that it was called.
+    check_infonce(emu, 1, 5, 100, D, seed=4)
 
 
 def test_infonce_empty_batch(emu):
@@ -449,8 +630,9 @@ def test_anchors_are_schedule_independent(emu, monkeypatch):
         assert_all_equal(under_schedules(monkeypatch, lambda: emu.sample_anchor_boxes(gt, anchors, 0.5, 11)))
 
 
-def test_infonce_is_schedule_independent(emu, monkeypatch):
-    q, k, queue = infonce_tests.make_inputs(2, 21, 400, 24, seed=53)
+@pytest.mark.parametrize("D", [24, 32])  # CUDA cores, tensor cores
+def test_infonce_is_schedule_independent(emu, monkeypatch, D):
+    q, k, queue = infonce_tests.make_inputs(2, 21, 400, D, seed=53)
     g = torch.rand(2, 21, generator=torch.Generator().manual_seed(3))
 
     def run(deterministic):
@@ -494,7 +676,7 @@ def test_fresh_inputs_anchors(emu):
 def test_fresh_inputs_infonce(emu, deterministic):
     seed = fresh_seed()
     try:
-        check_infonce(emu, 1 + seed % 4, 1 + seed % 37, seed % 700, 8 * (1 + seed % 5), seed=seed,
-                      deterministic=deterministic)
+        check_infonce(emu, 1 + seed % 4, 1 + seed % 37, seed % 700, 8 * (1 + seed % 6), seed=seed,
+                      deterministic=deterministic)  # D = 16, 32, 48 on tensor cores
     except AssertionError as e:
         raise AssertionError(f"seed {seed}: {e}") from e

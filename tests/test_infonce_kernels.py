@@ -465,6 +465,26 @@ def test_gpu_triton_fp32_dot_precision(allow_tf32, queue_dtype):
     torch.testing.assert_close(dq.double(), exact_dq, **dq_tol)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("queue_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tc", ["1", "0"], ids=["tc", "cudacores"])
+def test_gpu_cuda_fp32_precision(tc, queue_dtype, monkeypatch):
+    """The CUDA C++ kernels with fp32 q: on tensor cores (WMMA TF32x3, the default on sm_80+ for D % 16 ==
+    0) as on CUDA cores (INSLOC_OPS_CUDA_INFONCE_TC=0), as accurate as fp32; plain TF32 would fail the
+    loss bound (see test_gpu_triton_fp32_dot_precision)."""
+    monkeypatch.setenv("INSLOC_OPS_CUDA_INFONCE_TC", tc)
+    q, k, queue = make_inputs(4, 32, 65536, 128, queue_dtype=queue_dtype, device="cuda")
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    exact = insloc_ops.queue_infonce(q64, k64, queue.double(), 0.07, reduction="none", backend="reference")
+    exact_dq, exact_dk = torch.autograd.grad(exact.sum(), (q64, k64))
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    loss = insloc_ops.queue_infonce(q1, k1, queue, 0.07, reduction="none", backend="cuda")
+    dq, dk = torch.autograd.grad(loss.sum(), (q1, k1))
+    torch.testing.assert_close(loss.double(), exact.detach(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(dq.double(), exact_dq, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dk.double(), exact_dk, rtol=1e-4, atol=1e-5)
+
+
 # Each way torch has of asking for TF32 matmuls (set in a fresh process: these are process-wide settings,
 # and mixing the legacy and newer APIs makes torch refuse to read the legacy flag), and whether the Triton
 # InfoNCE then takes TF32 (True) or TF32x3 (False) for fp32 dots.

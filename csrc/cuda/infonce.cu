@@ -1,15 +1,23 @@
-// Queue InfoNCE on CUDA cores (the Triton kernel, with tl.dot on tensor cores, is the main GPU path;
-// this one mirrors the CPU kernel's algorithm and shares its math through common/infonce.h).
+// Queue InfoNCE in CUDA C++ (the Triton kernel is the main GPU path; this one mirrors the CPU kernel's
+// algorithm and shares its math through common/infonce.h).
 //
-// Forward: grid (K splits, row blocks, G). A block stages kRows query rows and kTile queue rows at a
-// time in shared memory; each thread owns one row and kTile / kLanes columns of each tile and keeps an
-// online (max, sum-exp) that is merged across the row's threads at the end -> partial per (g, n, split).
-// A combine kernel merges the splits in order with the positive logit. Backward: p is recomputed per
-// tile from the saved lse into shared memory and p @ tile is added into a shared dq tile. By default the
-// backward has the forward's grid and each block adds its dq tile into one [G, N, D] fp32 buffer with
-// atomics (extra memory G x N x D); under torch.use_deterministic_algorithms it writes one partial per
-// split to [splits, G, N, D] (at most kMaxBackwardSplits splits) instead, summed in a fixed order by the
-// last kernel. Nothing of size N x K is allocated.
+// Forward: grid (K splits, row blocks, G). A block stages its query rows and a tile of queue rows at a time
+// in shared memory and keeps an online (max, sum-exp) per row, merged across the row's threads at the end
+// -> partial per (g, n, split). A combine kernel merges the splits in order with the positive logit.
+// Backward: p is recomputed per tile from the saved lse and p @ tile is added into a shared dq tile. By
+// default the backward has the forward's grid and each block adds its dq tile into one [G, N, D] fp32
+// buffer with atomics (extra memory G x N x D); under torch.use_deterministic_algorithms it writes one
+// partial per split to [splits, G, N, D] (at most kMaxBackwardSplits splits) instead, summed in a fixed
+// order by the last kernel. Nothing of size N x K is allocated.
+//
+// Two versions of the two partials kernels:
+// - tensor cores (*_tc_kernel, the default for fp32 accumulation with D % 16 == 0 on sm_80 and newer):
+//   both products (q . tile^T and p @ tile) as WMMA m16n16k8 TF32 with fp32 accumulation, each fp32
+//   operand split into a TF32 high and low part, three products (hi.hi + hi.lo + lo.hi: about fp32
+//   accuracy, the "TF32x3" of the Triton kernel); an operand that came in as fp16/bf16 is exact in TF32
+//   and needs no low part. Kernels only apply element-wise operations to fragments, so the (opaque)
+//   fragment layout never matters.
+// - CUDA cores (fp32/fp64 FMA): everything else, and INSLOC_OPS_CUDA_INFONCE_TC=0.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -17,6 +25,9 @@
 #include <ATen/ops/empty_like.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "common/infonce.h"
 #include "common/infonce_args.h"
@@ -206,10 +217,230 @@ __global__ void backward_finish_kernel(const acc_t* qa, const acc_t* ka, const a
   }
 }
 
+// ---- Tensor-core partials kernels (see the top of the file) ----
+
+constexpr int kTcWarps = 4;
+constexpr int kTcThreads = kTcWarps * 32;
+constexpr int kTcRows = 16;                        // query rows per block: one WMMA M
+constexpr int kTcTile = kTcWarps * 16;             // queue rows per tile: one 16-column slice per warp
+constexpr int kTcPad = 4;                          // floats of row padding: keeps WMMA's 16-byte ldm rule
+constexpr int kTcLdS = kTcTile + kTcPad;           // leading dimension of the [kTcRows, kTcTile] logits
+constexpr int kTcLanes = kTcThreads / kTcRows;     // threads per row for the element-wise work (8)
+constexpr int kTcCols = kTcTile / kTcLanes;        // logits per thread per tile (8)
+static_assert(kTcRows == kRows, "the host's row blocks are the same for both versions");
+
+// WMMA TF32 exists from sm_80 on; the host launches these kernels only there. Code for older GPUs
+// (an arch added for the build machine's own GPU) gets an empty body.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define INSLOC_TC_BODY 1
+namespace wmma = nvcuda::wmma;
+using TcA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using TcBCol = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using TcBRow = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using TcAcc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+// hi = x rounded to TF32, lo = the rest rounded to TF32 (x = hi + lo to about 2^-22 relative).
+template <typename Frag>
+__device__ __forceinline__ void tf32_split(Frag& hi, Frag& lo) {
+#pragma unroll
+  for (int i = 0; i < hi.num_elements; ++i) {
+    const float x = hi.x[i];
+    hi.x[i] = wmma::__float_to_tf32(x);
+    lo.x[i] = wmma::__float_to_tf32(x - hi.x[i]);
+  }
+}
+
+template <typename Frag>
+__device__ __forceinline__ void tf32_round(Frag& f) {
+#pragma unroll
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+}
+
+// acc += a . b, with the low parts where an operand is not exact in TF32 (small terms first).
+template <typename B>
+__device__ __forceinline__ void tf32x3_mma(TcAcc& acc, const float* a_ptr, unsigned lda, const float* b_ptr,
+                                           unsigned ldb, bool a_exact, bool b_exact) {
+  TcA a_hi, a_lo;
+  B b_hi, b_lo;
+  wmma::load_matrix_sync(a_hi, a_ptr, lda);
+  wmma::load_matrix_sync(b_hi, b_ptr, ldb);
+  if (a_exact) tf32_round(a_hi); else tf32_split(a_hi, a_lo);
+  if (b_exact) tf32_round(b_hi); else tf32_split(b_hi, b_lo);
+  if (!a_exact) wmma::mma_sync(acc, a_lo, b_hi, acc);
+  if (!b_exact) wmma::mma_sync(acc, a_hi, b_lo, acc);
+  wmma::mma_sync(acc, a_hi, b_hi, acc);
+}
+#endif
+
+// Queue rows [k0, k0 + kTcTile) of one group as fp32 into tile [kTcTile, ld]; rows past k_end are zero.
+template <typename queue_t>
+__device__ void load_tile_tc(float* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D, int ld) {
+  const queue_t* src = queue + k0 * D;
+  const int64_t valid = min(int64_t(kTcTile), k_end - k0);
+  // Element i = r * D + d, stepped by kTcThreads without a division per element.
+  const int step_r = kTcThreads / D, step_d = kTcThreads % D;
+  int r = threadIdx.x / D, d = threadIdx.x % D;
+  for (int i = threadIdx.x; i < kTcTile * D; i += kTcThreads) {
+    tile[r * ld + d] = r < valid ? static_cast<float>(src[i]) : 0.f;
+    r += step_r, d += step_d;
+    if (d >= D) d -= D, ++r;
+  }
+}
+
+// The block's query rows [r0, r0 + kTcRows) of group g into q_s [kTcRows, ld]; rows past N are zero.
+__device__ void load_rows_tc(float* q_s, const float* qa, int64_t g, int64_t r0, int64_t N, int D, int ld) {
+  for (int i = threadIdx.x; i < kTcRows * D; i += kTcThreads) {
+    const int r = i / D, d = i - r * D;
+    q_s[r * ld + d] = r0 + r < N ? qa[(g * N + r0 + r) * D + d] : 0.f;
+  }
+}
+
+// s_s [kTcRows, kTcLdS] = q_s . tile^T / T: warp w computes columns [16 w, 16 w + 16).
+__device__ void tile_logits_tc(float* s_s, const float* q_s, const float* tile, int D, int ld, float inv_t,
+                               bool q_exact, bool queue_exact) {
+#ifdef INSLOC_TC_BODY
+  const int warp = threadIdx.x / 32;
+  TcAcc acc;
+  wmma::fill_fragment(acc, 0.f);
+  const float* b = tile + warp * 16 * ld;  // B[d][n] = tile[16 w + n][d]: column-major with ld
+  for (int d0 = 0; d0 < D; d0 += 8) tf32x3_mma<TcBCol>(acc, q_s + d0, ld, b + d0, ld, q_exact, queue_exact);
+#pragma unroll
+  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= inv_t;
+  wmma::store_matrix_sync(s_s + warp * 16, acc, kTcLdS, wmma::mem_row_major);
+#endif
+}
+
+// dq_s [kTcRows, ld] += p_s [kTcRows, kTcTile] @ tile [kTcTile, D]: warp w owns the 16-column slices
+// w, w + kTcWarps, ... of dq.
+__device__ void tile_dq_tc(float* dq_s, const float* p_s, const float* tile, int D, int ld, bool queue_exact) {
+#ifdef INSLOC_TC_BODY
+  for (int j = threadIdx.x / 32; j < D / 16; j += kTcWarps) {
+    TcAcc acc;
+    wmma::load_matrix_sync(acc, dq_s + j * 16, ld, wmma::mem_row_major);
+    for (int c0 = 0; c0 < kTcTile; c0 += 8)
+      tf32x3_mma<TcBRow>(acc, p_s + c0, kTcLdS, tile + c0 * ld + j * 16, ld, false, queue_exact);
+    wmma::store_matrix_sync(dq_s + j * 16, acc, ld, wmma::mem_row_major);
+  }
+#endif
+}
+
+// This thread's (m, s) merged with those of the other kTcLanes threads of its row (consecutive lanes of
+// one warp); the result is complete in the row's first lane.
+__device__ __forceinline__ void merge_row_lanes(float& m, float& s) {
+#pragma unroll
+  for (int delta = kTcLanes / 2; delta > 0; delta /= 2) {
+    const float m2 = __shfl_down_sync(0xffffffffu, m, delta), s2 = __shfl_down_sync(0xffffffffu, s, delta);
+    lse_merge(m, s, m2, s2);  // lanes whose partner is outside their row compute what nobody reads
+  }
+}
+
+template <typename queue_t>
+__global__ void __launch_bounds__(kTcThreads)
+    forward_partials_tc_kernel(const float* __restrict__ qa, const queue_t* __restrict__ queue, float* part_m,
+                               float* part_s, int64_t N, int64_t K, int D, int64_t per_split, int64_t splits,
+                               float inv_t, bool q_exact) {
+  constexpr bool queue_exact = !std::is_same<queue_t, float>::value && !std::is_same<queue_t, double>::value;
+  INSLOC_DYNAMIC_SHARED(smem_raw);
+  const int ld = D + kTcPad;
+  float* q_s = reinterpret_cast<float*>(smem_raw);  // [kTcRows, ld]
+  float* tile = q_s + kTcRows * ld;                  // [kTcTile, ld]
+  float* s_s = tile + kTcTile * ld;                  // [kTcRows, kTcLdS]
+  const int64_t split = blockIdx.x, r0 = int64_t(blockIdx.y) * kTcRows, g = blockIdx.z;
+  const int64_t k_begin = split * per_split, k_end = min(K, k_begin + per_split);
+  const int row = threadIdx.x / kTcLanes, lane = threadIdx.x % kTcLanes;
+  const queue_t* queue_g = queue + g * K * D;
+  load_rows_tc(q_s, qa, g, r0, N, D, ld);
+  float m = neg_inf<float>(), s = 0.f;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcTile) {
+    __syncthreads();  // every thread is done with the previous tile and its logits (and q_s is loaded)
+    load_tile_tc(tile, queue_g, k0, k_end, D, ld);
+    __syncthreads();
+    tile_logits_tc(s_s, q_s, tile, D, ld, inv_t, q_exact, queue_exact);
+    __syncthreads();
+#pragma unroll
+    for (int c = 0; c < kTcCols; ++c) {
+      const int col = lane + c * kTcLanes;
+      if (k0 + col < k_end) lse_add(m, s, s_s[row * kTcLdS + col]);
+    }
+  }
+  merge_row_lanes(m, s);
+  if (lane == 0 && r0 + row < N) {
+    const int64_t out = (g * N + r0 + row) * splits + split;
+    part_m[out] = m;
+    part_s[out] = s;
+  }
+}
+
+template <typename queue_t>
+__global__ void __launch_bounds__(kTcThreads)
+    backward_partials_tc_kernel(const float* __restrict__ qa, const queue_t* __restrict__ queue,
+                                const float* __restrict__ lse, const float* __restrict__ grad, float* dq_part,
+                                int64_t G, int64_t N, int64_t K, int D, int64_t per_split, float inv_t, bool atomic,
+                                bool q_exact) {
+  constexpr bool queue_exact = !std::is_same<queue_t, float>::value && !std::is_same<queue_t, double>::value;
+  INSLOC_DYNAMIC_SHARED(smem_raw);
+  const int ld = D + kTcPad;
+  float* q_s = reinterpret_cast<float*>(smem_raw);  // [kTcRows, ld]
+  float* tile = q_s + kTcRows * ld;                  // [kTcTile, ld]
+  float* s_s = tile + kTcTile * ld;                  // [kTcRows, kTcLdS]: logits, then g / T p
+  float* dq_s = s_s + kTcRows * kTcLdS;              // [kTcRows, ld]
+  const int64_t split = blockIdx.x, r0 = int64_t(blockIdx.y) * kTcRows, g = blockIdx.z;
+  const int64_t k_begin = split * per_split, k_end = min(K, k_begin + per_split);
+  const int row = threadIdx.x / kTcLanes, lane = threadIdx.x % kTcLanes;
+  const queue_t* queue_g = queue + g * K * D;
+  load_rows_tc(q_s, qa, g, r0, N, D, ld);
+  for (int i = threadIdx.x; i < kTcRows * ld; i += kTcThreads) dq_s[i] = 0.f;
+  const bool row_ok = r0 + row < N;
+  const float row_lse = row_ok ? lse[g * N + r0 + row] : 0.f;
+  const float row_coef = row_ok ? grad[g * N + r0 + row] * inv_t : 0.f;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcTile) {
+    __syncthreads();  // the previous tile's dq products are done with tile and s_s
+    load_tile_tc(tile, queue_g, k0, k_end, D, ld);
+    __syncthreads();
+    tile_logits_tc(s_s, q_s, tile, D, ld, inv_t, q_exact, queue_exact);
+    __syncthreads();
+#pragma unroll
+    for (int c = 0; c < kTcCols; ++c) {
+      const int col = lane + c * kTcLanes;
+      float& v = s_s[row * kTcLdS + col];  // each element has one owner thread
+      v = (row_ok && k0 + col < k_end) ? row_coef * infonce_prob(v, row_lse) : 0.f;
+    }
+    __syncthreads();
+    tile_dq_tc(dq_s, s_s, tile, D, ld, queue_exact);
+  }
+  __syncthreads();
+  // atomic: every split adds into slot 0 (zeroed); otherwise each split owns its slot.
+  float* out = dq_part + ((int64_t(atomic ? 0 : split) * G + g) * N) * D;
+  for (int i = threadIdx.x; i < kTcRows * D; i += kTcThreads) {
+    const int r = i / D, d = i - r * D;
+    if (r0 + r >= N) continue;
+    if (atomic)
+      atomicAdd(out + (r0 + r) * D + d, dq_s[r * ld + d]);
+    else
+      out[(r0 + r) * D + d] = dq_s[r * ld + d];
+  }
+}
+
 // K splits per (group, row block) for about 4 blocks per SM: enough to fill the GPU when N is small.
 int64_t splits_to_fill(int device, int64_t G, int64_t row_blocks) {
   const int64_t per_k = G * row_blocks;
   return std::max<int64_t>(1, (4 * gpu::sm_count(device) + per_k - 1) / per_k);
+}
+
+size_t tc_forward_smem(int64_t D) { return sizeof(float) * ((kTcRows + kTcTile) * (D + kTcPad) + kTcRows * kTcLdS); }
+size_t tc_backward_smem(int64_t D) { return tc_forward_smem(D) + sizeof(float) * kTcRows * (D + kTcPad); }
+
+// Whether the tensor-core kernels run: fp32 accumulation (not fp64), D a positive multiple of 16 whose
+// tiles fit in shared memory, a GPU of sm_80 or newer, and INSLOC_OPS_CUDA_INFONCE_TC not "0" (read at
+// every call; "1" or unset: where supported).
+bool use_tensor_cores(const at::Tensor& q, int device) {
+  const char* env = std::getenv("INSLOC_OPS_CUDA_INFONCE_TC");
+  TORCH_CHECK(env == nullptr || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+              "INSLOC_OPS_CUDA_INFONCE_TC must be 0 or 1, got '", env, "'");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const int64_t D = q.size(2);
+  return infonce_acc_type(q) == at::kFloat && D > 0 && D % 16 == 0 && gpu::compute_capability_major(device) >= 8 &&
+         tc_backward_smem(D) <= gpu::max_shared_per_block_optin(device);
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double temperature) {
@@ -241,8 +472,9 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
   const auto queue_c = queue.detach().contiguous();  // [G, K, D]
   const int64_t row_blocks = (N + kRows - 1) / kRows;
   const int device = q.get_device();
+  const bool tc = use_tensor_cores(q, device);
   int64_t splits, per_split;
-  split_k<int64_t>(K, kTile, splits_to_fill(device, G, row_blocks), splits, per_split);
+  split_k<int64_t>(K, tc ? kTcTile : kTile, splits_to_fill(device, G, row_blocks), splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
   auto part_m = at::empty({G, N, splits}, qa.options());
   auto part_s = at::empty({G, N, splits}, qa.options());
@@ -252,6 +484,17 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "queue_infonce_cuda_queue", [&] {
       using queue_t = scalar_t;
+      if constexpr (std::is_same<acc_t, float>::value) {
+        if (tc) {
+          const size_t smem = tc_forward_smem(D);
+          allow_shared(forward_partials_tc_kernel<queue_t>, smem, device, D);
+          INSLOC_LAUNCH(dim3(splits, row_blocks, G), kTcThreads, smem, stream, forward_partials_tc_kernel<queue_t>)(
+              qa.data_ptr<float>(), queue_c.data_ptr<queue_t>(), part_m.data_ptr<float>(), part_s.data_ptr<float>(),
+              N, K, int(D), per_split, splits, inv_t, q.scalar_type() != at::kFloat);
+          INSLOC_LAUNCH_CHECK();
+          return;
+        }
+      }
       const size_t smem = sizeof(acc_t) * (kRows + kTile) * (D + 1);
       allow_shared(forward_partials_kernel<acc_t, queue_t>, smem, device, D);
       INSLOC_LAUNCH(dim3(splits, row_blocks, G), kThreads, smem, stream, forward_partials_kernel<acc_t, queue_t>)(
@@ -289,8 +532,9 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   // Deterministic: at most kMaxBackwardSplits partials, summed in order by backward_finish_kernel.
   const bool atomic = !at::globalContext().deterministicAlgorithms();
   const int64_t max_splits = atomic ? splits_to_fill(device, G, row_blocks) : kMaxBackwardSplits;
+  const bool tc = use_tensor_cores(q, device);
   int64_t splits, per_split;
-  split_k<int64_t>(K, kTile, max_splits, splits, per_split);
+  split_k<int64_t>(K, tc ? kTcTile : kTile, max_splits, splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
   const int64_t slots = atomic ? 1 : splits;
   auto dq_part = at::empty({slots, G, N, D}, qa.options());  // every slot written when K > 0 and !atomic
@@ -305,6 +549,17 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "queue_infonce_backward_queue",
                                       [&] {
         using queue_t = scalar_t;
+        if constexpr (std::is_same<acc_t, float>::value) {
+          if (tc) {
+            const size_t smem = tc_backward_smem(D);
+            allow_shared(backward_partials_tc_kernel<queue_t>, smem, device, D);
+            INSLOC_LAUNCH(dim3(splits, row_blocks, G), kTcThreads, smem, stream, backward_partials_tc_kernel<queue_t>)(
+                qa.data_ptr<float>(), queue_c.data_ptr<queue_t>(), la.data_ptr<float>(), ga.data_ptr<float>(),
+                dq_part.data_ptr<float>(), G, N, K, int(D), per_split, inv_t, atomic, q.scalar_type() != at::kFloat);
+            INSLOC_LAUNCH_CHECK();
+            return;
+          }
+        }
         const size_t smem = sizeof(acc_t) * ((kRows + kTile) * (D + 1) + kRows * D);
         allow_shared(backward_partials_kernel<acc_t, queue_t>, smem, device, D);
         INSLOC_LAUNCH(dim3(splits, row_blocks, G), kThreads, smem, stream, backward_partials_kernel<acc_t, queue_t>)(

@@ -1,14 +1,15 @@
 // Every place csrc/cuda/*.cu touches the CUDA runtime, in one header: kernel launches, dynamic shared
-// memory, device properties, the device guard and stream, and op registration. Built by setup.py these
-// are the CUDA runtime and c10::cuda calls. With INSLOC_CUDA_EMU defined (tests/cuda_emu.py), the same
-// .cu files compile as host C++ against csrc/emu/cuda_emu.h, so CI runs the CUDA kernels' own code on the
-// CPU and registers them as torch.ops.insloc_emu.* for CPU tensors.
+// memory, device properties, tensor-core WMMA, the device guard and stream, and op registration. Built by
+// setup.py these are the CUDA runtime and c10::cuda calls. With INSLOC_CUDA_EMU defined
+// (tests/cuda_emu.py), the same .cu files compile as host C++ against csrc/emu/cuda_emu.h, so CI runs the
+// CUDA kernels' own code on the CPU and registers them as torch.ops.insloc_emu.* for CPU tensors.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cstddef>
+#include <cstdlib>
 
 #ifdef INSLOC_CUDA_EMU
 
@@ -28,6 +29,11 @@ inline int current_stream() { return 0; }
 inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
 inline int sm_count(int /*device*/) { return ::insloc_emu::sm_count(); }
 inline size_t max_shared_per_block_optin(int /*device*/) { return size_t(::insloc_emu::max_shared_per_block_optin()); }
+// INSLOC_EMU_CC_MAJOR (read at every call, default 9: the emulator has WMMA) lets tests ask for an older GPU.
+inline int compute_capability_major(int /*device*/) {
+  const char* v = std::getenv("INSLOC_EMU_CC_MAJOR");
+  return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 9;
+}
 template <typename Kernel>
 void allow_dynamic_shared(Kernel kernel, size_t bytes) {
   ::insloc_emu::allow_dynamic_shared(reinterpret_cast<const void*>(kernel), bytes);
@@ -39,9 +45,10 @@ void allow_dynamic_shared(Kernel kernel, size_t bytes) {
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <mma.h>  // WMMA (tensor cores); the emulator has its own (csrc/emu/wmma.h)
 
 #define INSLOC_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
-#define INSLOC_DYNAMIC_SHARED(name) extern __shared__ unsigned char name[]
+#define INSLOC_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #define INSLOC_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #define INSLOC_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(insloc_ops, CUDA, m)
 
@@ -55,6 +62,9 @@ inline int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 inline int sm_count(int device) { return device_attribute(cudaDevAttrMultiProcessorCount, device); }
+inline int compute_capability_major(int device) {
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, device);
+}
 inline size_t max_shared_per_block_optin(int device) {
   return size_t(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
 }

@@ -13,8 +13,10 @@
 // - launch limits (block <= 1024 threads, grid.y/z <= 65535, dynamic shared memory over 48 KiB only after
 //   allow_dynamic_shared and never over the opt-in limit, grid sizes that do not fit their field);
 // - __syncthreads that some threads of the block never reach (they exited or wait elsewhere);
-// - warp shuffles that not every lane of the warp reaches.
-// Dynamic shared memory is filled with 0xff bytes (NaN for floats) before every block.
+// - warp shuffles and WMMA operations (csrc/emu/wmma.h) that not every lane of the warp reaches, or whose
+//   lanes wait at different ones; WMMA's own rules (see there).
+// Dynamic shared memory is filled with 0xff bytes (NaN for floats) before every block, and starts 128-byte
+// aligned, as on a GPU.
 // Built with INSLOC_EMU_RACES (and -fsanitize=thread, whose per-access hooks csrc/emu/races.cpp supplies
 // instead of the sanitizer's runtime), every memory access of a kernel thread is also checked against the
 // others: two threads of a block touching one 4-byte word (one byte, for narrower accesses) in the same
@@ -36,6 +38,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <new>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -85,7 +88,8 @@ struct Fiber {
   uint3 thread_idx;
   int linear;
   FiberState state;
-  int quiet;  // the thread's Quiet depth while it is suspended
+  int quiet;               // the thread's Quiet depth while it is suspended
+  const char* collective;  // at kAtWarpSync: the warp-collective operation it waits at, for errors
 };
 
 // Per OS thread: whether a kernel thread (fiber) is running, and how deep in emulator internals it is
@@ -111,6 +115,24 @@ struct WordRecord {
   bool readers = false;  // more than one thread read it in read's (block, phase)
 };
 
+// Dynamic shared memory starts 128-byte aligned (WMMA needs 32-byte aligned pointers; a GPU's dynamic shared
+// memory starts at least that aligned). An allocator rather than an offset into a larger buffer keeps the
+// vector's bytes exactly the block's, so AddressSanitizer still sees an access past the end.
+template <typename T>
+struct SharedAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{128};
+  SharedAllocator() = default;
+  template <typename U>
+  SharedAllocator(const SharedAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kAlign); }
+  template <typename U>
+  bool operator==(const SharedAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const SharedAllocator<U>&) const { return false; }
+};
+
 struct State {
   std::mutex mutex;  // one launch at a time
   uint3 block_idx{0, 0, 0};
@@ -121,8 +143,9 @@ struct State {
   ucontext_t scheduler;
   char* stacks = nullptr;
   size_t stack_slots = 0;
-  std::vector<unsigned char> dynamic_shared;
-  std::vector<uint64_t> exchange;  // a warp shuffle's value, per thread
+  std::vector<unsigned char, SharedAllocator<unsigned char>> dynamic_shared;
+  std::vector<uint64_t> exchange;            // a warp shuffle's value, per thread
+  std::vector<const void*> exchange_record;  // a WMMA operation's arguments, per thread (fibers share memory)
   const std::function<void()>* body = nullptr;
   std::map<const void*, size_t> shared_allowed;  // kernel -> dynamic shared bytes allowed
   std::string error;
@@ -194,6 +217,13 @@ INSLOC_EMU_INTERNAL inline void yield(FiberState to) {
   swapcontext(&f->context, &s.scheduler);
 }
 
+// Waits at the warp-collective operation `what` (named in errors) until every lane of the warp waits at one.
+INSLOC_EMU_INTERNAL inline void warp_sync(const char* what) {
+  Quiet quiet;
+  state().current->collective = what;
+  yield(FiberState::kAtWarpSync);
+}
+
 // An error found inside a kernel thread: recorded, the thread never resumes, the launch throws it.
 [[noreturn]] INSLOC_EMU_INTERNAL inline void fail(const std::string& message) {
   Quiet quiet;
@@ -240,6 +270,7 @@ INSLOC_EMU_INTERNAL inline void run_block(size_t shared_bytes, const Schedule& s
                     unsigned(i) / (s.block_dim.x * s.block_dim.y)};
     f.state = FiberState::kRunnable;
     f.quiet = 0;
+    f.collective = nullptr;
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = s.stacks + size_t(i) * kStackBytes;
     f.context.uc_stack.ss_size = kStackBytes;
@@ -251,6 +282,7 @@ INSLOC_EMU_INTERNAL inline void run_block(size_t shared_bytes, const Schedule& s
   s.phase = 0;
   s.shared_words.clear();
   s.exchange.assign(size_t(n), 0);
+  s.exchange_record.assign(size_t(n), nullptr);
   std::vector<int> order(size_t(n), 0);
   std::iota(order.begin(), order.end(), 0);
   std::mt19937_64 rng(sc.seed * 0x9e3779b97f4a7c15ULL + block_number);
@@ -269,19 +301,31 @@ INSLOC_EMU_INTERNAL inline void run_block(size_t shared_bytes, const Schedule& s
       if (!s.error.empty()) throw std::runtime_error("cuda_emu: " + s.error + where());
     }
     if (sc.kind == Schedule::kAlternate) reverse = !reverse;
-    // After a round every thread is done or waiting: a warp whose lanes all wait at a shuffle goes on; a
-    // warp with some lanes at a shuffle and the others done or at __syncthreads never could.
+    // After a round every thread is done or waiting: a warp whose lanes all wait at one warp-collective
+    // operation goes on; a warp with some lanes at one and the others done or at __syncthreads never could.
     bool released = false;
     for (int w = 0; w * kWarpSize < n; ++w) {
       const int lo = w * kWarpSize, hi = std::min(n, lo + kWarpSize);
       int waiting = 0;
-      for (int i = lo; i < hi; ++i) waiting += s.fibers[size_t(i)].state == FiberState::kAtWarpSync;
+      const Fiber* first = nullptr;
+      for (int i = lo; i < hi; ++i) {
+        const Fiber& f = s.fibers[size_t(i)];
+        if (f.state != FiberState::kAtWarpSync) continue;
+        ++waiting;
+        if (first == nullptr) first = &f;
+        if (std::strcmp(f.collective, first->collective) != 0)
+          throw std::runtime_error("cuda_emu: lanes " + std::to_string(first->linear - lo) + " and " +
+                                   std::to_string(i - lo) + " of warp " + std::to_string(w) +
+                                   " wait at different warp-collective operations (" + first->collective +
+                                   ", " + f.collective + ")" + where());
+      }
       if (waiting == hi - lo) {
         for (int i = lo; i < hi; ++i) s.fibers[size_t(i)].state = FiberState::kRunnable;
         released = true;
       } else if (waiting > 0) {
-        throw std::runtime_error("cuda_emu: a warp shuffle reached by " + std::to_string(waiting) + " of the " +
-                                 std::to_string(hi - lo) + " lanes of warp " + std::to_string(w) + where());
+        throw std::runtime_error("cuda_emu: " + std::string(first->collective) + " reached by " +
+                                 std::to_string(waiting) + " of the " + std::to_string(hi - lo) + " lanes of warp " +
+                                 std::to_string(w) + where());
       }
     }
     if (released) continue;
@@ -389,12 +433,12 @@ INSLOC_EMU_INTERNAL T __shfl_down_sync(unsigned mask, T value, unsigned delta, i
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
   s.exchange[size_t(i)] = bits;
-  insloc_emu::yield(insloc_emu::FiberState::kAtWarpSync);  // every lane has published its value
+  insloc_emu::warp_sync("a warp shuffle");  // every lane has published its value
   T out = value;
   const int src = i + int(delta);
   if (i % insloc_emu::kWarpSize + int(delta) < insloc_emu::kWarpSize && src < int(s.exchange.size()))
     std::memcpy(&out, &s.exchange[size_t(src)], sizeof(T));
-  insloc_emu::yield(insloc_emu::FiberState::kAtWarpSync);  // every lane has read before the next shuffle writes
+  insloc_emu::warp_sync("a warp shuffle");  // every lane has read before the next shuffle writes
   return out;
 }
 
@@ -430,3 +474,6 @@ template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
 T max(T a, T b) {
   return a < b ? b : a;
 }
+
+// Tensor-core WMMA (nvcuda::wmma), on top of the warp synchronisation above.
+#include "emu/wmma.h"
