@@ -274,21 +274,20 @@ __device__ __forceinline__ void tf32x3_mma(TcAcc& acc, const float* a_ptr, unsig
 
 // Queue rows [k0, k0 + kTcTile) of one group as fp32 into tile [kTcTile, ld]; rows past k_end are zero.
 template <typename queue_t>
-__device__ void load_tile_tc(float* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D, int ld) {
+__device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D, int ld) {
   const queue_t* src = queue + k0 * D;
   const int64_t valid = min(int64_t(kTcTile), k_end - k0);
-  // Element i = r * D + d, stepped by kTcThreads without a division per element.
-  const int step_r = kTcThreads / D, step_d = kTcThreads % D;
-  int r = threadIdx.x / D, d = threadIdx.x % D;
-  for (int i = threadIdx.x; i < kTcTile * D; i += kTcThreads) {
-    tile[r * ld + d] = r < valid ? static_cast<float>(src[i]) : 0.f;
-    r += step_r, d += step_d;
-    if (d >= D) d -= D, ++r;
-  }
+  // Without a division per element: where D divides the block, kTcThreads / D rows per pass (one element
+  // per thread); otherwise one row per pass, its columns strided by kTcThreads.
+  const bool packed = kTcThreads % D == 0;
+  const int rows_per_pass = packed ? kTcThreads / D : 1;
+  const int d0 = packed ? threadIdx.x % D : threadIdx.x;
+  for (int r = packed ? threadIdx.x / D : 0; r < kTcTile; r += rows_per_pass)
+    for (int d = d0; d < D; d += kTcThreads) tile[r * ld + d] = r < valid ? static_cast<float>(src[r * D + d]) : 0.f;
 }
 
 // The block's query rows [r0, r0 + kTcRows) of group g into q_s [kTcRows, ld]; rows past N are zero.
-__device__ void load_rows_tc(float* q_s, const float* qa, int64_t g, int64_t r0, int64_t N, int D, int ld) {
+__device__ __forceinline__ void load_rows_tc(float* q_s, const float* qa, int64_t g, int64_t r0, int64_t N, int D, int ld) {
   for (int i = threadIdx.x; i < kTcRows * D; i += kTcThreads) {
     const int r = i / D, d = i - r * D;
     q_s[r * ld + d] = r0 + r < N ? qa[(g * N + r0 + r) * D + d] : 0.f;
@@ -296,7 +295,7 @@ __device__ void load_rows_tc(float* q_s, const float* qa, int64_t g, int64_t r0,
 }
 
 // s_s [kTcRows, kTcLdS] = q_s . tile^T / T: warp w computes columns [16 w, 16 w + 16).
-__device__ void tile_logits_tc(float* s_s, const float* q_s, const float* tile, int D, int ld, float inv_t,
+__device__ __forceinline__ void tile_logits_tc(float* s_s, const float* q_s, const float* tile, int D, int ld, float inv_t,
                                bool q_exact, bool queue_exact) {
 #ifdef INSLOC_TC_BODY
   const int warp = threadIdx.x / 32;
@@ -312,7 +311,7 @@ __device__ void tile_logits_tc(float* s_s, const float* q_s, const float* tile, 
 
 // dq_s [kTcRows, ld] += p_s [kTcRows, kTcTile] @ tile [kTcTile, D]: warp w owns the 16-column slices
 // w, w + kTcWarps, ... of dq.
-__device__ void tile_dq_tc(float* dq_s, const float* p_s, const float* tile, int D, int ld, bool queue_exact) {
+__device__ __forceinline__ void tile_dq_tc(float* dq_s, const float* p_s, const float* tile, int D, int ld, bool queue_exact) {
 #ifdef INSLOC_TC_BODY
   for (int j = threadIdx.x / 32; j < D / 16; j += kTcWarps) {
     TcAcc acc;
