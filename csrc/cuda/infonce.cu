@@ -274,7 +274,8 @@ __device__ __forceinline__ void tf32x3_mma(TcAcc& acc, const float* a_ptr, unsig
 
 // Queue rows [k0, k0 + kTcTile) of one group as fp32 into tile [kTcTile, ld]; rows past k_end are zero.
 template <typename queue_t>
-__device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D, int ld) {
+__device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D,
+                                             int ld) {
   const queue_t* src = queue + k0 * D;
   const int64_t valid = min(int64_t(kTcTile), k_end - k0);
   // Without a division per element: where D divides the block, kTcThreads / D rows per pass (one element
@@ -287,7 +288,8 @@ __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, 
 }
 
 // The block's query rows [r0, r0 + kTcRows) of group g into q_s [kTcRows, ld]; rows past N are zero.
-__device__ __forceinline__ void load_rows_tc(float* q_s, const float* qa, int64_t g, int64_t r0, int64_t N, int D, int ld) {
+__device__ __forceinline__ void load_rows_tc(float* q_s, const float* qa, int64_t g, int64_t r0, int64_t N, int D,
+                                             int ld) {
   for (int i = threadIdx.x; i < kTcRows * D; i += kTcThreads) {
     const int r = i / D, d = i - r * D;
     q_s[r * ld + d] = r0 + r < N ? qa[(g * N + r0 + r) * D + d] : 0.f;
@@ -295,8 +297,8 @@ __device__ __forceinline__ void load_rows_tc(float* q_s, const float* qa, int64_
 }
 
 // s_s [kTcRows, kTcLdS] = q_s . tile^T / T: warp w computes columns [16 w, 16 w + 16).
-__device__ __forceinline__ void tile_logits_tc(float* s_s, const float* q_s, const float* tile, int D, int ld, float inv_t,
-                               bool q_exact, bool queue_exact) {
+__device__ __forceinline__ void tile_logits_tc(float* s_s, const float* q_s, const float* tile, int D, int ld,
+                                               float inv_t, bool q_exact, bool queue_exact) {
 #ifdef INSLOC_TC_BODY
   const int warp = threadIdx.x / 32;
   TcAcc acc;
@@ -311,7 +313,8 @@ __device__ __forceinline__ void tile_logits_tc(float* s_s, const float* q_s, con
 
 // dq_s [kTcRows, ld] += p_s [kTcRows, kTcTile] @ tile [kTcTile, D]: warp w owns the 16-column slices
 // w, w + kTcWarps, ... of dq.
-__device__ __forceinline__ void tile_dq_tc(float* dq_s, const float* p_s, const float* tile, int D, int ld, bool queue_exact) {
+__device__ __forceinline__ void tile_dq_tc(float* dq_s, const float* p_s, const float* tile, int D, int ld,
+                                           bool queue_exact) {
 #ifdef INSLOC_TC_BODY
   for (int j = threadIdx.x / 32; j < D / 16; j += kTcWarps) {
     TcAcc acc;
