@@ -336,6 +336,19 @@ __device__ __forceinline__ void merge_row_lanes(float& m, float& s) {
   }
 }
 
+// Stages queue rows [k0, k0 + kTcTile) once every thread is done with the previous tile and its logits
+// (and, for the first, once q_s is loaded), then the tile's logits into s_s, visible to every thread.
+template <typename queue_t>
+__device__ __forceinline__ void next_tile_logits_tc(float* s_s, float* tile, const float* q_s, const queue_t* queue_g,
+                                                    int64_t k0, int64_t k_end, int D, int ld, float inv_t,
+                                                    bool q_exact, bool queue_exact) {
+  __syncthreads();
+  load_tile_tc(tile, queue_g, k0, k_end, D, ld);
+  __syncthreads();
+  tile_logits_tc(s_s, q_s, tile, D, ld, inv_t, q_exact, queue_exact);
+  __syncthreads();
+}
+
 template <typename queue_t>
 __global__ void __launch_bounds__(kTcThreads)
     forward_partials_tc_kernel(const float* __restrict__ qa, const queue_t* __restrict__ queue, float* part_m,
@@ -354,11 +367,7 @@ __global__ void __launch_bounds__(kTcThreads)
   load_rows_tc(q_s, qa, g, r0, N, D, ld);
   float m = neg_inf<float>(), s = 0.f;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcTile) {
-    __syncthreads();  // every thread is done with the previous tile and its logits (and q_s is loaded)
-    load_tile_tc(tile, queue_g, k0, k_end, D, ld);
-    __syncthreads();
-    tile_logits_tc(s_s, q_s, tile, D, ld, inv_t, q_exact, queue_exact);
-    __syncthreads();
+    next_tile_logits_tc(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact);
 #pragma unroll
     for (int c = 0; c < kTcCols; ++c) {
       const int col = lane + c * kTcLanes;
@@ -396,11 +405,8 @@ __global__ void __launch_bounds__(kTcThreads)
   const float row_lse = row_ok ? lse[g * N + r0 + row] : 0.f;
   const float row_coef = row_ok ? grad[g * N + r0 + row] * inv_t : 0.f;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcTile) {
-    __syncthreads();  // the previous tile's dq products are done with tile and s_s
-    load_tile_tc(tile, queue_g, k0, k_end, D, ld);
-    __syncthreads();
-    tile_logits_tc(s_s, q_s, tile, D, ld, inv_t, q_exact, queue_exact);
-    __syncthreads();
+    // (its first barrier also waits until the previous tile's dq products are done with tile and s_s)
+    next_tile_logits_tc(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact);
 #pragma unroll
     for (int c = 0; c < kTcCols; ++c) {
       const int col = lane + c * kTcLanes;
