@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from insloc_ops import grid_anchors
+from insloc_ops import grid_anchors, selected_backends
 
 from .checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config
@@ -132,6 +132,16 @@ def epoch_means(csv_path, from_step=0):
     return {e: total / count for e, (total, count) in sorted(sums.items())}
 
 
+def ops_line(device):
+    """The log line naming which insloc_ops backend runs each op on ``device``."""
+    chosen = selected_backends(device)
+    line = "ops: " + ", ".join(f"{op}={backend}" for op, backend in chosen.items())
+    if torch.device(device).type == "cuda" and "reference" in chosen.values():
+        line += (" (reference: pure PyTorch, slow on a GPU; a CUDA or Triton kernel becomes the default only once "
+                 "verified on a GPU, see BENCHMARKS.md; INSLOC_OPS_BACKEND=cuda or =triton runs them)")
+    return line
+
+
 def _fmt_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
@@ -203,6 +213,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
         f"{len(dataset.images)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"global batch {global_batch}, lr {base_lr:.4g}, queue {moco.num_groups}x{cfg.queue_size}, "
         f"shuffle-BN {shuffle_state}, bf16 {'on' if cfg.bf16 and cuda else 'off'}, out {out_dir}")
+    say(ops_line(device))
 
     def checkpoint(epoch_done, in_epoch):
         states = [None] * world

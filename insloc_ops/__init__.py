@@ -8,7 +8,7 @@
     enqueue_               the queue's ring-buffer write
 
 Each op has a pure-PyTorch reference (``insloc_ops.reference``) and C++/CUDA/Triton kernels; see
-``available_backends()`` and ``build_info()``.
+``available_backends()``, ``selected_backends()`` and ``build_info()``.
 """
 from ._ext import HAS_EXTENSION
 
@@ -21,7 +21,7 @@ if HAS_EXTENSION:
     _register_triton()
 
 from . import reference  # noqa: E402
-from ._backend import available_backends  # noqa: E402
+from ._backend import available_backends, selected_backends  # noqa: E402
 from ._build import build_info  # noqa: E402
 from .anchors import grid_anchors, sample_anchor_boxes  # noqa: E402
 from .infonce import enqueue_, queue_infonce  # noqa: E402
@@ -29,5 +29,5 @@ from .roi_align import fpn_levels, roi_align_multilevel  # noqa: E402
 
 __all__ = [
     "roi_align_multilevel", "fpn_levels", "grid_anchors", "sample_anchor_boxes", "queue_infonce", "enqueue_",
-    "available_backends", "build_info", "reference",
+    "available_backends", "selected_backends", "build_info", "reference",
 ]

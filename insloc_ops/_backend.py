@@ -128,6 +128,12 @@ def select(op, device, backend=None):
     return backend
 
 
+def selected_backends(device="cpu"):
+    """Maps each op to the backend that runs it for tensors on ``device`` when a call names none
+    (``INSLOC_OPS_BACKEND`` if set, else the defaults table); raises as a call would if that can't run."""
+    return {op: select(op, device) for op in OPS}
+
+
 def available_backends():
     """Maps each op to the backends usable in this process, per device type."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -159,6 +159,22 @@ def test_environment_variable_selects_the_backend(monkeypatch):
     assert _backend.select("roi_align_multilevel", "cpu", backend="reference") == "reference"  # per call wins
 
 
+def test_selected_backends_names_what_runs_when_a_call_names_none(monkeypatch):
+    from insloc.train import ops_line
+
+    monkeypatch.delenv("INSLOC_OPS_BACKEND", raising=False)
+    on_cpu = "cpu" if insloc_ops.build_info()["extension_loaded"] else "reference"
+    assert insloc_ops.selected_backends("cpu") == {op: on_cpu for op in _backend.OPS}
+    assert insloc_ops.selected_backends("cuda") == {op: _backend.DEFAULTS["cuda"][op] for op in _backend.OPS}
+    assert ops_line("cpu") == "ops: " + ", ".join(f"{op}={on_cpu}" for op in _backend.OPS)
+    assert "INSLOC_OPS_BACKEND=cuda" in ops_line("cuda")  # the hint while CUDA runs the reference
+    monkeypatch.setenv("INSLOC_OPS_BACKEND", "reference")
+    assert set(insloc_ops.selected_backends("cpu").values()) == {"reference"}
+    monkeypatch.setenv("INSLOC_OPS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="INSLOC_OPS_BACKEND"):
+        insloc_ops.selected_backends("cpu")
+
+
 def test_default_table_never_picks_an_unverified_gpu_kernel():
     # CUDA defaults may only name a GPU kernel once BENCHMARKS.md has its GPU measurement.
     assert set(_backend.DEFAULTS["cuda"].values()) == {"reference"}
