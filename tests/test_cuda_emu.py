@@ -124,10 +124,18 @@ def test_emulator_poisons_dynamic_shared_memory(emu):
     ("grid_y_too_large", "grid dimensions"),
     ("block_too_large", "more than 1024 threads"),
     ("grid_truncated", "out of range"),
+    ("misaligned_vector_load", "a 16-byte load: the address 0x[0-9a-f]+ is not 16-byte aligned"),
+    ("misaligned_vector_store", "a 16-byte store: the address 0x[0-9a-f]+ is not 16-byte aligned"),
 ])
 def test_emulator_rejects_what_a_gpu_would_reject(emu, case, match):
     with pytest.raises(RuntimeError, match=match):
         emu.selftest(case)
+
+
+def test_emulator_runs_aligned_vector_accesses(emu):
+    before = emu.vector_accesses()
+    assert torch.equal(emu.selftest("vector_copy")[:256], torch.arange(256.0))
+    assert emu.vector_accesses() - before == 2 * 64  # a load and a store per thread
 
 
 def test_emulator_allows_large_shared_memory_after_the_attribute(emu):
@@ -547,6 +555,23 @@ def test_infonce_tensor_core_selection(emu, monkeypatch):
     monkeypatch.setenv("INSLOC_OPS_CUDA_INFONCE_TC", "yes")
     with pytest.raises(RuntimeError, match="INSLOC_OPS_CUDA_INFONCE_TC must be 0 or 1"):
         emu.queue_infonce(q, k, queue, 0.2)
+
+
+@pytest.mark.parametrize("queue_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_infonce_tensor_cores_read_a_queue_at_any_address(emu, queue_dtype, monkeypatch):
+    # The tensor-core kernels read the queue in 16-byte chunks where its address allows (a GPU faults on a
+    # misaligned one, and so does the emulator), element by element where it does not: here a view that
+    # starts one element into its storage. Both give the same tiles, hence the same bits.
+    q, k, queue = infonce_tests.make_inputs(2, 9, 300, 32, queue_dtype=queue_dtype, seed=66)
+    shifted = torch.empty(queue.numel() + 1, dtype=queue.dtype)[1:].view(queue.shape).copy_(queue)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    g = torch.rand(2, 9, generator=torch.Generator().manual_seed(67))
+    with tensor_cores(True, monkeypatch):
+        before = emu.vector_accesses()
+        aligned = infonce_run(emu, q, k, queue, 0.2, g)
+        middle = emu.vector_accesses()
+        assert_all_equal([aligned, infonce_run(emu, q, k, shifted, 0.2, g)])
+    assert middle > before and emu.vector_accesses() == middle  # 16-byte chunks, then element by element
 
 
 @pytest.mark.parametrize("tc", [True, False], ids=["tc", "cudacores"])

@@ -25,6 +25,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -227,6 +228,7 @@ constexpr int kTcPad = 4;                          // floats of row padding: kee
 constexpr int kTcLdS = kTcTile + kTcPad;           // leading dimension of the [kTcRows, kTcTile] logits
 constexpr int kTcLanes = kTcThreads / kTcRows;     // threads per row for the element-wise work (8)
 constexpr int kTcCols = kTcTile / kTcLanes;        // logits per thread per tile (8)
+constexpr int kTcBatch = 4;                        // 16-byte queue loads a thread has in flight at once
 static_assert(kTcRows == kRows, "the host's row blocks are the same for both versions");
 
 // WMMA TF32 exists from sm_80 on; the host launches these kernels only there. Code for older GPUs
@@ -273,11 +275,63 @@ __device__ __forceinline__ void tf32x3_mma(TcAcc& acc, const float* a_ptr, unsig
 #endif
 
 // Queue rows [k0, k0 + kTcTile) of one group as fp32 into tile [kTcTile, ld]; rows past k_end are zero.
+// vec (the queue's base address a multiple of 16 bytes): in 16-byte chunks (4 fp32, 8 fp16/bf16, 2 fp64).
+// D % 16 == 0 makes a row a whole, even number of chunks, 16-byte aligned in global and shared memory
+// (ld % 4 == 0), and the tile kTcThreads x (chunks per row / 2) chunks: the same count for every thread.
+// Each thread issues kTcBatch loads before it stores any, so that a block has kTcThreads x kTcBatch x 16
+// bytes in flight instead of one 4-byte load per thread. Otherwise one element at a time.
 template <typename queue_t>
 __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D,
-                                             int ld) {
+                                             int ld, bool vec) {
   const queue_t* src = queue + k0 * D;
   const int64_t valid = min(int64_t(kTcTile), k_end - k0);
+  if (vec) {
+    constexpr int kVec = 16 / sizeof(queue_t);
+    constexpr int kBatch = sizeof(queue_t) == 2 ? kTcBatch / 2 : kTcBatch;  // 16-bit: as many elements as fp32
+    const int per_row = D / kVec, per_thread = per_row / 2;
+    // Chunk i = threadIdx.x + j * kTcThreads is (row r, chunk c of the row), stepped without a division.
+    int r = threadIdx.x / per_row, c = threadIdx.x - r * per_row;
+    const int dr = kTcThreads / per_row, dc = kTcThreads - dr * per_row;
+    for (int j = 0; j < per_thread; j += kBatch) {
+      alignas(16) queue_t v[kBatch][kVec];
+      const int r_first = r, c_first = c;  // the batch's first chunk: the stores below step from it again
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (j + u >= per_thread) break;
+        if (r < valid) {
+          gpu::load16(v[u], src + r * D + c * kVec);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) v[u][e] = queue_t(0);
+        }
+        r += dr;
+        c += dc;
+        if (c >= per_row) c -= per_row, ++r;
+      }
+      r = r_first, c = c_first;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (j + u >= per_thread) break;
+        float* dst = tile + r * ld + c * kVec;
+#pragma unroll
+        for (int e = 0; e < kVec; e += 4) {
+          float f[4];
+#pragma unroll
+          for (int t = 0; t < 4; ++t) f[t] = e + t < kVec ? static_cast<float>(v[u][e + t]) : 0.f;
+          if constexpr (kVec >= 4) {
+            gpu::store16(dst + e, f);
+          } else {
+#pragma unroll
+            for (int t = 0; t < kVec; ++t) dst[e + t] = f[t];
+          }
+        }
+        r += dr;
+        c += dc;
+        if (c >= per_row) c -= per_row, ++r;
+      }
+    }
+    return;
+  }
   // Without a division per element: where D divides the block, kTcThreads / D rows per pass (one element
   // per thread); otherwise one row per pass, its columns strided by kTcThreads.
   const bool packed = kTcThreads % D == 0;
@@ -341,9 +395,9 @@ __device__ __forceinline__ void merge_row_lanes(float& m, float& s) {
 template <typename queue_t>
 __device__ __forceinline__ void next_tile_logits_tc(float* s_s, float* tile, const float* q_s, const queue_t* queue_g,
                                                     int64_t k0, int64_t k_end, int D, int ld, float inv_t,
-                                                    bool q_exact, bool queue_exact) {
+                                                    bool q_exact, bool queue_exact, bool vec) {
   __syncthreads();
-  load_tile_tc(tile, queue_g, k0, k_end, D, ld);
+  load_tile_tc(tile, queue_g, k0, k_end, D, ld, vec);
   __syncthreads();
   tile_logits_tc(s_s, q_s, tile, D, ld, inv_t, q_exact, queue_exact);
   __syncthreads();
@@ -353,7 +407,7 @@ template <typename queue_t>
 __global__ void __launch_bounds__(kTcThreads)
     forward_partials_tc_kernel(const float* __restrict__ qa, const queue_t* __restrict__ queue, float* part_m,
                                float* part_s, int64_t N, int64_t K, int D, int64_t per_split, int64_t splits,
-                               float inv_t, bool q_exact) {
+                               float inv_t, bool q_exact, bool vec) {
   constexpr bool queue_exact = !std::is_same<queue_t, float>::value && !std::is_same<queue_t, double>::value;
   INSLOC_DYNAMIC_SHARED(smem_raw);
   const int ld = D + kTcPad;
@@ -367,7 +421,7 @@ __global__ void __launch_bounds__(kTcThreads)
   load_rows_tc(q_s, qa, g, r0, N, D, ld);
   float m = neg_inf<float>(), s = 0.f;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcTile) {
-    next_tile_logits_tc(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact);
+    next_tile_logits_tc(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact, vec);
 #pragma unroll
     for (int c = 0; c < kTcCols; ++c) {
       const int col = lane + c * kTcLanes;
@@ -387,7 +441,7 @@ __global__ void __launch_bounds__(kTcThreads)
     backward_partials_tc_kernel(const float* __restrict__ qa, const queue_t* __restrict__ queue,
                                 const float* __restrict__ lse, const float* __restrict__ grad, float* dq_part,
                                 int64_t G, int64_t N, int64_t K, int D, int64_t per_split, float inv_t, bool atomic,
-                                bool q_exact) {
+                                bool q_exact, bool vec) {
   constexpr bool queue_exact = !std::is_same<queue_t, float>::value && !std::is_same<queue_t, double>::value;
   INSLOC_DYNAMIC_SHARED(smem_raw);
   const int ld = D + kTcPad;
@@ -406,7 +460,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const float row_coef = row_ok ? grad[g * N + r0 + row] * inv_t : 0.f;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcTile) {
     // (its first barrier also waits until the previous tile's dq products are done with tile and s_s)
-    next_tile_logits_tc(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact);
+    next_tile_logits_tc(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact, vec);
 #pragma unroll
     for (int c = 0; c < kTcCols; ++c) {
       const int col = lane + c * kTcLanes;
@@ -450,6 +504,9 @@ bool use_tensor_cores(const at::Tensor& q, int device) {
   return infonce_acc_type(q) == at::kFloat && D > 0 && D % 16 == 0 && gpu::compute_capability_major(device) >= 8 &&
          tc_backward_smem(D) <= gpu::max_shared_per_block_optin(device);
 }
+
+// Whether the tensor-core kernels may read t in 16-byte chunks (a view can start anywhere in its storage).
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue, double temperature) {
   check_infonce_args(q, k, queue, temperature);
@@ -498,7 +555,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
           allow_shared(forward_partials_tc_kernel<queue_t>, smem, device, D);
           INSLOC_LAUNCH(dim3(splits, row_blocks, G), kTcThreads, smem, stream, forward_partials_tc_kernel<queue_t>)(
               qa.data_ptr<float>(), queue_c.data_ptr<queue_t>(), part_m.data_ptr<float>(), part_s.data_ptr<float>(),
-              N, K, int(D), per_split, splits, inv_t, q.scalar_type() != at::kFloat);
+              N, K, int(D), per_split, splits, inv_t, q.scalar_type() != at::kFloat, aligned16(queue_c));
           INSLOC_LAUNCH_CHECK();
           return;
         }
@@ -563,7 +620,8 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
             allow_shared(backward_partials_tc_kernel<queue_t>, smem, device, D);
             INSLOC_LAUNCH(dim3(splits, row_blocks, G), kTcThreads, smem, stream, backward_partials_tc_kernel<queue_t>)(
                 qa.data_ptr<float>(), queue_c.data_ptr<queue_t>(), la.data_ptr<float>(), ga.data_ptr<float>(),
-                dq_part.data_ptr<float>(), G, N, K, int(D), per_split, inv_t, atomic, q.scalar_type() != at::kFloat);
+                dq_part.data_ptr<float>(), G, N, K, int(D), per_split, inv_t, atomic, q.scalar_type() != at::kFloat,
+                aligned16(queue_c));
             INSLOC_LAUNCH_CHECK();
             return;
           }

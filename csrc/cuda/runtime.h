@@ -1,8 +1,8 @@
 // Every place csrc/cuda/*.cu touches the CUDA runtime, in one header: kernel launches, dynamic shared
-// memory, device properties, tensor-core WMMA, the device guard and stream, and op registration. Built by
-// setup.py these are the CUDA runtime and c10::cuda calls. With INSLOC_CUDA_EMU defined
-// (tests/cuda_emu.py), the same .cu files compile as host C++ against csrc/emu/cuda_emu.h, so CI runs the
-// CUDA kernels' own code on the CPU and registers them as torch.ops.insloc_emu.* for CPU tensors.
+// memory, device properties, tensor-core WMMA, 16-byte vector accesses, the device guard and stream, and op
+// registration. Built by setup.py these are the CUDA runtime and c10::cuda calls. With INSLOC_CUDA_EMU
+// defined (tests/cuda_emu.py), the same .cu files compile as host C++ against csrc/emu/cuda_emu.h, so CI runs
+// the CUDA kernels' own code on the CPU and registers them as torch.ops.insloc_emu.* for CPU tensors.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,6 +38,17 @@ template <typename Kernel>
 void allow_dynamic_shared(Kernel kernel, size_t bytes) {
   ::insloc_emu::allow_dynamic_shared(reinterpret_cast<const void*>(kernel), bytes);
 }
+// load16 / store16 (see the CUDA versions below): element by element, so that the checked builds see each
+// access, after the alignment check a GPU would fault on.
+template <typename T>
+inline void load16(T* out, const T* p) {
+  ::insloc_emu::check_vector_aligned(p, "a 16-byte load");
+  for (size_t i = 0; i < 16 / sizeof(T); ++i) out[i] = p[i];
+}
+inline void store16(float* p, const float* v) {
+  ::insloc_emu::check_vector_aligned(p, "a 16-byte store");
+  for (int i = 0; i < 4; ++i) p[i] = v[i];
+}
 }  // namespace insloc::gpu
 
 #else
@@ -72,6 +83,17 @@ inline size_t max_shared_per_block_optin(int device) {
 template <typename Kernel>
 void allow_dynamic_shared(Kernel kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+// out[0 .. 16 / sizeof(T)) = p[0 .. 16 / sizeof(T)) as one 16-byte load through the read-only path; p must be
+// 16-byte aligned (a GPU faults otherwise), out 16-byte aligned registers.
+template <typename T>
+__device__ __forceinline__ void load16(T* out, const T* p) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  memcpy(out, &v, 16);
+}
+// p[0 .. 4) = v[0 .. 4) as one 16-byte store; p must be 16-byte aligned.
+__device__ __forceinline__ void store16(float* p, const float* v) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
 }
 }  // namespace insloc::gpu
 

@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -149,6 +150,7 @@ struct State {
   const std::function<void()>* body = nullptr;
   std::map<const void*, size_t> shared_allowed;  // kernel -> dynamic shared bytes allowed
   std::string error;
+  uint64_t vector_accesses = 0;  // 16-byte loads and stores, for tests (torch.ops.insloc_emu.vector_accesses)
   // race build
   int64_t block_linear = 0, phase = 0;
   std::unordered_map<uintptr_t, WordRecord> global_words, shared_words;
@@ -412,6 +414,15 @@ struct DeviceGuard {
   template <typename D>
   explicit DeviceGuard(const D&) {}
 };
+
+// A 16-byte vector access (uint4 / float4) faults on a GPU unless its address is a multiple of 16.
+INSLOC_EMU_INTERNAL inline void check_vector_aligned(const void* p, const char* what) {
+  ++state().vector_accesses;
+  if (reinterpret_cast<uintptr_t>(p) % 16 == 0) return;
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%p", p);
+  fail(std::string(what) + ": the address " + buf + " is not 16-byte aligned");
+}
 
 }  // namespace insloc_emu
 

@@ -92,6 +92,14 @@ __global__ void noop_kernel(float*) {}
 // Reads one element past the end of `in` (n elements): only run under AddressSanitizer, which must stop it.
 __global__ void read_past_end_kernel(const float* in, float* out, int n) { out[threadIdx.x] = in[n - 1 + threadIdx.x]; }
 
+// 16-byte vector copy, 4 floats a thread, the load and the store `load_offset` / `store_offset` floats past
+// 16-byte aligned addresses: a GPU faults on any offset not a multiple of 4.
+__global__ void vector_copy_kernel(const float* in, float* out, int load_offset, int store_offset) {
+  alignas(16) float v[4];
+  insloc::gpu::load16(v, in + load_offset + 4 * threadIdx.x);
+  insloc::gpu::store16(out + store_offset + 4 * threadIdx.x, v);
+}
+
 at::Tensor selftest(const std::string& name) {
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   auto in = at::arange(2 * kThreads, opts);
@@ -133,6 +141,12 @@ at::Tensor selftest(const std::string& name) {
     INSLOC_LAUNCH(1, 1025, 0, 0, noop_kernel)(o);
   } else if (name == "grid_truncated") {
     INSLOC_LAUNCH(dim3(int64_t(1) << 32), 32, 0, 0, noop_kernel)(o);
+  } else if (name == "vector_copy") {
+    INSLOC_LAUNCH(1, 64, 0, 0, vector_copy_kernel)(i, o, 0, 0);
+  } else if (name == "misaligned_vector_load") {
+    INSLOC_LAUNCH(1, 64, 0, 0, vector_copy_kernel)(i, o, 1, 0);
+  } else if (name == "misaligned_vector_store") {
+    INSLOC_LAUNCH(1, 64, 0, 0, vector_copy_kernel)(i, o, 0, 2);
   } else if (name == "read_past_end") {
 #if defined(__SANITIZE_ADDRESS__)
     INSLOC_LAUNCH(1, 2, 0, 0, read_past_end_kernel)(i, o, 2 * kThreads);
@@ -294,7 +308,11 @@ at::Tensor selftest_wmma(const std::string& name, const at::Tensor& a, const at:
 
 }  // namespace
 
+// How many 16-byte vector loads and stores kernels have made since the library was loaded.
+int64_t vector_accesses() { return int64_t(insloc_emu::state().vector_accesses); }
+
 TORCH_LIBRARY_FRAGMENT(insloc_emu, m) {
   m.def("selftest(str name) -> Tensor", &selftest);
+  m.def("vector_accesses() -> int", &vector_accesses);
   m.def("selftest_wmma(str name, Tensor a, Tensor b, Tensor c) -> Tensor", &selftest_wmma);
 }
