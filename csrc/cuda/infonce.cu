@@ -96,10 +96,12 @@ struct Place {
   int row, lane;
 };
 
+// Lanes: the threads that share a row (kLanes here, kTcLanes in the tensor-core kernels).
+template <int Lanes = kLanes>
 __device__ __forceinline__ Place place(int64_t K, int64_t per_split) {
   const int64_t split = blockIdx.x, k_begin = split * per_split;
   return {split, int64_t(blockIdx.y) * kRows, int64_t(blockIdx.z), k_begin, min(K, k_begin + per_split),
-          int(threadIdx.x / kLanes), int(threadIdx.x % kLanes)};
+          int(threadIdx.x / Lanes), int(threadIdx.x % Lanes)};
 }
 
 template <typename acc_t, typename queue_t>
@@ -230,6 +232,9 @@ constexpr int kTcLanes = kTcThreads / kTcRows;     // threads per row for the el
 constexpr int kTcCols = kTcTile / kTcLanes;        // logits per thread per tile (8)
 constexpr int kTcBatch = 4;                        // 16-byte queue loads a thread has in flight at once
 static_assert(kTcRows == kRows, "the host's row blocks are the same for both versions");
+// Whether every value of T is exact in TF32 (fp16 and bf16 are), so that it needs no low part.
+template <typename T>
+constexpr bool kExactInTf32 = !std::is_same<T, float>::value && !std::is_same<T, double>::value;
 
 // WMMA TF32 exists from sm_80 on; the host launches these kernels only there. Code for older GPUs
 // (an arch added for the build machine's own GPU) gets an empty body.
@@ -278,8 +283,9 @@ __device__ __forceinline__ void tf32x3_mma(TcAcc& acc, const float* a_ptr, unsig
 // vec (the queue's base address a multiple of 16 bytes): in 16-byte chunks (4 fp32, 8 fp16/bf16, 2 fp64).
 // D % 16 == 0 makes a row a whole, even number of chunks, 16-byte aligned in global and shared memory
 // (ld % 4 == 0), and the tile kTcThreads x (chunks per row / 2) chunks: the same count for every thread.
-// Each thread issues kTcBatch loads before it stores any, so that a block has kTcThreads x kTcBatch x 16
-// bytes in flight instead of one 4-byte load per thread. Otherwise one element at a time.
+// Each thread issues kTcBatch loads (half as many for 16-bit types: the same number of values) before it
+// stores any, so that a block has up to kTcThreads x kTcBatch x 16 bytes in flight instead of one 4-byte load
+// per thread. Otherwise one element at a time.
 template <typename queue_t>
 __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D,
                                              int ld, bool vec) {
@@ -292,6 +298,11 @@ __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, 
     // Chunk i = threadIdx.x + j * kTcThreads is (row r, chunk c of the row), stepped without a division.
     int r = threadIdx.x / per_row, c = threadIdx.x - r * per_row;
     const int dr = kTcThreads / per_row, dc = kTcThreads - dr * per_row;
+    const auto next_chunk = [&] {
+      r += dr;
+      c += dc;
+      if (c >= per_row) c -= per_row, ++r;
+    };
     for (int j = 0; j < per_thread; j += kBatch) {
       alignas(16) queue_t v[kBatch][kVec];
       const int r_first = r, c_first = c;  // the batch's first chunk: the stores below step from it again
@@ -304,9 +315,7 @@ __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, 
 #pragma unroll
           for (int e = 0; e < kVec; ++e) v[u][e] = queue_t(0);
         }
-        r += dr;
-        c += dc;
-        if (c >= per_row) c -= per_row, ++r;
+        next_chunk();
       }
       r = r_first, c = c_first;
 #pragma unroll
@@ -325,9 +334,7 @@ __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, 
             for (int t = 0; t < kVec; ++t) dst[e + t] = f[t];
           }
         }
-        r += dr;
-        c += dc;
-        if (c >= per_row) c -= per_row, ++r;
+        next_chunk();
       }
     }
     return;
@@ -408,15 +415,13 @@ __global__ void __launch_bounds__(kTcThreads)
     forward_partials_tc_kernel(const float* __restrict__ qa, const queue_t* __restrict__ queue, float* part_m,
                                float* part_s, int64_t N, int64_t K, int D, int64_t per_split, int64_t splits,
                                float inv_t, bool q_exact, bool vec) {
-  constexpr bool queue_exact = !std::is_same<queue_t, float>::value && !std::is_same<queue_t, double>::value;
+  constexpr bool queue_exact = kExactInTf32<queue_t>;
   INSLOC_DYNAMIC_SHARED(smem_raw);
   const int ld = D + kTcPad;
   float* q_s = reinterpret_cast<float*>(smem_raw);  // [kTcRows, ld]
   float* tile = q_s + kTcRows * ld;                  // [kTcTile, ld]
   float* s_s = tile + kTcTile * ld;                  // [kTcRows, kTcLdS]
-  const int64_t split = blockIdx.x, r0 = int64_t(blockIdx.y) * kTcRows, g = blockIdx.z;
-  const int64_t k_begin = split * per_split, k_end = min(K, k_begin + per_split);
-  const int row = threadIdx.x / kTcLanes, lane = threadIdx.x % kTcLanes;
+  const auto [split, r0, g, k_begin, k_end, row, lane] = place<kTcLanes>(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
   load_rows_tc(q_s, qa, g, r0, N, D, ld);
   float m = neg_inf<float>(), s = 0.f;
@@ -442,16 +447,14 @@ __global__ void __launch_bounds__(kTcThreads)
                                 const float* __restrict__ lse, const float* __restrict__ grad, float* dq_part,
                                 int64_t G, int64_t N, int64_t K, int D, int64_t per_split, float inv_t, bool atomic,
                                 bool q_exact, bool vec) {
-  constexpr bool queue_exact = !std::is_same<queue_t, float>::value && !std::is_same<queue_t, double>::value;
+  constexpr bool queue_exact = kExactInTf32<queue_t>;
   INSLOC_DYNAMIC_SHARED(smem_raw);
   const int ld = D + kTcPad;
   float* q_s = reinterpret_cast<float*>(smem_raw);  // [kTcRows, ld]
   float* tile = q_s + kTcRows * ld;                  // [kTcTile, ld]
   float* s_s = tile + kTcTile * ld;                  // [kTcRows, kTcLdS]: logits, then g / T p
   float* dq_s = s_s + kTcRows * kTcLdS;              // [kTcRows, ld]
-  const int64_t split = blockIdx.x, r0 = int64_t(blockIdx.y) * kTcRows, g = blockIdx.z;
-  const int64_t k_begin = split * per_split, k_end = min(K, k_begin + per_split);
-  const int row = threadIdx.x / kTcLanes, lane = threadIdx.x % kTcLanes;
+  const auto [split, r0, g, k_begin, k_end, row, lane] = place<kTcLanes>(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
   load_rows_tc(q_s, qa, g, r0, N, D, ld);
   for (int i = threadIdx.x; i < kTcRows * ld; i += kTcThreads) dq_s[i] = 0.f;
