@@ -493,9 +493,9 @@ def tensor_cores(on, monkeypatch):
         yield
 
 
-# D = 8, 24: CUDA cores whatever the setting; 16, 48, 128: tensor cores unless switched off.
+# D = 0, 8, 24: CUDA cores whatever the setting; 16, 48, 128: tensor cores unless switched off.
 @pytest.mark.parametrize("shape", [(1, 1, 5, 8), (2, 19, 300, 24), (4, 33, 1000, 128), (1, 3, 0, 8),
-                                   (1, 40, 130, 16), (2, 17, 333, 48), (1, 3, 0, 16)])
+                                   (1, 40, 130, 16), (2, 17, 333, 48), (1, 3, 0, 16), (2, 3, 7, 0)])
 @pytest.mark.parametrize("temperature", [0.07, 0.2])
 @pytest.mark.parametrize("tc", [True, False], ids=["tc", "cudacores"])
 def test_infonce_matches_the_oracles(emu, shape, temperature, tc, monkeypatch):

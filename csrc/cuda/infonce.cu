@@ -45,23 +45,51 @@ constexpr int kLanes = kThreads / kRows;    // threads per row
 constexpr int kTile = 32;                   // queue rows per shared-memory tile
 constexpr int kCols = kTile / kLanes;       // logits per thread per tile
 constexpr int64_t kMaxBackwardSplits = 16;  // deterministic backward: bounds the dq partials at 16 x G x N x D
+constexpr int kLoadBatch = 8;               // queue elements a thread loads before it stores any (tile loader)
 
+// Flat indices start, start + stride, ... of a row-major [rows, width] array as (row r, column c), stepped
+// without a division (which for a width known only at run time costs a call per element on a GPU). Width 0
+// (D = 0) has no elements: r starts past every row.
+struct Walk {
+  int r, c, dr, dc, width;
+  __device__ __forceinline__ Walk(int start, int stride, int w)
+      : r(w > 0 ? start / w : 0x7fffffff), c(w > 0 ? start - r * w : 0), dr(w > 0 ? stride / w : 0),
+        dc(stride - dr * w), width(w) {}
+  __device__ __forceinline__ void next() {
+    r += dr;
+    c += dc;
+    if (c >= width) c -= width, ++r;
+  }
+};
+
+// Queue rows [k0, k0 + kTile) into tile [kTile, D + 1]; rows past k_end are zero so that 0 * p stays 0.
+// Each thread has kLoadBatch loads in flight before it stores them, instead of one load, then its store.
+// The loads take no branch: an element of a row past k_end (or past the tile) reads the last valid row
+// instead (k0 < k_end, so there is one) and stores zero (or nothing).
 template <typename acc_t, typename queue_t>
-__device__ void load_tile(acc_t* tile, const queue_t* queue, int64_t k0, int64_t k_end, int64_t D) {
-  // tile: [kTile, D + 1]; rows past k_end are zero so that 0 * p stays 0.
-  for (int64_t i = threadIdx.x; i < kTile * D; i += kThreads) {
-    const int64_t r = i / D, d = i % D;
-    tile[r * (D + 1) + d] = k0 + r < k_end ? static_cast<acc_t>(queue[(k0 + r) * D + d]) : acc_t(0);
+__device__ void load_tile(acc_t* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D) {
+  const queue_t* src = queue + k0 * D;
+  const int valid = int(min(int64_t(kTile), k_end - k0));
+  for (Walk w(threadIdx.x, kThreads, D); w.r < kTile;) {
+    queue_t v[kLoadBatch];
+    const Walk first = w;
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u, w.next()) v[u] = src[min(w.r, valid - 1) * D + w.c];
+    w = first;
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u, w.next()) {
+      if (w.r < kTile) tile[w.r * (D + 1) + w.c] = w.r < valid ? static_cast<acc_t>(v[u]) : acc_t(0);
+    }
   }
 }
 
 // logits of this thread's row against its kCols columns of the tile, already divided by T.
 template <typename acc_t>
-__device__ void tile_logits(acc_t (&out)[kCols], const acc_t* q_row, const acc_t* tile, int lane, int64_t D,
+__device__ void tile_logits(acc_t (&out)[kCols], const acc_t* q_row, const acc_t* tile, int lane, int D,
                             acc_t inv_t) {
 #pragma unroll
   for (int c = 0; c < kCols; ++c) out[c] = 0;
-  for (int64_t d = 0; d < D; ++d) {
+  for (int d = 0; d < D; ++d) {
     const acc_t qd = q_row[d];
 #pragma unroll
     for (int c = 0; c < kCols; ++c) out[c] += qd * tile[(lane + c * kLanes) * (D + 1) + d];
@@ -70,19 +98,19 @@ __device__ void tile_logits(acc_t (&out)[kCols], const acc_t* q_row, const acc_t
   for (int c = 0; c < kCols; ++c) out[c] *= inv_t;
 }
 
-template <typename acc_t>
-__device__ void load_rows(acc_t* q_s, const acc_t* qa, int64_t g, int64_t r0, int64_t N, int64_t D) {
-  for (int64_t i = threadIdx.x; i < kRows * D; i += kThreads) {
-    const int64_t r = i / D, d = i % D;
-    q_s[r * (D + 1) + d] = r0 + r < N ? qa[(g * N + r0 + r) * D + d] : acc_t(0);
-  }
+// The block's query rows [r0, r0 + kRows) of group g into q_s [kRows, ld]; rows past N are zero. Threads:
+// the block's size.
+template <int Threads, typename acc_t>
+__device__ void load_rows(acc_t* q_s, const acc_t* qa, int64_t g, int64_t r0, int64_t N, int D, int ld) {
+  for (Walk w(threadIdx.x, Threads, D); w.r < kRows; w.next())
+    q_s[w.r * ld + w.c] = r0 + w.r < N ? qa[(g * N + r0 + w.r) * D + w.c] : acc_t(0);
 }
 
 // Stages queue rows [k0, k0 + kTile) in shared memory, once every thread is done with the previous tile
 // (and, for the first, once q_s is loaded), then this thread's logits against them.
 template <typename acc_t, typename queue_t>
 __device__ __forceinline__ void next_tile_logits(acc_t (&logits)[kCols], acc_t* tile, const acc_t* q_s,
-                                                 const queue_t* queue_g, int64_t k0, int64_t k_end, int64_t D,
+                                                 const queue_t* queue_g, int64_t k0, int64_t k_end, int D,
                                                  int row, int lane, acc_t inv_t) {
   __syncthreads();
   load_tile(tile, queue_g, k0, k_end, D);
@@ -107,7 +135,7 @@ __device__ __forceinline__ Place place(int64_t K, int64_t per_split) {
 template <typename acc_t, typename queue_t>
 __global__ void __launch_bounds__(kThreads)
     forward_partials_kernel(const acc_t* __restrict__ qa, const queue_t* __restrict__ queue, acc_t* part_m,
-                            acc_t* part_s, int64_t N, int64_t K, int64_t D, int64_t per_split, int64_t splits,
+                            acc_t* part_s, int64_t N, int64_t K, int D, int64_t per_split, int64_t splits,
                             acc_t inv_t) {
   INSLOC_DYNAMIC_SHARED(smem_raw);
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kRows, D + 1]
@@ -115,7 +143,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ acc_t red_m[kThreads], red_s[kThreads];
   const auto [split, r0, g, k_begin, k_end, row, lane] = place(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
-  load_rows(q_s, qa, g, r0, N, D);
+  load_rows<kThreads>(q_s, qa, g, r0, N, D, D + 1);
   acc_t m = neg_inf<acc_t>(), s = 0;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
     acc_t logits[kCols];
@@ -155,7 +183,7 @@ template <typename acc_t, typename queue_t>
 __global__ void __launch_bounds__(kThreads)
     backward_partials_kernel(const acc_t* __restrict__ qa, const queue_t* __restrict__ queue,
                              const acc_t* __restrict__ lse, const acc_t* __restrict__ grad, acc_t* dq_part,
-                             int64_t G, int64_t N, int64_t K, int64_t D, int64_t per_split, acc_t inv_t,
+                             int64_t G, int64_t N, int64_t K, int D, int64_t per_split, acc_t inv_t,
                              bool atomic) {
   INSLOC_DYNAMIC_SHARED(smem_raw);
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kRows, D + 1]
@@ -164,8 +192,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ acc_t p_s[kRows][kTile + 1];
   const auto [split, r0, g, k_begin, k_end, row, lane] = place(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
-  load_rows(q_s, qa, g, r0, N, D);
-  for (int64_t i = threadIdx.x; i < kRows * D; i += kThreads) dq_s[i] = 0;
+  load_rows<kThreads>(q_s, qa, g, r0, N, D, D + 1);
+  for (int i = threadIdx.x; i < kRows * D; i += kThreads) dq_s[i] = 0;
   const bool row_ok = r0 + row < N;
   const acc_t row_lse = row_ok ? lse[g * N + r0 + row] : acc_t(0);
   const acc_t row_coef = row_ok ? grad[g * N + r0 + row] * inv_t : acc_t(0);
@@ -178,24 +206,22 @@ __global__ void __launch_bounds__(kThreads)
       p_s[row][col] = (row_ok && k0 + col < k_end) ? row_coef * infonce_prob(logits[c], row_lse) : acc_t(0);
     }
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < kRows * D; i += kThreads) {
-      const int64_t r = i / D, d = i % D;
+    for (Walk w(threadIdx.x, kThreads, D); w.r < kRows; w.next()) {
       acc_t sum = 0;
 #pragma unroll 8
-      for (int c = 0; c < kTile; ++c) sum += p_s[r][c] * tile[c * (D + 1) + d];
-      dq_s[i] += sum;  // each i has one owner thread: no race
+      for (int c = 0; c < kTile; ++c) sum += p_s[w.r][c] * tile[c * (D + 1) + w.c];
+      dq_s[w.r * D + w.c] += sum;  // each element has one owner thread: no race
     }
   }
   __syncthreads();
   // atomic: every split adds into slot 0 (zeroed); otherwise each split owns its slot.
   acc_t* out = dq_part + ((int64_t(atomic ? 0 : split) * G + g) * N) * D;
-  for (int64_t i = threadIdx.x; i < kRows * D; i += kThreads) {
-    const int64_t r = i / D;
-    if (r0 + r >= N) continue;
+  for (Walk w(threadIdx.x, kThreads, D); w.r < kRows; w.next()) {
+    if (r0 + w.r >= N) continue;
     if (atomic)
-      atomicAdd(out + (r0 + r) * D + i % D, dq_s[i]);
+      atomicAdd(out + (r0 + w.r) * D + w.c, dq_s[w.r * D + w.c]);
     else
-      out[(r0 + r) * D + i % D] = dq_s[i];
+      out[(r0 + w.r) * D + w.c] = dq_s[w.r * D + w.c];
   }
 }
 
@@ -295,33 +321,27 @@ __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, 
     constexpr int kVec = 16 / sizeof(queue_t);
     constexpr int kBatch = sizeof(queue_t) == 2 ? kTcBatch / 2 : kTcBatch;  // 16-bit: as many elements as fp32
     const int per_row = D / kVec, per_thread = per_row / 2;
-    // Chunk i = threadIdx.x + j * kTcThreads is (row r, chunk c of the row), stepped without a division.
-    int r = threadIdx.x / per_row, c = threadIdx.x - r * per_row;
-    const int dr = kTcThreads / per_row, dc = kTcThreads - dr * per_row;
-    const auto next_chunk = [&] {
-      r += dr;
-      c += dc;
-      if (c >= per_row) c -= per_row, ++r;
-    };
+    // Chunk threadIdx.x + j * kTcThreads is (row w.r, chunk w.c of the row).
+    Walk w(threadIdx.x, kTcThreads, per_row);
     for (int j = 0; j < per_thread; j += kBatch) {
       alignas(16) queue_t v[kBatch][kVec];
-      const int r_first = r, c_first = c;  // the batch's first chunk: the stores below step from it again
+      const Walk first = w;  // the batch's first chunk: the stores below step from it again
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         if (j + u >= per_thread) break;
-        if (r < valid) {
-          gpu::load16(v[u], src + r * D + c * kVec);
+        if (w.r < valid) {
+          gpu::load16(v[u], src + w.r * D + w.c * kVec);
         } else {
 #pragma unroll
           for (int e = 0; e < kVec; ++e) v[u][e] = queue_t(0);
         }
-        next_chunk();
+        w.next();
       }
-      r = r_first, c = c_first;
+      w = first;
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         if (j + u >= per_thread) break;
-        float* dst = tile + r * ld + c * kVec;
+        float* dst = tile + w.r * ld + w.c * kVec;
 #pragma unroll
         for (int e = 0; e < kVec; e += 4) {
           float f[4];
@@ -334,7 +354,7 @@ __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, 
             for (int t = 0; t < kVec; ++t) dst[e + t] = f[t];
           }
         }
-        next_chunk();
+        w.next();
       }
     }
     return;
@@ -346,15 +366,6 @@ __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, 
   const int d0 = packed ? threadIdx.x % D : threadIdx.x;
   for (int r = packed ? threadIdx.x / D : 0; r < kTcTile; r += rows_per_pass)
     for (int d = d0; d < D; d += kTcThreads) tile[r * ld + d] = r < valid ? static_cast<float>(src[r * D + d]) : 0.f;
-}
-
-// The block's query rows [r0, r0 + kTcRows) of group g into q_s [kTcRows, ld]; rows past N are zero.
-__device__ __forceinline__ void load_rows_tc(float* q_s, const float* qa, int64_t g, int64_t r0, int64_t N, int D,
-                                             int ld) {
-  for (int i = threadIdx.x; i < kTcRows * D; i += kTcThreads) {
-    const int r = i / D, d = i - r * D;
-    q_s[r * ld + d] = r0 + r < N ? qa[(g * N + r0 + r) * D + d] : 0.f;
-  }
 }
 
 // s_s [kTcRows, kTcLdS] = q_s . tile^T / T: warp w computes columns [16 w, 16 w + 16).
@@ -423,7 +434,7 @@ __global__ void __launch_bounds__(kTcThreads)
   float* s_s = tile + kTcTile * ld;                  // [kTcRows, kTcLdS]
   const auto [split, r0, g, k_begin, k_end, row, lane] = place<kTcLanes>(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
-  load_rows_tc(q_s, qa, g, r0, N, D, ld);
+  load_rows<kTcThreads>(q_s, qa, g, r0, N, D, ld);
   float m = neg_inf<float>(), s = 0.f;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcTile) {
     next_tile_logits_tc(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact, vec);
@@ -456,7 +467,7 @@ __global__ void __launch_bounds__(kTcThreads)
   float* dq_s = s_s + kTcRows * kTcLdS;              // [kTcRows, ld]
   const auto [split, r0, g, k_begin, k_end, row, lane] = place<kTcLanes>(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
-  load_rows_tc(q_s, qa, g, r0, N, D, ld);
+  load_rows<kTcThreads>(q_s, qa, g, r0, N, D, ld);
   for (int i = threadIdx.x; i < kTcRows * ld; i += kTcThreads) dq_s[i] = 0.f;
   const bool row_ok = r0 + row < N;
   const float row_lse = row_ok ? lse[g * N + r0 + row] : 0.f;
@@ -567,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
       allow_shared(forward_partials_kernel<acc_t, queue_t>, smem, device, D);
       INSLOC_LAUNCH(dim3(splits, row_blocks, G), kThreads, smem, stream, forward_partials_kernel<acc_t, queue_t>)(
           qa.data_ptr<acc_t>(), queue_c.data_ptr<queue_t>(), part_m.data_ptr<acc_t>(), part_s.data_ptr<acc_t>(), N,
-          K, D, per_split, splits, inv_t);
+          K, int(D), per_split, splits, inv_t);
       INSLOC_LAUNCH_CHECK();
     });
     const int64_t rows = G * N;
@@ -633,7 +644,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
         allow_shared(backward_partials_kernel<acc_t, queue_t>, smem, device, D);
         INSLOC_LAUNCH(dim3(splits, row_blocks, G), kThreads, smem, stream, backward_partials_kernel<acc_t, queue_t>)(
             qa.data_ptr<acc_t>(), queue_c.data_ptr<queue_t>(), la.data_ptr<acc_t>(), ga.data_ptr<acc_t>(),
-            dq_part.data_ptr<acc_t>(), G, N, K, D, per_split, inv_t, atomic);
+            dq_part.data_ptr<acc_t>(), G, N, K, int(D), per_split, inv_t, atomic);
         INSLOC_LAUNCH_CHECK();
       });
     }
