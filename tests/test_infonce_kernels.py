@@ -335,7 +335,7 @@ def test_torch_compile_fullgraph_with_backward():
     torch.testing.assert_close(q1.grad, q2.grad)
 
 
-# Triton through the interpreter: fp32, tiny shapes.
+# Triton through the interpreter: tiny shapes.
 TRITON_SHAPES = [(4, 5, 207, 16), (0, 5, 207, 16), (2, 1, 33, 8), (1, 3, 0, 8), (2, 20, 150, 24)]
 
 
@@ -359,6 +359,49 @@ def test_triton_interpreter_backward_modes_and_bf16_queue(deterministic):
         check_against_oracles("triton", q, k, queue, 0.07, k_grad=deterministic, tol=dict(rtol=1e-4, atol=1e-5))
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def interpreter_bf16_dot_ok():
+    """Whether this Triton's interpreter computes a bfloat16 tl.dot: 3.8's multiplies the operands' bit
+    patterns instead (triton-lang/triton#11584), while float16 and compiled kernels are right."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot16(a_ptr, c_ptr):
+        r = tl.arange(0, 16)
+        a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
+        tl.store(c_ptr + r[:, None] * 16 + r[None, :], tl.dot(a, tl.trans(a), input_precision="ieee"))
+
+    a = torch.eye(16, dtype=torch.bfloat16)
+    c = torch.zeros(16, 16)
+    dot16[(1,)](a, c)
+    return torch.equal(c, torch.eye(16))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_interpreter_16_bit_inputs(dtype):
+    # q, k and queue all 16-bit: the kernels' native 16-bit dots (fp32 accumulation), p cast to 16 bits
+    # for the dq dot.
+    if dtype == torch.bfloat16 and not interpreter_bf16_dot_ok():
+        pytest.skip("this Triton's interpreter gets bfloat16 tl.dot wrong (triton-lang/triton#11584); "
+                    "the gpu tests run this case compiled")
+    for shape in [(2, 5, 150, 16), (0, 3, 70, 24)]:
+        q, k, queue = make_inputs(*shape, dtype=dtype)
+        check_against_oracles("triton", q, k, queue, 0.2)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")
+@pytest.mark.parametrize("dtype,queue_dtype", [
+    (torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+    (torch.bfloat16, torch.float16), (torch.float64, torch.bfloat16), (torch.float32, torch.float64)])
+def test_triton_interpreter_mixed_dtypes(dtype, queue_dtype):
+    # q and queue of different dtypes: fp32 dots, each operand cast as it is loaded (fp64 before the launch).
+    q, k, queue = make_inputs(2, 5, 150, 16, dtype=dtype, queue_dtype=queue_dtype)
+    check_against_oracles("triton", q, k, queue, 0.2)
 
 
 @pytest.mark.triton
