@@ -62,15 +62,16 @@ struct Walk {
   }
 };
 
-// Queue rows [k0, k0 + kTile) into tile [kTile, D + 1]; rows past k_end are zero so that 0 * p stays 0.
-// Each thread has kLoadBatch loads in flight before it stores them, instead of one load, then its store.
-// The loads take no branch: an element of a row past k_end (or past the tile) reads the last valid row
-// instead (k0 < k_end, so there is one) and stores zero (or nothing).
-template <typename acc_t, typename queue_t>
-__device__ void load_tile(acc_t* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D) {
+// Queue rows [k0, k0 + Tile) element by element into tile [Tile, ld] (a block of Threads threads); rows
+// past k_end are zero so that 0 * p stays 0. Each thread has kLoadBatch loads in flight before it stores
+// them, instead of one load, then its store. The loads take no branch: an element of a row past k_end (or
+// past the tile) reads the last valid row instead (k0 < k_end, so there is one) and stores zero (or nothing).
+template <int Threads, int Tile, typename acc_t, typename queue_t>
+__device__ __forceinline__ void load_tile(acc_t* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D,
+                                          int ld) {
   const queue_t* src = queue + k0 * D;
-  const int valid = int(min(int64_t(kTile), k_end - k0));
-  for (Walk w(threadIdx.x, kThreads, D); w.r < kTile;) {
+  const int valid = int(min(int64_t(Tile), k_end - k0));
+  for (Walk w(threadIdx.x, Threads, D); w.r < Tile;) {
     queue_t v[kLoadBatch];
     const Walk first = w;
 #pragma unroll
@@ -78,7 +79,7 @@ __device__ void load_tile(acc_t* tile, const queue_t* queue, int64_t k0, int64_t
     w = first;
 #pragma unroll
     for (int u = 0; u < kLoadBatch; ++u, w.next()) {
-      if (w.r < kTile) tile[w.r * (D + 1) + w.c] = w.r < valid ? static_cast<acc_t>(v[u]) : acc_t(0);
+      if (w.r < Tile) tile[w.r * ld + w.c] = w.r < valid ? static_cast<acc_t>(v[u]) : acc_t(0);
     }
   }
 }
@@ -113,7 +114,7 @@ __device__ __forceinline__ void next_tile_logits(acc_t (&logits)[kCols], acc_t* 
                                                  const queue_t* queue_g, int64_t k0, int64_t k_end, int D,
                                                  int row, int lane, acc_t inv_t) {
   __syncthreads();
-  load_tile(tile, queue_g, k0, k_end, D);
+  load_tile<kThreads, kTile>(tile, queue_g, k0, k_end, D, D + 1);
   __syncthreads();
   tile_logits(logits, q_s + row * (D + 1), tile, lane, D, inv_t);
 }
@@ -311,61 +312,55 @@ __device__ __forceinline__ void tf32x3_mma(TcAcc& acc, const float* a_ptr, unsig
 // (ld % 4 == 0), and the tile kTcThreads x (chunks per row / 2) chunks: the same count for every thread.
 // Each thread issues kTcBatch loads (half as many for 16-bit types: the same number of values) before it
 // stores any, so that a block has up to kTcThreads x kTcBatch x 16 bytes in flight instead of one 4-byte load
-// per thread. Otherwise one element at a time.
+// per thread. Otherwise element by element, as the CUDA-core kernels load theirs.
 template <typename queue_t>
 __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, int64_t k0, int64_t k_end, int D,
                                              int ld, bool vec) {
-  const queue_t* src = queue + k0 * D;
-  const int64_t valid = min(int64_t(kTcTile), k_end - k0);
-  if (vec) {
-    constexpr int kVec = 16 / sizeof(queue_t);
-    constexpr int kBatch = sizeof(queue_t) == 2 ? kTcBatch / 2 : kTcBatch;  // 16-bit: as many elements as fp32
-    const int per_row = D / kVec, per_thread = per_row / 2;
-    // Chunk threadIdx.x + j * kTcThreads is (row w.r, chunk w.c of the row).
-    Walk w(threadIdx.x, kTcThreads, per_row);
-    for (int j = 0; j < per_thread; j += kBatch) {
-      alignas(16) queue_t v[kBatch][kVec];
-      const Walk first = w;  // the batch's first chunk: the stores below step from it again
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        if (j + u >= per_thread) break;
-        if (w.r < valid) {
-          gpu::load16(v[u], src + w.r * D + w.c * kVec);
-        } else {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) v[u][e] = queue_t(0);
-        }
-        w.next();
-      }
-      w = first;
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        if (j + u >= per_thread) break;
-        float* dst = tile + w.r * ld + w.c * kVec;
-#pragma unroll
-        for (int e = 0; e < kVec; e += 4) {
-          float f[4];
-#pragma unroll
-          for (int t = 0; t < 4; ++t) f[t] = e + t < kVec ? static_cast<float>(v[u][e + t]) : 0.f;
-          if constexpr (kVec >= 4) {
-            gpu::store16(dst + e, f);
-          } else {
-#pragma unroll
-            for (int t = 0; t < kVec; ++t) dst[e + t] = f[t];
-          }
-        }
-        w.next();
-      }
-    }
+  if (!vec) {
+    load_tile<kTcThreads, kTcTile>(tile, queue, k0, k_end, D, ld);
     return;
   }
-  // Without a division per element: where D divides the block, kTcThreads / D rows per pass (one element
-  // per thread); otherwise one row per pass, its columns strided by kTcThreads.
-  const bool packed = kTcThreads % D == 0;
-  const int rows_per_pass = packed ? kTcThreads / D : 1;
-  const int d0 = packed ? threadIdx.x % D : threadIdx.x;
-  for (int r = packed ? threadIdx.x / D : 0; r < kTcTile; r += rows_per_pass)
-    for (int d = d0; d < D; d += kTcThreads) tile[r * ld + d] = r < valid ? static_cast<float>(src[r * D + d]) : 0.f;
+  const queue_t* src = queue + k0 * D;
+  const int64_t valid = min(int64_t(kTcTile), k_end - k0);
+  constexpr int kVec = 16 / sizeof(queue_t);
+  constexpr int kBatch = sizeof(queue_t) == 2 ? kTcBatch / 2 : kTcBatch;  // 16-bit: as many elements as fp32
+  const int per_row = D / kVec, per_thread = per_row / 2;
+  // Chunk threadIdx.x + j * kTcThreads is (row w.r, chunk w.c of the row).
+  Walk w(threadIdx.x, kTcThreads, per_row);
+  for (int j = 0; j < per_thread; j += kBatch) {
+    alignas(16) queue_t v[kBatch][kVec];
+    const Walk first = w;  // the batch's first chunk: the stores below step from it again
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (j + u >= per_thread) break;
+      if (w.r < valid) {
+        gpu::load16(v[u], src + w.r * D + w.c * kVec);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) v[u][e] = queue_t(0);
+      }
+      w.next();
+    }
+    w = first;
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (j + u >= per_thread) break;
+      float* dst = tile + w.r * ld + w.c * kVec;
+#pragma unroll
+      for (int e = 0; e < kVec; e += 4) {
+        float f[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) f[t] = e + t < kVec ? static_cast<float>(v[u][e + t]) : 0.f;
+        if constexpr (kVec >= 4) {
+          gpu::store16(dst + e, f);
+        } else {
+#pragma unroll
+          for (int t = 0; t < kVec; ++t) dst[e + t] = f[t];
+        }
+      }
+      w.next();
+    }
+  }
 }
 
 // s_s [kTcRows, kTcLdS] = q_s . tile^T / T: warp w computes columns [16 w, 16 w + 16).
