@@ -29,9 +29,17 @@ def _cpu_or_own_generator(generator, device):
     return generator if generator is not None and generator.device == torch.device(device) else None
 
 
-def sample_anchor_boxes_iou_matrix(gt_boxes, anchors, iou_threshold=0.5, *, generator=None, backend=None):
-    """What the official code does: the N x A IoU matrix, a threshold, then one multinomial draw per box
-    over its eligible anchors (argmax when there is none)."""
+def _uniform_only(nms_iou):
+    if nms_iou is not None:
+        raise ValueError("the anchor baselines make the uniform choice only: nms_iou must be None")
+
+
+def sample_anchor_boxes_iou_matrix(gt_boxes, anchors, iou_threshold=0.5, *, nms_iou=None, generator=None,
+                                   backend=None):
+    """The official code's structure without its NMS: the N x A IoU matrix, a threshold, then one
+    multinomial draw per box over its eligible anchors (argmax when there is none). The uniform choice
+    only (nms_iou must be None)."""
+    _uniform_only(nms_iou)
     iou = torchvision.ops.box_iou(gt_boxes.float(), anchors.float())  # [N, A]
     eligible = iou > iou_threshold  # [N, A]
     gen = _cpu_or_own_generator(generator, gt_boxes.device)
@@ -44,9 +52,11 @@ def sample_anchor_boxes_iou_matrix(gt_boxes, anchors, iou_threshold=0.5, *, gene
     return anchors[index], index, iou.gather(1, index[:, None]).squeeze(1)
 
 
-def sample_anchor_boxes_random_argmax(gt_boxes, anchors, iou_threshold=0.5, *, generator=None, backend=None):
+def sample_anchor_boxes_random_argmax(gt_boxes, anchors, iou_threshold=0.5, *, nms_iou=None, generator=None,
+                                      backend=None):
     """The strongest plain-PyTorch variant: the N x A IoU matrix and an N x A matrix of uniform random
     numbers; the eligible anchor with the largest one is a uniform choice, all boxes at once."""
+    _uniform_only(nms_iou)
     iou = torchvision.ops.box_iou(gt_boxes.float(), anchors.float())  # [N, A]
     eligible = iou > iou_threshold  # [N, A]
     noise = torch.rand(iou.shape, generator=generator).to(iou.device)  # [N, A]

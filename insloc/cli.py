@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import types
 import typing
 
 from .config import PRESETS, Config
@@ -21,7 +22,15 @@ def _add_field(parser, f, hint):
     kw = {"dest": f.name, "default": argparse.SUPPRESS,
           "help": f"{f.metadata.get('help', '')} [recipe: {default}]"}
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is bool:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # X | None: "none" gives None
+        (inner,) = [a for a in args if a is not type(None)]
+
+        def optional(value):
+            return None if value.lower() == "none" else inner(value)
+
+        optional.__name__ = f"{inner.__name__} or 'none'"  # argparse's error message names it
+        parser.add_argument(flag, type=optional, metavar=f"{inner.__name__.upper()}|none", **kw)
+    elif hint is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
     elif origin is list:
         parser.add_argument(flag, nargs="+", type=args[0], metavar=args[0].__name__.upper(), **kw)

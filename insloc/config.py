@@ -47,6 +47,9 @@ class Config:
     anchor_sizes: list[float] = _f([32.0, 64.0, 128.0, 256.0], "anchor sizes (pixels)")
     anchor_ratios: list[float] = _f([0.5, 0.75, 1.0, 1.5, 2.0], "anchor aspect ratios h/w")
     anchor_iou: float = _f(0.5, "an anchor replaces the box if IoU > this")
+    anchor_nms_iou: float | None = _f(None, "none: a uniform pick among the anchors with IoU > anchor_iou (the "
+                                            "paper); a number, e.g. 0.7: the official code's choice, random-score "
+                                            "NMS at this IoU among them, then a uniform pick among the survivors")
     # optimisation
     epochs: int = _f(200, "epochs (may be raised on --resume)")
     batch_size: int = _f(32, "images per process")

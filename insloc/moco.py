@@ -33,7 +33,7 @@ class MoCo(nn.Module):
     queue without a copy)."""
 
     def __init__(self, encoder, *, queue_size=65536, dim=128, momentum=0.999, temperature=0.2,
-                 anchors=None, anchor_iou=0.5, jittered_groups=(), shuffle_bn=True):
+                 anchors=None, anchor_iou=0.5, anchor_nms_iou=None, jittered_groups=(), shuffle_bn=True):
         super().__init__()
         self.encoder_q = encoder
         self.encoder_k = copy.deepcopy(encoder)
@@ -41,6 +41,9 @@ class MoCo(nn.Module):
             p.requires_grad_(False)
         self.num_groups = encoder.num_groups
         self.momentum, self.temperature, self.anchor_iou = momentum, temperature, anchor_iou
+        if anchor_nms_iou is not None and not 0.0 <= anchor_nms_iou <= 1.0:
+            raise ValueError(f"anchor_nms_iou must be None or a number in [0, 1], got {anchor_nms_iou!r}")
+        self.anchor_nms_iou = anchor_nms_iou  # None: uniform choice; a number: the official NMS-diversified one
         self.jittered_groups, self.shuffle_bn = tuple(jittered_groups), shuffle_bn
         self.register_buffer("queue", F.normalize(torch.randn(self.num_groups, queue_size, dim), dim=2))  # [G, K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # []
@@ -62,12 +65,13 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def query_rois(self, boxes, generator=None):
         """[G, N, 5] query rois: the ground-truth box, replaced on `jittered_groups` by a random anchor
-        with IoU > anchor_iou (recipe: P5 only for FPN, the one group for C4)."""
+        with IoU > anchor_iou (recipe: P5 only for FPN, the one group for C4): a uniform pick, or with
+        anchor_nms_iou set, the official code's pick among the survivors of random-score NMS."""
         gt = rois_from_boxes(boxes)  # [N, 5]
         rois = gt.expand(self.num_groups, -1, -1).clone()  # [G, N, 5]
         if self.jittered_groups:
             jittered, _, _ = sample_anchor_boxes(boxes, self.anchors.to(boxes.dtype), self.anchor_iou,
-                                                 generator=generator)  # [N, 4]
+                                                 nms_iou=self.anchor_nms_iou, generator=generator)  # [N, 4]
             rois[list(self.jittered_groups), :, 1:] = jittered
         return rois
 

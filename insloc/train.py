@@ -35,6 +35,7 @@ def build_model(cfg: Config):
         jittered = (encoder.num_groups - 1,)  # FPN: P5 only (as upstream); C4: its one group
     return MoCo(encoder, queue_size=cfg.queue_size, dim=cfg.dim, momentum=cfg.momentum,
                 temperature=cfg.temperature, anchors=anchors, anchor_iou=cfg.anchor_iou,
+                anchor_nms_iou=cfg.anchor_nms_iou,
                 jittered_groups=jittered, shuffle_bn=cfg.shuffle_bn)
 
 
@@ -132,10 +133,14 @@ def epoch_means(csv_path, from_step=0):
     return {e: total / count for e, (total, count) in sorted(sums.items())}
 
 
-def ops_line(device):
-    """The log line naming which insloc_ops backend runs each op on ``device``."""
+def ops_line(device, anchor_nms_iou=None):
+    """The log line naming which insloc_ops backend runs each op on ``device`` (with ``anchor_nms_iou``
+    set, the box jitter is the official NMS choice, which runs in eager PyTorch on the CPU)."""
     chosen = selected_backends(device)
-    line = "ops: " + ", ".join(f"{op}={backend}" for op, backend in chosen.items())
+    shown = dict(chosen)
+    if anchor_nms_iou is not None:
+        shown["sample_anchor_boxes"] = f"reference on the CPU (official NMS choice at IoU {anchor_nms_iou:g})"
+    line = "ops: " + ", ".join(f"{op}={backend}" for op, backend in shown.items())
     if torch.device(device).type == "cuda" and "reference" in chosen.values():
         line += (" (reference: pure PyTorch, slow on a GPU; a CUDA or Triton kernel becomes the default only once "
                  "verified on a GPU, see BENCHMARKS.md; INSLOC_OPS_BACKEND=cuda or =triton runs them)")
@@ -213,7 +218,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
         f"{len(dataset.images)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"global batch {global_batch}, lr {base_lr:.4g}, queue {moco.num_groups}x{cfg.queue_size}, "
         f"shuffle-BN {shuffle_state}, bf16 {'on' if cfg.bf16 and cuda else 'off'}, out {out_dir}")
-    say(ops_line(device))
+    say(ops_line(device, cfg.anchor_nms_iou if cfg.method == "insloc" else None))
 
     def checkpoint(epoch_done, in_epoch):
         states = [None] * world

@@ -70,8 +70,9 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, *, nms_iou=None, g
     ``nms_iou=None`` (default) is the uniform choice the InsLoc paper describes. A number instead
     reproduces the official code: per box, the eligible anchors get random scores, greedy NMS at IoU
     ``nms_iou`` keeps a diverse subset, and one survivor is picked uniformly (see
-    ``reference.sample_anchor_boxes_nms``). That path is pure PyTorch on any device, one box at a time,
-    eager only, and ignores ``backend``.
+    ``reference.sample_anchor_boxes_nms``). That path is pure PyTorch, eager only, ignores ``backend``, and
+    runs on the CPU for inputs on any device (one copy each way): about 20 ms for 32 boxes and the 5,120
+    InsLoc anchors on one CPU core, against about 1 ms for the uniform choice.
     """
     _check_boxes("gt_boxes", gt_boxes)
     _check_boxes("anchors", anchors)

@@ -229,23 +229,51 @@ def test_nms_iou_one_keeps_every_eligible_anchor():
     assert torch.equal(index, want_index) and torch.equal(iou, want_iou)
 
 
-def test_nms_iou_picks_a_survivor_of_random_score_nms():
-    gt, anchors = insloc_inputs(12, torch.Generator().manual_seed(9))
+@pytest.mark.parametrize("inputs", [insloc_inputs, detection_inputs])
+def test_nms_iou_picks_a_survivor_of_random_score_nms(inputs):
+    gt, anchors = inputs(16, torch.Generator().manual_seed(9))
     seed, nms_iou = 31, 0.6
     _, index, iou = insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, nms_iou=nms_iou, seed=seed)
     keys = reference.random_keys(seed, gt.shape[0], anchors.shape[0])  # [N, A]
     keys2 = reference.random_keys(seed + 1, gt.shape[0], anchors.shape[0])  # [N, A]
     all_iou = reference.box_iou(gt, anchors)  # [N, A]
-    diversified = 0
+    diversified = with_eligible = 0
     for n in range(gt.shape[0]):
         eligible = (all_iou[n] > 0.5).nonzero().squeeze(1)
-        assert eligible.numel() > 0
+        if eligible.numel() == 0:  # the fallback: the best anchor
+            assert index[n] == all_iou[n].argmax()
+            continue
+        with_eligible += 1
         # torchvision's greedy NMS with the random keys as scores (uint32: exact in float64).
         kept = eligible[torchvision.ops.nms(anchors[eligible].double(), keys[n, eligible].double(), nms_iou)]
         assert index[n] == kept[keys2[n, kept].argmax()]
         diversified += kept.numel() < eligible.numel()
-    assert diversified > 0, "nms_iou must have suppressed something in this test"
+    assert with_eligible >= gt.shape[0] // 2 and diversified > 0, "the NMS must have run and suppressed"
     torch.testing.assert_close(iou, all_iou.gather(1, index[:, None]).squeeze(1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 40, 130])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 1.0])
+def test_greedy_nms_fixed_point_equals_the_sequential_loop(size, density):
+    g = torch.Generator().manual_seed(size * 10 + int(density * 100))
+    upper = (torch.rand(size, size, generator=g) < density).triu(1)
+    overlaps = upper | upper.T | torch.eye(size, dtype=torch.bool)  # symmetric, each box overlaps itself
+    want, suppressed = [], [False] * size
+    for i in range(size):
+        want.append(not suppressed[i])
+        if want[-1]:
+            suppressed = [s or bool(overlaps[i, j]) for j, s in enumerate(suppressed)]
+    assert reference._greedy_nms_keep(overlaps).tolist() == want
+
+
+def test_nms_iou_chunks_give_the_same_choice():
+    gt, anchors = detection_inputs(24, torch.Generator().manual_seed(10))
+    want = reference.sample_anchor_boxes_nms(gt, anchors, 0.5, 0.7, 5)
+    has = (reference.box_iou(gt, anchors) > 0.5).any(dim=1)
+    assert has.sum() >= 12 and not has.all(), "boxes with and without eligible anchors, to mix in one chunk"
+    for chunk_pairs in (1, 3 * anchors.shape[0], 10**9):  # one box a chunk, three, all
+        got = reference.sample_anchor_boxes_nms(gt, anchors, 0.5, 0.7, 5, chunk_pairs=chunk_pairs)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_nms_iou_falls_back_to_argmax():

@@ -168,6 +168,7 @@ def test_selected_backends_names_what_runs_when_a_call_names_none(monkeypatch):
     assert insloc_ops.selected_backends("cuda") == {op: _backend.DEFAULTS["cuda"][op] for op in _backend.OPS}
     assert ops_line("cpu") == "ops: " + ", ".join(f"{op}={on_cpu}" for op in _backend.OPS)
     assert "INSLOC_OPS_BACKEND=cuda" in ops_line("cuda")  # the hint while CUDA runs the reference
+    assert "sample_anchor_boxes=reference on the CPU (official NMS choice at IoU 0.7)" in ops_line("cpu", 0.7)
     monkeypatch.setenv("INSLOC_OPS_BACKEND", "reference")
     assert set(insloc_ops.selected_backends("cpu").values()) == {"reference"}
     monkeypatch.setenv("INSLOC_OPS_BACKEND", "fast")

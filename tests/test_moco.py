@@ -12,6 +12,7 @@ from insloc.config import Config
 from insloc.models import FPNEncoder
 from insloc.moco import MoCo, batch_shuffle_ddp, batch_unshuffle_ddp, rois_from_boxes
 from insloc.train import build_model
+from insloc_ops import sample_anchor_boxes
 
 
 # a few small ops per step: one thread avoids OpenMP oversubscription on shared CPUs
@@ -63,6 +64,24 @@ def test_fpn_query_jitters_only_p5_to_an_anchor_with_iou_above_half():
     iou = box_iou(rois[3, :, 1:], boxes).diagonal()
     assert (iou > 0.5).all() and (rois[3, :, 1:] != boxes).any()
     assert moco.anchors.shape == (4 * 4 * 3 * 5, 4)  # 64 / 16 = 4x4 grid, 3 sizes x 5 ratios
+
+
+def test_anchor_nms_iou_selects_the_official_nms_diversified_choice():
+    boxes = torch.tensor([[3.0, 5.0, 40.0, 33.0], [10.0, 0.0, 60.0, 64.0], [0.0, 0.0, 30.0, 30.0],
+                          [20.0, 16.0, 64.0, 50.0], [8.0, 8.0, 56.0, 56.0], [0.0, 20.0, 48.0, 44.0]])
+    uniform = build_model(tiny_config()).query_rois(boxes, torch.Generator().manual_seed(3))[3, :, 1:]
+    moco = build_model(tiny_config(anchor_nms_iou=0.7))
+    assert moco.anchor_nms_iou == 0.7
+    official = moco.query_rois(boxes, torch.Generator().manual_seed(3))[3, :, 1:]  # [N, 4]
+    want, _, _ = sample_anchor_boxes(boxes, moco.anchors, 0.5, nms_iou=0.7, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(official, want)
+    assert not torch.equal(official, uniform), "the two choices must differ on these boxes for this test to tell"
+    assert (box_iou(official, boxes).diagonal() > 0.5).all()
+
+
+def test_anchor_nms_iou_out_of_range_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="anchor_nms_iou"):
+        build_model(tiny_config(anchor_nms_iou=1.5))
 
 
 @pytest.mark.parametrize("method, arch, groups", [("insloc", "fpn", 4), ("insloc", "c4", 1), ("moco", "fpn", 1)])

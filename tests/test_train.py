@@ -112,6 +112,18 @@ def test_cli_flags_override_yaml_which_overrides_the_preset(tmp_path):
     assert (recipe.batch_size, recipe.epochs, recipe.lr, recipe.lr_batch) == (32, 200, 0.03, 256)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["pretrain", "--arch", "c5"])
+    # An optional number: absent is the preset's None, "none" is None, YAML null too.
+    assert recipe.anchor_nms_iou is None
+    nms = config_from_args(build_parser().parse_args(["pretrain", "--anchor-nms-iou", "0.7"]))
+    assert nms.anchor_nms_iou == 0.7
+    (tmp_path / "n.yaml").write_text(yaml.safe_dump({"anchor_nms_iou": 0.7}))
+    off = config_from_args(build_parser().parse_args(["pretrain", "--config", str(tmp_path / "n.yaml"),
+                                                      "--anchor-nms-iou", "None"]))
+    assert off.anchor_nms_iou is None
+    assert config_from_args(build_parser().parse_args(["pretrain", "--config", str(tmp_path / "n.yaml")])
+                            ).anchor_nms_iou == 0.7
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pretrain", "--anchor-nms-iou", "high"])
 
 
 @pytest.mark.slow
