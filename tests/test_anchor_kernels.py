@@ -483,6 +483,16 @@ def test_gpu_empty_gt_boxes(backend):
 
 
 @pytest.mark.gpu
+def test_gpu_nms_iou_gives_the_cpu_choice_on_the_inputs_device():
+    gt, anchors = insloc_inputs(16, torch.Generator().manual_seed(9))
+    want = insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, nms_iou=0.7, seed=4)
+    got = insloc_ops.sample_anchor_boxes(gt.cuda(), anchors.cuda(), 0.5, nms_iou=0.7, seed=4)
+    assert all(t.is_cuda for t in got)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+
+
+@pytest.mark.gpu
 def test_gpu_opcheck_cuda():
     if "cuda" not in gpu_backends():
         pytest.skip("cuda kernel not built")
