@@ -48,6 +48,7 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(self.num_groups, queue_size, dim), dim=2))  # [G, K, D]
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # []
         self.register_buffer("anchors", anchors if anchors is not None else torch.zeros(0, 4), persistent=False)
+        self.cpu_anchors = self.anchors.clone()  # stays on the CPU (not a buffer): query_rois of CPU boxes
 
     @torch.no_grad()
     def momentum_update_key_encoder(self):
@@ -70,15 +71,19 @@ class MoCo(nn.Module):
         gt = rois_from_boxes(boxes)  # [N, 5]
         rois = gt.expand(self.num_groups, -1, -1).clone()  # [G, N, 5]
         if self.jittered_groups:
-            jittered, _, _ = sample_anchor_boxes(boxes, self.anchors.to(boxes.dtype), self.anchor_iou,
+            anchors = self.cpu_anchors if boxes.device.type == "cpu" else self.anchors
+            jittered, _, _ = sample_anchor_boxes(boxes, anchors.to(boxes.dtype), self.anchor_iou,
                                                  nms_iou=self.anchor_nms_iou, generator=generator)  # [N, 4]
             rois[list(self.jittered_groups), :, 1:] = jittered
         return rois
 
-    def forward(self, im_q, boxes_q, im_k, boxes_k, generator=None):
+    def forward(self, im_q, boxes_q, im_k, boxes_k, generator=None, rois_q=None):
         """im_q, im_k: [N, 3, S, S]; boxes_q, boxes_k: [N, 4] pasted boxes (pixels, xyxy);
-        generator: CPU generator of the box augmentation. Returns (losses [G], keys [G, N, D])."""
-        q = self.encoder_q(im_q, self.query_rois(boxes_q, generator))  # [G, N, D]
+        generator: CPU generator of the box augmentation; rois_q: query_rois(boxes_q, generator) if the
+        caller made them already (on im_q's device). Returns (losses [G], keys [G, N, D])."""
+        if rois_q is None:
+            rois_q = self.query_rois(boxes_q, generator)  # [G, N, 5]
+        q = self.encoder_q(im_q, rois_q)  # [G, N, D]
         with torch.no_grad():
             self.momentum_update_key_encoder()
             shuffle = self.shuffle_bn and _distributed()

@@ -254,8 +254,15 @@ def train(cfg: Config, *, interrupt_after_step=None):
             boxes_q = batch["boxes_q"].to(device, non_blocking=True)  # [N, 4]
             boxes_k = batch["boxes_k"].to(device, non_blocking=True)  # [N, 4]
             skipped_images += int(batch["unreadable"].sum())
+            rois_q = None
+            if moco.anchor_nms_iou is not None:
+                # The official anchor choice runs on the CPU: from the loader's boxes, so no wait for the GPU.
+                rois_q = moco.query_rois(batch["boxes_q"], box_generator)  # [G, N, 5]
+                if cuda:
+                    rois_q = rois_q.pin_memory().to(device, non_blocking=True)
             with autocast:
-                losses, keys = model(im_q, boxes_q, im_k, boxes_k, generator=box_generator)  # [G], [G, N, D]
+                losses, keys = model(im_q, boxes_q, im_k, boxes_k, generator=box_generator,
+                                     rois_q=rois_q)  # [G], [G, N, D]
             loss = losses.sum()  # the levels' losses, weights 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -79,6 +79,20 @@ def test_anchor_nms_iou_selects_the_official_nms_diversified_choice():
     assert (box_iou(official, boxes).diagonal() > 0.5).all()
 
 
+def test_forward_takes_query_rois_made_beforehand():
+    # The trainer makes the official choice's rois from the loader's CPU boxes before the forward.
+    torch.manual_seed(0)
+    moco = build_model(tiny_config(anchor_nms_iou=0.7, momentum=1.0))  # m = 1: the forward changes no state
+    im_q, im_k = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    boxes = torch.tensor([[3.0, 5.0, 40.0, 33.0], [10.0, 0.0, 60.0, 64.0], [8.0, 8.0, 56.0, 56.0]])
+    rois = moco.query_rois(boxes, torch.Generator().manual_seed(5))
+    given = moco(im_q, boxes, im_k, boxes, rois_q=rois)[0]
+    made = moco(im_q, boxes, im_k, boxes, generator=torch.Generator().manual_seed(5))[0]
+    other = moco(im_q, boxes, im_k, boxes, rois_q=moco.query_rois(boxes, torch.Generator().manual_seed(6)))[0]
+    assert torch.equal(given, made) and not torch.equal(given, other)
+    assert moco.cpu_anchors.device.type == "cpu" and torch.equal(moco.cpu_anchors, moco.anchors.cpu())
+
+
 def test_anchor_nms_iou_out_of_range_is_an_error_naming_it():
     with pytest.raises(ValueError, match="anchor_nms_iou"):
         build_model(tiny_config(anchor_nms_iou=1.5))

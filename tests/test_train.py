@@ -55,12 +55,13 @@ def test_run_writes_checkpoint_metrics_and_plot(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 
-def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path):
-    train(tiny(tmp_path / "straight"))
-    interrupted = tiny(tmp_path / "resumed", checkpoint_every=1)
+@pytest.mark.parametrize("anchor_nms_iou", [None, 0.7])  # 0.7: the official anchor choice, made before the forward
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path, anchor_nms_iou):
+    train(tiny(tmp_path / "straight", anchor_nms_iou=anchor_nms_iou))
+    interrupted = tiny(tmp_path / "resumed", checkpoint_every=1, anchor_nms_iou=anchor_nms_iou)
     assert train(interrupted, interrupt_after_step=3)["interrupted"]  # mid-epoch 2, like a crash
     assert load_checkpoint(find_latest(str(tmp_path / "resumed")))["step_in_epoch"] == 1
-    train(tiny(tmp_path / "resumed", resume="auto"))
+    train(tiny(tmp_path / "resumed", resume="auto", anchor_nms_iou=anchor_nms_iou))
     steps_a, loss_a = losses(tmp_path / "straight")
     steps_b, loss_b = losses(tmp_path / "resumed")
     assert steps_a == steps_b == [1, 2, 3, 4]
