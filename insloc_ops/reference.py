@@ -190,20 +190,25 @@ def mix32(x):
     return x
 
 
-def random_keys(seed, num_boxes, num_anchors, device=None):
-    """The random key of every (box, anchor) pair, [N, A] int64 holding uint32 values.
-
-    key(n, a) = mix32(a ^ mix32(n ^ mix32(seed_lo ^ mix32(seed_hi)))). For one box the keys of distinct
-    anchors are distinct (mix32 is a bijection), so "the eligible anchor with the largest key" is a
-    uniform random choice with no ties, computable in one streaming pass by any backend.
-    """
+def _anchor_keys(seed, box, anchor):
+    """The random key of each (box, anchor) pair: box and anchor int64 index tensors (broadcast), int64
+    result holding uint32 values. key(n, a) = mix32(a ^ mix32(n ^ mix32(seed_lo ^ mix32(seed_hi))))."""
     seed = int(seed)
-    t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    t = lambda v: torch.tensor(v, dtype=torch.int64, device=anchor.device)  # noqa: E731
     seed_key = mix32(t(seed & _M32) ^ mix32(t((seed >> 32) & _M32)))
+    return mix32(anchor ^ mix32(box ^ seed_key))
+
+
+def random_keys(seed, num_boxes, num_anchors, device=None):
+    """The random key of every (box, anchor) pair, [N, A] int64 holding uint32 values (_anchor_keys).
+
+    For one box the keys of distinct anchors are distinct (mix32 is a bijection), so "the eligible anchor
+    with the largest key" is a uniform random choice with no ties, computable in one streaming pass by any
+    backend.
+    """
     n = torch.arange(num_boxes, dtype=torch.int64, device=device)
-    box_key = mix32(n ^ seed_key)  # [N]
     a = torch.arange(num_anchors, dtype=torch.int64, device=device)
-    return mix32(a[None, :] ^ box_key[:, None])  # [N, A]
+    return _anchor_keys(seed, n[:, None], a[None, :])  # [N, A]
 
 
 def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
@@ -222,15 +227,6 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
     best = iou.argmax(dim=1)  # first maximal value: lowest index on ties
     index = torch.where(eligible.any(dim=1), pick, best)
     return index, iou.gather(1, index[:, None]).squeeze(1)
-
-
-def _anchor_keys(seed, box, anchor_index):
-    """random_keys(seed, ...)[box, anchor_index]: int64 holding uint32, the shape of box and anchor_index
-    broadcast (box: an int or an int64 tensor of box indices)."""
-    seed = int(seed)
-    t = lambda v: torch.tensor(v, dtype=torch.int64, device=anchor_index.device)  # noqa: E731
-    seed_key = mix32(t(seed & _M32) ^ mix32(t((seed >> 32) & _M32)))
-    return mix32(anchor_index ^ mix32((box if torch.is_tensor(box) else t(box)) ^ seed_key))
 
 
 def _greedy_nms_keep(overlaps):
