@@ -4,6 +4,7 @@ cross-entropy), on synthetic device-resident input; and the data pipeline alone.
 
     python bench/bench_train_step.py --device cuda --out results.csv            # the recipe's shape
     python bench/bench_train_step.py --device cpu --depth 18 --batch 4 --image-size 128 --queue 4096 --steps 3
+    python bench/bench_train_step.py --data-only --data imagenet-like     # the data pipeline (or --data DIR)
 
 A step is: query + key forward (momentum update included), the summed loss's backward, SGD step, enqueue.
 Model FLOP utilisation is the step's FLOPs (torch.utils.flop_counter: convolutions and matmuls) per second
@@ -14,6 +15,7 @@ import contextlib
 import functools
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -108,13 +110,31 @@ def measure_step(cfg, impl, backends, args, rec, device):
     return timing[0]
 
 
+def imagenet_like_folder(folder, long_side=500, quality=90):
+    """The built-in photographs re-encoded as ImageNet-like files: JPEG (quality 90), long side 500 px (many
+    ImageNet images are 500 px on the long side). The built-in files are mostly large PNGs, slower to decode
+    than the JPEGs that pretraining sets are made of. Returns `folder`."""
+    from PIL import Image
+
+    from insloc.data.sources import builtin_image_paths
+
+    os.makedirs(folder, exist_ok=True)
+    for i, path in enumerate(builtin_image_paths()):
+        with Image.open(path) as f:
+            image = f.convert("RGB")
+        scale = long_side / max(image.size)
+        size = tuple(max(2, round(s * scale)) for s in image.size)
+        image.resize(size, Image.BILINEAR).save(os.path.join(folder, f"{i:02d}.jpg"), quality=quality)
+    return folder
+
+
 def measure_data(cfg, args, rec):
     """Composites per second in one process (= per DataLoader worker): decode, paste, augment."""
     ds = build_dataset(cfg)
     n = min(len(ds), args.data_samples)
     i = iter(range(10**9))
     timing = time_ms(lambda: ds[next(i) % len(ds)], "cpu", reps=n, warmup=2, max_seconds=args.max_seconds)
-    rec.add(f"{cfg.image_size}px composite", "data", "sample", timing)
+    rec.add(f"{cfg.image_size}px composite ({args.data})", "data", "sample", timing)
     print(f"    {1e3 / timing[0]:.1f} composites/s per worker", flush=True)
 
 
@@ -136,7 +156,11 @@ def main(argv=None):
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--data-samples", type=int, default=32, help="composites timed for the data pipeline")
-    p.add_argument("--no-data", dest="data", action="store_false")
+    p.add_argument("--data", default="builtin",
+                   help="images for the data-pipeline row: 'builtin' (mostly large PNGs), 'imagenet-like' (the "
+                        "built-in photographs as 500 px JPEGs), a folder or a list file (your pretraining set)")
+    p.add_argument("--no-data", dest="measure_data", action="store_false")
+    p.add_argument("--data-only", action="store_true", help="time the data pipeline only, no training step")
     p.add_argument("--out", default=None, help="CSV to append rows to")
     p.add_argument("--quick", action="store_true", help="5 steps, 1 warm-up")
     args = p.parse_args(argv)
@@ -150,7 +174,7 @@ def main(argv=None):
     else:
         backends = dict(kv.split("=") for kv in args.backends.split(",") if kv)
     rec = Recorder("train_step")
-    for arch in args.arch:
+    for arch in [] if args.data_only else args.arch:
         cfg = Config(method="insloc", arch=arch, depth=args.depth, batch_size=args.batch,
                      image_size=args.image_size, queue_size=args.queue)
         times = {impl: measure_step(cfg, impl, backends, args, rec, device) for impl in args.impl}
@@ -159,9 +183,13 @@ def main(argv=None):
             print(f"    fused step x{times['baseline'] / times['fused']:.2f} vs baseline", flush=True)
         if args.out:  # each architecture's rows as soon as they are complete: a stopped run keeps them
             rec.write(args.out)
-    if args.data:
-        cfg = Config(method="insloc", image_size=args.image_size, data="builtin")
-        measure_data(cfg, args, rec)
+    if args.measure_data or args.data_only:
+        if args.data == "imagenet-like":
+            with tempfile.TemporaryDirectory() as folder:
+                cfg = Config(method="insloc", image_size=args.image_size, data=imagenet_like_folder(folder))
+                measure_data(cfg, args, rec)
+        else:
+            measure_data(Config(method="insloc", image_size=args.image_size, data=args.data), args, rec)
     if args.out:
         rec.write(args.out)
 

@@ -83,7 +83,7 @@ bench_rc=$?
 if [[ -f bench/bench_train_step.py ]]; then
   step "training step benchmark"
   timeout -k 10 "$(budget "${TRAIN_S:-45}")" \
-    "$PY" bench/bench_train_step.py --device "$BENCH_DEVICE" "${quick[@]}" --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
+    "$PY" bench/bench_train_step.py --device "$BENCH_DEVICE" "${quick[@]}" --data imagenet-like --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
 fi
 
 step "summary"

@@ -28,6 +28,23 @@ def test_training_step_benchmark_runs_fused_and_baseline(tmp_path):
     assert all("TFLOP/s" in r["shape"] for r in rows[:4])
 
 
+def test_data_pipeline_benchmark_on_imagenet_like_jpegs(tmp_path):
+    import bench.bench_train_step as step
+    from PIL import Image
+
+    folder = step.imagenet_like_folder(str(tmp_path / "jpg"))
+    files = sorted(os.listdir(folder))
+    assert len(files) >= 20 and all(f.endswith(".jpg") for f in files)
+    with Image.open(os.path.join(folder, files[0])) as im:
+        assert im.format == "JPEG" and max(im.size) == 500
+    out = tmp_path / "data.csv"
+    step.main(["--data-only", "--data", "imagenet-like", "--image-size", "64", "--data-samples", "2", "--out", str(out)])
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["shape"], r["impl"]) for r in rows] == [("64px composite (imagenet-like)", "data")]
+    assert float(rows[0]["median_ms"]) > 0
+
+
 def test_markdown_table_has_a_line_per_row():
     rows = [{"op": "queue_infonce", "shape": "insloc", "pass": "both", "impl": "cpu", "median_ms": "1.5",
              "speedup_vs_baseline": "2.00", "peak_extra_mb": "0.5", "device": "CPU"}]
