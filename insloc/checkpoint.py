@@ -6,6 +6,7 @@ import os
 import random
 import re
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -34,39 +35,85 @@ def checkpoint_path(out_dir, step):
 
 
 def save_checkpoint(state, out_dir, keep=2):
-    """Writes state (with state['step']) as out_dir/checkpoint_<step>.pt, points `latest` at it, and
-    deletes all but the newest `keep` checkpoints. Returns the path."""
+    """Writes state (with state['step']) as out_dir/checkpoint_<step>.pt, points `latest` at it, and keeps
+    it and the `keep` - 1 newest checkpoints of lower step, deleting older ones. Checkpoints of a higher step
+    (another run in the same folder, or a run resumed from an older checkpoint) are left alone. Returns the
+    path."""
     os.makedirs(out_dir, exist_ok=True)
-    path = checkpoint_path(out_dir, state["step"])
+    step = state["step"]
+    path = checkpoint_path(out_dir, step)
     _atomic_write(path, lambda f: torch.save(state, f))
     _atomic_write(os.path.join(out_dir, LATEST), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
-    for old in list_checkpoints(out_dir)[:-max(keep, 1)]:
+    earlier = [p for s, p in _numbered(out_dir) if s < step]
+    for old in earlier[:max(len(earlier) - (max(keep, 1) - 1), 0)]:
         os.remove(old)
     return path
 
 
+def checkpoint_step(path):
+    """The step in a checkpoint's file name (checkpoint_<step>.pt)."""
+    return int(_NAME.search(path).group(1))
+
+
+def _numbered(out_dir):
+    """[(step, path)] of the complete checkpoints in out_dir, by step."""
+    return sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "checkpoint_*.pt"))
+                  if (m := _NAME.search(p)))
+
+
 def list_checkpoints(out_dir):
     """Complete checkpoints in out_dir, oldest first (by step)."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "checkpoint_*.pt"))
-             if (m := _NAME.search(p))]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in _numbered(out_dir)]
+
+
+def _candidates(out_dir):
+    """Checkpoints to resume from, best first: the one `latest` names, then the others of lower step
+    (newest first), then those of higher step (another run's)."""
+    numbered = _numbered(out_dir)
+    pointer, named = os.path.join(out_dir, LATEST), None
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            match = _NAME.search(f.read().strip())
+        named = int(match.group(1)) if match else None
+    if named is None or named not in {s for s, _ in numbered}:
+        if named is not None:
+            warnings.warn(f"{pointer} names a checkpoint that is gone; taking the newest by step", stacklevel=3)
+        return [p for _, p in reversed(numbered)]
+    return [p for s, p in numbered if s == named] + [p for s, p in reversed(numbered) if s < named] + \
+        [p for s, p in numbered if s > named]
 
 
 def find_latest(out_dir):
     """The checkpoint `latest` names, else the newest by step, else None."""
-    pointer = os.path.join(out_dir, LATEST)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(out_dir, f.read().strip())
-        if os.path.isfile(path):
-            return path
-    found = list_checkpoints(out_dir)
-    return found[-1] if found else None
+    found = _candidates(out_dir)
+    return found[0] if found else None
 
 
 def load_checkpoint(path):
-    # weights_only=False: the dict holds RNG states (numpy, python) besides tensors; only load your own files
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The checkpoint dict at `path`; a file that cannot be read gives a RuntimeError naming it."""
+    try:
+        # weights_only=False: the dict holds RNG states (numpy, python) besides tensors; only load your own files
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def load_latest_checkpoint(out_dir):
+    """(checkpoint dict, path) of the newest readable checkpoint in out_dir (see find_latest), or (None, None)
+    when there is none. An unreadable one (a damaged disk; a crash cannot leave one, see _atomic_write) is
+    skipped with a warning naming it, for the next older one."""
+    failures = []
+    for path in _candidates(out_dir):
+        try:
+            ckpt = load_checkpoint(path)
+        except RuntimeError as e:
+            warnings.warn(f"{e}; trying an older checkpoint", stacklevel=2)
+            failures.append(path)
+            continue
+        return ckpt, path
+    if failures:
+        raise RuntimeError(f"no checkpoint in {out_dir} could be read: {', '.join(failures)}")
+    return None, None
 
 
 def rng_state():

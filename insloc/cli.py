@@ -89,8 +89,12 @@ def main(argv=None):
         from .export import export_main  # its own parser: insloc export CKPT --format F --out FILE
 
         return export_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args).validate()
+    except ValueError as e:  # a bad value in the flags or the YAML file: argparse's message and exit status 2
+        parser.error(str(e))
     if args.print_config:
         import yaml
 

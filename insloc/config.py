@@ -5,6 +5,9 @@ The CLI (``insloc pretrain``) is generated from the fields of :class:`Config`: e
 command-line flags. The recipe's numbers (recipe.md) are the defaults; presets change only what differs.
 """
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,11 +80,97 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
+        """A Config from a mapping (a YAML file's): values are converted to the fields' types where that
+        loses nothing (PyYAML reads ``1e-4`` as a string, ``3`` as an int for a float field)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        return cls(**d)
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _convert(name, hints[name], value) for name, value in d.items()})
+
+    def validate(self):
+        """Checks every field's type and range; a ValueError names the field (and its flag). Returns self."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _convert(f.name, hints[f.name], getattr(self, f.name), strict=True)
+        positive = ("fpn_channels", "head_fc_dim", "dim", "fpn_roi_size", "c4_roi_size", "queue_size",
+                    "image_size", "anchor_stride", "epochs", "batch_size", "lr_batch", "log_every",
+                    "keep_checkpoints")
+        for name in positive:
+            _require(name, getattr(self, name), getattr(self, name) >= 1, "at least 1")
+        for name in ("samples_per_epoch", "decode_cache", "num_workers", "threads", "checkpoint_every"):
+            _require(name, getattr(self, name), getattr(self, name) >= 0, "0 or more")
+        for name in ("lr", "weight_decay"):
+            _require(name, getattr(self, name), getattr(self, name) >= 0, "0 or more")
+        _require("momentum", self.momentum, 0 <= self.momentum <= 1, "in [0, 1]")
+        _require("sgd_momentum", self.sgd_momentum, 0 <= self.sgd_momentum < 1, "in [0, 1)")
+        _require("temperature", self.temperature, self.temperature > 0, "positive")
+        _require("anchor_iou", self.anchor_iou, 0 <= self.anchor_iou < 1, "in [0, 1)")
+        if self.anchor_nms_iou is not None:
+            _require("anchor_nms_iou", self.anchor_nms_iou, 0 <= self.anchor_nms_iou <= 1, "in [0, 1] or none")
+        _require("crop_scale", self.crop_scale, len(self.crop_scale) == 2 and
+                 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "two numbers lo hi with 0 < lo <= hi <= 1")
+        _require("crop_ratio", self.crop_ratio, len(self.crop_ratio) == 2 and
+                 0 < self.crop_ratio[0] <= self.crop_ratio[1], "two numbers lo hi with 0 < lo <= hi")
+        _require("paste_size", self.paste_size, len(self.paste_size) == 2 and (self.method != "insloc" or
+                 1 <= self.paste_size[0] < self.paste_size[1] <= self.image_size + 1),
+                 f"two integers lo hi with 1 <= lo < hi <= image_size + 1 = {self.image_size + 1} "
+                 "(targets are drawn from [lo, hi))")
+        for name in ("anchor_sizes", "anchor_ratios"):
+            values = getattr(self, name)
+            _require(name, values, len(values) >= 1 and all(v > 0 for v in values), "one or more positive numbers")
+        _require("data", self.data, self.data != "", "'builtin', a folder or a list file")
+        return self
+
+
+def _flag(name):
+    return f"--{name.replace('_', '-')} ({name})"
+
+
+def _require(name, value, ok, what):
+    if not ok:
+        raise ValueError(f"{_flag(name)} must be {what}, got {value!r}")
+
+
+def _convert(name, hint, value, strict=False):
+    """`value` as type `hint`: an int for a float field, a string holding a number (PyYAML reads 1e-4 that
+    way) for a number field. strict: only check. A ValueError names the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (not strict and isinstance(value, str) and value.lower() == "none"):
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        if value in args and type(value) is type(args[0]):
+            return value
+        raise ValueError(f"{_flag(name)} must be one of {list(args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{_flag(name)} must be a list of {args[0].__name__}, got {value!r}")
+        converted = [_convert(name, args[0], v, strict) for v in value]
+        return value if strict else converted
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{_flag(name)} must be true or false, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{_flag(name)} must be a string, got {value!r}")
+    if hint in (int, float) and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str) and not strict:
+            try:
+                number = float(value) if hint is float else int(value)
+            except ValueError:
+                pass
+        if isinstance(number, int) or (hint is float and isinstance(number, float)):
+            if hint is float and not math.isfinite(number):
+                raise ValueError(f"{_flag(name)} must be a finite number, got {value!r}")
+            return float(number) if hint is float and not strict else number
+    raise ValueError(f"{_flag(name)} must be {'an integer' if hint is int else 'a number'}, got {value!r}")
 
 
 def insloc_r50_fpn():

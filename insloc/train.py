@@ -10,6 +10,7 @@ import math
 import os
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from insloc_ops import grid_anchors, selected_backends
 
-from .checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (checkpoint_step, list_checkpoints, load_checkpoint, load_latest_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import Config
 from .data import CopyPasteComposite, EpochSampler, TwoViewCrops, image_paths
 from .models import build_encoder
@@ -156,6 +158,7 @@ def _fmt_time(seconds):
 def train(cfg: Config, *, interrupt_after_step=None):
     """Runs (or resumes) a pretraining run. Returns a summary dict. `interrupt_after_step` stops after
     that many steps in total without a final checkpoint, as a crash would (for tests)."""
+    cfg.validate()
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
     out_dir = cfg.out_dir or os.path.join("runs", "custom")
@@ -175,6 +178,9 @@ def train(cfg: Config, *, interrupt_after_step=None):
     if cfg.channels_last and cuda:
         moco = moco.to(memory_format=torch.channels_last)
     global_batch = cfg.batch_size * world
+    if cfg.queue_size < global_batch:
+        raise ValueError(f"--queue-size (queue_size) must be at least the global batch {global_batch} "
+                         f"(batch_size x processes), got {cfg.queue_size}")
     base_lr = cfg.lr * global_batch / cfg.lr_batch
     optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=base_lr, momentum=cfg.sgd_momentum,
                                 weight_decay=cfg.weight_decay, nesterov=True)
@@ -184,14 +190,24 @@ def train(cfg: Config, *, interrupt_after_step=None):
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.num_workers, pin_memory=cuda,
                                          persistent_workers=cfg.num_workers > 0,
-                                         prefetch_factor=4 if cfg.num_workers > 0 else None)
+                                         prefetch_factor=4 if cfg.num_workers > 0 else None,
+                                         # the workers' base seed comes from here, not torch's global generator
+                                         # (which shuffle-BN draws from): a resumed run then draws the same
+                                         # permutations as an uninterrupted one. The samples do not use it.
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
 
     epoch, step_in_epoch, step = 0, 0, 0
-    resume_path = find_latest(out_dir) if cfg.resume == "auto" else (cfg.resume or None)
-    if resume_path:
+    ckpt, resume_path = None, None
+    if cfg.resume == "auto":
+        ckpt, resume_path = load_latest_checkpoint(out_dir)
+    elif cfg.resume:
+        resume_path = cfg.resume
+        if not os.path.isfile(resume_path):
+            raise FileNotFoundError(f"--resume (resume): no checkpoint file {resume_path}")
         ckpt = load_checkpoint(resume_path)
+    if ckpt is not None:
         moco.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, step_in_epoch, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
@@ -199,8 +215,11 @@ def train(cfg: Config, *, interrupt_after_step=None):
         generators = ckpt["rng"]["box_generator"]
         box_generator.set_state(generators[rank] if ckpt.get("world_size") == world else generators[0])
         say(f"resumed from {resume_path} at epoch {epoch}, step {step}")
-    elif cfg.resume and cfg.resume != "auto":
-        raise FileNotFoundError(cfg.resume)
+    later = [p for p in list_checkpoints(out_dir) if checkpoint_step(p) > step]
+    if main and later:
+        warnings.warn(f"{out_dir} holds checkpoints past step {step} ({os.path.basename(later[-1])} the last) of "
+                      f"another run (or unreadable ones): they are left as they are, and `latest` (what --resume auto continues from) "
+                      f"will name this run's checkpoints", stacklevel=2)
 
     model = moco
     if world > 1:
@@ -231,7 +250,10 @@ def train(cfg: Config, *, interrupt_after_step=None):
                      "epoch": epoch_done, "step_in_epoch": in_epoch, "step": step,
                      "rng": {**rng_state(), "box_generator": states}, "config": cfg.to_dict(),
                      "world_size": world}
-            return save_checkpoint(state, out_dir, cfg.keep_checkpoints)
+            path = save_checkpoint(state, out_dir, cfg.keep_checkpoints)
+        if world > 1:
+            dist.barrier()  # every process leaves once the checkpoint is on disk (a restart then finds it)
+        return path if main else None
 
     model.train()
     first_loss = last_loss = None
@@ -273,7 +295,9 @@ def train(cfg: Config, *, interrupt_after_step=None):
 
             end_of_epoch = step_in_epoch == steps_per_epoch
             stop = interrupt_after_step is not None and step >= interrupt_after_step
-            if step % cfg.log_every == 0 or end_of_epoch or stop:
+            checkpoint_due = not end_of_epoch and cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+            # The rows are written before a checkpoint: a run resumed from it then has every step's row.
+            if step % cfg.log_every == 0 or end_of_epoch or stop or checkpoint_due:
                 now = time.perf_counter()
                 images_per_s = steps_window * global_batch / (now - t_window)
                 wait_share = wait_window / (now - t_window)
@@ -294,7 +318,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
                 pending, wait_window, steps_window, t_window = [], 0.0, 0, now
             if end_of_epoch:
                 break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if checkpoint_due:
                 checkpoint(epoch, step_in_epoch)
             if stop:
                 return {"step": step, "interrupted": True, "out_dir": out_dir}
@@ -303,6 +327,8 @@ def train(cfg: Config, *, interrupt_after_step=None):
         path = checkpoint(epoch, 0)
         if path:
             say(f"saved {path}")
+        if interrupt_after_step is not None and step >= interrupt_after_step:
+            return {"step": step, "interrupted": True, "out_dir": out_dir}
 
     summary = {"step": step, "out_dir": out_dir, "first_loss": first_loss, "last_loss": last_loss,
                "wall_s": time.perf_counter() - t_start, "skipped_images": skipped_images}

@@ -63,27 +63,29 @@ CPU_PATHS = {"onepass": cpu_op(True), "twopass": cpu_op(False)}
 
 def check_against_oracles(backend, q, k, queue, temperature, k_grad=True, tol=None):
     """Values and gradients of the public API with ``backend`` (or of a callable fn(q, k, queue, T)) vs the
-    reference and F.cross_entropy."""
+    reference, run in float64 on the same input values (so the oracle's own rounding is not what is measured:
+    over K = 20,011 negatives the fp32 reference's gradient is further from the exact one than the kernels'),
+    and F.cross_entropy."""
     grouped = q.dim() == 3
     q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_(k_grad)
-    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_(k_grad)
+    q2, k2 = q.double().requires_grad_(), k.double().requires_grad_(k_grad)
     if callable(backend):
         loss = backend(q1, k1, queue, temperature)
     else:
         loss = insloc_ops.queue_infonce(q1, k1, queue, temperature, reduction="none", backend=backend)
-    expected = insloc_ops.queue_infonce(q2, k2, queue, temperature, reduction="none", backend="reference")
+    expected = insloc_ops.queue_infonce(q2, k2, queue.double(), temperature, reduction="none", backend="reference")
     tol = tol or tolerances(q, queue)
     assert loss.shape == expected.shape == (q.shape[:-1])
     assert loss.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    torch.testing.assert_close(loss, expected, **tol)
+    torch.testing.assert_close(loss, expected.to(loss.dtype), **tol)
     ce = cross_entropy_oracle(q, k, queue, temperature)
     torch.testing.assert_close(loss, ce if grouped else ce[0], **tol)
     weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
     (loss * weights).sum().backward()
-    (expected * weights).sum().backward()
-    torch.testing.assert_close(q1.grad, q2.grad, **tol)
+    (expected * weights.double()).sum().backward()
+    torch.testing.assert_close(q1.grad, q2.grad.to(q1.grad.dtype), **tol)
     if k_grad:
-        torch.testing.assert_close(k1.grad, k2.grad, **tol)
+        torch.testing.assert_close(k1.grad, k2.grad.to(k1.grad.dtype), **tol)
     else:
         assert k1.grad is None
     assert q1.grad.dtype == q.dtype

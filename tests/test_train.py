@@ -1,12 +1,17 @@
 import csv
 import os
+import socket
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 
+import insloc.train
 from insloc.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
-from insloc.cli import build_parser, config_from_args
+from insloc.cli import build_parser, config_from_args, main
 from insloc.config import Config, demo
 from insloc.train import cosine_lr, train
 
@@ -125,6 +130,146 @@ def test_cli_flags_override_yaml_which_overrides_the_preset(tmp_path):
                             ).anchor_nms_iou == 0.7
     with pytest.raises(SystemExit):
         build_parser().parse_args(["pretrain", "--anchor-nms-iou", "high"])
+
+
+def _two_process_resume_worker(rank, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    try:
+        train(tiny(os.path.join(root, "straight"), batch_size=4, samples_per_epoch=16))
+        # a checkpoint mid-epoch 2 (steps 1-2 are epoch 1), then a crash after step 3, then --resume auto
+        interrupted = tiny(os.path.join(root, "resumed"), batch_size=4, samples_per_epoch=16, checkpoint_every=1)
+        train(interrupted, interrupt_after_step=3)
+        train(tiny(os.path.join(root, "resumed"), batch_size=4, samples_per_epoch=16, resume="auto"))
+    finally:
+        dist.barrier()  # both ranks leave together (see test_moco's shuffle-BN test)
+
+
+@pytest.mark.slow
+def test_a_resumed_two_process_run_reproduces_the_uninterrupted_one(tmp_path):
+    # Shuffle-BN permutes the key images with torch's generator; the DataLoader must not draw from it (it
+    # draws its workers' base seed when an iterator is made, at a different point in a resumed run).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.start_processes(_two_process_resume_worker, args=(port, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 600
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two gloo processes did not finish within 600 s")
+    steps_a, loss_a = losses(tmp_path / "straight")
+    steps_b, loss_b = losses(tmp_path / "resumed")
+    assert steps_a == steps_b == [1, 2, 3, 4]
+    assert loss_a == loss_b
+    a = load_checkpoint(find_latest(str(tmp_path / "straight")))["model"]
+    b = load_checkpoint(find_latest(str(tmp_path / "resumed")))["model"]
+    assert load_checkpoint(find_latest(str(tmp_path / "straight")))["world_size"] == 2
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_an_interrupt_at_the_end_of_an_epoch_stops_there(tmp_path):
+    summary = train(tiny(tmp_path), interrupt_after_step=2)  # 2 steps per epoch
+    assert summary == {"step": 2, "interrupted": True, "out_dir": str(tmp_path)}
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint_00000002.pt"]
+
+
+def test_rows_logged_before_a_checkpoint_survive_a_crash_after_it(tmp_path, monkeypatch):
+    # log every 4 steps, checkpoint every 3: a crash in step 4 comes before that step's log line
+    cfg = tiny(tmp_path, samples_per_epoch=12, epochs=1, log_every=4, checkpoint_every=3)
+    real_lr = insloc.train.cosine_lr
+
+    def crash_in_step_4(step, *args):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return real_lr(step, *args)
+
+    monkeypatch.setattr(insloc.train, "cosine_lr", crash_in_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    monkeypatch.setattr(insloc.train, "cosine_lr", real_lr)
+    train(tiny(tmp_path, samples_per_epoch=12, epochs=1, log_every=4, checkpoint_every=3, resume="auto"))
+    assert losses(tmp_path)[0] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_just_written_is_kept_and_named_latest(tmp_path):
+    # another run's checkpoints at higher steps (or a run resumed from an older checkpoint) stay, and the
+    # retention never deletes what it just wrote
+    for step in (2, 4, 6, 8):
+        save_checkpoint({"step": step}, str(tmp_path), keep=2)
+    save_checkpoint({"step": 2, "run": "new"}, str(tmp_path), keep=2)
+    assert find_latest(str(tmp_path)).endswith("checkpoint_00000002.pt")
+    save_checkpoint({"step": 4, "run": "new"}, str(tmp_path), keep=2)
+    save_checkpoint({"step": 6, "run": "new"}, str(tmp_path), keep=2)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == \
+        ["checkpoint_00000004.pt", "checkpoint_00000006.pt", "checkpoint_00000008.pt"]
+    latest = load_checkpoint(find_latest(str(tmp_path)))
+    assert (latest["step"], latest["run"]) == (6, "new")
+
+
+def test_a_fresh_run_in_a_used_folder_warns_and_resume_continues_it(tmp_path):
+    train(tiny(tmp_path, epochs=4))  # checkpoints 6 and 8 stay
+    with pytest.warns(UserWarning, match="past step 0"):
+        train(tiny(tmp_path, epochs=4, seed=5), interrupt_after_step=3)
+    assert load_checkpoint(find_latest(str(tmp_path)))["config"]["seed"] == 5
+    with pytest.warns(UserWarning, match="past step 2"):
+        summary = train(tiny(tmp_path, epochs=4, seed=5, resume="auto"))
+    assert summary["step"] == 8 and load_checkpoint(find_latest(str(tmp_path)))["config"]["seed"] == 5
+
+
+def test_an_unreadable_newest_checkpoint_is_named_and_the_one_before_used(tmp_path):
+    train(tiny(tmp_path))  # checkpoints 2 and 4
+    newest = tmp_path / "checkpoint_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="cannot read checkpoint .*checkpoint_00000004.pt"):
+        train(tiny(tmp_path, epochs=3, resume=str(newest)))
+    with pytest.warns(UserWarning, match="cannot read checkpoint .*checkpoint_00000004.pt"):
+        summary = train(tiny(tmp_path, epochs=3, resume="auto"))
+    assert summary["step"] == 6 and losses(tmp_path)[0] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        train(tiny(tmp_path, resume=str(tmp_path / "missing.pt")))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("momentum", 1.5, r"--momentum \(momentum\) must be in \[0, 1\]"),
+    ("crop_scale", [1.0, 0.2], "--crop-scale"),
+    ("log_every", 0, "--log-every"),
+    ("batch_size", 0, "--batch-size"),
+    ("paste_size", [40], "--paste-size"),
+    ("image_size", 16, "--paste-size .* image_size"),
+    ("epochs", 1.5, "--epochs .* an integer"),
+    ("temperature", 0.0, "--temperature"),
+    ("anchor_nms_iou", 2.0, "--anchor-nms-iou"),
+    ("arch", "c5", "--arch"),
+])
+def test_bad_config_values_are_refused_naming_the_flag(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny(tmp_path, **{field: value}))
+    assert not os.path.exists(tmp_path / "metrics.csv")
+
+
+def test_a_queue_smaller_than_the_global_batch_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--queue-size .* global batch 2"):
+        train(tiny(tmp_path, queue_size=1))
+
+
+def test_yaml_numbers_are_converted_and_bad_values_exit_with_the_flag(tmp_path, capsys):
+    # PyYAML reads 1e-4 (no dot) as a string
+    (tmp_path / "c.yaml").write_text("weight_decay: 1e-4\nlr: 3e-2\nmomentum: 1\nanchor_nms_iou: none\n")
+    cfg = config_from_args(build_parser().parse_args(["pretrain", "--config", str(tmp_path / "c.yaml")]))
+    assert (cfg.weight_decay, cfg.lr, cfg.momentum, cfg.anchor_nms_iou) == (1e-4, 0.03, 1.0, None)
+    assert isinstance(cfg.momentum, float)
+    (tmp_path / "bad.yaml").write_text("shuffle_bn: 'no'\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--config", str(tmp_path / "bad.yaml"), "--print-config"])
+    assert exit_info.value.code == 2 and "--shuffle-bn (shuffle_bn) must be true or false" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--preset", "demo", "--paste-size", "200", "100", "--print-config"])
+    assert "--paste-size" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -195,7 +195,7 @@ def _geometry(q, queue):
     # Enough programs to fill the GPU (N = 32 gives one N block per group), each a whole number of tiles.
     target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     tiles = max(1, triton.cdiv(K, BLOCK_K))
-    splits = min(tiles, max(1, triton.cdiv(target, G * n_blocks)))
+    splits = min(tiles, max(1, triton.cdiv(target, max(1, G * n_blocks))))  # G * N = 0: one
     per_split = triton.cdiv(tiles, splits) * BLOCK_K
     splits = max(1, triton.cdiv(K, per_split))
     return G, N, K, D, block_n, block_d, n_blocks, splits, per_split
