@@ -18,12 +18,20 @@ def grid_anchors(feature_size, stride, sizes, aspect_ratios, offset=0.0, *, devi
     fs = (feature_size, feature_size) if isinstance(feature_size, int) else tuple(feature_size)
     if len(fs) != 2 or any((not isinstance(v, int)) or v < 0 for v in fs):
         raise ValueError(f"feature_size must be an int or (H, W) of non-negative ints, got {feature_size!r}")
-    if not isinstance(stride, Real) or not stride > 0:
-        raise ValueError(f"stride must be positive, got {stride!r}")
-    if len(sizes) == 0 or any(not s > 0 for s in sizes):
-        raise ValueError(f"sizes must be a non-empty sequence of positive numbers, got {sizes!r}")
-    if len(aspect_ratios) == 0 or any(not r > 0 for r in aspect_ratios):
-        raise ValueError(f"aspect_ratios must be a non-empty sequence of positive numbers, got {aspect_ratios!r}")
+    def positive(v):
+        return isinstance(v, Real) and math.isfinite(v) and v > 0
+
+    if not positive(stride):
+        raise ValueError(f"stride must be a positive finite number, got {stride!r}")
+    if len(sizes) == 0 or not all(positive(s) for s in sizes):
+        raise ValueError(f"sizes must be a non-empty sequence of positive finite numbers, got {sizes!r}")
+    if len(aspect_ratios) == 0 or not all(positive(r) for r in aspect_ratios):
+        raise ValueError(f"aspect_ratios must be a non-empty sequence of positive finite numbers, got "
+                         f"{aspect_ratios!r}")
+    if not isinstance(offset, Real) or not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite number, got {offset!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     return reference.grid_anchors(fs, stride, sizes, aspect_ratios, offset, device=device, dtype=dtype)
 
 
@@ -45,8 +53,8 @@ def _check_box_values(name, boxes):
     # Needs a host sync, so only on CPU and in eager mode; the C++ CPU kernel checks again.
     if boxes.device.type != "cpu" or boxes.shape[0] == 0 or torch.compiler.is_compiling():
         return
-    if not bool(torch.isfinite(boxes).all()):
-        raise ValueError(f"{name} must be finite")
+    if not bool(torch.isfinite(boxes.to(torch.float32)).all()):  # the kernels compute in float32
+        raise ValueError(f"{name} must be finite (after conversion to float32)")
     if not bool(((boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])).all()):
         raise ValueError(f"{name} must satisfy x2 >= x1 and y2 >= y1")
 

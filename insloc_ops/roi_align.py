@@ -51,8 +51,10 @@ def _check(features, rois, spatial_scales, sampling_ratio, levels):
     for s in spatial_scales:
         if not isinstance(s, Real) or not math.isfinite(s) or s <= 0:
             raise ValueError(f"spatial_scales must be positive finite numbers, got {spatial_scales!r}")
-    if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
-        raise ValueError(f"sampling_ratio must be an int (<= 0 means adaptive), got {sampling_ratio!r}")
+    if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool) or \
+            not -2**31 <= sampling_ratio <= reference.MAX_ADAPTIVE_GRID:  # the kernels take a 32-bit int
+        raise ValueError(f"sampling_ratio must be an int, at most {reference.MAX_ADAPTIVE_GRID} (the adaptive "
+                         f"grid's cap; <= 0 means adaptive), got {sampling_ratio!r}")
     if levels is not None:
         if not isinstance(levels, torch.Tensor) or levels.dim() != 1 or levels.shape[0] != rois.shape[0]:
             raise ValueError(f"levels must be an int64 tensor of shape [{rois.shape[0]}] (one per RoI), got "
@@ -92,7 +94,9 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
     scales = [float(s) for s in spatial_scales]
     which = select("roi_align_multilevel", features[0].device, backend)
     if which == "reference":
-        return reference.roi_align_multilevel(features, rois, (oh, ow), scales, sampling_ratio, aligned, levels)
+        # rois.detach(): like the kernels, no gradient flows to the boxes
+        return reference.roi_align_multilevel(features, rois.detach(), (oh, ow), scales, sampling_ratio, aligned,
+                                              levels)
     op = torch.ops.insloc_ops.roi_align_multilevel_triton if which == "triton" else \
         torch.ops.insloc_ops.roi_align_multilevel
     return op(features, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned))

@@ -105,12 +105,46 @@ def test_enqueue_rejects_bad_input_naming_the_argument(kwargs, match):
     (dict(stride=0), "stride"),
     (dict(sizes=()), "sizes"),
     (dict(aspect_ratios=(1.0, 0.0)), "aspect_ratios"),
+    (dict(stride=float("inf")), "stride"),
+    (dict(sizes=(32.0, float("inf"))), "sizes"),
+    (dict(aspect_ratios=(float("inf"),)), "aspect_ratios"),
+    (dict(offset=float("nan")), "offset"),
+    (dict(dtype=torch.int64), "dtype"),
 ])
 def test_grid_anchors_rejects_bad_input_naming_the_argument(kwargs, match):
     args = dict(feature_size=4, stride=16, sizes=(32,), aspect_ratios=(1.0,))
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         insloc_ops.grid_anchors(**args)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2**32 + 1, 2**31, 65537, -2**32 + 5])
+def test_a_sampling_ratio_a_kernel_cannot_take_is_refused(sampling_ratio):
+    # the kernels take a 32-bit int: 2**32 + 1 would run as 1
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        insloc_ops.roi_align_multilevel(_feats(), ROIS, 7, SCALES, sampling_ratio=sampling_ratio)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_no_gradient_reaches_the_rois(backend):
+    rois = ROIS.clone().requires_grad_()
+    feats = [f.requires_grad_() for f in _feats()]
+    insloc_ops.roi_align_multilevel(feats, rois, 7, SCALES, backend=backend).sum().backward()
+    assert rois.grad is None and feats[0].grad is not None
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_anchor_inputs_are_judged_as_the_kernels_see_them(backend):
+    if backend not in insloc_ops.available_backends()["sample_anchor_boxes"].get("cpu", []):
+        pytest.skip(f"{backend} does not run on CPU tensors here")
+    anchors = torch.tensor([[0.0, 0, 8, 8], [0, 0, 16, 16], [4, 4, 12, 12], [1, 1, 9, 9]])
+    with pytest.raises(ValueError, match="gt_boxes must be finite"):  # finite in float64, not in float32
+        insloc_ops.sample_anchor_boxes(torch.tensor([[0.0, 0, 1e39, 8]], dtype=torch.float64), anchors,
+                                       backend=backend)
+    # a threshold no IoU exceeds, however large, gives the argmax on every backend
+    _, index, _ = insloc_ops.sample_anchor_boxes(torch.tensor([[1.0, 1, 9, 9]]), anchors, 1e300, seed=0,
+                                                 backend=backend)
+    assert index.tolist() == [3]
 
 
 # ------------------------------------------------------------------------------------ empty inputs

@@ -4,7 +4,9 @@ and the host code around them, against the reference and the CPU kernels; then a
 AddressSanitizer and under the race detector. What the emulator cannot show (the memory model, speed) is
 left to the gpu-marked tests."""
 import contextlib
+import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -599,6 +601,37 @@ def test_infonce_feature_dim_over_48k_of_shared_memory(emu, D):
     # D = 304 (tensor cores): 101 and 120 KiB. A launch may use over 48 KiB only after
     # cudaFuncSetAttribute; the emulator checks that it was called.
     check_infonce(emu, 1, 5, 100, D, seed=4)
+
+
+@pytest.mark.parametrize("dtype, D", [(torch.float64, 120), (torch.float64, 90), (torch.float32, 186),
+                                      (torch.float32, 250)])
+def test_infonce_feature_dims_just_under_48k_of_dynamic_shared_memory(emu, dtype, D):
+    # Without the opt-in a block gets 48 KiB of static plus dynamic shared memory together. These D put the
+    # CUDA-core kernels' tiles just under 48 KiB; the kernels' small reduction arrays, once static
+    # __shared__, took the total over it with no opt-in (fp64 D = 120 forward, 90 backward; fp32 D = 250
+    # forward, 186 backward). They now live in the dynamic buffer, whose size the emulator checks.
+    check_infonce(emu, 1, 5, 100, D, dtype, seed=4)
+
+
+def test_kernels_with_dynamic_shared_memory_declare_no_static_shared_memory():
+    # allow_shared and the emulator count dynamic bytes only: a static __shared__ array next to a dynamic
+    # buffer would make the driver's 48 KiB check fail where neither sees it.
+    cu_files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "*.cu")))
+    kernels = 0
+    for path in cu_files:
+        with open(path) as f:
+            source = f.read()
+        for match in re.finditer(r"__global__[^{;]*\{", source):
+            kernels += 1
+            depth, i = 1, match.end()
+            while depth:
+                depth += {"{": 1, "}": -1}.get(source[i], 0)
+                i += 1
+            body = source[match.end():i]
+            if "INSLOC_DYNAMIC_SHARED" in body:
+                line = source.count("\n", 0, match.start()) + 1
+                assert "__shared__" not in body, f"{os.path.basename(path)}:{line}: static and dynamic shared memory"
+    assert len(cu_files) == 3 and kernels >= 10
 
 
 def test_infonce_empty_batch(emu):

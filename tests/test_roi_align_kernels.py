@@ -328,6 +328,22 @@ def test_bad_inputs_name_the_argument():
         OP_BWD(torch.zeros(2, 8, 3, 2, 2), rois, None, scales, 0, True, 2, 3, [12, 6, 3], [15, 8, 4], False)
 
 
+@pytest.mark.parametrize("op", ["cpu", "triton"])
+def test_kernels_zero_levels_out_of_int32_range(op):
+    # On CUDA tensors the public API does not range-check levels (that costs a sync): a level of 2**32 + 1
+    # must pool nothing, not level 1 after narrowing to 32 bits.
+    if op not in CPU_BACKENDS:
+        pytest.skip(f"{op} not available")
+    feats, rois, scales = problem("cpu", seed=15, R=3)
+    levels = torch.tensor([1, 2**32 + 1, -2**32 + 1])
+    if op == "cpu":
+        out = OP(feats, rois, levels, scales, 2, 2, 2, True)
+    else:
+        from insloc_ops.triton import roi_align as triton_roi_align
+        out = triton_roi_align.roi_align_multilevel(feats, rois, levels, scales, 2, 2, 2, True)
+    assert out[0].abs().sum() > 0 and (out[1:] == 0).all()
+
+
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton not available")
 def test_triton_refuses_more_than_five_levels():
     feats = make_features(1, 1, [(2, 2)] * 6, torch.float32)

@@ -141,7 +141,10 @@ __global__ void __launch_bounds__(kThreads)
   INSLOC_DYNAMIC_SHARED(smem_raw);
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kRows, D + 1]
   acc_t* tile = q_s + kRows * (D + 1);               // [kTile, D + 1]
-  __shared__ acc_t red_m[kThreads], red_s[kThreads];
+  // In the dynamic buffer too: without the opt-in a block may use 48 KiB of static plus dynamic shared
+  // memory together, and allow_shared opts in by the dynamic size alone.
+  acc_t* red_m = tile + kTile * (D + 1);             // [kThreads]
+  acc_t* red_s = red_m + kThreads;                   // [kThreads]
   const auto [split, r0, g, k_begin, k_end, row, lane] = place(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
   load_rows<kThreads>(q_s, qa, g, r0, N, D, D + 1);
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* q_s = reinterpret_cast<acc_t*>(smem_raw);  // [kRows, D + 1]
   acc_t* tile = q_s + kRows * (D + 1);               // [kTile, D + 1]
   acc_t* dq_s = tile + kTile * (D + 1);              // [kRows, D]
-  __shared__ acc_t p_s[kRows][kTile + 1];
+  acc_t* p_s = dq_s + kRows * D;                     // [kRows, kTile + 1] (dynamic: see the forward)
   const auto [split, r0, g, k_begin, k_end, row, lane] = place(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
   load_rows<kThreads>(q_s, qa, g, r0, N, D, D + 1);
@@ -204,13 +207,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int col = lane + c * kLanes;
-      p_s[row][col] = (row_ok && k0 + col < k_end) ? row_coef * infonce_prob(logits[c], row_lse) : acc_t(0);
+      p_s[row * (kTile + 1) + col] = (row_ok && k0 + col < k_end) ? row_coef * infonce_prob(logits[c], row_lse) : acc_t(0);
     }
     __syncthreads();
     for (Walk w(threadIdx.x, kThreads, D); w.r < kRows; w.next()) {
       acc_t sum = 0;
 #pragma unroll 8
-      for (int c = 0; c < kTile; ++c) sum += p_s[w.r][c] * tile[c * (D + 1) + w.c];
+      for (int c = 0; c < kTile; ++c) sum += p_s[w.r * (kTile + 1) + c] * tile[c * (D + 1) + w.c];
       dq_s[w.r * D + w.c] += sum;  // each element has one owner thread: no race
     }
   }
@@ -524,6 +527,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qu
   TORCH_CHECK(q.size(1) <= int64_t(65535) * kRows, "queue_infonce: N too large for the CUDA kernel's grid");
 }
 
+// The kernels launched with dynamic shared memory keep all of it there (no static __shared__ arrays), so
+// `bytes` is the block's whole use: what the device's opt-in limit and the 48 KiB default apply to.
 template <typename Kernel>
 void allow_shared(Kernel kernel, size_t bytes, int device, int64_t D) {
   const size_t limit = gpu::max_shared_per_block_optin(device);
@@ -569,7 +574,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
           return;
         }
       }
-      const size_t smem = sizeof(acc_t) * (kRows + kTile) * (D + 1);
+      const size_t smem = sizeof(acc_t) * ((kRows + kTile) * (D + 1) + 2 * kThreads);
       allow_shared(forward_partials_kernel<acc_t, queue_t>, smem, device, D);
       INSLOC_LAUNCH(dim3(splits, row_blocks, G), kThreads, smem, stream, forward_partials_kernel<acc_t, queue_t>)(
           qa.data_ptr<acc_t>(), queue_c.data_ptr<queue_t>(), part_m.data_ptr<acc_t>(), part_s.data_ptr<acc_t>(), N,
@@ -635,7 +640,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
             return;
           }
         }
-        const size_t smem = sizeof(acc_t) * ((kRows + kTile) * (D + 1) + kRows * D);
+        const size_t smem = sizeof(acc_t) * ((kRows + kTile) * (D + 1) + kRows * D + kRows * (kTile + 1));
         allow_shared(backward_partials_kernel<acc_t, queue_t>, smem, device, D);
         INSLOC_LAUNCH(dim3(splits, row_blocks, G), kThreads, smem, stream, backward_partials_kernel<acc_t, queue_t>)(
             qa.data_ptr<acc_t>(), queue_c.data_ptr<queue_t>(), la.data_ptr<acc_t>(), ga.data_ptr<acc_t>(),

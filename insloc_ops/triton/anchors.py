@@ -5,6 +5,8 @@ int64 candidates of box n: (key << 31 | 2^31 - 1 - index) among eligible anchors
 2^31 - 1 - index) among all (csrc/common/anchors.h explains the packing). A second kernel unpacks them.
 Float ops are rounded one by one like reference.box_iou: fp fusion off, division by tl.div_rn.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -106,8 +108,14 @@ def _check(gt_boxes, anchors, iou_threshold):
         raise ValueError(f"anchors must have at most {_MAX_ANCHORS} rows, got {anchors.shape[0]}")
     if gt_boxes.shape[0] and anchors.shape[0] == 0:
         raise ValueError("anchors must not be empty when gt_boxes is not")
-    if not torch.isfinite(torch.tensor(iou_threshold)):
+    if not math.isfinite(float(iou_threshold)):
         raise ValueError(f"iou_threshold must be finite, got {iou_threshold}")
+
+
+def _kernel_threshold(iou_threshold):
+    # An IoU lies in [0, 1], so any threshold >= 1 selects like 1 and any <= -1 like -1; clamped, it stays
+    # finite as the kernel's float32 argument (1e300 would become inf).
+    return min(max(float(iou_threshold), -1.0), 1.0)
 
 
 def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
@@ -129,7 +137,7 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
     ranges = max(1, min(triton.cdiv(target, N), triton.cdiv(A, BLOCK), 65535))
     span = triton.cdiv(triton.cdiv(A, ranges), BLOCK) * BLOCK  # anchors per program, a multiple of BLOCK
     ranges = triton.cdiv(A, span)
-    _sample_anchor_kernel[(N, ranges)](gt, anc, packed, N, A, float(iou_threshold), seed_key, span, BLOCK=BLOCK,
+    _sample_anchor_kernel[(N, ranges)](gt, anc, packed, N, A, _kernel_threshold(iou_threshold), seed_key, span, BLOCK=BLOCK,
                                        **LAUNCH_OPTIONS)
     FIN = 128
     _finalize_kernel[(triton.cdiv(N, FIN),)](gt, anc, packed, index, iou, N, BLOCK=FIN, **LAUNCH_OPTIONS)

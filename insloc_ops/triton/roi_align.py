@@ -118,12 +118,12 @@ def _roi(rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, C, L, ph, pw, sampli
     kmask = k < ph * pw
     if BY_LEVEL:
         r = pair
-        lvl = tl.load(levels_ptr + r).to(tl.int32)
+        lvl = tl.load(levels_ptr + r)  # int64: range-tested before narrowing (2**32 + 1 must not pass as 1)
     else:
         r = pair % R
-        lvl = (pair // R).to(tl.int32)
+        lvl = pair // R
     lvl_ok = (lvl >= 0) & (lvl < L)
-    lvl = tl.where(lvl_ok, lvl, 0)
+    lvl = tl.where(lvl_ok, lvl, 0).to(tl.int32)
     H = tl.load(sizes_ptr + 2 * lvl)
     W = tl.load(sizes_ptr + 2 * lvl + 1)
     scale = tl.load(scales_ptr + lvl)
