@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from insloc_ops import grid_anchors, selected_backends
 
-from .checkpoint import (checkpoint_step, list_checkpoints, load_checkpoint, load_latest_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (checkpoint_step, list_checkpoints, load_checkpoint, load_latest_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import Config
 from .data import CopyPasteComposite, EpochSampler, TwoViewCrops, image_paths
 from .models import build_encoder
@@ -218,8 +218,8 @@ def train(cfg: Config, *, interrupt_after_step=None):
     later = [p for p in list_checkpoints(out_dir) if checkpoint_step(p) > step]
     if main and later:
         warnings.warn(f"{out_dir} holds checkpoints past step {step} ({os.path.basename(later[-1])} the last) of "
-                      f"another run (or unreadable ones): they are left as they are, and `latest` (what --resume auto continues from) "
-                      f"will name this run's checkpoints", stacklevel=2)
+                      f"another run (or unreadable ones): they are left as they are, and `latest` (what --resume "
+                      f"auto continues from) will name this run's checkpoints", stacklevel=2)
 
     model = moco
     if world > 1:
@@ -240,7 +240,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
     say(ops_line(device, cfg.anchor_nms_iou if cfg.method == "insloc" else None))
 
     def checkpoint(epoch_done, in_epoch):
-        states = [None] * world
+        states, path = [None] * world, None
         if world > 1:
             dist.all_gather_object(states, box_generator.get_state())
         else:
@@ -253,7 +253,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
             path = save_checkpoint(state, out_dir, cfg.keep_checkpoints)
         if world > 1:
             dist.barrier()  # every process leaves once the checkpoint is on disk (a restart then finds it)
-        return path if main else None
+        return path
 
     model.train()
     first_loss = last_loss = None

@@ -137,8 +137,8 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
     ranges = max(1, min(triton.cdiv(target, N), triton.cdiv(A, BLOCK), 65535))
     span = triton.cdiv(triton.cdiv(A, ranges), BLOCK) * BLOCK  # anchors per program, a multiple of BLOCK
     ranges = triton.cdiv(A, span)
-    _sample_anchor_kernel[(N, ranges)](gt, anc, packed, N, A, _kernel_threshold(iou_threshold), seed_key, span, BLOCK=BLOCK,
-                                       **LAUNCH_OPTIONS)
+    _sample_anchor_kernel[(N, ranges)](gt, anc, packed, N, A, _kernel_threshold(iou_threshold), seed_key, span,
+                                       BLOCK=BLOCK, **LAUNCH_OPTIONS)
     FIN = 128
     _finalize_kernel[(triton.cdiv(N, FIN),)](gt, anc, packed, index, iou, N, BLOCK=FIN, **LAUNCH_OPTIONS)
     return index, iou
