@@ -44,18 +44,13 @@ def save_checkpoint(state, out_dir, keep=2):
     path = checkpoint_path(out_dir, step)
     _atomic_write(path, lambda f: torch.save(state, f))
     _atomic_write(os.path.join(out_dir, LATEST), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
-    earlier = [p for s, p in _numbered(out_dir) if s < step]
+    earlier = [p for s, p in numbered_checkpoints(out_dir) if s < step]
     for old in earlier[:max(len(earlier) - (max(keep, 1) - 1), 0)]:
         os.remove(old)
     return path
 
 
-def checkpoint_step(path):
-    """The step in a checkpoint's file name (checkpoint_<step>.pt)."""
-    return int(_NAME.search(path).group(1))
-
-
-def _numbered(out_dir):
+def numbered_checkpoints(out_dir):
     """[(step, path)] of the complete checkpoints in out_dir, by step."""
     return sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "checkpoint_*.pt"))
                   if (m := _NAME.search(p)))
@@ -63,13 +58,13 @@ def _numbered(out_dir):
 
 def list_checkpoints(out_dir):
     """Complete checkpoints in out_dir, oldest first (by step)."""
-    return [p for _, p in _numbered(out_dir)]
+    return [p for _, p in numbered_checkpoints(out_dir)]
 
 
 def _candidates(out_dir):
     """Checkpoints to resume from, best first: the one `latest` names, then the others of lower step
     (newest first), then those of higher step (another run's)."""
-    numbered = _numbered(out_dir)
+    numbered = numbered_checkpoints(out_dir)
     pointer, named = os.path.join(out_dir, LATEST), None
     if os.path.isfile(pointer):
         with open(pointer) as f:

@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from insloc_ops import grid_anchors, selected_backends
 
-from .checkpoint import (checkpoint_step, list_checkpoints, load_checkpoint, load_latest_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (load_checkpoint, load_latest_checkpoint, numbered_checkpoints, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import Config
 from .data import CopyPasteComposite, EpochSampler, TwoViewCrops, image_paths
 from .models import build_encoder
@@ -215,7 +215,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
         generators = ckpt["rng"]["box_generator"]
         box_generator.set_state(generators[rank] if ckpt.get("world_size") == world else generators[0])
         say(f"resumed from {resume_path} at epoch {epoch}, step {step}")
-    later = [p for p in list_checkpoints(out_dir) if checkpoint_step(p) > step]
+    later = [p for s, p in numbered_checkpoints(out_dir) if s > step]
     if main and later:
         warnings.warn(f"{out_dir} holds checkpoints past step {step} ({os.path.basename(later[-1])} the last) of "
                       f"another run (or unreadable ones): they are left as they are, and `latest` (what --resume "

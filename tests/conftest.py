@@ -1,4 +1,6 @@
 import os
+import socket
+import time
 
 import torch
 
@@ -48,3 +50,24 @@ def triton_compile_api():
 def devices():
     return ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
+
+def free_port():
+    """A free TCP port on 127.0.0.1, for a process group's store."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(fn, args, nprocs, timeout_s):
+    """fn(rank, *args) in nprocs spawned processes, joined with a deadline: a rank stuck in a collective (its
+    peer gone) fails the test instead of hanging it."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {nprocs} processes did not finish within {timeout_s} s: " +
+                        ", ".join(f"rank {r} exit code {p.exitcode}" for r, p in enumerate(ctx.processes)))

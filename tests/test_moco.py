@@ -1,11 +1,8 @@
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchvision.ops import box_iou
 
 from insloc.config import Config
@@ -13,6 +10,8 @@ from insloc.models import FPNEncoder
 from insloc.moco import MoCo, batch_shuffle_ddp, batch_unshuffle_ddp, rois_from_boxes
 from insloc.train import build_model
 from insloc_ops import sample_anchor_boxes
+
+from conftest import free_port, run_processes
 
 
 # a few small ops per step: one thread avoids OpenMP oversubscription on shared CPUs
@@ -128,12 +127,6 @@ def test_one_step_updates_query_weights_key_weights_and_queue(method, arch, grou
                                0.5 * k0 + 0.5 * moco.encoder_q.backbone.conv1.weight)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shuffle_worker(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -170,15 +163,7 @@ def _shuffle_worker(rank, world, port):
 
 
 def test_shuffle_bn_round_trips_images_and_boxes_across_two_gloo_processes():
-    # join with a deadline: a rank stuck in a collective (its peer gone) fails the test instead of hanging it.
-    ctx = mp.start_processes(_shuffle_worker, args=(2, _free_port()), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the two gloo processes did not finish within 300 s: " +
-                        ", ".join(f"rank {r} exit code {p.exitcode}" for r, p in enumerate(ctx.processes)))
+    run_processes(_shuffle_worker, (2, free_port()), nprocs=2, timeout_s=300)
 
 
 # The trainer's CUDA-only settings (bf16 autocast, channels_last, torch.compile), exercised on the CPU:

@@ -1,12 +1,9 @@
 import csv
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 
 import insloc.train
@@ -14,6 +11,8 @@ from insloc.checkpoint import find_latest, list_checkpoints, load_checkpoint, sa
 from insloc.cli import build_parser, config_from_args, main
 from insloc.config import Config, demo
 from insloc.train import cosine_lr, train
+
+from conftest import free_port, run_processes
 
 
 # a few small ops per step: one thread avoids OpenMP oversubscription on shared CPUs
@@ -67,12 +66,17 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path, anchor_nm
     assert train(interrupted, interrupt_after_step=3)["interrupted"]  # mid-epoch 2, like a crash
     assert load_checkpoint(find_latest(str(tmp_path / "resumed")))["step_in_epoch"] == 1
     train(tiny(tmp_path / "resumed", resume="auto", anchor_nms_iou=anchor_nms_iou))
-    steps_a, loss_a = losses(tmp_path / "straight")
-    steps_b, loss_b = losses(tmp_path / "resumed")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def assert_same_run(straight, resumed):
+    """Both runs logged steps 1-4 with equal losses and end with bitwise equal models."""
+    steps_a, loss_a = losses(straight)
+    steps_b, loss_b = losses(resumed)
     assert steps_a == steps_b == [1, 2, 3, 4]
     assert loss_a == loss_b
-    a = load_checkpoint(find_latest(str(tmp_path / "straight")))["model"]
-    b = load_checkpoint(find_latest(str(tmp_path / "resumed")))["model"]
+    a = load_checkpoint(find_latest(str(straight)))["model"]
+    b = load_checkpoint(find_latest(str(resumed)))["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
@@ -150,26 +154,9 @@ def _two_process_resume_worker(rank, port, root):
 def test_a_resumed_two_process_run_reproduces_the_uninterrupted_one(tmp_path):
     # Shuffle-BN permutes the key images with torch's generator; the DataLoader must not draw from it (it
     # draws its workers' base seed when an iterator is made, at a different point in a resumed run).
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.start_processes(_two_process_resume_worker, args=(port, str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 600
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the two gloo processes did not finish within 600 s")
-    steps_a, loss_a = losses(tmp_path / "straight")
-    steps_b, loss_b = losses(tmp_path / "resumed")
-    assert steps_a == steps_b == [1, 2, 3, 4]
-    assert loss_a == loss_b
-    a = load_checkpoint(find_latest(str(tmp_path / "straight")))["model"]
-    b = load_checkpoint(find_latest(str(tmp_path / "resumed")))["model"]
+    run_processes(_two_process_resume_worker, (free_port(), str(tmp_path)), nprocs=2, timeout_s=600)
     assert load_checkpoint(find_latest(str(tmp_path / "straight")))["world_size"] == 2
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_an_interrupt_at_the_end_of_an_epoch_stops_there(tmp_path):

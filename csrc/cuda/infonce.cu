@@ -207,7 +207,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int col = lane + c * kLanes;
-      p_s[row * (kTile + 1) + col] = (row_ok && k0 + col < k_end) ? row_coef * infonce_prob(logits[c], row_lse) : acc_t(0);
+      p_s[row * (kTile + 1) + col] =
+          (row_ok && k0 + col < k_end) ? row_coef * infonce_prob(logits[c], row_lse) : acc_t(0);
     }
     __syncthreads();
     for (Walk w(threadIdx.x, kThreads, D); w.r < kRows; w.next()) {
