@@ -7,12 +7,14 @@ into non-overlapping tiles; every 4th tile is held out for testing. One class ("
 
     # CPU, a few minutes: ResNet-18 FPN, short schedule
     python examples/transfer_detection.py --init runs/demo/export-fpn.pth
-    # GPU: same budget for each initialisation, markdown table written to --table
+    # GPU: same budget for each initialisation (R50: --depth 50 for 'random'), markdown table in --table
     python examples/transfer_detection.py --init random runs/moco/export.pth runs/insloc/export-fpn.pth \\
-        --iters 3000 --table transfer.md
+        --depth 50 --iters 3000 --table transfer.md
 
 ``--init`` takes ``random`` or a file written by ``insloc export --format torchvision`` (ResNet trunk: the
-FPN starts random) or ``--format torchvision-fpn`` (trunk and FPN). Depth and FPN width come from the file.
+FPN starts random) or ``--format torchvision-fpn`` (trunk and FPN). Depth, FPN width and whether the FPN
+has BatchNorm come from the file; ``--depth``, ``--fpn-channels`` and ``--fpn-norm`` set them for the
+others (the official transfer configs put a norm in the FPN: ``--fpn-norm bn``, the default).
 """
 import argparse
 import glob
@@ -131,12 +133,14 @@ class Initialisation:
     fpn_channels: int
     state_dict: dict | None = None
     has_fpn: bool = False
+    fpn_norm: bool = True  # BatchNorm after each FPN conv (the conv then has no bias)
 
 
-def read_initialisation(spec, depth=18, fpn_channels=256):
-    """``random`` (with the given depth / width) or the path of a torchvision / torchvision-fpn export."""
+def read_initialisation(spec, depth=18, fpn_channels=256, fpn_norm=True):
+    """``random`` (with the given depth / width / FPN norm) or the path of a torchvision / torchvision-fpn
+    export (a trunk-only export takes the given FPN width and norm)."""
     if spec == "random":
-        return Initialisation("random", depth, fpn_channels)
+        return Initialisation("random", depth, fpn_channels, fpn_norm=fpn_norm)
     sd = torch.load(spec, map_location="cpu", weights_only=True)
     has_fpn = any(k.startswith("body.") for k in sd)
     trunk_prefix = "body." if has_fpn else ""
@@ -144,7 +148,8 @@ def read_initialisation(spec, depth=18, fpn_channels=256):
         raise ValueError(f"{spec}: not an 'insloc export --format torchvision' or 'torchvision-fpn' file")
     export_depth = 50 if trunk_prefix + "layer1.0.conv3.weight" in sd else 18
     width = sd["fpn.inner_blocks.0.0.weight"].shape[0] if has_fpn else fpn_channels
-    return Initialisation(Path(spec).name, export_depth, width, sd, has_fpn)
+    norm = "fpn.inner_blocks.0.1.weight" in sd if has_fpn else fpn_norm
+    return Initialisation(Path(spec).name, export_depth, width, sd, has_fpn, norm)
 
 
 def build_detector(init: Initialisation, num_classes=2, size=320, light=False):
@@ -153,8 +158,9 @@ def build_detector(init: Initialisation, num_classes=2, size=320, light=False):
     ``light``: fewer proposals and sampled RoIs, for CPU runs."""
     trunk = getattr(torchvision.models, f"resnet{init.depth}")()
     widths = [64 * 2 ** i * (4 if init.depth == 50 else 1) for i in range(4)]
+    norm = torch.nn.BatchNorm2d if init.fpn_norm else None
     backbone = BackboneWithFPN(trunk, {f"layer{i + 1}": str(i) for i in range(4)}, widths, init.fpn_channels,
-                               extra_blocks=LastLevelMaxPool())
+                               extra_blocks=LastLevelMaxPool(), norm_layer=norm)
     if init.state_dict is not None:
         target = backbone if init.has_fpn else backbone.body
         target.load_state_dict(init.state_dict, strict=True)
@@ -224,7 +230,9 @@ def main(argv=None):
                         help="'random' and/or torchvision / torchvision-fpn exports; each is fine-tuned with the "
                              "same schedule")
     parser.add_argument("--depth", type=int, default=18, choices=(18, 50), help="ResNet depth of 'random'")
-    parser.add_argument("--fpn-channels", type=int, default=256, help="FPN width of 'random'")
+    parser.add_argument("--fpn-channels", type=int, default=256, help="FPN width of 'random' and trunk exports")
+    parser.add_argument("--fpn-norm", choices=("bn", "none"), default="bn",
+                        help="FPN BatchNorm of 'random' and trunk exports (torchvision-fpn exports bring theirs)")
     parser.add_argument("--iters", type=int, default=None, help="fine-tuning iterations (default: 30 CPU, 3000 GPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per iteration (default: 2 CPU, 8 GPU)")
     parser.add_argument("--lr", type=float, default=0.02)
@@ -245,10 +253,10 @@ def main(argv=None):
           f"{schedule.iters} iters x {schedule.batch_size} images on {args.device}")
     rows = []
     for spec in args.init:
-        init = read_initialisation(spec, args.depth, args.fpn_channels)
+        init = read_initialisation(spec, args.depth, args.fpn_channels, args.fpn_norm == "bn")
         torch.manual_seed(args.seed)  # the same random heads for every initialisation
         model = build_detector(init, size=args.tile, light=not gpu)
-        print(f"{init.name}: ResNet-{init.depth} FPN {init.fpn_channels}, "
+        print(f"{init.name}: ResNet-{init.depth} FPN {init.fpn_channels}{' BN' if init.fpn_norm else ''}, "
               f"{'trunk + FPN' if init.has_fpn else 'trunk' if init.state_dict else 'nothing'} pretrained")
         start = time.perf_counter()
         fine_tune(model, train, schedule, args.device)
@@ -256,7 +264,8 @@ def main(argv=None):
         minutes = (time.perf_counter() - start) / 60
         print(f"{init.name}: AP {100 * result.ap:.1f}  AP50 {100 * result.ap50:.1f}  AP75 {100 * result.ap75:.1f}  "
               f"({minutes:.1f} min)")
-        rows.append((init.name, f"R{init.depth}-FPN{init.fpn_channels}", result, minutes))
+        rows.append((init.name, f"R{init.depth}-FPN{init.fpn_channels}{'-BN' if init.fpn_norm else ''}", result,
+                     minutes))
     table = markdown_table(rows)
     print(table)
     if args.table:

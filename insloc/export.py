@@ -13,22 +13,30 @@ Formats (one file each; ``OUT`` is the ``--out`` path):
         model.load_state_dict(torch.load(OUT))
 ``torchvision-fpn`` (FPN checkpoints only)
     Trunk and neck keyed for ``BackboneWithFPN``: ``body.*`` + ``fpn.inner_blocks.{i}.0.*`` (laterals)
-    + ``fpn.layer_blocks.{i}.0.*`` (3x3 outputs); the extra ``LastLevelMaxPool`` level has no weights.
-    For R50 with 256 FPN channels it loads strictly into the detector's backbone::
+    + ``fpn.layer_blocks.{i}.0.*`` (3x3 outputs), and with ``fpn_norm="bn"`` (the recipe's) their
+    BatchNorms as ``fpn.inner_blocks.{i}.1.*`` / ``fpn.layer_blocks.{i}.1.*``; the extra
+    ``LastLevelMaxPool`` level has no weights. It loads strictly into a ``BackboneWithFPN`` built with the
+    same norm (``norm_layer=None`` for ``fpn_norm="none"``)::
 
-        model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
-        model.backbone.load_state_dict(torch.load(OUT))
+        trunk = torchvision.models.resnet50()
+        backbone = BackboneWithFPN(trunk, {f"layer{i}": str(i - 1) for i in range(1, 5)}, [256, 512, 1024, 2048],
+                                   256, extra_blocks=LastLevelMaxPool(), norm_layer=torch.nn.BatchNorm2d)
+        backbone.load_state_dict(torch.load(OUT))
+        model = torchvision.models.detection.FasterRCNN(backbone, num_classes=91)
 
-    ``num_batches_tracked`` is kept: ``nn.BatchNorm2d`` (what torchvision builds without pretrained
+    (``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone`` is the ``fpn_norm="none"``
+    variant.) ``num_batches_tracked`` is kept: ``nn.BatchNorm2d`` (what torchvision builds without pretrained
     weights) needs it and ``FrozenBatchNorm2d`` drops it on load, so both load strictly.
 ``detectron2``
     A pickle of ``{"model": {name: numpy array}, "__author__": "insloc", "matching_heuristics": True}``
     with detectron2's names (recipe.md, "Transfer"): trunk -> ``backbone.bottom_up.*`` (FPN) or
     ``backbone.*`` (C4); C4 res5 -> ``roi_heads.res5``; FPN neck -> ``backbone.fpn_lateral{2..5}`` /
-    ``backbone.fpn_output{2..5}``; the FPN box head's four convs -> ``roi_heads.box_head.conv{1..4}``
-    (+ ``.norm``) and its first fc -> ``roi_heads.box_head.fc1`` (detectron2's 4conv1fc head). The second
-    fc and the 128-d projection have no detectron2 counterpart and are dropped. Image-level MoCo
-    checkpoints (``--method moco``) export the trunk in either layout (``layout=``).
+    ``backbone.fpn_output{2..5}`` (+ ``.norm`` with ``fpn_norm="bn"``: set detectron2's ``MODEL.FPN.NORM``
+    to ``"BN"`` or ``"SyncBN"``, as the official transfer configs do); the FPN box head's four convs ->
+    ``roi_heads.box_head.conv{1..4}`` (+ ``.norm``) and its first fc -> ``roi_heads.box_head.fc1``
+    (detectron2's 4conv1fc head). The second fc and the 128-d projection have no detectron2 counterpart and
+    are dropped. Image-level MoCo checkpoints (``--method moco``) export the trunk in either layout
+    (``layout=``).
 
 The momentum (key) encoder is exported only with ``include_momentum=True``: then a second file
 ``OUT`` with ``-momentum`` before the suffix holds it, in the same format.
@@ -48,7 +56,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .config import Config
+from .config import ADDED_FIELDS, ARCHITECTURE_FIELDS, Config, with_added_fields
 
 FORMATS = ("raw", "torchvision", "torchvision-fpn", "detectron2")
 Format = Literal["raw", "torchvision", "torchvision-fpn", "detectron2"]
@@ -128,16 +136,12 @@ def _check_encoder(state, expected, path, which, description):
                                   f"{description} encoder expects {shape}")
 
 
-ARCHITECTURE_FIELDS = ("method", "arch", "depth", "fpn_channels", "head_fc_dim", "dim", "fpn_roi_size",
-                       "c4_roi_size")
-
-
 def config_from_checkpoint(values, path="checkpoint"):
     """The checkpoint's Config. Fields this version does not know (a checkpoint from a newer or older
     trainer) are ignored with a warning; the fields that define the encoder must all be present."""
     if not isinstance(values, dict):
         raise CheckpointError(f"{path}: the 'config' entry is a {type(values).__name__}, expected a Config dict")
-    missing = [f for f in ARCHITECTURE_FIELDS if f not in values]
+    missing = [f for f in ARCHITECTURE_FIELDS if f not in values and f not in ADDED_FIELDS]
     if missing:
         raise CheckpointError(f"{path}: the 'config' entry lacks the architecture fields {missing}")
     known = {f.name for f in dataclasses.fields(Config)}
@@ -145,7 +149,7 @@ def config_from_checkpoint(values, path="checkpoint"):
     if unknown:
         warnings.warn(f"{path}: ignoring config fields this insloc version does not know: {unknown}")
     try:
-        return Config.from_dict({k: v for k, v in values.items() if k in known})
+        return Config.from_dict({k: v for k, v in with_added_fields(values).items() if k in known})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the 'config' entry is not an insloc Config: {e}") from e
 
@@ -211,9 +215,10 @@ def torchvision_fpn_state_dict(encoder, config):
     out = {"body." + k: v for k, v in torchvision_resnet_state_dict(encoder, config).items()}
     for name, v in encoder.items():
         parts = name.split(".")
-        if parts[0] == "neck":
-            block = {"lateral_convs": "inner_blocks", "output_convs": "layer_blocks"}[parts[1]]
-            out[f"fpn.{block}.{parts[2]}.0.{parts[3]}"] = v
+        if parts[0] == "neck":  # conv -> Conv2dNormActivation index 0, its norm -> index 1
+            block, index = {"lateral_convs": ("inner_blocks", 0), "output_convs": ("layer_blocks", 0),
+                            "lateral_norms": ("inner_blocks", 1), "output_norms": ("layer_blocks", 1)}[parts[1]]
+            out[f"fpn.{block}.{parts[2]}.{index}.{parts[3]}"] = v
     return out
 
 
@@ -250,8 +255,9 @@ def detectron2_state_dict(encoder, config, layout):
     for name, v in encoder.items():
         parts = name.split(".")
         if parts[0] == "neck":
-            kind = {"lateral_convs": "lateral", "output_convs": "output"}[parts[1]]
-            out[f"backbone.fpn_{kind}{int(parts[2]) + 2}.{parts[3]}"] = v
+            kind, norm = {"lateral_convs": ("lateral", ""), "output_convs": ("output", ""),
+                          "lateral_norms": ("lateral", ".norm"), "output_norms": ("output", ".norm")}[parts[1]]
+            out[f"backbone.fpn_{kind}{int(parts[2]) + 2}{norm}.{parts[3]}"] = v
         elif parts[:2] == ["head", "convs"]:
             conv = f"roi_heads.box_head.conv{int(parts[2]) + 1}"
             out[conv + (".norm." if parts[3] == "1" else ".") + ".".join(parts[4:])] = v

@@ -21,7 +21,7 @@ from insloc_ops import grid_anchors, selected_backends
 
 from .checkpoint import (load_checkpoint, load_latest_checkpoint, numbered_checkpoints, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import Config
+from .config import ARCHITECTURE_FIELDS, Config, architecture_mismatch
 from .data import CopyPasteComposite, EpochSampler, TwoViewCrops, image_paths
 from .models import build_encoder
 from .moco import MoCo
@@ -47,9 +47,12 @@ def build_dataset(cfg: Config):
                 cfg.samples_per_epoch, cfg.seed, cfg.decode_cache)
 
 
-def cosine_lr(step, total_steps, base_lr):
-    """Cosine decay per step from base_lr to 0, no warm-up."""
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+def cosine_lr(step, steps_per_epoch, epochs, base_lr):
+    """Cosine decay by epoch from base_lr towards 0, no warm-up: constant within an epoch, as both official
+    codes schedule it (mmcv's CosineAnnealing by_epoch=True; MoCo's adjust_learning_rate). ``step`` is the
+    number of optimizer steps done before this one."""
+    epoch = min(step // max(steps_per_epoch, 1), epochs)
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
 def setup_distributed(cfg: Config):
@@ -183,7 +186,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
                          f"(batch_size x processes), got {cfg.queue_size}")
     base_lr = cfg.lr * global_batch / cfg.lr_batch
     optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=base_lr, momentum=cfg.sgd_momentum,
-                                weight_decay=cfg.weight_decay, nesterov=True)
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
 
     dataset = build_dataset(cfg)
     sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
@@ -208,6 +211,10 @@ def train(cfg: Config, *, interrupt_after_step=None):
             raise FileNotFoundError(f"--resume (resume): no checkpoint file {resume_path}")
         ckpt = load_checkpoint(resume_path)
     if ckpt is not None:
+        mismatch = architecture_mismatch(cfg, ckpt.get("config") or {}, ARCHITECTURE_FIELDS + ("queue_size",))
+        if mismatch:
+            raise ValueError(f"--resume (resume): {resume_path} holds another model than this run builds "
+                             f"({'; '.join(mismatch)}): resume with the checkpoint's values")
         moco.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, step_in_epoch, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
@@ -265,7 +272,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
         t_data = time.perf_counter()
         for batch in loader:
             wait_window += time.perf_counter() - t_data
-            lr = cosine_lr(step, total_steps, base_lr)
+            lr = cosine_lr(step, steps_per_epoch, cfg.epochs, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             im_q = batch["im_q"].to(device, non_blocking=True)  # [N, 3, S, S]

@@ -50,7 +50,8 @@ def write_checkpoint(path, config: Config, seed=0):
     return encoder_q
 
 
-R50_FPN = Config(method="insloc", arch="fpn", depth=50)
+R50_FPN = Config(method="insloc", arch="fpn", depth=50)  # the recipe's FPN: BatchNorm after each conv
+R50_FPN_NO_NORM = Config(method="insloc", arch="fpn", depth=50, fpn_norm="none")  # fasterrcnn_resnet50_fpn's
 R50_C4 = Config(method="insloc", arch="c4", depth=50)
 R50_MOCO = Config(method="moco", depth=50)
-R18_FPN_DEMO = Config(method="insloc", arch="fpn", depth=18, fpn_channels=64, head_fc_dim=256)
+R18_FPN_DEMO = Config(method="insloc", arch="fpn", depth=18, fpn_channels=64, head_fc_dim=256, fpn_norm="none")

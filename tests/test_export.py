@@ -10,7 +10,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from insloc.export import CheckpointError, export, export_main, load_raw_encoder, momentum_path
-from random_checkpoints import R18_FPN_DEMO, R50_C4, R50_FPN, R50_MOCO, make_checkpoint, write_checkpoint
+from random_checkpoints import (R18_FPN_DEMO, R50_C4, R50_FPN, R50_FPN_NO_NORM, R50_MOCO, make_checkpoint,
+                                write_checkpoint)
 
 IMAGES = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
 
@@ -21,7 +22,15 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     return {name: (folder / f"{name}.pt", write_checkpoint(folder / f"{name}.pt", cfg, seed=i))
             for i, (name, cfg) in enumerate({"r50_fpn": R50_FPN, "r50_c4": R50_C4, "r50_moco": R50_MOCO,
-                                             "r18_fpn": R18_FPN_DEMO}.items())}
+                                             "r18_fpn": R18_FPN_DEMO, "r50_fpn_no_norm": R50_FPN_NO_NORM}.items())}
+
+
+def torchvision_fpn_backbone(encoder, trunk):
+    """A BackboneWithFPN shaped like the encoder: its trunk, widths, and FPN norm (BatchNorm or none)."""
+    norm = nn.BatchNorm2d if isinstance(encoder.neck.lateral_norms[0], nn.BatchNorm2d) else None
+    return BackboneWithFPN(trunk, {f"layer{i + 1}": str(i) for i in range(4)}, encoder.backbone.out_channels,
+                           encoder.neck.output_convs[0].out_channels, extra_blocks=LastLevelMaxPool(),
+                           norm_layer=norm)
 
 
 def stage_outputs(model, x):
@@ -72,12 +81,17 @@ def test_torchvision_export_of_c4_puts_res5_in_layer4_and_reproduces_res4_and_re
     assert torch.equal(stages[3], res5)
 
 
-def test_torchvision_fpn_export_loads_strictly_into_fasterrcnn_resnet50_fpn_backbone_and_reproduces_p2_to_p6(
-        checkpoints, tmp_path):
-    path, encoder = checkpoints["r50_fpn"]
+@pytest.mark.parametrize("name", ["r50_fpn", "r50_fpn_no_norm"])
+def test_torchvision_fpn_export_loads_strictly_into_a_faster_rcnn_backbone_and_reproduces_p2_to_p6(
+        name, checkpoints, tmp_path):
+    # fpn_norm="bn": a BackboneWithFPN with norm_layer=BatchNorm2d; "none": fasterrcnn_resnet50_fpn's own
+    path, encoder = checkpoints[name]
     export(path, "torchvision-fpn", tmp_path / "fpn.pth")
-    detector = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
-    backbone = detector.backbone
+    if name == "r50_fpn_no_norm":
+        backbone = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone
+    else:
+        backbone = torchvision_fpn_backbone(encoder, torchvision.models.resnet50())
+        torchvision.models.detection.FasterRCNN(backbone, num_classes=2)  # the detector takes it
     backbone.load_state_dict(torch.load(tmp_path / "fpn.pth"), strict=True)
     backbone.eval()
     with torch.no_grad():
@@ -97,9 +111,7 @@ def test_torchvision_fpn_export_loads_strictly_with_frozen_batchnorm(name, depth
     path, encoder = checkpoints[name]
     export(path, "torchvision-fpn", tmp_path / "fpn.pth")
     trunk = getattr(torchvision.models, depth)(norm_layer=FrozenBatchNorm2d)
-    widths = encoder.backbone.out_channels
-    backbone = BackboneWithFPN(trunk, {f"layer{i + 1}": str(i) for i in range(4)}, widths,
-                               encoder.neck.output_convs[0].out_channels, extra_blocks=LastLevelMaxPool())
+    backbone = torchvision_fpn_backbone(encoder, trunk).eval()
     backbone.load_state_dict(torch.load(tmp_path / "fpn.pth"), strict=True)
     with torch.no_grad():
         theirs = backbone(IMAGES)
@@ -153,13 +165,18 @@ def detectron2_resnet_shapes(depth, stem_prefix, stage_prefixes, norm="SyncBN"):
     return shapes
 
 
-def detectron2_r_fpn_shapes(depth, fpn_channels=256, fc_dim=1024, pooler=7, norm="SyncBN"):
-    """GeneralizedRCNN with build_resnet_fpn_backbone and a FastRCNNConvFCHead (NUM_CONV 4, NUM_FC 1,
-    NORM SyncBN): the pretrained parts (no RPN, no box predictor)."""
+def detectron2_r_fpn_shapes(depth, fpn_channels=256, fc_dim=1024, pooler=7, norm="SyncBN", fpn_norm=True):
+    """GeneralizedRCNN with build_resnet_fpn_backbone (FPN.NORM = norm if fpn_norm, else "": convs with
+    bias) and a FastRCNNConvFCHead (NUM_CONV 4, NUM_FC 1, NORM SyncBN): the pretrained parts (no RPN, no
+    box predictor)."""
     shapes = detectron2_resnet_shapes(depth, "backbone.bottom_up.",
                                       [f"backbone.bottom_up.res{s}" for s in range(2, 6)], norm)
     widths = [64 * 2 ** s * (4 if depth == 50 else 1) for s in range(4)]
     for stage, c in zip(range(2, 6), widths):
+        if fpn_norm:
+            shapes.update(_conv(f"backbone.fpn_lateral{stage}", fpn_channels, c, 1, norm))
+            shapes.update(_conv(f"backbone.fpn_output{stage}", fpn_channels, fpn_channels, 3, norm))
+            continue
         shapes[f"backbone.fpn_lateral{stage}.weight"] = (fpn_channels, c, 1, 1)
         shapes[f"backbone.fpn_lateral{stage}.bias"] = (fpn_channels,)
         shapes[f"backbone.fpn_output{stage}.weight"] = (fpn_channels, fpn_channels, 3, 3)
@@ -188,7 +205,7 @@ def load_detectron2(path):
 @pytest.mark.parametrize("name, expected", [
     ("r50_fpn", detectron2_r_fpn_shapes(50)),
     ("r50_c4", detectron2_r_c4_shapes(50)),
-    ("r18_fpn", detectron2_r_fpn_shapes(18, fpn_channels=64, fc_dim=256)),
+    ("r18_fpn", detectron2_r_fpn_shapes(18, fpn_channels=64, fc_dim=256, fpn_norm=False)),
 ])
 def test_detectron2_export_has_exactly_detectron2s_names_and_shapes(name, expected, checkpoints, tmp_path):
     export(checkpoints[name][0], "detectron2", tmp_path / "d2.pkl")
@@ -215,12 +232,17 @@ def test_detectron2_export_values_come_from_the_right_weights(checkpoints, tmp_p
              "backbone.bottom_up.res3.0.shortcut.norm.bias": "backbone.layer2.0.downsample.1.bias",
              "backbone.bottom_up.res5.2.conv3.norm.weight": "backbone.layer4.2.bn3.weight",
              "backbone.fpn_lateral3.weight": "neck.lateral_convs.1.weight",
-             "backbone.fpn_output5.bias": "neck.output_convs.3.bias",
+             "backbone.fpn_output5.norm.bias": "neck.output_norms.3.bias",
+             "backbone.fpn_lateral2.norm.running_var": "neck.lateral_norms.0.running_var",
              "roi_heads.box_head.conv4.weight": "head.convs.3.0.weight",
              "roi_heads.box_head.conv1.norm.running_mean": "head.convs.0.1.running_mean",
              "roi_heads.box_head.fc1.weight": "head.fc1.weight"}
     for d2_name, our_name in pairs.items():
         np.testing.assert_array_equal(model[d2_name], sd[our_name].numpy())
+    r18_path, r18_encoder = checkpoints["r18_fpn"]  # fpn_norm="none": the convs' biases
+    export(r18_path, "detectron2", tmp_path / "r18.pkl")
+    np.testing.assert_array_equal(load_detectron2(tmp_path / "r18.pkl")["backbone.fpn_output5.bias"],
+                                  r18_encoder.neck.output_convs[3].bias.detach().numpy())
     c4_path, c4_encoder = checkpoints["r50_c4"]
     export(c4_path, "detectron2", tmp_path / "c4.pkl")
     np.testing.assert_array_equal(load_detectron2(tmp_path / "c4.pkl")["roi_heads.res5.0.conv2.weight"],
@@ -347,6 +369,16 @@ def test_config_fields_of_another_trainer_version_are_ignored_but_architecture_f
     torch.save(ckpt, tmp_path / "strconfig.pt")
     with pytest.raises(CheckpointError, match="'config' entry is a str"):
         export(tmp_path / "strconfig.pt", "raw", tmp_path / "out.pth")
+
+
+def test_a_checkpoint_from_before_fpn_norm_existed_exports_as_an_fpn_without_norm(tmp_path):
+    ckpt, encoder = make_checkpoint(R18_FPN_DEMO)  # fpn_norm="none": the neck such checkpoints have
+    del ckpt["config"]["fpn_norm"], ckpt["config"]["head_norm"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    export(tmp_path / "old.pt", "torchvision-fpn", tmp_path / "fpn.pth")
+    state = torch.load(tmp_path / "fpn.pth")
+    assert torch.equal(state["fpn.inner_blocks.1.0.bias"], encoder.neck.lateral_convs[1].bias)
+    assert [k for k in state if k.startswith("fpn.") and k.split(".")[3] != "0"] == []  # no norm (index 1)
 
 
 def test_checkpoint_saved_under_compile_or_ddp_wrappers_exports_the_same(checkpoints, tmp_path):

@@ -28,15 +28,53 @@ def test_c4_backbone_plus_res5_load_into_torchvision_resnet50_strictly():
 def test_fpn_neck_and_head_key_names_and_shapes():
     sd = FPNEncoder(50).state_dict()
     for i, c in enumerate([256, 512, 1024, 2048]):
+        # the official neck: conv without bias, then BatchNorm (mmdetection's FPN with norm_cfg BN)
         assert sd[f"neck.lateral_convs.{i}.weight"].shape == (256, c, 1, 1)
-        assert sd[f"neck.lateral_convs.{i}.bias"].shape == (256,)
         assert sd[f"neck.output_convs.{i}.weight"].shape == (256, 256, 3, 3)
+        assert f"neck.lateral_convs.{i}.bias" not in sd and f"neck.output_convs.{i}.bias" not in sd
+        assert sd[f"neck.lateral_norms.{i}.running_var"].shape == (256,)
+        assert sd[f"neck.output_norms.{i}.weight"].shape == (256,)
         assert sd[f"head.convs.{i}.0.weight"].shape == (256, 256, 3, 3)
         assert f"head.convs.{i}.0.bias" not in sd
         assert sd[f"head.convs.{i}.1.running_var"].shape == (256,)
     assert sd["head.fc1.weight"].shape == (1024, 256 * 7 * 7)
     assert sd["head.fc2.weight"].shape == (1024, 1024)
     assert sd["head.fc3.weight"].shape == (128, 1024)
+
+
+def test_fpn_without_norm_keeps_the_conv_biases_and_has_no_norm_weights():
+    sd = FPNEncoder(18, fpn_channels=16, fc_dim=16, fpn_norm="none").neck.state_dict()
+    assert sorted(sd) == sorted(f"{kind}_convs.{i}.{p}" for kind in ("lateral", "output") for i in range(4)
+                                for p in ("weight", "bias"))
+    with pytest.raises(ValueError, match="norm must be 'bn' or 'none'"):
+        FPNEncoder(18, fpn_norm="gn")
+
+
+def test_fpn_norm_follows_each_conv_without_an_activation():
+    torch.manual_seed(0)
+    neck = FPNEncoder(18, fpn_channels=8, fc_dim=8).neck.train()
+    feats = [torch.randn(2, c, s, s) for c, s in zip([64, 128, 256, 512], [16, 8, 4, 2])]
+    outs = neck(feats)
+    for out in outs:  # train-mode BatchNorm with weight 1, bias 0: each channel standardised, signs kept
+        torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(8), atol=1e-5, rtol=0)
+        assert (out < 0).any()
+
+
+def test_fpn_head_starts_as_the_official_head_or_with_pytorch_defaults():
+    torch.manual_seed(0)
+    head = FPNEncoder(18, fpn_channels=16, fc_dim=256, dim=128).head
+    for fc in (head.fc1, head.fc2, head.fc3):
+        assert fc.bias.abs().max() == 0
+    bound = (6 / (16 * 49 + 256)) ** 0.5  # xavier-uniform fc1
+    assert head.fc1.weight.abs().max() <= bound and head.fc1.weight.abs().max() > 0.9 * bound
+    assert abs(head.fc3.weight.std().item() - 0.01) < 0.001  # N(0, 0.01) projection
+    conv = head.convs[0][0].weight  # kaiming normal, fan_out = 16 * 9
+    assert abs(conv.std().item() - (2 / (16 * 9)) ** 0.5) < 0.01
+    torch.manual_seed(0)
+    default = FPNEncoder(18, fpn_channels=16, fc_dim=256, dim=128, head_init="torch").head
+    assert default.fc3.bias.abs().max() > 0 and default.fc3.weight.std() > 0.015
+    with pytest.raises(ValueError, match="init must be 'official' or 'torch'"):
+        FPNEncoder(18, head_init="xavier")
 
 
 def test_fpn_encoder_gives_one_unit_embedding_per_level_and_box():

@@ -1,4 +1,5 @@
 import csv
+import math
 import os
 
 import pytest
@@ -34,10 +35,13 @@ def losses(out_dir):
     return [int(r["step"]) for r in rows], [[float(r[k]) for k in r if k.startswith("loss")] for r in rows]
 
 
-def test_cosine_lr_decays_per_step_to_zero_without_warmup():
-    assert cosine_lr(0, 100, 0.03) == 0.03
-    assert cosine_lr(50, 100, 0.03) == pytest.approx(0.015)
-    assert cosine_lr(100, 100, 0.03) == pytest.approx(0.0)
+def test_cosine_lr_decays_by_epoch_without_warmup():
+    # 10 steps per epoch, 4 epochs: constant within an epoch, 0.5 * (1 + cos(pi * epoch / 4)) of the base
+    assert [cosine_lr(s, 10, 4, 0.03) for s in (0, 9)] == [0.03, 0.03]
+    assert cosine_lr(10, 10, 4, 0.03) == pytest.approx(0.015 * (1 + math.cos(math.pi / 4)))
+    assert cosine_lr(20, 10, 4, 0.03) == pytest.approx(0.015)
+    assert cosine_lr(39, 10, 4, 0.03) == pytest.approx(0.015 * (1 + math.cos(3 * math.pi / 4)))
+    assert cosine_lr(40, 10, 4, 0.03) == pytest.approx(0.0)
 
 
 def test_run_writes_checkpoint_metrics_and_plot(tmp_path):
@@ -120,6 +124,12 @@ def test_cli_flags_override_yaml_which_overrides_the_preset(tmp_path):
     recipe = config_from_args(build_parser().parse_args(["pretrain", "--preset", "insloc-r50-fpn"]))
     assert (recipe.queue_size, recipe.momentum, recipe.temperature, recipe.image_size) == (65536, 0.999, 0.2, 256)
     assert (recipe.batch_size, recipe.epochs, recipe.lr, recipe.lr_batch) == (32, 200, 0.03, 256)
+    # the official model: BatchNorm in the FPN and the head, the head's mmcv initialisation, Nesterov SGD
+    assert (recipe.fpn_norm, recipe.head_norm, recipe.head_init, recipe.nesterov) == ("bn", "bn", "official", True)
+    moco = config_from_args(build_parser().parse_args(["pretrain", "--preset", "moco-r50"]))
+    # MoCo v2's main_moco.py: RandomResizedCrop(224, scale=(0.2, 1)) with its default ratios, no Nesterov
+    assert (moco.image_size, moco.crop_scale, moco.crop_ratio, moco.nesterov) == (224, [0.2, 1.0], [3 / 4, 4 / 3],
+                                                                                   False)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["pretrain", "--arch", "c5"])
     # An optional number: absent is the preset's None, "none" is None, YAML null too.
@@ -157,6 +167,21 @@ def test_a_resumed_two_process_run_reproduces_the_uninterrupted_one(tmp_path):
     run_processes(_two_process_resume_worker, (free_port(), str(tmp_path)), nprocs=2, timeout_s=600)
     assert load_checkpoint(find_latest(str(tmp_path / "straight")))["world_size"] == 2
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_resuming_into_another_architecture_is_refused_naming_the_flag(tmp_path):
+    train(tiny(tmp_path, epochs=1, fpn_norm="none", nesterov=False))
+    saved = load_checkpoint(find_latest(str(tmp_path)))
+    assert saved["optimizer"]["param_groups"][0]["nesterov"] is False
+    with pytest.raises(ValueError, match=r"--resume.*--fpn-norm \(fpn_norm\): 'none' in the checkpoint, 'bn' here"):
+        train(tiny(tmp_path, epochs=2, fpn_norm="bn", resume="auto"))
+    with pytest.raises(ValueError, match=r"--queue-size \(queue_size\): 16 in the checkpoint, 32 here"):
+        train(tiny(tmp_path, epochs=2, fpn_norm="none", queue_size=32, resume="auto"))
+    # a checkpoint written before fpn_norm existed had an FPN without norm
+    del saved["config"]["fpn_norm"]
+    torch.save(saved, tmp_path / "old.pt")
+    summary = train(tiny(tmp_path, epochs=2, fpn_norm="none", nesterov=False, resume=str(tmp_path / "old.pt")))
+    assert summary["step"] == 4
 
 
 def test_an_interrupt_at_the_end_of_an_epoch_stops_there(tmp_path):

@@ -8,8 +8,10 @@ A pretraining model (``insloc.moco.MoCo``) holds two encoders of identical struc
         conv1, bn1, layer1, layer2, layer3, layer4      exactly torchvision's keys
       -- FPN (FPNEncoder, --arch fpn) --
       neck                           FPN, C2..C5 -> P2..P5 (strides 4, 8, 16, 32), no P6
-        lateral_convs.{0..3}         1x1 conv with bias (C2..C5)
-        output_convs.{0..3}          3x3 conv with bias
+        lateral_convs.{0..3}         1x1 conv (C2..C5); no bias with fpn_norm="bn" (the official model)
+        lateral_norms.{0..3}         BatchNorm2d (fpn_norm="bn") or Identity (fpn_norm="none": convs have a bias)
+        output_convs.{0..3}          3x3 conv; as the laterals
+        output_norms.{0..3}          as lateral_norms
       head                           FPNBoxHead, shared by the 4 levels
         convs.{0..3}.0 / .1          3x3 conv (no bias) / BatchNorm2d  (.2 is the ReLU); with
                                      head_norm="none": conv with bias / Identity
@@ -54,7 +56,8 @@ def build_encoder(cfg):
     if cfg.method == "moco":
         return GlobalEncoder(cfg.depth, cfg.dim)
     if cfg.arch == "fpn":
-        return FPNEncoder(cfg.depth, cfg.fpn_channels, cfg.head_fc_dim, cfg.dim, cfg.fpn_roi_size, cfg.head_norm)
+        return FPNEncoder(cfg.depth, cfg.fpn_channels, cfg.head_fc_dim, cfg.dim, cfg.fpn_roi_size, cfg.head_norm,
+                          cfg.fpn_norm, cfg.head_init)
     if cfg.arch == "c4":
         return C4Encoder(cfg.depth, cfg.dim, cfg.c4_roi_size)
     raise ValueError(f"unknown arch {cfg.arch!r} (expected 'fpn' or 'c4')")

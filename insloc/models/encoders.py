@@ -25,11 +25,12 @@ class FPNEncoder(nn.Module):
 
     strides = (4, 8, 16, 32)
 
-    def __init__(self, depth=50, fpn_channels=256, fc_dim=1024, dim=128, roi_size=7, head_norm="bn"):
+    def __init__(self, depth=50, fpn_channels=256, fc_dim=1024, dim=128, roi_size=7, head_norm="bn", fpn_norm="bn",
+                 head_init="official"):
         super().__init__()
         self.backbone = ResNetBackbone(depth)
-        self.neck = FPN(self.backbone.out_channels, fpn_channels)
-        self.head = FPNBoxHead(fpn_channels, roi_size, fc_dim, dim, norm=head_norm)
+        self.neck = FPN(self.backbone.out_channels, fpn_channels, norm=fpn_norm)
+        self.head = FPNBoxHead(fpn_channels, roi_size, fc_dim, dim, norm=head_norm, init=head_init)
         self.roi_size, self.num_groups = roi_size, len(self.strides)
 
     def forward(self, images, rois):
