@@ -59,7 +59,9 @@ def sample_anchor_boxes_random_argmax(gt_boxes, anchors, iou_threshold=0.5, *, n
     _uniform_only(nms_iou)
     iou = torchvision.ops.box_iou(gt_boxes.float(), anchors.float())  # [N, A]
     eligible = iou > iou_threshold  # [N, A]
-    noise = torch.rand(iou.shape, generator=generator).to(iou.device)  # [N, A]
+    # Drawn on the IoU matrix's device: a CPU draw and copy would time the host and the link, not the baseline.
+    gen = _cpu_or_own_generator(generator, iou.device)
+    noise = torch.rand(iou.shape, generator=gen, device=iou.device)  # [N, A]
     pick = torch.where(eligible, noise, -1.0).argmax(dim=1)  # [N]
     index = torch.where(eligible.any(dim=1), pick, iou.argmax(dim=1))  # [N]
     return anchors[index], index, iou.gather(1, index[:, None]).squeeze(1)

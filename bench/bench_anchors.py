@@ -5,8 +5,9 @@ ratios) and detection (200 boxes, the 242,991 P2-P6 anchors of an 800 x 1216 pad
 4..64, one size 8 x stride and ratios 0.5, 1, 2 per level). Baseline: torchvision.ops.box_iou (the
 N x A matrix), a threshold, then one torch.multinomial draw per box over its eligible anchors (argmax
 when none), as the official code does; and a stronger one, baseline_randargmax: the same IoU matrix and an
-N x A uniform random matrix, argmax over the eligible anchors of all boxes at once. Fused: insloc_ops.sample_anchor_boxes (C++ kernel on CPU; the
-CUDA and Triton kernels on a GPU). Rows go to bench/results/anchors.csv (see --out).
+N x A uniform random matrix (drawn on the device), argmax over the eligible anchors of all boxes at once.
+Fused: insloc_ops.sample_anchor_boxes (C++ kernel on CPU; the CUDA and Triton kernels on a GPU). Rows go
+to bench/results/anchors.csv (see --out).
 
     python bench/bench_anchors.py [--device cpu|cuda] [--quick] [--threads 2] [--out PATH]
 """
@@ -25,13 +26,18 @@ from bench.baselines import (detection_anchors, insloc_inputs, random_boxes,  # 
                              sample_anchor_boxes_iou_matrix, sample_anchor_boxes_random_argmax)
 
 
+# The rows' shapes and passes, in every run: pick_defaults.py expects each of them for each fused backend.
+SHAPES = ("insloc 32x5120", "det 200x242991")
+PASSES = ("forward",)
+
+
 def shapes(device):
     g = torch.Generator().manual_seed(0)
     gt, anchors = insloc_inputs(32, g)
-    yield "insloc 32x5120", gt.to(device), anchors.to(device)
+    yield SHAPES[0], gt.to(device), anchors.to(device)
     gt = random_boxes(200, 1216, 800, 16, 600, g)
     anchors = detection_anchors(800, 1216, (4, 8, 16, 32, 64))  # [242991, 4]
-    yield "det 200x242991", gt.to(device), anchors.to(device)
+    yield SHAPES[1], gt.to(device), anchors.to(device)
 
 
 def main():
@@ -47,6 +53,7 @@ def main():
     available = insloc_ops.available_backends()["sample_anchor_boxes"][device.type]
     fused = [b for b in (("cpu",) if device.type == "cpu" else ("cuda", "triton")) if b in available]
     rec = Recorder("sample_anchor_boxes", path=args.out)
+    (pass_,) = PASSES
     for name, gt, anchors in shapes(device):
         g = torch.Generator().manual_seed(1)
         baseline_gen = g if device.type == "cpu" else None  # multinomial needs a generator on the tensors' device
@@ -59,15 +66,15 @@ def main():
 
         # A per-box baseline call takes seconds at the detection shape: one warm-up, at least 5 timed runs.
         base = time_ms(baseline, device, reps, 1, max_seconds)
-        rec.add(name, "baseline", "forward", base, peak_extra_mb(baseline, device))
+        rec.add(name, "baseline", pass_, base, peak_extra_mb(baseline, device))
         strong = time_ms(randargmax, device, reps, 1, max_seconds)
-        rec.add(name, "baseline_randargmax", "forward", strong, peak_extra_mb(randargmax, device), baseline_ms=base[0])
+        rec.add(name, "baseline_randargmax", pass_, strong, peak_extra_mb(randargmax, device), baseline_ms=base[0])
         for backend in fused:
             def run(backend=backend):
                 return insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, generator=g, backend=backend)
 
             timing = time_ms(run, device, reps, 3, max_seconds)
-            rec.add(name, backend, "forward", timing, peak_extra_mb(run, device), baseline_ms=base[0])
+            rec.add(name, backend, pass_, timing, peak_extra_mb(run, device), baseline_ms=base[0])
             print(f"{'':22s} {name:18s} {backend:12s} vs baseline_randargmax: x{strong[0] / timing[0]:.2f}")
     rec.write(args.out)
 

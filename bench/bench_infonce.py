@@ -13,32 +13,48 @@ in the Triton kernel (about fp32 accuracy); --tf32 allows TF32 for both (torch.b
 WMMA on tensor cores where they apply, as by default) and "cuda-cudacores" (INSLOC_OPS_CUDA_INFONCE_TC=0:
 fp32 on CUDA cores), to show whether the tensor cores pay.
 
-    python bench/bench_infonce.py [--device cpu|cuda] [--quick] [--tf32] [--out bench/results/infonce.csv]
+The bandwidth fraction needs the GPU's peak: 3350 GB/s for an H100 SXM and 4800 GB/s for an H200 are known;
+on another GPU pass --peak-gbs (without it, only the achieved GB/s is printed).
+
+    python bench/bench_infonce.py [--device cpu|cuda] [--quick] [--tf32] [--peak-gbs GB/S] [--out CSV]
 """
 import argparse
 import os
+import re
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import insloc_ops  # noqa: E402
-import baselines  # noqa: E402
-from common import Recorder, peak_extra_mb, time_ms  # noqa: E402
+from bench import baselines  # noqa: E402
+from bench.common import Recorder, peak_extra_mb, time_ms  # noqa: E402
 
-SHAPES = {"insloc": (4, 32, 65536, 128), "moco": (1, 256, 65536, 128)}
+# The rows' shapes (G, N, K, D, queue dtype) and passes, in every run without --tf32: on CUDA, pick_defaults.py
+# expects each of them for each fused backend.
+SHAPES = {f"{name}/{str(dt).split('.')[-1]}": (*dims, dt)
+          for name, dims in (("insloc", (4, 32, 65536, 128)), ("moco", (1, 256, 65536, 128)))
+          for dt in (torch.float32, torch.bfloat16)}
+PASSES = ("forward", "backward", "both")
 TEMPERATURE = 0.2
+# Peak memory bandwidth (GB/s) by device name: H100 SXM ("NVIDIA H100 80GB HBM3"; PCIe and NVL differ) and
+# H200 (not the GH200).
+PEAK_GBS = ((r"\bH100 (80GB HBM3|SXM)", 3350.0), (r"\bH200\b", 4800.0))
 
 
 def materialised(q, k, queue, temperature):
     return baselines.queue_infonce_materialised(q, k, queue, temperature)  # [G]
 
 
-def make_inputs(shape, queue_dtype, device):
-    G, N, K, D = shape
+def peak_gbs(device_name):
+    """The known peak bandwidth of this GPU in GB/s, else None."""
+    return next((gbs for pattern, gbs in PEAK_GBS if re.search(pattern, device_name)), None)
+
+
+def make_inputs(shape, device):
+    G, N, K, D, queue_dtype = shape
     q = F.normalize(torch.randn(G, N, D, device=device), dim=-1).requires_grad_()
     k = F.normalize(torch.randn(G, N, D, device=device), dim=-1).requires_grad_()
     queue = F.normalize(torch.randn(G, K, D, device=device), dim=-1).to(queue_dtype)
@@ -64,7 +80,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--peak-gbs", type=float, default=3350.0, help="GPU memory bandwidth for the floor")
+    parser.add_argument("--peak-gbs", type=float, default=None,
+                        help="GPU memory bandwidth for the floor, GB/s (default: from the device name, if known)")
     parser.add_argument("--tf32", action="store_true",
                         help="allow TF32 for fp32 products (baseline matmuls and Triton dots alike)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "infonce.csv"))
@@ -77,41 +94,46 @@ def main():
         print(f"fp32 products: baseline {'TF32' if args.tf32 else 'IEEE fp32'}, Triton "
               f"{'TF32' if args.tf32 else 'TF32x3'}, CUDA C++ TF32x3 (WMMA; cuda-cudacores: fp32 on CUDA "
               f"cores)", flush=True)
+    if args.device != "cpu" and args.peak_gbs is None:
+        gpu = torch.cuda.get_device_name(args.device)
+        args.peak_gbs = peak_gbs(gpu)
+        print(f"peak bandwidth of {gpu}: " + (f"{args.peak_gbs:.0f} GB/s" if args.peak_gbs else
+                                               "unknown, so no fraction of peak (pass --peak-gbs)"), flush=True)
     tc_setting = os.environ.get("INSLOC_OPS_CUDA_INFONCE_TC", "1")
     rec = Recorder("queue_infonce", path=args.out)
     for shape_name, shape in SHAPES.items():
-        for queue_dtype in (torch.float32, torch.bfloat16):
-            q, k, queue = make_inputs(shape, queue_dtype, args.device)
-            label = f"{shape_name}/{str(queue_dtype).split('.')[-1]}" + ("/tf32" if args.tf32 else "")
-            queue_bytes = queue.numel() * queue.element_size()
-            baseline_ms = {}
-            for name, fn in impls(args.device).items():
-                os.environ["INSLOC_OPS_CUDA_INFONCE_TC"] = "0" if name == "cuda-cudacores" else tc_setting
+        q, k, queue = make_inputs(shape, args.device)
+        label = shape_name + ("/tf32" if args.tf32 else "")
+        queue_bytes = queue.numel() * queue.element_size()
+        baseline_ms = {}
+        for name, fn in impls(args.device).items():
+            os.environ["INSLOC_OPS_CUDA_INFONCE_TC"] = "0" if name == "cuda-cudacores" else tc_setting
 
-                def forward():
-                    with torch.no_grad():
-                        fn(q, k, queue, TEMPERATURE)
+            def forward():
+                with torch.no_grad():
+                    fn(q, k, queue, TEMPERATURE)
 
-                def both():
-                    loss = fn(q, k, queue, TEMPERATURE).sum()
-                    torch.autograd.grad(loss, (q, k))
-
+            def both():
                 loss = fn(q, k, queue, TEMPERATURE).sum()
+                torch.autograd.grad(loss, (q, k))
 
-                def backward():
-                    torch.autograd.grad(loss, (q, k), retain_graph=True)
+            loss = fn(q, k, queue, TEMPERATURE).sum()
 
-                for pass_, f in (("forward", forward), ("backward", backward), ("both", both)):
-                    timing = time_ms(f, args.device, reps=reps, warmup=2, max_seconds=max_s)
-                    peak = peak_extra_mb(f, args.device)
-                    if name == "baseline":
-                        baseline_ms[pass_] = timing[0]
-                    rec.add(label, name, pass_, timing, peak, baseline_ms.get(pass_))
-                    if args.device != "cpu" and pass_ == "both":
-                        floor_ms = 2 * queue_bytes / (args.peak_gbs * 1e9) * 1e3
-                        print(f"    {name}: {2 * queue_bytes / timing[0] / 1e6:8.1f} GB/s achieved, floor "
-                              f"{floor_ms:.3f} ms = {floor_ms / timing[0]:.0%} of peak", flush=True)
-                del loss
+            def backward():
+                torch.autograd.grad(loss, (q, k), retain_graph=True)
+
+            for pass_, f in zip(PASSES, (forward, backward, both)):
+                timing = time_ms(f, args.device, reps=reps, warmup=2, max_seconds=max_s)
+                peak = peak_extra_mb(f, args.device)
+                if name == "baseline":
+                    baseline_ms[pass_] = timing[0]
+                rec.add(label, name, pass_, timing, peak, baseline_ms.get(pass_))
+                if args.device != "cpu" and pass_ == "both":
+                    floor_ms = 2 * queue_bytes / (args.peak_gbs * 1e9) * 1e3 if args.peak_gbs else None
+                    print(f"    {name}: {2 * queue_bytes / timing[0] / 1e6:8.1f} GB/s achieved" + (
+                        f", floor {floor_ms:.3f} ms = {floor_ms / timing[0]:.0%} of peak" if floor_ms else
+                        ", fraction of peak unknown"), flush=True)
+            del loss
     rec.write(args.out)
     print(f"rows appended to {args.out}")
 

@@ -3,6 +3,8 @@
 Shapes:
   insloc     32 images, P2-P5 of 256x256 (64, 32, 16, 8) at 256 channels, one box per image pooled from all
              4 levels, 7x7, sampling 0. Baseline: 4 x torchvision.ops.roi_align + torch.stack.
+  insloc-bf16-cl  the same as training feeds it: bf16 channels_last features under bf16 autocast, for the
+             fused op and the baseline alike (torchvision's autocast wrapper computes in fp32).
   detection  2 images 800x1344, P2-P5 200x336 .. 25x42 at 256 channels, 1024 boxes each pooled from its
              FPN level (fpn_levels), 7x7 and 14x14, aligned. Baseline: a MultiScaleRoIAlign-equivalent loop
              (per level: select the RoIs, torchvision roi_align, scatter into the output).
@@ -10,6 +12,7 @@ Shapes:
     python bench/bench_roi_align.py [--device cpu|cuda] [--quick] [--shapes insloc,detection] [--out CSV]
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -24,10 +27,12 @@ from insloc_ops._backend import is_available  # noqa: E402
 OP = "roi_align_multilevel"
 
 
-def insloc_inputs(device, dtype=torch.float32, seed=0):
+def insloc_inputs(device, dtype=torch.float32, seed=0, channels_last=False):
     g = torch.Generator().manual_seed(seed)
     B, C, image = 32, 256, 256
-    feats = [torch.randn(B, C, s, s, generator=g).to(device=device, dtype=dtype) for s in (64, 32, 16, 8)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feats = [torch.randn(B, C, s, s, generator=g).to(device=device, dtype=dtype, memory_format=fmt)
+             for s in (64, 32, 16, 8)]
     wh = torch.rand(B, 2, generator=g) * 0.65 * image + 0.25 * image
     xy = torch.rand(B, 2, generator=g) * (image - wh)
     rois = torch.cat([torch.arange(B, dtype=torch.float32)[:, None], xy, xy + wh], 1).to(device)
@@ -49,6 +54,16 @@ def detection_inputs(device, output_size, dtype=torch.float32, seed=0):
                 output_size=output_size, aligned=True)
 
 
+# The rows' shapes and passes, in every run: on CUDA, pick_defaults.py expects each of them for each fused backend.
+SHAPES = {
+    "insloc": insloc_inputs,
+    "insloc-bf16-cl": lambda device: insloc_inputs(device, torch.bfloat16, channels_last=True),
+    "detection-7x7": lambda device: detection_inputs(device, (7, 7)),
+    "detection-14x14": lambda device: detection_inputs(device, (14, 14)),
+}
+PASSES = ("forward", "backward", "fwd+bwd")
+
+
 def baseline(inp, feats):
     return baselines.roi_align_torchvision(feats, inp["rois"], inp["output_size"], inp["scales"], 0, inp["aligned"],
                                            inp["levels"])
@@ -61,40 +76,58 @@ def fused(backend):
     return fn
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(on):
+    """torch.use_deterministic_algorithms(on) for the block. The CUDA backward picks its kernel (atomic or
+    deterministic) when it runs, so the flag must cover the backward as well as the forward."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def bench_shape(rec, name, inp, impls, device, reps, max_seconds):
     feats = [f.detach().requires_grad_() for f in inp["features"]]
-    with torch.no_grad():
+
+    def amp():  # bf16 features run under bf16 autocast, as in training (torchvision's kernel wants fp32 boxes)
+        return torch.autocast(device, torch.bfloat16, enabled=feats[0].dtype == torch.bfloat16)
+
+    with torch.no_grad(), amp():
         grad = torch.randn_like(baseline(inp, inp["features"]))
     base_ms = {}
-    for impl, fn in impls:
-        def fwd():
-            with torch.no_grad():
-                return fn(inp, inp["features"])
+    for impl, fn, deterministic in impls:
+        with amp(), deterministic_algorithms(deterministic):
+            def fwd():
+                with torch.no_grad():
+                    return fn(inp, inp["features"])
 
-        out = fn(inp, feats)
+            out = fn(inp, feats)
 
-        def bwd():
-            return torch.autograd.grad(out, feats, grad, retain_graph=True)
+            def bwd():
+                return torch.autograd.grad(out, feats, grad, retain_graph=True)
 
-        def both():
-            return torch.autograd.grad(fn(inp, feats), feats, grad)
+            def both():
+                return torch.autograd.grad(fn(inp, feats), feats, grad)
 
-        for pass_, f in (("forward", fwd), ("backward", bwd), ("fwd+bwd", both)):
-            timing = time_ms(f, device, reps=reps, warmup=2 if device == "cpu" else 5, max_seconds=max_seconds)
-            peak = peak_extra_mb(f, device)
-            if impl == "torchvision":
-                base_ms[pass_] = timing[0]
-            rec.add(name, impl, pass_, timing, peak, base_ms.get(pass_))
-        del out
+            for pass_, f in zip(PASSES, (fwd, bwd, both)):
+                timing = time_ms(f, device, reps=reps, warmup=2 if device == "cpu" else 5, max_seconds=max_seconds)
+                peak = peak_extra_mb(f, device)
+                if impl == "torchvision":
+                    base_ms[pass_] = timing[0]
+                rec.add(name, impl, pass_, timing, peak, base_ms.get(pass_))
+            del out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--shapes", default="insloc,detection")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="shapes to run, by name or name prefix")
     ap.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "roi_align.csv"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "roi_align.csv"))
     args = ap.parse_args()
     device = torch.device(args.device).type
     if device == "cpu":
@@ -102,30 +135,19 @@ def main():
     reps = 5 if args.quick else (10 if device == "cpu" else 50)
     max_seconds = 20.0 if device == "cpu" else 10.0
     # On CPU the fused op is the C++ kernel (the Triton interpreter is no speed path); on CUDA, every GPU
-    # backend that is built, plus the CUDA kernel's deterministic backward.
-    impls = [("torchvision", baseline)]
+    # backend that is built, plus the CUDA kernel with torch.use_deterministic_algorithms (its backward without
+    # atomics). Each entry: (impl, fn, deterministic).
+    impls = [("torchvision", baseline, False)]
     if device == "cpu":
-        impls.append(("cpp", fused("cpu")))
+        impls.append(("cpp", fused("cpu"), False))
     else:
-        for b in ("cuda", "triton"):
-            if is_available(OP, b, "cuda"):
-                impls.append((b, fused(b)))
+        impls += [(b, fused(b), False) for b in ("cuda", "triton") if is_available(OP, b, "cuda")]
         if is_available(OP, "cuda", "cuda"):
-            def deterministic(inp, feats, _f=fused("cuda")):
-                torch.use_deterministic_algorithms(True)
-                try:
-                    return _f(inp, feats)
-                finally:
-                    torch.use_deterministic_algorithms(False)
-            impls.append(("cuda-determ", deterministic))
+            impls.append(("cuda-determ", fused("cuda"), True))
     rec = Recorder(OP, path=args.out)
-    shapes = args.shapes.split(",")
-    if "insloc" in shapes:
-        bench_shape(rec, "insloc", insloc_inputs(device), impls, device, reps, max_seconds)
-    if "detection" in shapes:
-        for size in (7, 14):
-            bench_shape(rec, f"detection-{size}x{size}", detection_inputs(device, (size, size)), impls, device, reps,
-                        max_seconds)
+    for name, make_inputs in SHAPES.items():
+        if any(name.startswith(prefix) for prefix in args.shapes.split(",")):
+            bench_shape(rec, name, make_inputs(device), impls, device, reps, max_seconds)
     rec.write(args.out)
     print(f"wrote {len(rec.rows)} rows to {args.out}")
 

@@ -4,12 +4,14 @@
 #
 #   bash bench/device_check.sh OUTDIR
 #
-# WHEELS=DIR installs pytest (and pytest-benchmark) from local wheels when the machine has no index.
+# WHEELS=DIR installs pytest and pytest-benchmark (and torchvision, when missing) from local wheels when the
+# machine has no index; without pytest or torchvision the script stops before the build (exit 3).
 # TORCH_CUDA_ARCH_LIST defaults to the local GPU's architecture to keep the build short.
 # Time limits, so that one slow step cannot take the others' time: DEADLINE_S (whole script, default 420 s),
 # TESTS_S (the gpu tests, 200 s), BENCH_S (each op benchmark, 50 s), TRAIN_S (the training step, 45 s). A step
 # gets the smaller of its own limit and what is left before the deadline (less 20 s for the summary); a
-# stopped step keeps what it wrote, and pick_defaults.py lets no backend qualify from unfinished tests.
+# stopped step keeps what it wrote, and pick_defaults.py lets no backend qualify from unfinished tests or
+# benchmarks.
 # A dry run of the script's plumbing without a GPU (tests/test_bench.py does this): SKIP_BUILD=1 uses the installed
 # build, BENCH_DEVICE=cpu benchmarks on the CPU, QUICK=1 passes --quick to the benchmarks.
 set -uo pipefail
@@ -28,16 +30,34 @@ budget() {
 }
 
 step "environment"
+# Pre-flight: the tests need pytest and the baselines torchvision; without either the run would be spent for
+# nothing, so it stops here. WHEELS=DIR brings them from local wheels.
+if [[ -n "${WHEELS:-}" ]]; then
+  "$PY" -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELS" pytest pytest-benchmark \
+    >>"$OUT/build.log" 2>&1 || echo "pip install from $WHEELS failed (see build.log)"
+  # --no-deps: a torchvision wheel pins a torch; the installed torch stays.
+  "$PY" -c "import torchvision" 2>/dev/null || "$PY" -m pip install -q --disable-pip-version-check --no-index \
+    --no-deps --find-links "$WHEELS" torchvision >>"$OUT/build.log" 2>&1
+fi
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-  "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
+  "$PY" -c "
+import importlib, sys
+print('python', sys.version.split()[0])
+for name in ('torch', 'triton', 'torchvision', 'pytest', 'xdist'):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, '__version__', '?'), *(('cuda', m.version.cuda) if name == 'torch' else ()))
+    except Exception as e:
+        print(name, 'not importable:', repr(e))"
   nvcc --version 2>&1 | tail -n 2
 } | tee "$OUT/env.txt"
-
-if [[ -n "${WHEELS:-}" ]]; then
-  "$PY" -m pip install -q --no-index --find-links "$WHEELS" pytest pytest-benchmark >>"$OUT/build.log" 2>&1
+missing=$(sed -n -E 's/^(pytest|torchvision) not importable.*/\1/p' "$OUT/env.txt" | tr '\n' ' ')
+if [[ -n "$missing" ]]; then
+  echo "PRE-FLIGHT FAILED: $PY cannot import: ${missing% }. Nothing was built or run. Bring the wheels and rerun:"
+  echo "  WHEELS=DIR bash bench/device_check.sh $OUT    # DIR holding pytest, pytest-benchmark, torchvision wheels"
+  exit 3
 fi
 
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
@@ -52,43 +72,71 @@ else
     export TORCH_CUDA_ARCH_LIST
   fi
   # -v and ptxas -v: the compiler output, with each kernel's registers, spills and shared memory, goes to build.log.
-  INSLOC_OPS_CUDA=1 INSLOC_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install -v --no-build-isolation --no-deps -e . \
-    >>"$OUT/build.log" 2>&1 || { echo "BUILD FAILED (see build.log)"; tail -n 30 "$OUT/build.log"; exit 1; }
+  INSLOC_OPS_CUDA=1 INSLOC_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install -v \
+    --disable-pip-version-check --no-build-isolation --no-deps -e . >>"$OUT/build.log" 2>&1 \
+    || { echo "BUILD FAILED (see build.log)"; tail -n 30 "$OUT/build.log"; exit 1; }
 fi
-"$PY" -c "import insloc_ops, json; print(json.dumps(insloc_ops.build_info())); print(json.dumps(insloc_ops.available_backends()))" \
-  | tee -a "$OUT/env.txt"
+"$PY" -c "import insloc_ops, json
+print(json.dumps(insloc_ops.build_info())); print(json.dumps(insloc_ops.available_backends()))" | tee -a "$OUT/env.txt"
 
 step "gpu tests"
-# SIGINT at the limit: pytest stops as on Ctrl-C, still writing the JUnit XML of what ran; timeout exits 124.
+# A CUDA error is sticky: once a kernel faults, every later CUDA call in that process fails. So the gpu tests run
+# as one pytest process per (test module, selection), all at once: the selections (bench/pick_defaults.py
+# --selections) split each module's tests into those naming only cuda, only triton, and the rest, so a faulting
+# kernel fails its own backend's tests of its own module only. gpu_tests/MODULE.SELECTION.{xml,txt,rc} hold each
+# one's JUnit XML, output and exit status, which pick_defaults.py merges.
+# Each gets the same limit; SIGINT at the limit: pytest stops as on Ctrl-C, still writing the JUnit XML of what
+# ran; timeout exits 124 (137 when it had to kill), which leaves that backend unqualified for that module's ops.
 # --continue-on-collection-errors: a test module that fails to import (a package the machine lacks) fails its
-# own op's tests (exit 1) instead of stopping the whole run (exit 2, which would qualify no backend at all).
-# TEST_WORKERS (default 8): pytest-xdist processes, where it is installed. Most of the tests' time is Triton
-# compiling each kernel variant on the CPU, one at a time per process; the tests share the GPU.
+# own op's tests (exit 1) instead of stopping the run (exit 2, unfinished).
+# TEST_WORKERS (default 2): pytest-xdist workers in each process, where it is installed. Most of the tests' time
+# is Triton compiling each kernel variant on the CPU, one at a time per process; the tests share the GPU.
 workers=()
-if [[ "${TEST_WORKERS:-8}" -gt 1 ]] && "$PY" -c "import xdist" 2>/dev/null; then
-  workers=(-n "${TEST_WORKERS:-8}")
+if [[ "${TEST_WORKERS:-2}" -gt 1 ]] && "$PY" -c "import xdist" 2>/dev/null; then
+  workers=(-n "${TEST_WORKERS:-2}")
 fi
-timeout -s INT -k 15 "$(budget "${TESTS_S:-200}")" \
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider -rf --continue-on-collection-errors "${workers[@]}" \
-  --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.txt" 2>&1
-tests_rc=$?
-echo "$tests_rc" >"$OUT/gpu_tests.rc"
-tail -n 15 "$OUT/gpu_tests.txt"
+mkdir -p "$OUT/gpu_tests"
+tests_limit=$(budget "${TESTS_S:-200}")
+modules=$(grep -l 'pytest\.mark\.gpu' tests/test_*.py)
+while IFS=$'\t' read -r selection expr; do
+  for path in $modules; do
+    log="$OUT/gpu_tests/$(basename "$path" .py).$selection"
+    ( timeout -s INT -k 15 "$tests_limit" "$PY" -m pytest "$path" -m gpu -k "$expr" -q -p no:cacheprovider -rf \
+        --continue-on-collection-errors "${workers[@]}" --junitxml="$log.xml" >"$log.txt" 2>&1
+      echo $? >"$log.rc" ) &
+  done
+done < <("$PY" bench/pick_defaults.py --selections)
+wait
+# The run's status: 0 when every process passed (or had no test selected), 1 when tests failed, else the first
+# other exit status (stopped at the limit, interrupted, crashed).
+tests_rc=0
+for rc_file in "$OUT"/gpu_tests/*.rc; do
+  rc=$(<"$rc_file")
+  echo "$(basename "$rc_file" .rc): exit $rc, $(tail -n 1 "${rc_file%.rc}.txt")"
+  case "$rc" in
+    0|5) ;;
+    1) (( tests_rc == 0 )) && tests_rc=1 ;;
+    *) (( tests_rc <= 1 )) && tests_rc=$rc ;;
+  esac
+done
+grep -h -E "^(FAILED|ERROR) " "$OUT"/gpu_tests/*.txt | head -n 20
 
 step "op benchmarks"
 bench_s=$(budget $(( 3 * ${BENCH_S:-50} )))
-"$PY" bench/run_all.py --device "$BENCH_DEVICE" "${quick[@]}" --out "$OUT" --timeout $(( bench_s / 3 > 1 ? bench_s / 3 : 1 )) >"$OUT/bench.log" 2>&1
+"$PY" bench/run_all.py --device "$BENCH_DEVICE" "${quick[@]}" --out "$OUT" \
+  --timeout $(( bench_s / 3 > 1 ? bench_s / 3 : 1 )) >"$OUT/bench.log" 2>&1
 bench_rc=$?
 
 if [[ -f bench/bench_train_step.py ]]; then
   step "training step benchmark"
   timeout -k 10 "$(budget "${TRAIN_S:-45}")" \
-    "$PY" bench/bench_train_step.py --device "$BENCH_DEVICE" "${quick[@]}" --data imagenet-like --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
+    "$PY" bench/bench_train_step.py --device "$BENCH_DEVICE" "${quick[@]}" --data imagenet-like \
+    --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
 fi
 
 step "summary"
 echo "gpu tests exit $tests_rc; benchmarks exit $bench_rc"
 [[ -f "$OUT/ops.md" ]] && cat "$OUT/ops.md"
-# Which backend each op may default to on CUDA (verified by the tests above and faster at every shape).
+# Which backend each op may default to on CUDA (verified by the tests above, and faster in every benchmark row).
 "$PY" bench/pick_defaults.py "$OUT" | tee "$OUT/defaults.md"
 exit $(( tests_rc || bench_rc ))

@@ -1,117 +1,185 @@
 """Which GPU backend each op should default to, from one GPU check's results.
 
     python bench/pick_defaults.py OUTDIR        # OUTDIR as written by bench/device_check.sh
+    python bench/pick_defaults.py --selections  # the gpu tests' pytest processes: "NAME<tab>-k EXPRESSION" lines
 
-Reads OUTDIR/gpu_tests.xml (the `gpu`-marked tests, JUnit XML), OUTDIR/gpu_tests.rc (pytest's exit status,
-when device_check.sh wrote it) and OUTDIR/ops.csv (bench/run_all.py). When the tests did not run to the end
-(an exit status other than 0 or 1: interrupted or stopped at their time limit), no backend qualifies. A
-backend qualifies for an op when every GPU test of that op that concerns it passed (at least one ran)
-and its fused forward+backward (forward for the anchor op) is at least as fast as the baseline at every
-benchmarked shape; among those, the highest geometric-mean speed-up wins, otherwise the reference stays.
-Prints a markdown table and the proposed `DEFAULTS["cuda"]` entries with the rows they rest on; it does
-not edit `insloc_ops/_backend.py`: a person copies the result there and into BENCHMARKS.md.
+Reads, in OUTDIR: gpu_tests/MODULE.SELECTION.xml and .rc (the `gpu`-marked tests, one pytest process per test
+module and selection in TEST_SELECTIONS: its JUnit XML and exit status), ops.csv and bench_status.json
+(bench/run_all.py). A backend qualifies for an op when
+- every pytest process that ran tests concerning it (of its op's test module, and of any other module, whose gpu
+  tests concern every op) finished (exit 0, 1 or 5; not stopped at its time limit, interrupted or crashed), all
+  those tests passed, and at least one of its op's tests ran;
+- the op's benchmark ended by itself ("ok" in bench_status.json), wrote every row a full run on CUDA writes
+  (each shape and pass listed by the benchmark module's SHAPES and PASSES) for the backend and the baseline,
+  and the backend's median is below the baseline's in every one of them.
+Among those, the highest geometric-mean speed-up of the op's deciding pass (fused forward+backward; forward for
+the anchor op) wins, otherwise the reference stays. Prints a markdown table and the proposed `DEFAULTS["cuda"]`
+entries with the rows they rest on; it does not edit `insloc_ops/_backend.py`: a person copies the result there
+and into BENCHMARKS.md.
 """
 import argparse
 import csv
+import importlib
+import json
 import math
 import os
-import re
 import sys
 import xml.etree.ElementTree as ET
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
 GPU_BACKENDS = ("cuda", "triton")
-# op -> (test module, the benchmark passes that decide)
+# op -> (its benchmark, the baseline impl there, the deciding pass, its test module)
 OPS = {
-    "roi_align_multilevel": ("test_roi_align_kernels", ("fwd+bwd",)),
-    "sample_anchor_boxes": ("test_anchor_kernels", ("forward",)),
-    "queue_infonce": ("test_infonce_kernels", ("both",)),
+    "roi_align_multilevel": ("bench_roi_align.py", "torchvision", "fwd+bwd", "test_roi_align_kernels"),
+    "sample_anchor_boxes": ("bench_anchors.py", "baseline", "forward", "test_anchor_kernels"),
+    "queue_infonce": ("bench_infonce.py", "baseline", "both", "test_infonce_kernels"),
 }
+# A CUDA error is sticky (every later CUDA call in the process fails), so device_check.sh runs each test module's
+# gpu tests as one pytest process per selection, in parallel: a faulting kernel fails only its own backend's
+# tests. name -> (pytest -k expression, the backends its tests concern). -k matches case-insensitive substrings
+# of the test's name (and its module's, and its markers'), as backends_named does of the name: tests naming only
+# cuda, only triton, and the rest (naming both or neither), so each test runs in exactly one process.
+TEST_SELECTIONS = {
+    "cuda": ("cuda and not triton", ("cuda",)),
+    "triton": ("triton and not cuda", ("triton",)),
+    "common": ("(cuda and triton) or (not cuda and not triton)", GPU_BACKENDS),
+}
+FINISHED = ("0", "1", "5")  # pytest's exit status: all passed, some failed, no test selected
 
 
 def backends_named(test_name):
-    """The GPU backends a test concerns: those named in its function name or parameter id; all if none."""
-    func, _, params = test_name.partition("[")
-    tokens = set(func.split("_")) | set(re.split(r"[-\[\]_,]", params))
-    named = [b for b in GPU_BACKENDS if b in tokens]
-    return named or list(GPU_BACKENDS)
+    """The GPU backends a test concerns: those its name (function and parameter id) contains; all if none."""
+    return [b for b in GPU_BACKENDS if b in test_name.lower()] or list(GPU_BACKENDS)
 
 
-def read_tests(path):
-    """{(module, backend): {"passed": n, "failed": n, "skipped": n, "failures": [names]}}"""
-    results = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        module = case.get("classname", "").split(".")[-1]
-        name = case.get("name", "")
-        if not module:  # a module that failed to import: pytest names the module, with no class
-            module = name.split(".")[-1]
-        if case.find("failure") is not None or case.find("error") is not None:
-            status = "failed"
-        elif case.find("skipped") is not None:
-            status = "skipped"
-        else:
-            status = "passed"
-        for backend in backends_named(name):
-            entry = results.setdefault((module, backend), {"passed": 0, "failed": 0, "skipped": 0, "failures": []})
-            entry[status] += 1
-            if status == "failed":
-                entry["failures"].append(name)
+def read_tests(paths, results=None):
+    """{(module, backend): {"passed": n, "failed": n, "skipped": n, "failures": [names]}} from JUnit XML files."""
+    results = {} if results is None else results
+    for path in paths:
+        for case in ET.parse(path).getroot().iter("testcase"):
+            module = case.get("classname", "").split(".")[-1]
+            name = case.get("name", "")
+            if not module:  # a module that failed to import: pytest names the module, with no class
+                module = name.split(".")[-1]
+            if case.find("failure") is not None or case.find("error") is not None:
+                status = "failed"
+            elif case.find("skipped") is not None:
+                status = "skipped"
+            else:
+                status = "passed"
+            for backend in backends_named(name):
+                entry = results.setdefault((module, backend), {"passed": 0, "failed": 0, "skipped": 0, "failures": []})
+                entry[status] += 1
+                if status == "failed":
+                    entry["failures"].append(name)
     return results
 
 
-def read_speedups(path):
-    """{(op, impl): [(shape, pass, speed-up, median ms, device)]} from ops.csv."""
+def read_test_runs(outdir):
+    """(tests as read_tests, {(module, backend): [why its tests did not all finish]}) from OUTDIR/gpu_tests: each
+    op's test module and every other module found there must have a finished process for every selection."""
+    folder = os.path.join(outdir, "gpu_tests")
+    found = {f.split(".")[0] for f in os.listdir(folder)} if os.path.isdir(folder) else set()
+    tests, unfinished = {}, {}
+    for module in sorted(found | {m for *_, m in OPS.values()}):
+        for selection, (_, backends) in TEST_SELECTIONS.items():
+            stem = os.path.join(folder, f"{module}.{selection}")
+            status, why = None, None
+            if os.path.exists(stem + ".rc"):
+                with open(stem + ".rc") as fh:
+                    status = fh.read().strip()
+            if status is None:
+                why = "no exit status"
+            elif status not in FINISHED:
+                why = f"exit {status}" + (" (stopped at its time limit)" if status in ("124", "137") else "")
+            else:
+                try:
+                    read_tests([stem + ".xml"], tests)
+                except (OSError, ET.ParseError) as e:
+                    why = f"no JUnit XML ({type(e).__name__})"
+            for backend in backends if why else ():
+                unfinished.setdefault((module, backend), []).append(f"{module} [{selection}] {why}")
+    return tests, unfinished
+
+
+def read_bench(path):
+    """{(op, impl, shape, pass): (median ms, device)} from ops.csv (the raw medians, not the rounded ratios)."""
     rows = {}
     with open(path) as fh:
         for r in csv.DictReader(fh):
-            if not r.get("speedup_vs_baseline"):
-                continue
-            rows.setdefault((r["op"], r["impl"]), []).append(
-                (r["shape"], r["pass"], float(r["speedup_vs_baseline"]), float(r["median_ms"]), r.get("device", "")))
+            if r.get("median_ms"):
+                rows[(r["op"], r["impl"], r["shape"], r["pass"])] = (float(r["median_ms"]), r.get("device", ""))
     return rows
 
 
-def tests_finished(outdir):
-    """(finished, note): whether the GPU test run went to the end, by the exit status in gpu_tests.rc."""
-    path = os.path.join(outdir, "gpu_tests.rc")
+def read_bench_status(outdir):
+    """{benchmark file: how it ended, as bench/run_all.py records it ("ok" when by itself)} from
+    bench_status.json ({} when absent)."""
+    path = os.path.join(outdir, "bench_status.json")
     if not os.path.exists(path):
-        return True, "gpu_tests.rc missing: taking the test run as finished"
+        return {}
     with open(path) as fh:
-        status = fh.read().strip()
-    if status in ("0", "1"):
-        return True, None
-    return False, f"the GPU tests did not finish (pytest exit status {status}): no backend qualifies"
+        return json.load(fh)
 
 
-def decide(tests, speedups, finished=True):
-    """[(op, backend, verdict dict)] and {op: chosen backend}."""
+def expected_rows(op):
+    """The (shape, pass) rows a full run of the op's benchmark on CUDA writes for every implementation, in order:
+    read from the benchmark module itself, whose loops run over the same SHAPES and PASSES."""
+    bench = importlib.import_module("bench." + OPS[op][0][:-3])
+    return [(shape, pass_) for shape in bench.SHAPES for pass_ in bench.PASSES]
+
+
+def decide(tests, unfinished, bench, status):
+    """[(op, backend, tests, [(shape, pass, speed-up, median ms, device)] of the deciding pass, [why not])] and
+    {op: chosen backend}."""
     table, chosen = [], {}
-    for op, (module, passes) in OPS.items():
+    op_modules = {m for *_, m in OPS.values()}
+    for op, (bench_file, base_impl, deciding, module) in OPS.items():
+        expected = expected_rows(op)
         best, best_score = "reference", None
         for backend in GPU_BACKENDS:
-            t = tests.get((module, backend), {"passed": 0, "failed": 0, "skipped": 0, "failures": []})
-            rows = [r for r in speedups.get((op, backend), []) if r[1] in passes]
-            verified = finished and t["passed"] > 0 and t["failed"] == 0
-            wins = bool(rows) and all(s >= 1.0 for _, _, s, _, _ in rows)
-            score = math.exp(sum(math.log(s) for _, _, s, _, _ in rows) / len(rows)) if rows else None
-            if verified and wins and (best_score is None or score > best_score):
+            # Its op's tests and those of modules that are no op's own (they concern every op).
+            mods = sorted({m for m, b in [*tests, *unfinished]
+                           if b == backend and (m == module or m not in op_modules)})
+            t = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
+            for m in mods:
+                for key, value in tests.get((m, backend), {}).items():
+                    t[key] += value
+            why = [r for m in mods for r in unfinished.get((m, backend), [])]
+            if t["failed"]:
+                why.append(f"{t['failed']} tests failed")
+            if not tests.get((module, backend), {}).get("passed"):
+                why.append(f"no {module} test passed")
+            if status.get(bench_file) != "ok":
+                why.append(f"{bench_file} {status.get(bench_file, 'has no status')}")
+            have = [r for r in expected if (op, backend, *r) in bench and (op, base_impl, *r) in bench]
+            if len(have) < len(expected):
+                why.append(f"{len(expected) - len(have)} of {len(expected)} benchmark rows missing")
+            slower = [f"{s} {p}" for s, p in have if bench[(op, backend, s, p)][0] >= bench[(op, base_impl, s, p)][0]]
+            if slower:
+                why.append("not faster at " + ", ".join(slower))
+            rows = [(s, p, bench[(op, base_impl, s, p)][0] / bench[(op, backend, s, p)][0],
+                     *bench[(op, backend, s, p)]) for s, p in have if p == deciding]
+            score = math.exp(sum(math.log(r[2]) for r in rows) / len(rows)) if rows else None
+            if not why and (best_score is None or score > best_score):
                 best, best_score = backend, score
-            table.append((op, backend, t, rows, verified, wins, score))
+            table.append((op, backend, t, rows, why))
         chosen[op] = best
     return table, chosen
 
 
 def render(table, chosen):
-    lines = ["| op | backend | gpu tests passed / failed / skipped | speed-up vs baseline per shape | qualifies |",
-             "|---|---|---|---|---|"]
-    for op, backend, t, rows, verified, wins, score in table:
+    lines = ["| op | backend | gpu tests passed / failed / skipped | deciding pass: speed-up vs baseline per shape "
+             "| qualifies |", "|---|---|---|---|---|"]
+    for op, backend, t, rows, why in table:
         speeds = ", ".join(f"{shape} {s:.2f}x" for shape, _, s, _, _ in rows) or "no benchmark row"
-        why = "yes" if verified and wins else ("tests" if not verified else "") + (
-            " and " if not verified and not wins else "") + ("speed" if not wins else "")
         lines.append(f"| {op} | {backend} | {t['passed']} / {t['failed']} / {t['skipped']} | {speeds} | "
-                     f"{why if why == 'yes' else 'no (' + why + ')'} |")
+                     + ("yes" if not why else "no: " + "; ".join(why)) + " |")
     lines += ["", "Proposed DEFAULTS[\"cuda\"]:", ""]
     for op, backend in chosen.items():
-        rows = next((r for o, b, _, r, _, _, _ in table if o == op and b == backend), [])
+        rows = next((r for o, b, _, r, _ in table if o == op and b == backend), [])
         cite = "; ".join(f"{shape} {p} {ms:.3f} ms = {s:.2f}x on {dev}" for shape, p, s, ms, dev in rows)
         lines.append(f"    \"{op}\": \"{backend}\",  # " + (cite or "no GPU backend qualified"))
     failures = [(op, b, name) for op, b, t, *_ in table for name in t["failures"]]
@@ -122,17 +190,21 @@ def render(table, chosen):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("outdir")
+    p.add_argument("outdir", nargs="?")
+    p.add_argument("--selections", action="store_true", help="print the test selections and exit")
     args = p.parse_args(argv)
-    tests_xml, ops_csv = os.path.join(args.outdir, "gpu_tests.xml"), os.path.join(args.outdir, "ops.csv")
-    missing = [f for f in (tests_xml, ops_csv) if not os.path.exists(f)]
+    if args.selections:
+        print("\n".join(f"{name}\t{expr}" for name, (expr, _) in TEST_SELECTIONS.items()))
+        return 0
+    if not args.outdir:
+        p.error("OUTDIR is required")
+    tests_dir, ops_csv = os.path.join(args.outdir, "gpu_tests"), os.path.join(args.outdir, "ops.csv")
+    missing = [f for f in (tests_dir, ops_csv) if not os.path.exists(f)]
     if missing:
         print(f"pick_defaults: missing {', '.join(missing)}", file=sys.stderr)
         return 2
-    finished, note = tests_finished(args.outdir)
-    table, chosen = decide(read_tests(tests_xml), read_speedups(ops_csv), finished)
-    if note:
-        print(f"Note: {note}.\n")
+    tests, unfinished = read_test_runs(args.outdir)
+    table, chosen = decide(tests, unfinished, read_bench(ops_csv), read_bench_status(args.outdir))
     print(render(table, chosen))
     return 0
 

@@ -4,10 +4,13 @@
     python bench/run_all.py --device cuda --out OUTDIR
 
 Each bench/bench_<op>.py is run as its own process (so one failing benchmark does not hide the others)
-and appends its rows to OUT/ops.csv; the table goes to OUT/ops.md and to stdout.
+and appends its rows to OUT/ops.csv; the table goes to OUT/ops.md and to stdout. How each one ended goes to
+OUT/bench_status.json ({"bench_roi_align.py": "ok" | "exit N" | "timed out" | "did not end" | "not run"}), written
+as each starts and ends, so a run cut short leaves the unfinished ones unfinished there.
 """
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -43,8 +46,17 @@ def main(argv=None):
     csv_path = os.path.join(args.out, "ops.csv")
     if os.path.exists(csv_path):
         os.remove(csv_path)
+    names = args.only or OP_BENCHMARKS
+    status = dict.fromkeys([os.path.basename(name) for name in names], "not run")
+
+    def record(name, how):
+        status[os.path.basename(name)] = how
+        with open(os.path.join(args.out, "bench_status.json"), "w") as fh:
+            json.dump(status, fh, indent=1)
+
     failures = []
-    for name in args.only or OP_BENCHMARKS:
+    for name in names:
+        record(name, "did not end")  # until it does: run_all.py itself may be stopped
         cmd = [sys.executable, os.path.join(HERE, name), "--out", csv_path]
         if args.device:
             cmd += ["--device", args.device]
@@ -57,8 +69,10 @@ def main(argv=None):
         except subprocess.TimeoutExpired:
             print(f"  {name}: stopped after {args.timeout:.0f} s (--timeout); its rows so far are kept", flush=True)
             failures.append(f"{name} (timed out)")
+            record(name, "timed out")
             continue
         print(f"  {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+        record(name, f"exit {rc}" if rc else "ok")
         if rc:
             failures.append(name)
     rows = []

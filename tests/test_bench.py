@@ -1,5 +1,7 @@
 """The benchmark scripts still run (tiny shapes): a benchmark that rots is found here, not on a GPU."""
 import csv
+import glob
+import json
 import os
 import re
 import subprocess
@@ -9,6 +11,8 @@ import pytest
 import torch
 
 from bench import pick_defaults, run_all
+
+ROOT = os.path.dirname(run_all.HERE)
 
 
 def test_training_step_benchmark_runs_fused_and_baseline(tmp_path):
@@ -72,6 +76,8 @@ def test_a_benchmark_past_its_time_is_stopped_and_keeps_its_rows(tmp_path, capsy
         rows = list(csv.DictReader(fh))
     assert [(r["op"], r["pass"], r["median_ms"]) for r in rows] == [("slow_op", "forward", "1.0000")]
     assert "bench_slow.py (timed out)" in capsys.readouterr().err
+    # pick_defaults.py reads how each benchmark ended from bench_status.json.
+    assert json.loads((out / "bench_status.json").read_text()) == {"bench_slow.py": "timed out"}
 
 
 @pytest.mark.parametrize("name", run_all.OP_BENCHMARKS)
@@ -82,73 +88,179 @@ def test_every_op_benchmark_has_the_runner_flags(name):
         assert f'"{flag}"' in source, f"{name} lacks {flag}"
 
 
-def _write_gpu_results(tmp_path, cases, rows):
-    xml = ['<?xml version="1.0"?><testsuites><testsuite name="pytest">']
-    for module, name, status in cases:
-        body = {"passed": "", "failed": '<failure message="x">x</failure>', "skipped": '<skipped message="s"/>'}[status]
-        xml.append(f'<testcase classname="tests.{module}" name="{name}" time="0.1">{body}</testcase>')
-    xml.append("</testsuite></testsuites>")
-    (tmp_path / "gpu_tests.xml").write_text("".join(xml))
-    with open(tmp_path / "ops.csv", "w", newline="") as fh:
+R, A, Q = "test_roi_align_kernels", "test_anchor_kernels", "test_infonce_kernels"
+BASE_IMPL = {op: base for op, (_, base, _, _) in pick_defaults.OPS.items()}
+
+
+def full_rows(speedups):
+    """ops.csv rows (op, shape, impl, pass, median ms): every row a full CUDA run writes, the baseline at 2 ms and
+    each (op, backend) in ``speedups`` that many times faster."""
+    rows = []
+    for op in pick_defaults.OPS:
+        for shape, pass_ in pick_defaults.expected_rows(op):
+            rows.append((op, shape, BASE_IMPL[op], pass_, 2.0))
+            rows += [(op, shape, b, pass_, 2.0 / s) for (o, b), s in speedups.items() if o == op]
+    return rows
+
+
+def write_gpu_results(out, cases, rows, status=None, exits=None):
+    """OUT as device_check.sh leaves it: gpu_tests/MODULE.SELECTION.{xml,rc} (each case in the selection its name
+    puts it in; exit 0 unless ``exits`` says otherwise), ops.csv (speed-ups rounded as bench/common.py writes them)
+    and bench_status.json (every benchmark "ok" unless ``status`` says otherwise)."""
+    bodies = {"passed": "", "failed": '<failure message="x">x</failure>', "skipped": '<skipped message="s"/>',
+              "error": '<error message="x"/>'}
+    selection_of = {tuple(bs): sel for sel, (_, bs) in pick_defaults.TEST_SELECTIONS.items()}
+    modules = {R, A, Q} | {module.split(".")[-1] for module, _, _ in cases}
+    files = {(m, sel): [] for m in modules for sel in pick_defaults.TEST_SELECTIONS}
+    for module, name, st in cases:
+        key = (module.split(".")[-1], selection_of[tuple(pick_defaults.backends_named(name))])
+        classname = "" if st == "error" else f"tests.{module}"
+        files[key].append(f'<testcase classname="{classname}" name="{name}">{bodies[st]}</testcase>')
+    (out / "gpu_tests").mkdir(parents=True, exist_ok=True)
+    for (module, sel), lines in files.items():
+        (out / "gpu_tests" / f"{module}.{sel}.xml").write_text(
+            '<?xml version="1.0"?><testsuites><testsuite name="pytest">' + "".join(lines) + "</testsuite></testsuites>")
+        (out / "gpu_tests" / f"{module}.{sel}.rc").write_text((exits or {}).get((module, sel), "0") + "\n")
+    base = {(op, shape, pass_): ms for op, shape, impl, pass_, ms in rows if impl == BASE_IMPL[op]}
+    with open(out / "ops.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, ["op", "shape", "impl", "pass", "median_ms", "speedup_vs_baseline", "device"])
         w.writeheader()
-        for op, shape, impl, pass_, ms, speedup in rows:
-            w.writerow({"op": op, "shape": shape, "impl": impl, "pass": pass_, "median_ms": ms,
-                        "speedup_vs_baseline": speedup, "device": "NVIDIA H100"})
+        for op, shape, impl, pass_, ms in rows:
+            w.writerow({"op": op, "shape": shape, "impl": impl, "pass": pass_, "median_ms": f"{ms:.4f}",
+                        "speedup_vs_baseline": f"{base.get((op, shape, pass_), 0) / ms:.2f}",
+                        "device": "NVIDIA H100"})
+    status = {**{name: "ok" for name, *_ in pick_defaults.OPS.values()}, **(status or {})}
+    (out / "bench_status.json").write_text(json.dumps(status))
+
+
+def picked(out, capsys):
+    """{op: backend} that pick_defaults proposes for OUT, and its whole output."""
+    assert pick_defaults.main([str(out)]) == 0
+    text = capsys.readouterr().out
+    return dict(re.findall(r'^    "(\w+)": "(\w+)",', text, re.M)), text
+
+
+PASSING = [(R, "test_gpu_matches_reference[cuda-float32]", "passed"),
+           (R, "test_gpu_matches_reference[triton-float32]", "passed"),
+           (A, "test_gpu_backend_matches_reference[cuda-insloc]", "passed"),
+           (A, "test_gpu_backend_matches_reference[triton-insloc]", "passed"),
+           (Q, "test_gpu_backends_match_reference[triton-a]", "passed"),
+           (Q, "test_gpu_backends_match_reference[cuda-a]", "passed")]
+ALL_FASTER = {(op, b): 2.0 for op in pick_defaults.OPS for b in pick_defaults.GPU_BACKENDS}
 
 
 def test_pick_defaults_needs_passing_tests_and_a_win_at_every_shape(tmp_path, capsys):
     assert pick_defaults.backends_named("test_gpu_matches_reference[triton-float32-nchw]") == ["triton"]
-    assert pick_defaults.backends_named("test_gpu_opcheck_cuda") == ["cuda"]
+    assert pick_defaults.backends_named("test_gpu_cuda_fp32_precision[cudacores-queue_dtype0]") == ["cuda"]
     assert pick_defaults.backends_named("test_gpu_empty_inputs") == ["cuda", "triton"]
-    R, A, Q = "test_roi_align_kernels", "test_anchor_kernels", "test_infonce_kernels"
     cases = [
-        (R, "test_gpu_matches_reference[cuda-float32]", "passed"),
-        (R, "test_gpu_matches_reference[triton-float32]", "passed"),
+        *PASSING[:2],
         (A, "test_gpu_backend_matches_reference[cuda-insloc]", "failed"),  # cuda anchors: a failure
         (A, "test_gpu_backend_matches_reference[triton-insloc]", "passed"),
         (A, "test_gpu_empty_gt_boxes", "passed"),  # concerns both
         (Q, "test_gpu_backends_match_reference[triton-a]", "passed"),
         (Q, "test_gpu_backends_match_reference[cuda-a]", "skipped"),  # cuda infonce: nothing ran
     ]
-    rows = [
-        ("roi_align_multilevel", "insloc", "cuda", "fwd+bwd", 1.0, "3.00"),
-        ("roi_align_multilevel", "detection-7x7", "cuda", "fwd+bwd", 2.0, "1.60"),
-        ("roi_align_multilevel", "insloc", "triton", "fwd+bwd", 0.8, "4.00"),  # faster at one shape,
-        ("roi_align_multilevel", "detection-7x7", "triton", "fwd+bwd", 4.0, "0.90"),  # slower at the other
-        ("roi_align_multilevel", "insloc", "cuda", "forward", 0.1, "9.00"),  # not a deciding pass
-        ("sample_anchor_boxes", "insloc", "cuda", "forward", 0.1, "20.0"),
-        ("sample_anchor_boxes", "insloc", "triton", "forward", 0.2, "10.0"),
-        ("queue_infonce", "insloc/float32", "triton", "both", 0.5, "0.70"),  # verified but slower
-        ("queue_infonce", "insloc/float32", "cuda", "both", 0.2, "5.00"),
-    ]
-    _write_gpu_results(tmp_path, cases, rows)
-    assert pick_defaults.main([str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert '"roi_align_multilevel": "cuda",  # insloc fwd+bwd 1.000 ms = 3.00x on NVIDIA H100' in out
-    assert '"sample_anchor_boxes": "triton",' in out
+    speed = {("roi_align_multilevel", "cuda"): 3.0, ("roi_align_multilevel", "triton"): 4.0,
+             ("sample_anchor_boxes", "cuda"): 20.0, ("sample_anchor_boxes", "triton"): 10.0,
+             ("queue_infonce", "cuda"): 5.0, ("queue_infonce", "triton"): 0.7}  # triton infonce: verified, slower
+    rows = [r if r[1:4] != ("detection-7x7", "triton", "fwd+bwd") else (*r[:4], 4.0)  # triton roi: slower once
+            for r in full_rows(speed)]
+    write_gpu_results(tmp_path, cases, rows)
+    chosen, out = picked(tmp_path, capsys)
+    assert chosen == {"roi_align_multilevel": "cuda", "sample_anchor_boxes": "triton", "queue_infonce": "reference"}
+    assert ('"roi_align_multilevel": "cuda",  # insloc fwd+bwd 0.667 ms = 3.00x on NVIDIA H100; insloc-bf16-cl '
+            'fwd+bwd 0.667 ms = 3.00x on NVIDIA H100;') in out
+    assert "not faster at detection-7x7 fwd+bwd" in out
     assert '"queue_infonce": "reference",  # no GPU backend qualified' in out
     assert "- sample_anchor_boxes / cuda: test_gpu_backend_matches_reference[cuda-insloc]" in out
     assert pick_defaults.main([str(tmp_path / "missing")]) == 2
-    # The same results from a test run stopped part-way (pytest exit status 2): nothing qualifies.
-    (tmp_path / "gpu_tests.rc").write_text("2\n")
-    assert pick_defaults.main([str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "did not finish (pytest exit status 2)" in out
-    assert out.count("no GPU backend qualified") == 3
-    (tmp_path / "gpu_tests.rc").write_text("1\n")  # finished, with failures: as before
-    assert pick_defaults.main([str(tmp_path)]) == 0
-    assert '"roi_align_multilevel": "cuda",' in capsys.readouterr().out
     # A kernel test module that failed to import (pytest --continue-on-collection-errors): its op's backends
     # fail, the others are unaffected.
-    xml = (tmp_path / "gpu_tests.xml").read_text()
-    (tmp_path / "gpu_tests.xml").write_text(xml.replace(
-        "</testsuite>", '<testcase classname="" name="tests.test_roi_align_kernels" time="0"><error message="x"/>'
-                        "</testcase></testsuite>"))
-    assert pick_defaults.main([str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert '"roi_align_multilevel": "reference",' in out and '"sample_anchor_boxes": "triton",' in out
+    write_gpu_results(tmp_path, cases + [(R, "tests.test_roi_align_kernels", "error")], rows)
+    chosen, out = picked(tmp_path, capsys)
+    assert chosen["roi_align_multilevel"] == "reference" and chosen["sample_anchor_boxes"] == "triton"
     assert "- roi_align_multilevel / cuda: tests.test_roi_align_kernels" in out
+
+
+def test_pick_defaults_unfinished_test_processes(tmp_path, capsys):
+    write_gpu_results(tmp_path, PASSING, full_rows(ALL_FASTER))
+    assert set(picked(tmp_path, capsys)[0].values()) <= set(pick_defaults.GPU_BACKENDS)
+    # Stopped at its limit: cuda loses the roi op only; a crash of the module's common process loses both backends.
+    write_gpu_results(tmp_path, PASSING, full_rows(ALL_FASTER), exits={(R, "cuda"): "124", (A, "common"): "139"})
+    chosen, out = picked(tmp_path, capsys)
+    assert chosen["roi_align_multilevel"] == "triton" and chosen["sample_anchor_boxes"] == "reference"
+    assert chosen["queue_infonce"] != "reference"
+    assert "test_roi_align_kernels [cuda] exit 124 (stopped at its time limit)" in out
+    # A process that never reported (no .rc), and a module that concerns every op (test_api) with a failure.
+    write_gpu_results(tmp_path, PASSING + [("test_api", "test_gpu_triton_ops_on_a_device_that_is_not_current",
+                                            "failed")], full_rows(ALL_FASTER))
+    (tmp_path / "gpu_tests" / f"{Q}.triton.rc").unlink()
+    chosen, out = picked(tmp_path, capsys)
+    assert set(chosen.values()) == {"cuda"}
+    assert f"{Q} [triton] no exit status" in out
+
+
+def test_pick_defaults_partial_benchmark_rows(tmp_path, capsys):
+    # The roi benchmark stopped (or crashed) after its first shape: the rows it kept are faster, yet they are not
+    # all the rows; the other ops' backends still qualify.
+    rows = [r for r in full_rows(ALL_FASTER) if r[0] != "roi_align_multilevel" or r[1] == "insloc"]
+    write_gpu_results(tmp_path, PASSING, rows)
+    chosen, out = picked(tmp_path, capsys)
+    assert chosen["roi_align_multilevel"] == "reference" and chosen["queue_infonce"] != "reference"
+    assert "9 of 12 benchmark rows missing" in out
+    # A fused row without its baseline row counts as missing too.
+    rows = [r for r in full_rows(ALL_FASTER) if r[1:3] != ("det 200x242991", "baseline")]
+    write_gpu_results(tmp_path, PASSING, rows)
+    assert picked(tmp_path, capsys)[0]["sample_anchor_boxes"] == "reference"
+
+
+def test_pick_defaults_failed_or_timed_out_benchmark(tmp_path, capsys):
+    # Every row is there and faster, but run_all.py reported the benchmark as timed out (or failed).
+    for how in ("timed out", "exit 1", "not run"):
+        write_gpu_results(tmp_path, PASSING, full_rows(ALL_FASTER), status={"bench_infonce.py": how})
+        chosen, out = picked(tmp_path, capsys)
+        assert chosen["queue_infonce"] == "reference" and chosen["roi_align_multilevel"] != "reference"
+        assert f"bench_infonce.py {how}" in out
+    # No bench_status.json at all (run_all.py did not start): nothing qualifies.
+    os.remove(tmp_path / "bench_status.json")
+    chosen, out = picked(tmp_path, capsys)
+    assert set(chosen.values()) == {"reference"} and "bench_roi_align.py has no status" in out
+
+
+def test_pick_defaults_compares_raw_medians_not_rounded_ratios(tmp_path, capsys):
+    # 0.999x at one row: ops.csv says 1.00, the medians say slower.
+    rows = [r if r[1:4] != ("moco/bfloat16", "cuda", "backward") else (*r[:4], 2.0 / 0.999)
+            for r in full_rows(ALL_FASTER)]
+    write_gpu_results(tmp_path, PASSING, rows)
+    with open(tmp_path / "ops.csv") as fh:
+        assert any(r["impl"] == "cuda" and r["shape"] == "moco/bfloat16" and r["pass"] == "backward"
+                   and r["speedup_vs_baseline"] == "1.00" for r in csv.DictReader(fh))
+    chosen, out = picked(tmp_path, capsys)
+    assert chosen["queue_infonce"] == "triton"
+    assert "not faster at moco/bfloat16 backward" in out
+
+
+@pytest.mark.slow
+def test_gpu_test_selections_split_every_gpu_test_once():
+    """device_check.sh runs the gpu tests of each module that marks any (found by grep) as one pytest process per
+    selection: every collected gpu test must land in exactly one, the one its name's backends give."""
+    def collect(*args):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               "-m", "gpu", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode in (0, 5), proc.stdout[-2000:] + proc.stderr[-2000:]
+        return [line for line in proc.stdout.splitlines() if "::" in line]
+
+    everything = collect()
+    marked = subprocess.run(["grep", "-l", r"pytest\.mark\.gpu", *glob.glob(os.path.join(ROOT, "tests", "test_*.py"))],
+                            capture_output=True, text=True).stdout.split()
+    assert {n.split("::")[0] for n in everything} == {os.path.relpath(p, ROOT) for p in marked}
+    seen = []
+    for name, (expr, backends) in pick_defaults.TEST_SELECTIONS.items():
+        selected = collect("-k", expr)
+        assert all(pick_defaults.backends_named(n.split("::")[-1]) == list(backends) for n in selected), name
+        seen += selected
+    assert sorted(seen) == sorted(everything) and len(everything) > 100
 
 
 @pytest.mark.parametrize("script", run_all.OP_BENCHMARKS + ["bench_train_step.py", "run_all.py", "pick_defaults.py"])
@@ -172,22 +284,93 @@ def test_device_check_dry_run_without_a_gpu(tmp_path):
                           capture_output=True, text=True, timeout=600)
     summary = re.search(r"gpu tests exit (\d+); benchmarks exit (\d+)", proc.stdout)
     assert summary, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert summary.group(1) == "0" and (out / "gpu_tests.rc").read_text().strip() == "0"
+    assert summary.group(1) == "0"
+    # One pytest process per (module with gpu tests, selection), each ended by itself (5: no test selected).
+    rcs = {f.name: f.read_text().strip() for f in (out / "gpu_tests").glob("*.rc")}
+    assert len(rcs) == 4 * len(pick_defaults.TEST_SELECTIONS) and set(rcs.values()) <= {"0", "5"}, rcs
     # The training step (R50, batch 32) cannot finish in 8 s on a CPU: stopped, so the benchmarks count as failed.
     assert summary.group(2) == "1" and proc.returncode == 1
     env_txt = (out / "env.txt").read_text()
-    assert "torch " in env_txt and '"extension_loaded": true' in env_txt
+    assert all(f"\n{m} " in env_txt for m in ("torch", "torchvision", "pytest")), env_txt
+    assert '"extension_loaded": true' in env_txt
     # Every gpu test was collected and skipped (no CUDA device), none ran.
-    tests = pick_defaults.read_tests(out / "gpu_tests.xml")
+    tests, unfinished = pick_defaults.read_test_runs(out)
+    assert not unfinished
     assert {module for module, _ in tests} >= {"test_roi_align_kernels", "test_anchor_kernels", "test_infonce_kernels"}
     assert all(t["passed"] == 0 and t["failed"] == 0 and t["skipped"] > 0 for t in tests.values())
     # Each op benchmark started and then ended: by itself, or stopped at its limit keeping its rows.
     log = (out / "bench.log").read_text()
+    status = json.loads((out / "bench_status.json").read_text())
     for name in run_all.OP_BENCHMARKS:
         assert re.search(rf"  {name}: (exit 0 after|stopped after 8 s)", log), log[-3000:]
+        assert status[name] in ("ok", "timed out")
     with open(out / "ops.csv") as fh:
         assert list(csv.DictReader(fh)), "no benchmark row was kept"
     defaults = (out / "defaults.md").read_text()
     for op in pick_defaults.OPS:
         assert f'"{op}": "reference",  # no GPU backend qualified' in defaults
     assert proc.stdout.rstrip().endswith(defaults.rstrip().splitlines()[-1])
+
+
+def test_device_check_stops_before_the_build_without_pytest(tmp_path):
+    # A sitecustomize that hides pytest, as on an image without it: the script stops at once, naming WHEELS=DIR.
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('pytest', '_pytest'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n")
+    out = tmp_path / "check"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path / "block"), "SKIP_BUILD": "1"}
+    proc = subprocess.run(["bash", os.path.join(run_all.HERE, "device_check.sh"), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "cannot import: pytest." in proc.stdout and "WHEELS=DIR" in proc.stdout
+    assert "== build" not in proc.stdout and not (out / "gpu_tests").exists()
+    assert "\ntorchvision " in (out / "env.txt").read_text()
+
+
+def test_infonce_peak_bandwidth_from_the_device_name():
+    import bench.bench_infonce as infonce
+
+    assert infonce.peak_gbs("NVIDIA H100 80GB HBM3") == 3350.0 and infonce.peak_gbs("NVIDIA H200") == 4800.0
+    assert infonce.peak_gbs("NVIDIA H100 PCIe") is None and infonce.peak_gbs("NVIDIA GH200 480GB") is None
+
+
+def test_roi_bench_bf16_channels_last_and_deterministic_backward():
+    """bench_shape on tiny bf16 channels_last inputs (under bf16 autocast, as training runs them), the baseline and
+    the C++ kernel; and an impl marked deterministic sees torch.use_deterministic_algorithms in its forward and in
+    its backward alike."""
+    import bench.bench_roi_align as roi
+    from bench.common import Recorder
+
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", torch.are_deterministic_algorithms_enabled()))
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("backward", torch.are_deterministic_algorithms_enabled()))
+            return g
+
+    def probe(inp, feats):
+        return Probe.apply(roi.fused("cpu")(inp, feats))
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 8, s, s, generator=g).to(torch.bfloat16, memory_format=torch.channels_last)
+             for s in (16, 8)]
+    inp = dict(features=feats, rois=torch.tensor([[0, 2.0, 3.0, 40.0, 50.0], [1, 5.0, 1.0, 20.0, 60.0]]),
+               scales=[1 / 4, 1 / 8], levels=None, output_size=(7, 7), aligned=True)
+    rec = Recorder(roi.OP)
+    impls = [("torchvision", roi.baseline, False), ("cpp", roi.fused("cpu"), False), ("probe", probe, True)]
+    roi.bench_shape(rec, "tiny-bf16-cl", inp, impls, "cpu", reps=2, max_seconds=1.0)
+    assert [(r["impl"], r["pass"]) for r in rec.rows] == [(i, p) for i, *_ in impls for p in roi.PASSES]
+    assert all(r["speedup_vs_baseline"] for r in rec.rows)
+    assert {p for p, _ in seen} == {"forward", "backward"} and all(on for _, on in seen)
+    assert not torch.are_deterministic_algorithms_enabled()

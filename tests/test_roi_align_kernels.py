@@ -407,6 +407,34 @@ def test_gpu_matches_torchvision(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("out_size", [7, 14])
+@pytest.mark.parametrize("mode", ["all", "levels"])
+def test_gpu_many_channels_match_reference(backend, dtype, channels_last, out_size, mode):
+    """The benchmarks' and training's channel count (256) and output sizes: the Triton kernel then runs several
+    channel blocks per RoI (BLOCK_C is 64 at 7x7, 16 at 14x14), which the small-C tests never do. fp32 NCHW as
+    benchmarked, bf16 channels_last as training feeds it."""
+    if backend not in gpu_backends():
+        pytest.skip(f"{backend} not available on CUDA")
+    R, size = 40, (out_size, out_size)
+    feats, rois, scales = problem(backend, dtype, channels_last, seed=26, R=R, device="cuda", C=256, B=2)
+    levels = None if mode == "all" else torch.arange(R, device="cuda") % 3
+    ref32 = [f.float() for f in feats]
+    ref = reference.roi_align_multilevel(ref32, rois, size, scales, 0, True, levels)
+    g = torch.randn_like(ref)
+    poison_cuda_allocator()
+    out, gk = grads(backend, feats, rois, size, scales, 0, True, levels, g.to(dtype))
+    _, gr = grads("reference", ref32, rois, size, scales, 0, True, levels, g.to(dtype).float())
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for a, b in zip(gk, gr):
+        assert a.dtype == dtype and a.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(a.float(), b, **tol(dtype))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("mode", ["all", "levels"])
 def test_cuda_deterministic_backward(channels_last, mode):
