@@ -15,11 +15,20 @@ LATEST = "latest"
 _NAME = re.compile(r"checkpoint_(\d+)\.pt$")
 
 
-def _atomic_write(path, write):
+def _umask():
+    mask = os.umask(0o022)  # the only way to read it (Linux also shows it in /proc/self/status)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write):
+    """Calls write(f) on a temporary file next to path, syncs it to disk and renames it to path: a reader
+    sees the old file or the complete new one. The file gets the mode open() would give it."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -42,8 +51,8 @@ def save_checkpoint(state, out_dir, keep=2):
     os.makedirs(out_dir, exist_ok=True)
     step = state["step"]
     path = checkpoint_path(out_dir, step)
-    _atomic_write(path, lambda f: torch.save(state, f))
-    _atomic_write(os.path.join(out_dir, LATEST), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
+    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(os.path.join(out_dir, LATEST), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
     earlier = [p for s, p in numbered_checkpoints(out_dir) if s < step]
     for old in earlier[:max(len(earlier) - (max(keep, 1) - 1), 0)]:
         os.remove(old)
@@ -95,7 +104,7 @@ def load_checkpoint(path):
 
 def load_latest_checkpoint(out_dir):
     """(checkpoint dict, path) of the newest readable checkpoint in out_dir (see find_latest), or (None, None)
-    when there is none. An unreadable one (a damaged disk; a crash cannot leave one, see _atomic_write) is
+    when there is none. An unreadable one (a damaged disk; a crash cannot leave one, see atomic_write) is
     skipped with a warning naming it, for the next older one."""
     failures = []
     for path in _candidates(out_dir):

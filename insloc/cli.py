@@ -49,19 +49,32 @@ def add_config_arguments(parser):
 
 
 def load_yaml(path):
+    """The mapping in a --config file; a file that is missing, unreadable or not a mapping of Config fields
+    gives a ValueError naming --config (main turns it into argparse's error)."""
     import yaml
 
-    with open(path) as fh:
-        values = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            values = yaml.safe_load(fh) or {}
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"--config {path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of Config fields")
+        raise ValueError(f"--config {path}: expected a mapping of Config fields, got a {type(values).__name__}")
     return values
 
 
 def config_from_args(args):
     cfg = PRESETS[args.preset]()
     if args.config:
-        cfg = Config.from_dict({**cfg.to_dict(), **load_yaml(args.config)})
+        values = load_yaml(args.config)
+        try:
+            cfg = Config.from_dict({**cfg.to_dict(), **values})
+        except ValueError as e:  # unknown keys, values of the wrong type: say which file they came from
+            raise ValueError(f"--config {args.config}: {e}") from e
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     cfg = dataclasses.replace(cfg, **overrides)
     if not cfg.out_dir:

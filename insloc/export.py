@@ -35,18 +35,24 @@ Formats (one file each; ``OUT`` is the ``--out`` path):
     to ``"BN"`` or ``"SyncBN"``, as the official transfer configs do); the FPN box head's four convs ->
     ``roi_heads.box_head.conv{1..4}`` (+ ``.norm``) and its first fc -> ``roi_heads.box_head.fc1``
     (detectron2's 4conv1fc head). The second fc and the 128-d projection have no detectron2 counterpart and
-    are dropped. Image-level MoCo checkpoints (``--method moco``) export the trunk in either layout
-    (``layout=``).
+    are dropped. Image-level MoCo checkpoints (``--method moco``) export the trunk as MoCo's own converter
+    does: ``stem.conv1.*``, ``res2.*`` ... ``res5.*`` without a prefix, which detectron2's matching
+    heuristics place in either layout (C4: res5 into ``roi_heads.res5``); ``layout="fpn"`` / ``"c4"``
+    (``--layout``) writes the prefixed names of that layout instead.
+
+    The pickle (protocol 4) names only ``numpy.ndarray`` and ``bytearray``, so it loads writable under
+    numpy 1.x and 2.x alike, and ``OUT`` must end in ``.pkl`` (detectron2 reads other names with torch.load).
+    Half-precision weights are written as float32.
 
 The momentum (key) encoder is exported only with ``include_momentum=True``: then a second file
-``OUT`` with ``-momentum`` before the suffix holds it, in the same format.
+``OUT`` with ``-momentum`` before the suffix holds it, in the same format. Files are written atomically
+(see insloc/checkpoint.py).
 """
 import argparse
 import dataclasses
-import os
+import importlib
 import pickle
 import sys
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -56,6 +62,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write
 from .config import ADDED_FIELDS, ARCHITECTURE_FIELDS, Config, with_added_fields
 
 FORMATS = ("raw", "torchvision", "torchvision-fpn", "detectron2")
@@ -63,7 +70,11 @@ Format = Literal["raw", "torchvision", "torchvision-fpn", "detectron2"]
 Layout = Literal["fpn", "c4"]
 
 
-class CheckpointError(ValueError):
+class ExportError(ValueError):
+    """An export that cannot be made as asked; the message names the flag (or the file) and what is wrong."""
+
+
+class CheckpointError(ExportError):
     """A checkpoint that cannot be exported; the message names the file and what is wrong."""
 
 
@@ -85,16 +96,23 @@ class PretrainCheckpoint:
 
 
 def _numpy_globals():
-    # numpy RNG state in the checkpoint's "rng" entry: plain arrays, safe to allow
-    core = getattr(np, "_core", None) or np.core
+    # numpy RNG state in the checkpoint's "rng" entry: plain arrays, safe to allow. numpy 2 pickles them with
+    # numpy._core.multiarray._reconstruct, numpy 1.x with numpy.core.multiarray._reconstruct: allow both
+    # names, so a checkpoint written under either loads under either. Imported by name: numpy 1.26's
+    # numpy._core has no multiarray attribute, and numpy 2's numpy.core warns.
+    try:
+        reconstruct = importlib.import_module("numpy._core.multiarray")._reconstruct
+    except ImportError:  # numpy < 1.26
+        reconstruct = importlib.import_module("numpy.core.multiarray")._reconstruct
+    names = [(reconstruct, f"{module}._reconstruct") for module in ("numpy._core.multiarray", "numpy.core.multiarray")]
     dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)]
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+    return [*names, np.ndarray, np.dtype, *dtypes]
 
 
-def _torch_load(path, unsafe_load):
-    if unsafe_load:
+def _torch_load(path, safe_globals):
+    if safe_globals is None:
         return torch.load(path, map_location="cpu", weights_only=False)
-    with torch.serialization.safe_globals(_numpy_globals()):
+    with torch.serialization.safe_globals(safe_globals):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -162,8 +180,9 @@ def load_pretrain_checkpoint(path, unsafe_load=False) -> PretrainCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    safe_globals = None if unsafe_load else _numpy_globals()  # outside the try: its errors are not the file's
     try:
-        ckpt = _torch_load(path, unsafe_load)
+        ckpt = _torch_load(path, safe_globals)
     except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, BadZipFile... for bad bytes
         unsafe = [] if unsafe_load else _unsafe_globals(path)
         if unsafe:
@@ -234,15 +253,15 @@ def _detectron2_block_name(rest):
 
 
 def _detectron2_trunk_name(name, layout):
-    """torchvision trunk key -> detectron2 key. ``layer4`` (res5) is the RoI head in the C4 layout."""
+    """torchvision trunk key -> detectron2 key. ``layer4`` (res5) is the RoI head in the C4 layout; layout
+    None: no prefix (MoCo's converter's names, which detectron2's matching heuristics place)."""
+    backbone = {"fpn": "backbone.bottom_up.", "c4": "backbone.", None: ""}[layout]
     stage, rest = name.split(".", 1)
     if stage in ("conv1", "bn1"):
-        backbone = "backbone.bottom_up." if layout == "fpn" else "backbone."
         return backbone + "stem.conv1" + (".norm." if stage == "bn1" else ".") + rest
     res = f"res{int(stage[len('layer'):]) + 1}"
     if layout == "c4" and res == "res5":
         return "roi_heads.res5." + _detectron2_block_name(rest)
-    backbone = "backbone.bottom_up." if layout == "fpn" else "backbone."
     return f"{backbone}{res}.{_detectron2_block_name(rest)}"
 
 
@@ -268,22 +287,47 @@ def detectron2_state_dict(encoder, config, layout):
 
 # ---- writing ----
 
+class _PortablePickler(pickle.Pickler):
+    """numpy pickles an array through a private module (numpy._core.multiarray under numpy 2,
+    numpy.core.multiarray under 1.x) that the other major version cannot import; ``numpy.ndarray(shape,
+    dtype, buffer)`` loads under any. A bytearray buffer: the array loads writable (``torch.from_numpy``,
+    which detectron2 calls on it, warns on read-only arrays)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, np.ndarray):  # tobytes: C order, whatever the strides
+            return np.ndarray, (obj.shape, obj.dtype.str, bytearray(obj.tobytes()))
+        return NotImplemented
+
+
+def _save_detectron2(obj, f):
+    _PortablePickler(f, protocol=4).dump(obj)  # protocol 4: any Python 3 reads it, and >4 GiB arrays fit
+
+
 def _atomic_save(path, write):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + path.name, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, write)
+    except OSError as e:  # a directory, a parent that is a file, no permission, a full disk
+        detail = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        raise ExportError(f"--out (out_path) {path}: cannot write it ({detail})") from e
+
+
+def _check_request(fmt, out_path, layout):
+    """What can be refused before the checkpoint is read."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if layout is not None and fmt != "detectron2":
+        raise ExportError(f"--layout (layout) {layout!r} applies only to --format detectron2, not {fmt}")
+    if layout not in (None, "fpn", "c4"):
+        raise ExportError(f"--layout (layout) {layout!r}: expected 'fpn' or 'c4'")
+    if fmt == "detectron2" and not out_path.name.endswith(".pkl"):
+        raise ExportError(f"--out (out_path) {out_path}: a detectron2 export must end in .pkl (detectron2 "
+                          f"reads other names as torch checkpoints)")
+    if out_path.is_dir():
+        raise ExportError(f"--out (out_path) {out_path}: is a directory; give the file to write")
 
 
 def _check_format(ckpt, fmt, layout):
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
     is_fpn = ckpt.config.method == "insloc" and ckpt.config.arch == "fpn"
     if fmt == "torchvision-fpn" and not is_fpn:
         raise CheckpointError(f"{ckpt.path}: format 'torchvision-fpn' needs an FPN checkpoint "
@@ -292,6 +336,13 @@ def _check_format(ckpt, fmt, layout):
     if fmt == "detectron2" and layout is not None and ckpt.config.method != "moco" and layout != ckpt.config.arch:
         raise CheckpointError(f"{ckpt.path}: a {ckpt.description} checkpoint cannot be exported in the "
                               f"detectron2 {layout} layout (only image-level MoCo trunks fit either)")
+
+
+def _numpy(tensor):
+    # numpy has no bfloat16; half and 8-bit floats become float32, which detectron2's models hold anyway
+    if tensor.is_floating_point() and tensor.dtype != torch.float64:
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def _converted(ckpt, encoder, fmt, layout):
@@ -303,7 +354,7 @@ def _converted(ckpt, encoder, fmt, layout):
     if fmt == "torchvision-fpn":
         return torchvision_fpn_state_dict(contiguous, ckpt.config)
     model = detectron2_state_dict(contiguous, ckpt.config, layout)
-    return {"model": {k: v.numpy() for k, v in model.items()}, "__author__": "insloc",
+    return {"model": {k: _numpy(v) for k, v in model.items()}, "__author__": "insloc",
             "matching_heuristics": True}
 
 
@@ -317,11 +368,15 @@ def export(ckpt_path, fmt: Format, out_path, include_momentum=False, layout: Lay
            unsafe_load=False) -> list[Path]:
     """Writes the query encoder of ``ckpt_path`` in format ``fmt`` to ``out_path`` (and, with
     ``include_momentum``, the key encoder next to it, see :func:`momentum_path`). ``layout``: the
-    detectron2 layout, default the checkpoint's arch. Returns the written paths."""
+    detectron2 layout, default the checkpoint's arch (MoCo: no prefix, see the module docstring). Returns
+    the written paths."""
+    out_path = Path(out_path)
+    _check_request(fmt, out_path, layout)
     ckpt = load_pretrain_checkpoint(ckpt_path, unsafe_load)
     _check_format(ckpt, fmt, layout)
-    layout = layout or ckpt.config.arch
-    targets = [(Path(out_path), ckpt.encoder_q)]
+    if ckpt.config.method != "moco":
+        layout = layout or ckpt.config.arch
+    targets = [(out_path, ckpt.encoder_q)]
     if include_momentum:
         if not ckpt.encoder_k:
             raise CheckpointError(f"{ckpt.path}: include_momentum was asked for but the checkpoint has no "
@@ -330,7 +385,7 @@ def export(ckpt_path, fmt: Format, out_path, include_momentum=False, layout: Lay
     for path, encoder in targets:
         obj = _converted(ckpt, encoder, fmt, layout)
         if fmt == "detectron2":
-            _atomic_save(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
+            _atomic_save(path, lambda f: _save_detectron2(obj, f))
         else:
             _atomic_save(path, lambda f: torch.save(obj, f))
     return [path for path, _ in targets]
@@ -356,17 +411,18 @@ def export_main(argv=None):
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
                         help="raw: our encoder; torchvision: resnet trunk; torchvision-fpn: BackboneWithFPN "
                              "(FPN only); detectron2: pickle for DetectionCheckpointer")
-    parser.add_argument("--out", required=True, help="output file")
+    parser.add_argument("--out", required=True, help="output file (detectron2: ending in .pkl)")
     parser.add_argument("--include-momentum", action="store_true",
                         help="also write the momentum (key) encoder to OUT-momentum.SUFFIX")
     parser.add_argument("--layout", choices=("fpn", "c4"), default=None,
-                        help="detectron2 layout of an image-level --method moco checkpoint (default: its arch)")
+                        help="detectron2 only: the prefixed names of this layout for an image-level --method "
+                             "moco checkpoint (default: unprefixed stem/res2..res5, placed by detectron2)")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="unpickle arbitrary objects in the checkpoint (only for files you trust)")
     args = parser.parse_args(argv)
     try:
         paths = export(args.checkpoint, args.fmt, args.out, args.include_momentum, args.layout, args.unsafe_load)
-    except CheckpointError as e:
+    except ExportError as e:
         print(f"insloc export: error: {e}", file=sys.stderr)
         return 2
     for path in paths:

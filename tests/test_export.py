@@ -1,4 +1,6 @@
+import os
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from insloc.export import CheckpointError, export, export_main, load_raw_encoder, momentum_path
+from insloc.export import CheckpointError, ExportError, export, export_main, load_raw_encoder, momentum_path
 from random_checkpoints import (R18_FPN_DEMO, R50_C4, R50_FPN, R50_FPN_NO_NORM, R50_MOCO, make_checkpoint,
                                 write_checkpoint)
 
@@ -249,11 +251,28 @@ def test_detectron2_export_values_come_from_the_right_weights(checkpoints, tmp_p
                                   c4_encoder.head.res5[0].conv2.weight.detach().numpy())
 
 
+def test_detectron2_export_of_a_moco_trunk_has_moco_converters_unprefixed_names(checkpoints, tmp_path):
+    # facebookresearch/moco detection/convert-pretrain-to-detectron2.py: stem.conv1.*, res2..res5.*, which
+    # detectron2's matching heuristics place in an FPN (backbone.bottom_up.*) or a C4 (res5 in roi_heads) model
+    path, encoder = checkpoints["r50_moco"]
+    export(path, "detectron2", tmp_path / "d2.pkl")
+    model = load_detectron2(tmp_path / "d2.pkl")
+    expected = {k.split(".", 1)[1]: s for k, s in detectron2_r_c4_shapes(50).items()}
+    assert set(model) == set(expected)
+    assert all(model[k].shape == s for k, s in expected.items())
+    sd = encoder.state_dict()
+    for name, ours in [("res5.2.conv3.norm.weight", "backbone.layer4.2.bn3.weight"),
+                       ("stem.conv1.weight", "backbone.conv1.weight")]:
+        np.testing.assert_array_equal(model[name], sd[ours].numpy())
+
+
 @pytest.mark.parametrize("layout, expected", [("c4", detectron2_r_c4_shapes(50)),
                                               ("fpn", None)])
-def test_detectron2_export_of_a_moco_trunk_in_either_layout(layout, expected, checkpoints, tmp_path):
-    export(checkpoints["r50_moco"][0], "detectron2", tmp_path / "d2.pkl", layout=layout)
-    model = load_detectron2(tmp_path / "d2.pkl")
+def test_detectron2_export_of_a_moco_trunk_in_a_layout_asked_for(layout, expected, checkpoints, tmp_path):
+    out = tmp_path / "d2.pkl"
+    assert export_main([str(checkpoints["r50_moco"][0]), "--format", "detectron2", "--layout", layout,
+                        "--out", str(out)]) == 0
+    model = load_detectron2(out)
     if expected is None:
         expected = {k: s for k, s in detectron2_r_fpn_shapes(50).items() if k.startswith("backbone.bottom_up.")}
     assert set(model) == set(expected)
@@ -262,6 +281,49 @@ def test_detectron2_export_of_a_moco_trunk_in_either_layout(layout, expected, ch
 def test_detectron2_layout_other_than_the_insloc_arch_is_refused(checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="cannot be exported in the detectron2 fpn layout"):
         export(checkpoints["r50_c4"][0], "detectron2", tmp_path / "d2.pkl", layout="fpn")
+
+
+def test_detectron2_pickle_names_only_numpy_ndarray_and_loads_writable_arrays(checkpoints, tmp_path):
+    # numpy's own array pickles name numpy._core.multiarray (numpy 2) or numpy.core.multiarray (1.x), which
+    # the other major version cannot import; numpy.ndarray and bytearray exist under both
+    path, encoder = checkpoints["r18_fpn"]
+    export(path, "detectron2", tmp_path / "d2.pkl")
+    names = set()
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module, name):
+            names.add(f"{module}.{name}")
+            return super().find_class(module, name)
+
+    data = (tmp_path / "d2.pkl").read_bytes()
+    assert data[:2] == b"\x80\x04"  # protocol 4: read by any Python 3
+    model = Recording(open(tmp_path / "d2.pkl", "rb"), encoding="latin1").load()["model"]
+    assert names == {"numpy.ndarray", "builtins.bytearray"}
+    count = model["backbone.fpn_lateral2.weight"], model["backbone.bottom_up.res2.0.conv1.norm.num_batches_tracked"]
+    assert all(a.flags.writeable and a.flags.c_contiguous for a in count)
+    assert count[1].shape == () and count[1].dtype == np.int64 and count[1] == 7
+    np.testing.assert_array_equal(count[0], encoder.neck.lateral_convs[0].weight.detach().numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_detectron2_export_of_half_precision_weights_writes_float32(dtype, tmp_path):
+    ckpt, encoder = make_checkpoint(R18_FPN_DEMO)
+    ckpt["model"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "half.pt")
+    export(tmp_path / "half.pt", "detectron2", tmp_path / "d2.pkl")
+    model = load_detectron2(tmp_path / "d2.pkl")
+    assert {a.dtype for a in model.values()} == {np.dtype(np.float32), np.dtype(np.int64)}
+    np.testing.assert_array_equal(model["backbone.bottom_up.stem.conv1.weight"],
+                                  encoder.backbone.conv1.weight.detach().to(dtype).float().numpy())
+
+
+def test_detectron2_export_must_be_a_pkl_file(checkpoints, tmp_path, capsys):
+    # detectron2's DetectionCheckpointer unpickles only names ending in .pkl; it torch.loads the rest
+    with pytest.raises(ExportError, match=r"--out .*d2\.pth: a detectron2 export must end in \.pkl"):
+        export(checkpoints["r18_fpn"][0], "detectron2", tmp_path / "d2.pth")
+    assert export_main([str(checkpoints["r18_fpn"][0]), "--format", "detectron2", "--out",
+                        str(tmp_path / "d2")]) == 2
+    assert "--out" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 # ---- raw, momentum ----
@@ -283,7 +345,7 @@ def test_raw_export_round_trips_to_the_same_encoder_and_embeddings(checkpoints, 
 @pytest.mark.parametrize("fmt", ["raw", "torchvision", "torchvision-fpn", "detectron2"])
 def test_momentum_encoder_is_exported_only_when_asked(fmt, checkpoints, tmp_path):
     path, encoder = checkpoints["r18_fpn"]
-    out = tmp_path / f"out.{fmt}"
+    out = tmp_path / ("out.pkl" if fmt == "detectron2" else f"out.{fmt}")
     assert export(path, fmt, out) == [out]
     assert not momentum_path(out).exists()
 
@@ -303,6 +365,30 @@ def test_momentum_encoder_is_exported_only_when_asked(fmt, checkpoints, tmp_path
 
 
 # ---- bad checkpoints ----
+
+def _respell(src, dst, old, new):
+    """A copy of a torch checkpoint whose pickle names ``new`` where it named ``old`` (protocol 2: GLOBAL
+    opcodes are text lines, so the bytes can be replaced)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            zout.writestr(info.filename, data)
+
+
+def test_checkpoint_pickled_under_either_numpy_major_version_loads_without_unsafe_load(checkpoints, tmp_path):
+    # the "rng" entry holds numpy arrays: numpy 2 pickles them with numpy._core.multiarray._reconstruct,
+    # numpy 1.x with numpy.core.multiarray._reconstruct
+    path, encoder = checkpoints["r18_fpn"]
+    current, other = (b"numpy._core.multiarray", b"numpy.core.multiarray")
+    if current not in zipfile.ZipFile(path).read(f"{path.stem}/data.pkl"):
+        current, other = other, current
+    _respell(path, tmp_path / "other.pt", current, other)
+    export(tmp_path / "other.pt", "torchvision", tmp_path / "tv.pth")
+    assert torch.equal(torch.load(tmp_path / "tv.pth")["conv1.weight"], encoder.backbone.conv1.weight)
+
 
 def test_truncated_checkpoint_is_reported_as_truncated_or_corrupt(checkpoints, tmp_path):
     data = checkpoints["r18_fpn"][0].read_bytes()
@@ -402,6 +488,29 @@ def test_export_main_writes_the_file_and_reports_errors_with_exit_status_2(check
     assert "bad.pt: cannot be read" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main([str(path), "--format", "onnx", "--out", str(tmp_path / "x")])
+
+
+def test_export_errors_name_the_flag_and_exit_with_status_2(checkpoints, tmp_path, capsys):
+    path = str(checkpoints["r18_fpn"][0])
+    (tmp_path / "file").write_text("")
+    for out, flag, message in [(tmp_path, "--out", "is a directory"),
+                               (tmp_path / "file" / "tv.pth", "--out", "cannot write it"),
+                               (tmp_path / "tv.pth", "--layout", "applies only to --format detectron2")]:
+        layout = ["--layout", "c4"] if flag == "--layout" else []
+        assert export_main([path, "--format", "torchvision", "--out", str(out), *layout]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_exported_files_get_the_mode_the_umask_gives(checkpoints, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        for fmt, name in [("torchvision", "tv.pth"), ("detectron2", "d2.pkl")]:
+            export(checkpoints["r18_fpn"][0], fmt, tmp_path / name)
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
+    finally:
+        os.umask(previous)
 
 
 def test_insloc_cli_export_subcommand_reaches_the_exporter(checkpoints, tmp_path):

@@ -1,6 +1,7 @@
 import csv
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -111,6 +112,15 @@ def test_checkpoints_are_atomic_and_latest_points_at_the_newest(tmp_path):
     (tmp_path / "latest").unlink()
     assert find_latest(str(tmp_path)).endswith("checkpoint_00000015.pt")
     assert find_latest(str(tmp_path / "nothing")) is None
+
+
+def test_checkpoints_get_the_mode_the_umask_gives(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        path = save_checkpoint({"step": 1}, str(tmp_path))
+    finally:
+        os.umask(previous)
+    assert [os.stat(p).st_mode & 0o777 for p in (path, tmp_path / "latest")] == [0o640, 0o640]  # not 0600
 
 
 def test_cli_flags_override_yaml_which_overrides_the_preset(tmp_path):
@@ -282,6 +292,19 @@ def test_yaml_numbers_are_converted_and_bad_values_exit_with_the_flag(tmp_path, 
     with pytest.raises(SystemExit):
         main(["pretrain", "--preset", "demo", "--paste-size", "200", "100", "--print-config"])
     assert "--paste-size" in capsys.readouterr().err
+
+
+def test_a_missing_or_malformed_config_file_exits_with_an_error_naming_config(tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text("lr: [1,\n")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    (tmp_path / "unknown.yaml").write_text("warp: 3\n")
+    for name, message in [("missing.yaml", "cannot read it"), ("broken.yaml", r"not valid YAML \(line 2"),
+                          ("list.yaml", "expected a mapping"), ("unknown.yaml", r"unknown config keys: \['warp'\]")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["pretrain", "--config", str(tmp_path / name), "--print-config"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err
+        assert re.search(rf"error: --config \S*{name}: {message}", err), err
 
 
 @pytest.mark.slow
