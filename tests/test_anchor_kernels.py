@@ -125,10 +125,16 @@ def test_backend_converts_inputs_to_float32_once(backend, dtype):
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.7, 0.95, -1.0, 2.0])
-def test_cpu_thresholds_match_reference(threshold):
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_thresholds_match_reference(backend, threshold):
+    # Eligible means IoU > threshold, strictly: at 0 the anchors with no overlap are not (>= would take
+    # them), at -1 every anchor is, at 2 none is (the argmax fallback). The Triton kernel clamps the
+    # threshold to [-1, 1] first.
+    if backend not in cpu_backends():
+        pytest.skip(f"{backend} backend not available here")
     g = torch.Generator().manual_seed(4)
-    gt, anchors = detection_inputs(24, g)
-    assert_matches_reference("cpu", gt, anchors, threshold, 17)
+    gt, anchors = detection_inputs(24 if backend == "cpu" else 3, g)  # the interpreter: few boxes
+    assert_matches_reference(backend, gt, anchors, threshold, 17)
 
 
 def test_cpu_one_box_split_across_threads_matches_reference():

@@ -92,9 +92,13 @@ def test_reference_roi_align_levels_mode_selects_the_assigned_level():
 
 def test_reference_roi_align_nan_box_gives_zeros():
     feats = _features()
-    rois = torch.tensor([[0, float("nan"), 1.0, 5.0, 5.0], [1, 0.0, float("inf"), 5.0, 5.0]], dtype=torch.float64)
+    rois = torch.tensor([[0, float("nan"), 1.0, 5.0, 5.0], [1, 0.0, float("inf"), 5.0, 5.0],
+                         [0, 1.0, 1.0, 5.0, 5.0]], dtype=torch.float64)  # the last: the NaN box with x1 = 1
     out = reference.roi_align_multilevel(feats, rois, (2, 2), SCALES, 0, True)
     assert torch.isfinite(out).all()
+    # A NaN coordinate samples nothing: zeros on every level, where the same box with a number pools values.
+    assert (out[:, 0] == 0).all()
+    assert (out[:, 2].flatten(1).abs().sum(1) > 0).all()
 
 
 def test_fpn_levels_matches_torchvision_level_mapper():
