@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write
-from .config import ADDED_FIELDS, ARCHITECTURE_FIELDS, Config, with_added_fields
+from .config import ARCHITECTURE_FIELDS, Config, with_added_fields
 
 FORMATS = ("raw", "torchvision", "torchvision-fpn", "detectron2")
 Format = Literal["raw", "torchvision", "torchvision-fpn", "detectron2"]
@@ -159,7 +159,8 @@ def config_from_checkpoint(values, path="checkpoint"):
     trainer) are ignored with a warning; the fields that define the encoder must all be present."""
     if not isinstance(values, dict):
         raise CheckpointError(f"{path}: the 'config' entry is a {type(values).__name__}, expected a Config dict")
-    missing = [f for f in ARCHITECTURE_FIELDS if f not in values and f not in ADDED_FIELDS]
+    values = with_added_fields(values)
+    missing = [f for f in ARCHITECTURE_FIELDS if f not in values]
     if missing:
         raise CheckpointError(f"{path}: the 'config' entry lacks the architecture fields {missing}")
     known = {f.name for f in dataclasses.fields(Config)}
@@ -167,7 +168,7 @@ def config_from_checkpoint(values, path="checkpoint"):
     if unknown:
         warnings.warn(f"{path}: ignoring config fields this insloc version does not know: {unknown}")
     try:
-        return Config.from_dict({k: v for k, v in with_added_fields(values).items() if k in known})
+        return Config.from_dict({k: v for k, v in values.items() if k in known})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the 'config' entry is not an insloc Config: {e}") from e
 
@@ -229,15 +230,20 @@ def torchvision_resnet_state_dict(encoder, config):
     return trunk
 
 
+# The FPN neck's module lists (insloc/models/fpn.py): which conv each belongs to, and whether it is its norm.
+_NECK = {"lateral_convs": ("lateral", False), "lateral_norms": ("lateral", True),
+         "output_convs": ("output", False), "output_norms": ("output", True)}
+
+
 def torchvision_fpn_state_dict(encoder, config):
     """FPN encoder weights -> ``BackboneWithFPN`` keys (``fasterrcnn_resnet50_fpn(...).backbone``)."""
     out = {"body." + k: v for k, v in torchvision_resnet_state_dict(encoder, config).items()}
     for name, v in encoder.items():
         parts = name.split(".")
         if parts[0] == "neck":  # conv -> Conv2dNormActivation index 0, its norm -> index 1
-            block, index = {"lateral_convs": ("inner_blocks", 0), "output_convs": ("layer_blocks", 0),
-                            "lateral_norms": ("inner_blocks", 1), "output_norms": ("layer_blocks", 1)}[parts[1]]
-            out[f"fpn.{block}.{parts[2]}.{index}.{parts[3]}"] = v
+            kind, is_norm = _NECK[parts[1]]
+            block = {"lateral": "inner_blocks", "output": "layer_blocks"}[kind]
+            out[f"fpn.{block}.{parts[2]}.{int(is_norm)}.{parts[3]}"] = v
     return out
 
 
@@ -274,9 +280,8 @@ def detectron2_state_dict(encoder, config, layout):
     for name, v in encoder.items():
         parts = name.split(".")
         if parts[0] == "neck":
-            kind, norm = {"lateral_convs": ("lateral", ""), "output_convs": ("output", ""),
-                          "lateral_norms": ("lateral", ".norm"), "output_norms": ("output", ".norm")}[parts[1]]
-            out[f"backbone.fpn_{kind}{int(parts[2]) + 2}{norm}.{parts[3]}"] = v
+            kind, is_norm = _NECK[parts[1]]
+            out[f"backbone.fpn_{kind}{int(parts[2]) + 2}{'.norm' if is_norm else ''}.{parts[3]}"] = v
         elif parts[:2] == ["head", "convs"]:
             conv = f"roi_heads.box_head.conv{int(parts[2]) + 1}"
             out[conv + (".norm." if parts[3] == "1" else ".") + ".".join(parts[4:])] = v
