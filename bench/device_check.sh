@@ -98,6 +98,17 @@ fi
 mkdir -p "$OUT/gpu_tests"
 tests_limit=$(budget "${TESTS_S:-200}")
 modules=$(grep -l 'pytest\.mark\.gpu' tests/test_*.py)
+# SANITIZE=1: beside the tests, under the same limit, compute-sanitizer's memcheck runs the kernel modules' gpu
+# tests in one more process, each tensor its own cudaMalloc (no caching allocator), so a read or write past a
+# tensor's end is reported; its output and status go to memcheck.{txt,rc} (outside gpu_tests/, which
+# pick_defaults.py reads). Where the machine's runtime refuses the sanitizer, memcheck.txt says so and nothing
+# else depends on it.
+if [[ "${SANITIZE:-0}" == 1 ]] && command -v compute-sanitizer >/dev/null; then
+  ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 15 "$tests_limit" compute-sanitizer --tool memcheck \
+      --error-exitcode 99 --print-limit 20 "$PY" -m pytest tests/test_roi_align_kernels.py tests/test_anchor_kernels.py \
+      tests/test_infonce_kernels.py -m gpu -q -p no:cacheprovider -rf >"$OUT/memcheck.txt" 2>&1
+    echo $? >"$OUT/memcheck.rc" ) &
+fi
 while IFS=$'\t' read -r selection expr; do
   for path in $modules; do
     log="$OUT/gpu_tests/$(basename "$path" .py).$selection"
@@ -120,6 +131,9 @@ for rc_file in "$OUT"/gpu_tests/*.rc; do
   esac
 done
 grep -h -E "^(FAILED|ERROR) " "$OUT"/gpu_tests/*.txt | head -n 20
+if [[ -f "$OUT/memcheck.rc" ]]; then
+  echo "memcheck: exit $(<"$OUT/memcheck.rc"), $(grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.txt" | tail -n 2 | tr '\n' ' ')"
+fi
 
 step "op benchmarks"
 bench_s=$(budget $(( 3 * ${BENCH_S:-50} )))
