@@ -88,6 +88,21 @@ def deterministic_algorithms(on):
         torch.use_deterministic_algorithms(before)
 
 
+@contextlib.contextmanager
+def environ(changes=None):
+    """os.environ updated with ``changes`` for the block (the CUDA kernels read their settings per call)."""
+    before = {k: os.environ.get(k) for k in changes or {}}
+    os.environ.update(changes or {})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def bench_shape(rec, name, inp, impls, device, reps, max_seconds):
     feats = [f.detach().requires_grad_() for f in inp["features"]]
 
@@ -97,8 +112,8 @@ def bench_shape(rec, name, inp, impls, device, reps, max_seconds):
     with torch.no_grad(), amp():
         grad = torch.randn_like(baseline(inp, inp["features"]))
     base_ms = {}
-    for impl, fn, deterministic in impls:
-        with amp(), deterministic_algorithms(deterministic):
+    for impl, fn, deterministic, *env in impls:
+        with amp(), deterministic_algorithms(deterministic), environ(*env):
             def fwd():
                 with torch.no_grad():
                     return fn(inp, inp["features"])
@@ -136,7 +151,7 @@ def main():
     max_seconds = 20.0 if device == "cpu" else 10.0
     # On CPU the fused op is the C++ kernel (the Triton interpreter is no speed path); on CUDA, every GPU
     # backend that is built, plus the CUDA kernel with torch.use_deterministic_algorithms (its backward without
-    # atomics). Each entry: (impl, fn, deterministic).
+    # atomics). Each entry: (impl, fn, deterministic[, environment variables to set]).
     impls = [("torchvision", baseline, False)]
     if device == "cpu":
         impls.append(("cpp", fused("cpu"), False))
@@ -144,6 +159,8 @@ def main():
         impls += [(b, fused(b), False) for b in ("cuda", "triton") if is_available(OP, b, "cuda")]
         if is_available(OP, "cuda", "cuda"):
             impls.append(("cuda-determ", fused("cuda"), True))
+            # The CUDA kernels with one channel per thread (torchvision's layout of the work), for comparison.
+            impls.append(("cuda-1ch", fused("cuda"), False, {"INSLOC_OPS_CUDA_ROI_CHANNELS": "1"}))
     rec = Recorder(OP, path=args.out)
     for name, make_inputs in SHAPES.items():
         if any(name.startswith(prefix) for prefix in args.shapes.split(",")):

@@ -8,7 +8,8 @@
 # machine has no index; without pytest or torchvision the script stops before the build (exit 3).
 # TORCH_CUDA_ARCH_LIST defaults to the local GPU's architecture to keep the build short.
 # Time limits, so that one slow step cannot take the others' time: DEADLINE_S (whole script, default 420 s),
-# TESTS_S (the gpu tests, 200 s), BENCH_S (each op benchmark, 50 s), TRAIN_S (the training step, 45 s). A step
+# TESTS_S (the gpu tests, 200 s), BENCH_S (each op benchmark, 50 s), TRAIN_S (the training step, 45 s),
+# PROFILE_S (bench/profile_ops.py, 60 s; on CUDA only), SANITIZE_S (memcheck, with SANITIZE=1, 90 s). A step
 # gets the smaller of its own limit and what is left before the deadline (less 20 s for the summary); a
 # stopped step keeps what it wrote, and pick_defaults.py lets no backend qualify from unfinished tests or
 # benchmarks.
@@ -98,15 +99,18 @@ fi
 mkdir -p "$OUT/gpu_tests"
 tests_limit=$(budget "${TESTS_S:-200}")
 modules=$(grep -l 'pytest\.mark\.gpu' tests/test_*.py)
-# SANITIZE=1: beside the tests, under the same limit, compute-sanitizer's memcheck runs the kernel modules' gpu
-# tests in one more process, each tensor its own cudaMalloc (no caching allocator), so a read or write past a
-# tensor's end is reported; its output and status go to memcheck.{txt,rc} (outside gpu_tests/, which
-# pick_defaults.py reads). Where the machine's runtime refuses the sanitizer, memcheck.txt says so and nothing
-# else depends on it.
+# SANITIZE=1: beside the tests, compute-sanitizer's memcheck runs the CUDA C++ kernels' gpu tests (those
+# naming cuda and not triton: Triton's compiles would take the time) in one more process, each tensor its own
+# cudaMalloc (no caching allocator), so a read or write past a tensor's end is reported. Its limit is
+# SANITIZE_S (default 90 s, at most the tests'); what it ran and found goes to memcheck.{txt,rc} (outside
+# gpu_tests/, which pick_defaults.py reads). Where the machine's runtime refuses the sanitizer, memcheck.txt
+# says so and nothing else depends on it.
 if [[ "${SANITIZE:-0}" == 1 ]] && command -v compute-sanitizer >/dev/null; then
-  ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 15 "$tests_limit" compute-sanitizer --tool memcheck \
-      --error-exitcode 99 --print-limit 20 "$PY" -m pytest tests/test_roi_align_kernels.py tests/test_anchor_kernels.py \
-      tests/test_infonce_kernels.py -m gpu -q -p no:cacheprovider -rf >"$OUT/memcheck.txt" 2>&1
+  sanitize_limit=$(( ${SANITIZE_S:-90} < tests_limit ? ${SANITIZE_S:-90} : tests_limit ))
+  ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 15 "$sanitize_limit" compute-sanitizer --tool memcheck \
+      --error-exitcode 99 --print-limit 20 "$PY" -m pytest tests/test_anchor_kernels.py \
+      tests/test_infonce_kernels.py tests/test_roi_align_kernels.py -m gpu -k "cuda and not triton" -q \
+      -p no:cacheprovider -rf >"$OUT/memcheck.txt" 2>&1
     echo $? >"$OUT/memcheck.rc" ) &
 fi
 while IFS=$'\t' read -r selection expr; do
@@ -148,9 +152,17 @@ if [[ -f bench/bench_train_step.py ]]; then
     --out "$OUT/train_step.csv" >>"$OUT/bench.log" 2>&1 || bench_rc=1
 fi
 
+if [[ -f bench/profile_ops.py && "$BENCH_DEVICE" == cuda ]]; then
+  step "profile"
+  # Host work against kernel time per call (see bench/profile_ops.py); informs, decides nothing.
+  timeout -k 10 "$(budget "${PROFILE_S:-60}")" "$PY" bench/profile_ops.py --out "$OUT/profile.csv" \
+    >"$OUT/profile.log" 2>&1 || echo "profile_ops.py: exit $? (see profile.log)"
+fi
+
 step "summary"
 echo "gpu tests exit $tests_rc; benchmarks exit $bench_rc"
 [[ -f "$OUT/ops.md" ]] && cat "$OUT/ops.md"
+[[ -f "$OUT/profile.log" ]] && cat "$OUT/profile.log"
 # Which backend each op may default to on CUDA (verified by the tests above, and faster in every benchmark row).
 "$PY" bench/pick_defaults.py "$OUT" | tee "$OUT/defaults.md"
 exit $(( tests_rc || bench_rc ))

@@ -27,22 +27,31 @@ def _roi_align_backward_fake(grad, rois, levels, spatial_scales, sampling_ratio,
             for h, w in zip(heights, widths)]
 
 
+def roi_align_meta(features, spatial_scales, sampling_ratio, aligned):
+    """What the backward needs of a roi_align_multilevel call besides rois and levels."""
+    f0 = features[0]
+    return (list(spatial_scales), sampling_ratio, aligned, f0.shape[0], f0.shape[1],
+            [f.shape[2] for f in features], [f.shape[3] for f in features],
+            f0.dim() == 4 and f0.is_contiguous(memory_format=torch.channels_last) and not f0.is_contiguous())
+
+
+def roi_align_grads(suffix, grad, rois, levels, meta):
+    """The features' gradients (a list, one per level) from the output's gradient."""
+    scales, sampling_ratio, aligned, B, C, heights, widths, channels_last = meta
+    op = getattr(torch.ops.insloc_ops, "roi_align_multilevel_backward" + suffix)
+    return list(op(grad.contiguous(), rois, levels, scales, sampling_ratio, aligned, B, C, heights, widths,
+                   channels_last))
+
+
 def _roi_align_setup(suffix):
     def setup_context(ctx, inputs, output):
         features, rois, levels, spatial_scales, _, _, sampling_ratio, aligned = inputs
         ctx.save_for_backward(rois, levels)
-        ctx.meta = (list(spatial_scales), sampling_ratio, aligned, features[0].shape[0], features[0].shape[1],
-                    [f.shape[2] for f in features], [f.shape[3] for f in features],
-                    features[0].dim() == 4 and features[0].is_contiguous(memory_format=torch.channels_last)
-                    and not features[0].is_contiguous())
+        ctx.meta = roi_align_meta(features, spatial_scales, sampling_ratio, aligned)
 
     def backward(ctx, grad):
         rois, levels = ctx.saved_tensors
-        scales, sampling_ratio, aligned, B, C, heights, widths, channels_last = ctx.meta
-        op = getattr(torch.ops.insloc_ops, "roi_align_multilevel_backward" + suffix)
-        grads = op(grad.contiguous(), rois, levels, scales, sampling_ratio, aligned, B, C, heights, widths,
-                   channels_last)
-        return list(grads), None, None, None, None, None, None, None
+        return roi_align_grads(suffix, grad, rois, levels, ctx.meta), None, None, None, None, None, None, None
 
     return setup_context, backward
 
@@ -65,6 +74,12 @@ def _infonce_backward_fake(grad_loss, q, k, queue, lse, temperature):
     return torch.empty_like(q), torch.empty_like(k)
 
 
+def infonce_grads(suffix, grad_loss, q, k, queue, lse, temperature):
+    """(dq, dk) from the per-row loss gradient, recomputing the probabilities from the saved lse."""
+    op = getattr(torch.ops.insloc_ops, "queue_infonce_backward" + suffix)
+    return op(grad_loss.contiguous(), q, k, queue, lse, temperature)
+
+
 def _infonce_setup(suffix):
     def setup_context(ctx, inputs, output):
         q, k, queue, temperature = inputs
@@ -74,8 +89,7 @@ def _infonce_setup(suffix):
 
     def backward(ctx, grad_loss, grad_lse):
         q, k, queue, lse = ctx.saved_tensors
-        op = getattr(torch.ops.insloc_ops, "queue_infonce_backward" + suffix)
-        dq, dk = op(grad_loss.contiguous(), q, k, queue, lse, ctx.temperature)
+        dq, dk = infonce_grads(suffix, grad_loss, q, k, queue, lse, ctx.temperature)
         return dq, dk, None, None
 
     return setup_context, backward

@@ -6,6 +6,7 @@ import torch
 
 from . import reference
 from ._backend import select
+from . import _eager
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -60,8 +61,11 @@ def queue_infonce(q, k, queue, temperature, *, reduction="mean", backend=None):
         # Training on CPU: one pass over the queue yields the loss and what dq needs (see the C++ kernel).
         loss = torch.ops.insloc_ops.queue_infonce_onepass(q, k, queue.detach(), float(temperature))[0]
     else:
-        op = torch.ops.insloc_ops.queue_infonce_triton if which == "triton" else torch.ops.insloc_ops.queue_infonce
-        loss, _ = op(q, k, queue.detach(), float(temperature))
+        suffix = "_triton" if which == "triton" else ""
+        if _eager.use_eager_autograd(q, k):
+            loss, _ = _eager.queue_infonce.apply(suffix, q, k, queue.detach(), float(temperature))
+        else:
+            loss, _ = getattr(torch.ops.insloc_ops, "queue_infonce" + suffix)(q, k, queue.detach(), float(temperature))
     if reduction == "mean":
         loss = loss.sum(-1) / max(q.shape[1], 1)  # [G]
     return loss if grouped else loss.squeeze(0)

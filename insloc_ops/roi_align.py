@@ -6,6 +6,7 @@ import torch
 
 from . import reference
 from ._backend import select
+from . import _eager
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -97,8 +98,11 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
         # rois.detach(): like the kernels, no gradient flows to the boxes
         return reference.roi_align_multilevel(features, rois.detach(), (oh, ow), scales, sampling_ratio, aligned,
                                               levels)
-    op = torch.ops.insloc_ops.roi_align_multilevel_triton if which == "triton" else \
-        torch.ops.insloc_ops.roi_align_multilevel
+    suffix = "_triton" if which == "triton" else ""
+    if _eager.use_eager_autograd(*features):
+        return _eager.roi_align_multilevel.apply(suffix, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned),
+                                                 *features)
+    op = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)
     return op(features, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned))
 
 

@@ -361,6 +361,24 @@ def test_roi_align_sampling_and_alignment(emu, aligned, sampling, mode):
     check_roi_align(emu, torch.float32, False, mode, aligned, sampling, seed=32)
 
 
+@pytest.mark.parametrize("channels", ["1", "3", "8"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_channels_per_thread(emu, channels, channels_last, monkeypatch):
+    """INSLOC_OPS_CUDA_ROI_CHANNELS: NCHW threads that each take 1, 3 or 8 of the 19 channels (the last slot
+    of a RoI then holds fewer), forward and atomic backward; channels_last keeps one per thread."""
+    monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", channels)
+    check_roi_align(emu, torch.float32, channels_last, "levels", True, 0, seed=33)
+    check_roi_align(emu, torch.bfloat16, channels_last, "all", False, 2, seed=34)
+
+
+@pytest.mark.parametrize("value", ["0", "9", "4x"])
+def test_roi_align_channels_per_thread_must_be_valid(emu, value, monkeypatch):
+    monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", value)
+    feats, rois, scales = roi_tests.problem("cuda", torch.float32, False, seed=35, R=5, C=4, B=2)
+    with pytest.raises(RuntimeError, match="INSLOC_OPS_CUDA_ROI_CHANNELS must be an integer in \\[1, 8\\]"):
+        emu.roi_align_multilevel(feats, rois, None, scales, 7, 7, 0, True)
+
+
 def test_roi_align_matches_torchvision(emu):
     feats, rois, scales = roi_tests.problem("cuda", torch.float32, seed=22, R=50, C=8)
     rois = roi_tests.well_formed(rois)

@@ -517,7 +517,10 @@ def test_gpu_triton_fp32_dot_precision(allow_tf32, queue_dtype):
     """fp32 q on tensor cores: TF32x3 (the default) is as accurate as an fp32 matmul; TF32, where torch
     allows it, within TF32's rounding. On these inputs, with the dots' operands rounded on the CPU and
     summed in fp64, the largest loss error against fp64 is 1.3e-4 for TF32 and 3e-8 for TF32x3 (1.5e-8
-    for fp32), so the TF32x3 bound below (2e-5, room for fp32 sums) fails if plain TF32 ran instead."""
+    for fp32), so the TF32x3 bound below (2e-5, room for fp32 sums) fails if plain TF32 ran instead.
+    Plain TF32 on the tensor cores cuts the operands' mantissas (round toward zero) rather than rounding
+    them: emulated so on the CPU, the loss error is 1.27e-3 with an fp32 queue (7.2e-4 with bf16) and the
+    dq error 8.6e-4; an H200 gave 1.27e-3 (2026-11-27). The TF32 bounds leave twice that."""
     q, k, queue = make_inputs(4, 32, 65536, 128, queue_dtype=queue_dtype, device="cuda")
     q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
     exact = insloc_ops.queue_infonce(q64, k64, queue.double(), 0.07, reduction="none", backend="reference")
@@ -530,7 +533,7 @@ def test_gpu_triton_fp32_dot_precision(allow_tf32, queue_dtype):
         (dq,) = torch.autograd.grad(loss.sum(), q1)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-    loss_tol = dict(rtol=0, atol=1e-3) if allow_tf32 else dict(rtol=0, atol=2e-5)
+    loss_tol = dict(rtol=0, atol=2.5e-3) if allow_tf32 else dict(rtol=0, atol=2e-5)
     torch.testing.assert_close(loss.double(), exact.detach(), **loss_tol)
     dq_tol = dict(rtol=2e-2, atol=2e-3) if allow_tf32 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dq.double(), exact_dq, **dq_tol)

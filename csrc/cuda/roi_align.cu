@@ -1,7 +1,9 @@
 // Multi-level RoIAlign on CUDA: one launch covers every level in both modes, forward and backward.
-// A thread computes one output element (pair, channel, bin) with torchvision's per-sample loop, limited
-// to the samples that fall on the map (csrc/common/roi_align.h). Channels_last levels are walked with
-// the channel fastest across threads so that a warp reads contiguous memory.
+// A thread computes one bin of a (level, RoI) pair for a few channels with torchvision's per-sample loop,
+// limited to the samples that fall on the map (csrc/common/roi_align.h): NCHW levels give each thread up
+// to kMaxChannelsPerThread channels (INSLOC_OPS_CUDA_ROI_CHANNELS, default 8), so that the bin's geometry and
+// each sample's weights and offsets are worked out once for all of them; channels_last levels give each
+// thread one channel, with the channel fastest across threads so that a warp reads contiguous memory.
 // Backward: float atomics into an fp32 (fp64 for double) buffer; under
 // torch.use_deterministic_algorithms a gather-free, atomic-free variant instead, where each thread owns
 // one channel of a band of rows of one image's gradient and adds every RoI's contributions in a fixed
@@ -13,6 +15,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -24,6 +27,7 @@ namespace insloc {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kMaxChannelsPerThread = 8;
 constexpr int kRowsPerThread = 16;  // deterministic backward: rows of one channel a thread owns
 
 // Passed by value: the level table lives in the kernel's parameter space, so there is no copy to make.
@@ -47,12 +51,13 @@ __device__ __forceinline__ int64_t pixel_offset(bool cl, int64_t b, int64_t c, i
   return cl ? ((b * H + i) * W + j) * C + c : ((b * C + c) * H + i) * W + j;
 }
 
-// (pair, channel, p, q) of a flat output index; the channel varies fastest when channel_fastest.
-__device__ __forceinline__ void decode(int64_t idx, const Problem& pr, bool channel_fastest, int64_t& pair,
-                                      int64_t& c, int& p, int& q) {
+// (pair, channel slot, p, q) of a flat thread index over pairs x slots x bins; the slot varies fastest when
+// channel_fastest.
+__device__ __forceinline__ void decode(int64_t idx, const Problem& pr, int64_t slots, bool channel_fastest,
+                                      int64_t& pair, int64_t& c, int& p, int& q) {
   if (channel_fastest) {
-    c = idx % pr.C;
-    int64_t t = idx / pr.C;
+    c = idx % slots;
+    int64_t t = idx / slots;
     q = int(t % pr.pw);
     t /= pr.pw;
     p = int(t % pr.ph);
@@ -62,8 +67,8 @@ __device__ __forceinline__ void decode(int64_t idx, const Problem& pr, bool chan
     int64_t t = idx / pr.pw;
     p = int(t % pr.ph);
     t /= pr.ph;
-    c = t % pr.C;
-    pair = t / pr.C;
+    c = t % slots;
+    pair = t / slots;
   }
 }
 
@@ -109,57 +114,95 @@ __device__ __forceinline__ void for_each_sample(const BinGeometry<T>& g, int H, 
   }
 }
 
+// Threads: pairs x slots x bins, slot s covering channels [s * cpt, s * cpt + cpt) (cpt = 1 when
+// channel_fastest). The loops over the channels are unrolled to kMaxChannelsPerThread and predicated.
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads) roi_align_forward_kernel(
     LevelTable<const scalar_t*, T> lv, const T* __restrict__ rois, const int64_t* __restrict__ levels, Problem pr,
-    bool channel_fastest, int64_t total, scalar_t* __restrict__ out) {
+    bool channel_fastest, int cpt, int64_t total, scalar_t* __restrict__ out) {
+  const int64_t slots = (pr.C + cpt - 1) / cpt;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
-    int64_t pair, c;
+    int64_t pair, slot;
     int p, q;
-    decode(idx, pr, channel_fastest, pair, c, p, q);
+    decode(idx, pr, slots, channel_fastest, pair, slot, p, q);
+    const int64_t c0 = slot * cpt;
+    const int nc = int(pr.C - c0 < cpt ? pr.C - c0 : cpt);
     BinGeometry<T> g;
-    T val = T(0);
+    T sum[kMaxChannelsPerThread];
+#pragma unroll
+    for (int j = 0; j < kMaxChannelsPerThread; ++j) sum[j] = T(0);
+    T inv = T(0);  // zero output where the RoI's level or batch index names nothing
     if (bin_geometry(lv, rois, levels, pr, pair, p, q, g)) {
       const int H = lv.H[g.level], W = lv.W[g.level];
       const bool cl = lv.channels_last[g.level];
+      const int64_t cs = cl ? 1 : int64_t(H) * W;  // channel stride
       const scalar_t* f = lv.data[g.level];
-      T sum = T(0);
       for_each_sample(g, H, W, [&](const AxisSample<T>& ys, const AxisSample<T>& xs) {
-        const T v1 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.low)]);
-        const T v2 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.high)]);
-        const T v3 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.low)]);
-        const T v4 = static_cast<T>(f[pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.high)]);
-        sum += ys.w_low * xs.w_low * v1 + ys.w_low * xs.w_high * v2 + ys.w_high * xs.w_low * v3 +
-               ys.w_high * xs.w_high * v4;
+        const int64_t o1 = pixel_offset(cl, g.batch, c0, pr.C, H, W, ys.low, xs.low);
+        const int64_t o2 = pixel_offset(cl, g.batch, c0, pr.C, H, W, ys.low, xs.high);
+        const int64_t o3 = pixel_offset(cl, g.batch, c0, pr.C, H, W, ys.high, xs.low);
+        const int64_t o4 = pixel_offset(cl, g.batch, c0, pr.C, H, W, ys.high, xs.high);
+        const T w1 = ys.w_low * xs.w_low, w2 = ys.w_low * xs.w_high, w3 = ys.w_high * xs.w_low,
+                w4 = ys.w_high * xs.w_high;
+#pragma unroll
+        for (int j = 0; j < kMaxChannelsPerThread; ++j) {
+          if (j < nc) {
+            const scalar_t* fj = f + j * cs;
+            sum[j] += w1 * static_cast<T>(fj[o1]) + w2 * static_cast<T>(fj[o2]) + w3 * static_cast<T>(fj[o3]) +
+                      w4 * static_cast<T>(fj[o4]);
+          }
+        }
       });
-      val = sum * inv_count<T>(g.y.grid, g.x.grid);
+      inv = inv_count<T>(g.y.grid, g.x.grid);
     }
-    out[(pair * pr.C + c) * pr.ph * pr.pw + p * pr.pw + q] = static_cast<scalar_t>(val);
+    scalar_t* o = out + ((pair * pr.C + c0) * pr.ph + p) * pr.pw + q;
+    const int64_t bins = int64_t(pr.ph) * pr.pw;
+#pragma unroll
+    for (int j = 0; j < kMaxChannelsPerThread; ++j)
+      if (j < nc) o[j * bins] = static_cast<scalar_t>(sum[j] * inv);
   }
 }
 
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads) roi_align_backward_atomic_kernel(
     LevelTable<T*, T> lv, const T* __restrict__ rois, const int64_t* __restrict__ levels, Problem pr,
-    bool channel_fastest, int64_t total, const scalar_t* __restrict__ grad) {
+    bool channel_fastest, int cpt, int64_t total, const scalar_t* __restrict__ grad) {
+  const int64_t slots = (pr.C + cpt - 1) / cpt;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
-    int64_t pair, c;
+    int64_t pair, slot;
     int p, q;
-    decode(idx, pr, channel_fastest, pair, c, p, q);
+    decode(idx, pr, slots, channel_fastest, pair, slot, p, q);
+    const int64_t c0 = slot * cpt;
+    const int nc = int(pr.C - c0 < cpt ? pr.C - c0 : cpt);
     BinGeometry<T> g;
     if (!bin_geometry(lv, rois, levels, pr, pair, p, q, g)) continue;
-    const T gv = static_cast<T>(grad[(pair * pr.C + c) * pr.ph * pr.pw + p * pr.pw + q]) *
-                 inv_count<T>(g.y.grid, g.x.grid);
+    const T inv = inv_count<T>(g.y.grid, g.x.grid);
+    const scalar_t* gr = grad + ((pair * pr.C + c0) * pr.ph + p) * pr.pw + q;
+    const int64_t bins = int64_t(pr.ph) * pr.pw;
+    T gv[kMaxChannelsPerThread];
+#pragma unroll
+    for (int j = 0; j < kMaxChannelsPerThread; ++j) gv[j] = j < nc ? static_cast<T>(gr[j * bins]) * inv : T(0);
     const int H = lv.H[g.level], W = lv.W[g.level];
     const bool cl = lv.channels_last[g.level];
+    const int64_t cs = cl ? 1 : int64_t(H) * W;
     T* gf = lv.data[g.level];
     for_each_sample(g, H, W, [&](const AxisSample<T>& ys, const AxisSample<T>& xs) {
-      atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.low), gv * ys.w_low * xs.w_low);
-      atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.low, xs.high), gv * ys.w_low * xs.w_high);
-      atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.low), gv * ys.w_high * xs.w_low);
-      atomicAdd(gf + pixel_offset(cl, g.batch, c, pr.C, H, W, ys.high, xs.high), gv * ys.w_high * xs.w_high);
+      const int64_t o1 = pixel_offset(cl, g.batch, c0, pr.C, H, W, ys.low, xs.low);
+      const int64_t o2 = pixel_offset(cl, g.batch, c0, pr.C, H, W, ys.low, xs.high);
+      const int64_t o3 = pixel_offset(cl, g.batch, c0, pr.C, H, W, ys.high, xs.low);
+      const int64_t o4 = pixel_offset(cl, g.batch, c0, pr.C, H, W, ys.high, xs.high);
+#pragma unroll
+      for (int j = 0; j < kMaxChannelsPerThread; ++j) {
+        if (j < nc) {
+          T* gj = gf + j * cs;
+          atomicAdd(gj + o1, gv[j] * ys.w_low * xs.w_low);
+          atomicAdd(gj + o2, gv[j] * ys.w_low * xs.w_high);
+          atomicAdd(gj + o3, gv[j] * ys.w_high * xs.w_low);
+          atomicAdd(gj + o4, gv[j] * ys.w_high * xs.w_high);
+        }
+      }
     });
   }
 }
@@ -234,6 +277,25 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_deterministic_ker
   }
 }
 
+// Channels per thread of the forward and atomic backward kernels: 1 for channels_last levels, else
+// INSLOC_OPS_CUDA_ROI_CHANNELS (1 .. kMaxChannelsPerThread; 1 is torchvision's thread per output element),
+// default kMaxChannelsPerThread.
+int channels_per_thread(bool channel_fastest) {
+  if (channel_fastest) return 1;
+  const char* env = std::getenv("INSLOC_OPS_CUDA_ROI_CHANNELS");
+  if (env == nullptr || *env == '\0') return kMaxChannelsPerThread;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  TORCH_CHECK(*end == '\0' && v >= 1 && v <= kMaxChannelsPerThread,
+              "INSLOC_OPS_CUDA_ROI_CHANNELS must be an integer in [1, ", kMaxChannelsPerThread, "], got '", env, "'");
+  return int(v);
+}
+
+// Threads for pairs x ceil(C / cpt) x bins.
+int64_t thread_count(const Problem& pr, int cpt) {
+  return pr.pairs * ((pr.C + cpt - 1) / cpt) * pr.ph * pr.pw;
+}
+
 unsigned blocks_for(int64_t total) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20)));
 }
@@ -266,7 +328,8 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
   const Problem pr{R, C, by_level ? R : L * R, int(B), int(pooled_height), int(pooled_width), int(sampling_ratio),
                    aligned, by_level};
   const bool channel_fastest = is_channels_last(feats[0]);
-  const int64_t total = out.numel();
+  const int cpt = channels_per_thread(channel_fastest);
+  const int64_t total = thread_count(pr, cpt);
   auto stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_multilevel_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -282,7 +345,7 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
       lv.channels_last[l] = is_channels_last(feats[l]);
     }
     INSLOC_LAUNCH(blocks_for(total), kThreads, 0, stream, roi_align_forward_kernel<scalar_t, T>)(
-        lv, r.data_ptr<T>(), by_level ? lv_t.data_ptr<int64_t>() : nullptr, pr, channel_fastest, total,
+        lv, r.data_ptr<T>(), by_level ? lv_t.data_ptr<int64_t>() : nullptr, pr, channel_fastest, cpt, total,
         out.data_ptr<scalar_t>());
     INSLOC_LAUNCH_CHECK();
   });
@@ -319,7 +382,8 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
   const int64_t total = grad.numel();
   if (total > 0 && B > 0) {
     auto stream = gpu::current_stream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_multilevel_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_multilevel_backward_cuda",
+                                    [&] {
       using T = at::opmath_type<scalar_t>;
       const at::Tensor g = grad.contiguous();
       const at::Tensor r = rois.to(c10::CppTypeToScalarType<T>::value).contiguous();
@@ -343,8 +407,10 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
           INSLOC_LAUNCH_CHECK();
         }
       } else {
-        INSLOC_LAUNCH(blocks_for(total), kThreads, 0, stream, roi_align_backward_atomic_kernel<scalar_t, T>)(
-            lv, r.data_ptr<T>(), lvp, pr, channels_last, total, g.data_ptr<scalar_t>());
+        const int cpt = channels_per_thread(channels_last);
+        const int64_t threads = thread_count(pr, cpt);
+        INSLOC_LAUNCH(blocks_for(threads), kThreads, 0, stream, roi_align_backward_atomic_kernel<scalar_t, T>)(
+            lv, r.data_ptr<T>(), lvp, pr, channels_last, cpt, threads, g.data_ptr<scalar_t>());
         INSLOC_LAUNCH_CHECK();
       }
     });

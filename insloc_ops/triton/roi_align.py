@@ -13,6 +13,20 @@ from . import register_kernel
 
 MAX_LEVELS = 5
 MAX_ADAPTIVE_GRID = tl.constexpr(65536)  # insloc_ops.reference.MAX_ADAPTIVE_GRID
+# The sample geometry rounds like csrc/common/roi_align.h, so that the discrete choices (samples per bin,
+# in or out of the map) match the CPU and CUDA kernels: divisions by tl.div_rn (a plain `/` compiles to an
+# approximate division on the GPU: a box whose bin size is a whole number then got one sample more on an
+# H200), and no mul + add contraction into FMA (csrc/common's mul_rn).
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _div(a, b):
+    """a / b rounded to nearest: fp32 `/` is approximate on the GPU (div.full), fp64 `/` is exact."""
+    if b.dtype == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
 
 
 @triton.jit
@@ -21,7 +35,7 @@ def _axis(lo, hi, scale, offset, ALIGNED: tl.constexpr, pooled, sampling_ratio):
     size = (hi * scale - offset) - start
     if not ALIGNED:
         size = tl.where(size < 1.0, 1.0, size)  # NaN stays NaN
-    bin_size = size / pooled
+    bin_size = _div(size, tl.cast(pooled, size.dtype))  # pooled may arrive as a constexpr 1
     g = tl.ceil(bin_size)
     finite = (g >= 0) & (g - g == 0)
     g = tl.where(finite, tl.minimum(g, MAX_ADAPTIVE_GRID), 0.0)
@@ -44,7 +58,7 @@ def _sample_ranges(origin, bin_size, grid, size, kmask):
         hi = first + grid
         for _ in range(32):  # first s inside: coord >= -1 (rising) or coord <= size (falling)
             mid = lo + (hi - lo) // 2
-            y = origin + ((mid.to(origin.dtype) + 0.5) * bin_size) / grid.to(origin.dtype)
+            y = origin + _div((mid.to(origin.dtype) + 0.5) * bin_size, grid.to(origin.dtype))
             ok = tl.where(up, y >= -1.0, y <= sz)
             hi = tl.where(ok, mid, hi)
             lo = tl.where(ok, lo, tl.minimum(mid + 1, hi))
@@ -52,7 +66,7 @@ def _sample_ranges(origin, bin_size, grid, size, kmask):
         hi = first * 0 + grid
         for _ in range(32):  # first s past the map
             mid = lo + (hi - lo) // 2
-            y = origin + ((mid.to(origin.dtype) + 0.5) * bin_size) / grid.to(origin.dtype)
+            y = origin + _div((mid.to(origin.dtype) + 0.5) * bin_size, grid.to(origin.dtype))
             out = tl.where(up, y > sz, y < -1.0)
             hi = tl.where(out, mid, hi)
             lo = tl.where(out, lo, tl.minimum(mid + 1, hi))
@@ -77,7 +91,7 @@ def _axis_sample(y, size):
 @triton.jit
 def _sample(origin, start, t, bin_size, grid, size, n):
     """The t-th in-range sample of every bin along one axis: (valid, low, high, weight low, weight high)."""
-    y = origin + (((start + t).to(origin.dtype) + 0.5) * bin_size) / grid.to(origin.dtype)
+    y = origin + _div(((start + t).to(origin.dtype) + 0.5) * bin_size, grid.to(origin.dtype))
     valid, low, high, w_low, w_high = _axis_sample(y, size)
     return valid & (t < n), low, high, w_low, w_high
 
@@ -143,10 +157,10 @@ def _roi(rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, C, L, ph, pw, sampli
     xo = xs + q.to(xs.dtype) * xbin
     sy0, ny, ny_max = _sample_ranges(yo, ybin, gh, H, kmask)
     sx0, nx, nx_max = _sample_ranges(xo, xbin, gw, W, kmask)
-    count = tl.maximum(gh.to(ys.dtype) * gw.to(ys.dtype), 1.0)
+    inv_count = _div(1.0, tl.maximum(gh.to(ys.dtype) * gw.to(ys.dtype), 1.0))  # as csrc/common's inv_count
     ok = lvl_ok & batch_ok
     return (pair, c, cmask, k, kmask, lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max,
-            count, ok)
+            inv_count, ok)
 
 
 @triton.jit
@@ -155,7 +169,7 @@ def _forward_kernel(out_ptr, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, f0, f1
                     BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                     BINS: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program: one (level, RoI) pair x all its bins x a block of channels; tile [BINS, BLOCK_C].
-    (pair, c, cmask, k, kmask, lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count,
+    (pair, c, cmask, k, kmask, lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, inv_count,
      ok) = _roi(rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, C, L, ph, pw, sampling_ratio,
                 BY_LEVEL, ALIGNED, BINS, BLOCK_C)
     base, pstride = _plane(_level(lvl, f0, f1, f2, f3, f4), b, H, W, C, c, CHANNELS_LAST)
@@ -173,7 +187,7 @@ def _forward_kernel(out_ptr, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, f0, f1
                 contrib = ((wyl * wxl)[:, None] * v1.to(acc.dtype) + (wyl * wxh)[:, None] * v2.to(acc.dtype)
                            + (wyh * wxl)[:, None] * v3.to(acc.dtype) + (wyh * wxh)[:, None] * v4.to(acc.dtype))
                 acc += tl.where(m, contrib, 0.0)
-        acc = acc / count
+        acc = acc * inv_count
     out = out_ptr + (pair.to(tl.int64) * C + c[None, :]) * (ph * pw) + k[:, None]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
 
@@ -183,7 +197,7 @@ def _backward_kernel(grad_ptr, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, g0, 
                      R, B, C, L, ph, pw, sampling_ratio,
                      BY_LEVEL: tl.constexpr, ALIGNED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                      BINS: tl.constexpr, BLOCK_C: tl.constexpr):
-    (pair, c, cmask, k, kmask, lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, count,
+    (pair, c, cmask, k, kmask, lvl, b, H, W, yo, ybin, gh, sy0, ny, ny_max, xo, xbin, gw, sx0, nx, nx_max, inv_count,
      ok) = _roi(rois_ptr, levels_ptr, sizes_ptr, scales_ptr, R, B, C, L, ph, pw, sampling_ratio,
                 BY_LEVEL, ALIGNED, BINS, BLOCK_C)
     if ok:
@@ -191,7 +205,7 @@ def _backward_kernel(grad_ptr, rois_ptr, levels_ptr, sizes_ptr, scales_ptr, g0, 
         acc_t = gp.dtype.element_ty
         tile = kmask[:, None] & cmask[None, :]
         g = tl.load(grad_ptr + (pair.to(tl.int64) * C + c[None, :]) * (ph * pw) + k[:, None], mask=tile, other=0.0)
-        g = g.to(acc_t) / count.to(acc_t)
+        g = g.to(acc_t) * inv_count.to(acc_t)
         base, pstride = _plane(gp, b, H, W, C, c, CHANNELS_LAST)
         for ty in range(0, ny_max):  # the ty-th in-range sample of every bin
             vy, ylo, yhi, wyl, wyh = _sample(yo, sy0, ty, ybin, gh, H, ny)
@@ -262,7 +276,7 @@ def roi_align_multilevel(features, rois, levels, spatial_scales, pooled_height, 
     grid = (pairs, triton.cdiv(C, BLOCK_C))
     _forward_kernel[grid](out, r, lv, sizes, scales, *ptrs, R, B, C, L, ph, pw, int(sampling_ratio),
                           BY_LEVEL=levels is not None, ALIGNED=bool(aligned), CHANNELS_LAST=channels_last,
-                          BINS=BINS, BLOCK_C=BLOCK_C)
+                          BINS=BINS, BLOCK_C=BLOCK_C, **LAUNCH_OPTIONS)
     return out
 
 
@@ -294,7 +308,7 @@ def roi_align_multilevel_backward(grad, rois, levels, spatial_scales, sampling_r
         grid = (pairs, triton.cdiv(C, BLOCK_C))
         _backward_kernel[grid](g, r, lv, sizes, scales, *ptrs, R, B, C, L, ph, pw, int(sampling_ratio),
                                BY_LEVEL=levels is not None, ALIGNED=bool(aligned), CHANNELS_LAST=bool(channels_last),
-                               BINS=BINS, BLOCK_C=BLOCK_C)
+                               BINS=BINS, BLOCK_C=BLOCK_C, **LAUNCH_OPTIONS)
     return [a if a.dtype == grad.dtype else a.to(grad.dtype) for a in acc]
 
 
