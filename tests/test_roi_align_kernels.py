@@ -501,14 +501,21 @@ def test_gpu_many_channels_match_reference(backend, dtype, channels_last, out_si
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("mode", ["all", "levels"])
 def test_cuda_deterministic_backward(channels_last, mode):
+    """Bitwise repeatable, and as accurate as an fp32 sum can be. With 300 RoIs on one image a gradient
+    pixel sums over a thousand contributions, so the bound is relative to S, the sum of their magnitudes
+    (the gradient of |g|): fp32 sums in any order land within 1.3e-6 S of the fp64 result here (measured
+    with the fp32 reference and the CPU kernel; against the fp32 reference itself, errors reach 1.7e-4)."""
     if "cuda" not in gpu_backends():
         pytest.skip("cuda kernel not available")
     feats, rois, scales = problem("cuda", torch.float32, channels_last, seed=23, R=300, device="cuda", C=32)
     rois[:, 0] = 1  # many overlapping RoIs on one image: atomics would reorder
-    levels = None if mode == "all" else torch.randint(0, 3, (300,), device="cuda")
+    gen = torch.Generator().manual_seed(25)
+    levels = None if mode == "all" else torch.randint(0, 3, (300,), generator=gen).cuda()
     ref = reference.roi_align_multilevel(feats, rois, (7, 7), scales, 0, True, levels)
-    g = torch.randn_like(ref)
-    _, gr = grads("reference", feats, rois, (7, 7), scales, 0, True, levels, g)
+    g = torch.randn(ref.shape, generator=gen).cuda()
+    exact = [f.double() for f in feats]
+    _, g64 = grads("reference", exact, rois.double(), (7, 7), scales, 0, True, levels, g.double())
+    _, magnitude = grads("reference", exact, rois.double(), (7, 7), scales, 0, True, levels, g.double().abs())
     torch.use_deterministic_algorithms(True)
     try:
         poison_cuda_allocator()
@@ -516,9 +523,11 @@ def test_cuda_deterministic_backward(channels_last, mode):
         _, gb = grads("cuda", feats, rois, (7, 7), scales, 0, True, levels, g)
     finally:
         torch.use_deterministic_algorithms(False)
-    for a, b, r in zip(ga, gb, gr):
+    for a, b, r, m in zip(ga, gb, g64, magnitude):
         assert torch.equal(a, b)
-        torch.testing.assert_close(a, r, **tol(torch.float32))
+        assert not a.isnan().any()
+        excess = (a.double() - r).abs() - (1e-5 * m + 1e-6)
+        assert excess.max() <= 0, f"error over the bound by {excess.max().item():.3g}"
 
 
 @pytest.mark.gpu

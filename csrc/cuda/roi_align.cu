@@ -1,7 +1,7 @@
 // Multi-level RoIAlign on CUDA: one launch covers every level in both modes, forward and backward.
 // A thread computes one bin of a (level, RoI) pair for a few channels with torchvision's per-sample loop,
 // limited to the samples that fall on the map (csrc/common/roi_align.h): NCHW levels give each thread up
-// to kMaxChannelsPerThread channels (INSLOC_OPS_CUDA_ROI_CHANNELS, default 8), so that the bin's geometry and
+// to kMaxChannelsPerThread channels (see channels_per_thread), so that the bin's geometry and
 // each sample's weights and offsets are worked out once for all of them; channels_last levels give each
 // thread one channel, with the channel fastest across threads so that a warp reads contiguous memory.
 // Backward: float atomics into an fp32 (fp64 for double) buffer; under
@@ -277,23 +277,34 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_deterministic_ker
   }
 }
 
-// Channels per thread of the forward and atomic backward kernels: 1 for channels_last levels, else
-// INSLOC_OPS_CUDA_ROI_CHANNELS (1 .. kMaxChannelsPerThread; 1 is torchvision's thread per output element),
-// default kMaxChannelsPerThread.
-int channels_per_thread(bool channel_fastest) {
-  if (channel_fastest) return 1;
-  const char* env = std::getenv("INSLOC_OPS_CUDA_ROI_CHANNELS");
-  if (env == nullptr || *env == '\0') return kMaxChannelsPerThread;
-  char* end = nullptr;
-  const long v = std::strtol(env, &end, 10);
-  TORCH_CHECK(*end == '\0' && v >= 1 && v <= kMaxChannelsPerThread,
-              "INSLOC_OPS_CUDA_ROI_CHANNELS must be an integer in [1, ", kMaxChannelsPerThread, "], got '", env, "'");
-  return int(v);
-}
-
 // Threads for pairs x ceil(C / cpt) x bins.
 int64_t thread_count(const Problem& pr, int cpt) {
   return pr.pairs * ((pr.C + cpt - 1) / cpt) * pr.ph * pr.pw;
+}
+
+// Channels per thread of the forward and atomic backward kernels: 1 for channels_last levels; else
+// INSLOC_OPS_CUDA_ROI_CHANNELS (1 .. kMaxChannelsPerThread; 1 is torchvision's thread per output element)
+// or, unset, the most of 8, 4, 2, 1 that still leaves kMinWaves waves of threads (2048 resident per SM).
+// Measured on an H200 (BENCHMARKS.md): 8 channels per thread made the NCHW forward 1.5-2.5x faster at the
+// detection shapes (1024 RoIs, 7x7 and 14x14: 6 and 24 waves at 8), where bins hold few samples, and 1.4x
+// slower at the InsLoc shape (128 level-RoI pairs: under one wave at 8), where a few threads with up to 81
+// samples x 8 channels each held the launch up; one per thread gives it 6 waves.
+constexpr int kMinWaves = 4;
+
+int channels_per_thread(bool channel_fastest, const Problem& pr, int device) {
+  if (channel_fastest) return 1;
+  const char* env = std::getenv("INSLOC_OPS_CUDA_ROI_CHANNELS");
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    TORCH_CHECK(*end == '\0' && v >= 1 && v <= kMaxChannelsPerThread,
+                "INSLOC_OPS_CUDA_ROI_CHANNELS must be an integer in [1, ", kMaxChannelsPerThread, "], got '", env, "'");
+    return int(v);
+  }
+  const int64_t wave = int64_t(gpu::sm_count(device)) * 2048;
+  int cpt = kMaxChannelsPerThread;
+  while (cpt > 1 && thread_count(pr, cpt) < kMinWaves * wave) cpt /= 2;
+  return cpt;
 }
 
 unsigned blocks_for(int64_t total) {
@@ -328,7 +339,7 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
   const Problem pr{R, C, by_level ? R : L * R, int(B), int(pooled_height), int(pooled_width), int(sampling_ratio),
                    aligned, by_level};
   const bool channel_fastest = is_channels_last(feats[0]);
-  const int cpt = channels_per_thread(channel_fastest);
+  const int cpt = channels_per_thread(channel_fastest, pr, int(f0.device().index()));
   const int64_t total = thread_count(pr, cpt);
   auto stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_multilevel_cuda", [&] {
@@ -407,7 +418,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
           INSLOC_LAUNCH_CHECK();
         }
       } else {
-        const int cpt = channels_per_thread(channels_last);
+        const int cpt = channels_per_thread(channels_last, pr, int(grad.device().index()));
         const int64_t threads = thread_count(pr, cpt);
         INSLOC_LAUNCH(blocks_for(threads), kThreads, 0, stream, roi_align_backward_atomic_kernel<scalar_t, T>)(
             lv, r.data_ptr<T>(), lvp, pr, channels_last, cpt, threads, g.data_ptr<scalar_t>());
