@@ -11,7 +11,9 @@ module and selection in TEST_SELECTIONS: its JUnit XML and exit status), ops.csv
   those tests passed, and at least one of its op's tests ran;
 - the op's benchmark ended by itself ("ok" in bench_status.json), wrote every row a full run on CUDA writes
   (each shape and pass listed by the benchmark module's SHAPES and PASSES) for the backend and the baseline,
-  and the backend's median is below the baseline's in every one of them.
+  and the backend's median is below the baseline's at every shape in the op's deciding pass (the one training
+  runs: forward+backward; forward for the anchor op). Rows of the other passes (forward or backward alone)
+  where it is slower are listed beside the verdict; they do not disqualify it.
 Among those, the highest geometric-mean speed-up of the op's deciding pass (fused forward+backward; forward for
 the anchor op) wins, otherwise the reference stays. Prints a markdown table and the proposed `DEFAULTS["cuda"]`
 entries with the rows they rest on; it does not edit `insloc_ops/_backend.py`: a person copies the result there
@@ -157,15 +159,17 @@ def decide(tests, unfinished, bench, status):
             have = [r for r in expected if (op, backend, *r) in bench and (op, base_impl, *r) in bench]
             if len(have) < len(expected):
                 why.append(f"{len(expected) - len(have)} of {len(expected)} benchmark rows missing")
-            slower = [f"{s} {p}" for s, p in have if bench[(op, backend, s, p)][0] >= bench[(op, base_impl, s, p)][0]]
-            if slower:
-                why.append("not faster at " + ", ".join(slower))
+            slower = [(s, p) for s, p in have if bench[(op, backend, s, p)][0] >= bench[(op, base_impl, s, p)][0]]
+            if any(p == deciding for _, p in slower):
+                why.append("not faster at " + ", ".join(f"{s} {p}" for s, p in slower if p == deciding))
+            # Slower rows of the other passes (forward or backward alone) are reported, not disqualifying.
+            elsewhere = [f"{s} {p}" for s, p in slower if p != deciding]
             rows = [(s, p, bench[(op, base_impl, s, p)][0] / bench[(op, backend, s, p)][0],
                      *bench[(op, backend, s, p)]) for s, p in have if p == deciding]
             score = math.exp(sum(math.log(r[2]) for r in rows) / len(rows)) if rows else None
             if not why and (best_score is None or score > best_score):
                 best, best_score = backend, score
-            table.append((op, backend, t, rows, why))
+            table.append((op, backend, t, rows, why, elsewhere))
         chosen[op] = best
     return table, chosen
 
@@ -173,13 +177,14 @@ def decide(tests, unfinished, bench, status):
 def render(table, chosen):
     lines = ["| op | backend | gpu tests passed / failed / skipped | deciding pass: speed-up vs baseline per shape "
              "| qualifies |", "|---|---|---|---|---|"]
-    for op, backend, t, rows, why in table:
+    for op, backend, t, rows, why, elsewhere in table:
         speeds = ", ".join(f"{shape} {s:.2f}x" for shape, _, s, _, _ in rows) or "no benchmark row"
+        note = f" (not faster at {', '.join(elsewhere)}: not the deciding pass)" if elsewhere else ""
         lines.append(f"| {op} | {backend} | {t['passed']} / {t['failed']} / {t['skipped']} | {speeds} | "
-                     + ("yes" if not why else "no: " + "; ".join(why)) + " |")
+                     + ("yes" if not why else "no: " + "; ".join(why)) + note + " |")
     lines += ["", "Proposed DEFAULTS[\"cuda\"]:", ""]
     for op, backend in chosen.items():
-        rows = next((r for o, b, _, r, _ in table if o == op and b == backend), [])
+        rows = next((r for o, b, _, r, *_ in table if o == op and b == backend), [])
         cite = "; ".join(f"{shape} {p} {ms:.3f} ms = {s:.2f}x on {dev}" for shape, p, s, ms, dev in rows)
         lines.append(f"    \"{op}\": \"{backend}\",  # " + (cite or "no GPU backend qualified"))
     failures = [(op, b, name) for op, b, t, *_ in table for name in t["failures"]]

@@ -147,8 +147,8 @@ def ops_line(device, anchor_nms_iou=None):
         shown["sample_anchor_boxes"] = f"reference on the CPU (official NMS choice at IoU {anchor_nms_iou:g})"
     line = "ops: " + ", ".join(f"{op}={backend}" for op, backend in shown.items())
     if torch.device(device).type == "cuda" and "reference" in chosen.values():
-        line += (" (reference: pure PyTorch, slow on a GPU; a CUDA or Triton kernel becomes the default only once "
-                 "verified on a GPU, see BENCHMARKS.md; INSLOC_OPS_BACKEND=cuda or =triton runs them)")
+        line += (" (reference: pure PyTorch, slow on a GPU; the CUDA kernels are the default on the GPUs they were "
+                 "verified on (see BENCHMARKS.md) when built; INSLOC_OPS_BACKEND=cuda or =triton runs them elsewhere)")
     return line
 
 

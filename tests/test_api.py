@@ -1,5 +1,7 @@
 """The public API: argument validation (errors name the argument), backend selection, build info,
 empty inputs, and the registrations every op needs (schemas, fake kernels, autograd)."""
+import os
+
 import pytest
 import torch
 
@@ -202,9 +204,12 @@ def test_selected_backends_names_what_runs_when_a_call_names_none(monkeypatch):
     monkeypatch.delenv("INSLOC_OPS_BACKEND", raising=False)
     on_cpu = "cpu" if insloc_ops.build_info()["extension_loaded"] else "reference"
     assert insloc_ops.selected_backends("cpu") == {op: on_cpu for op in _backend.OPS}
-    assert insloc_ops.selected_backends("cuda") == {op: _backend.DEFAULTS["cuda"][op] for op in _backend.OPS}
+    on_cuda = {op: _backend._default_for(op, "cuda") for op in _backend.OPS}
+    on_cuda = {op: b if _backend.is_available(op, b, "cuda") else "reference" for op, b in on_cuda.items()}
+    assert insloc_ops.selected_backends("cuda") == on_cuda
     assert ops_line("cpu") == "ops: " + ", ".join(f"{op}={on_cpu}" for op in _backend.OPS)
-    assert "INSLOC_OPS_BACKEND=cuda" in ops_line("cuda")  # the hint while CUDA runs the reference
+    if "reference" in on_cuda.values():  # the hint while CUDA runs the reference
+        assert "INSLOC_OPS_BACKEND=cuda" in ops_line("cuda")
     assert "sample_anchor_boxes=reference on the CPU (official NMS choice at IoU 0.7)" in ops_line("cpu", 0.7)
     monkeypatch.setenv("INSLOC_OPS_BACKEND", "reference")
     assert set(insloc_ops.selected_backends("cpu").values()) == {"reference"}
@@ -214,10 +219,27 @@ def test_selected_backends_names_what_runs_when_a_call_names_none(monkeypatch):
 
 
 def test_default_table_never_picks_an_unverified_gpu_kernel():
-    # CUDA defaults may only name a GPU kernel once BENCHMARKS.md has its GPU measurement.
-    assert set(_backend.DEFAULTS["cuda"].values()) == {"reference"}
+    # CUDA defaults name only the kernels BENCHMARKS.md has a GPU measurement of (the CUDA C++ ones; the
+    # Triton kernels did not win), and apply only on the GPUs they were verified on.
+    assert set(_backend.DEFAULTS["cuda"].values()) <= {"reference", "cuda"}
+    assert _backend.VERIFIED_CUDA_CAPABILITIES == ((9, 0),)
+    bench = open(os.path.join(os.path.dirname(__file__), "..", "BENCHMARKS.md")).read()
+    for op, backend in _backend.DEFAULTS["cuda"].items():
+        assert backend == "reference" or f"`{op}` -> `{backend}`" in bench
     for op in _backend.OPS:
         assert _backend.select(op, "cpu") in ("cpu", "reference")
+
+
+@pytest.mark.parametrize("capability, verified", [((9, 0), True), ((8, 0), False), ((10, 0), False)])
+def test_cuda_defaults_apply_on_verified_gpus_only(capability, verified, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    _backend._verified_gpu.cache_clear()
+    try:
+        for op in _backend.OPS:
+            assert _backend._default_for(op, "cuda:0") == (_backend.DEFAULTS["cuda"][op] if verified else "reference")
+    finally:
+        _backend._verified_gpu.cache_clear()
 
 
 def test_available_backends_and_build_info_describe_this_install():

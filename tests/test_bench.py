@@ -229,16 +229,29 @@ def test_pick_defaults_failed_or_timed_out_benchmark(tmp_path, capsys):
 
 
 def test_pick_defaults_compares_raw_medians_not_rounded_ratios(tmp_path, capsys):
-    # 0.999x at one row: ops.csv says 1.00, the medians say slower.
-    rows = [r if r[1:4] != ("moco/bfloat16", "cuda", "backward") else (*r[:4], 2.0 / 0.999)
+    # 0.999x at one row of the deciding pass: ops.csv says 1.00, the medians say slower.
+    rows = [r if r[1:4] != ("moco/bfloat16", "cuda", "both") else (*r[:4], 2.0 / 0.999)
             for r in full_rows(ALL_FASTER)]
     write_gpu_results(tmp_path, PASSING, rows)
     with open(tmp_path / "ops.csv") as fh:
-        assert any(r["impl"] == "cuda" and r["shape"] == "moco/bfloat16" and r["pass"] == "backward"
+        assert any(r["impl"] == "cuda" and r["shape"] == "moco/bfloat16" and r["pass"] == "both"
                    and r["speedup_vs_baseline"] == "1.00" for r in csv.DictReader(fh))
     chosen, out = picked(tmp_path, capsys)
     assert chosen["queue_infonce"] == "triton"
-    assert "not faster at moco/bfloat16 backward" in out
+    assert "not faster at moco/bfloat16 both" in out
+
+
+def test_pick_defaults_other_passes_are_reported_not_deciding(tmp_path, capsys):
+    # cuda is slower at two rows outside the deciding pass (backward alone, forward alone) and faster than
+    # triton in it: it still qualifies and wins, with those rows named beside the verdict.
+    speed = {**ALL_FASTER, ("queue_infonce", "cuda"): 3.0, ("roi_align_multilevel", "cuda"): 3.0}
+    slow = {("moco/float32", "cuda", "backward"), ("insloc", "cuda", "forward")}
+    rows = [r if r[1:4] not in slow else (*r[:4], 2.0) for r in full_rows(speed)]
+    write_gpu_results(tmp_path, PASSING, rows)
+    chosen, out = picked(tmp_path, capsys)
+    assert chosen["queue_infonce"] == "cuda" and chosen["roi_align_multilevel"] == "cuda"
+    assert "yes (not faster at moco/float32 backward: not the deciding pass)" in out
+    assert "yes (not faster at insloc forward: not the deciding pass)" in out
 
 
 @pytest.mark.slow
