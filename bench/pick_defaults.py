@@ -134,8 +134,8 @@ def expected_rows(op):
 
 
 def decide(tests, unfinished, bench, status):
-    """[(op, backend, tests, [(shape, pass, speed-up, median ms, device)] of the deciding pass, [why not])] and
-    {op: chosen backend}."""
+    """[(op, backend, tests, [(shape, pass, speed-up, median ms, device)] of the deciding pass, [why not],
+    [slower rows of the other passes])] and {op: chosen backend}."""
     table, chosen = [], {}
     op_modules = {m for *_, m in OPS.values()}
     for op, (bench_file, base_impl, deciding, module) in OPS.items():

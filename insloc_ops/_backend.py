@@ -29,7 +29,8 @@ DEFAULTS = {
         # forward: insloc 32x5120 0.069 ms = 64.66x; det 200x242991 0.213 ms = 170.57x on NVIDIA H200 (2026-11-27)
         "sample_anchor_boxes": "cuda",
         # forward+backward: insloc/float32 0.761 ms = 4.39x, insloc/bfloat16 0.712 ms = 4.75x, moco/float32
-        # 1.023 ms = 1.13x, moco/bfloat16 0.855 ms = 1.19x on NVIDIA H200 (2026-11-27)
+        # 1.023 ms = 1.13x, moco/bfloat16 0.855 ms = 1.19x on NVIDIA H200 (2026-11-27; at the MoCo shape an
+        # earlier run had 0.79x and 1.41x: a tie)
         "queue_infonce": "cuda",
     },
 }
@@ -38,18 +39,26 @@ DEFAULTS = {
 VERIFIED_CUDA_CAPABILITIES = ((9, 0),)
 
 
-@functools.lru_cache(maxsize=None)
+_VERIFIED_GPU = {}  # device index -> whether its capability is verified
+
+
+# Fixed per GPU; telling dynamo so keeps backend selection inside a compiled graph (as _has_kernel).
+@torch.compiler.assume_constant_result
 def _verified_gpu(index):
-    return tuple(torch.cuda.get_device_capability(index)) in VERIFIED_CUDA_CAPABILITIES
+    """Whether GPU ``index`` (None: the current one) is of a verified compute capability."""
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _VERIFIED_GPU:
+        _VERIFIED_GPU[index] = tuple(torch.cuda.get_device_capability(index)) in VERIFIED_CUDA_CAPABILITIES
+    return _VERIFIED_GPU[index]
 
 
 def _default_for(op, device):
     device = torch.device(device)
     choice = DEFAULTS.get(device.type, {}).get(op, "reference")
-    if device.type == "cuda" and choice != "reference" and torch.cuda.is_available():
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if not _verified_gpu(index):
-            return "reference"
+    if device.type == "cuda" and choice != "reference" and torch.cuda.is_available() and \
+            not _verified_gpu(device.index):
+        return "reference"
     return choice
 
 

@@ -10,7 +10,7 @@ compiled or traced call, and a call without gradients, goes through the op as be
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._register import infonce_grads, roi_align_grads, roi_align_meta
+from ._register import infonce_grads, refuse_second_order, roi_align_grads, roi_align_meta
 
 
 def use_eager_autograd(*tensors):
@@ -49,8 +49,10 @@ class queue_infonce(torch.autograd.Function):  # noqa: N801
         return loss, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_lse):
+        # Not once_differentiable: that runs the body under no_grad and lets a constant incoming gradient
+        # through create_graph=True; refuse_second_order needs to see the grad mode autograd set.
         q, k, queue, lse = ctx.saved_tensors
+        refuse_second_order(q, k)
         dq, dk = infonce_grads(ctx.suffix, grad_loss, q, k, queue, lse, ctx.temperature)
         return None, dq, dk if ctx.needs_input_grad[2] else None, None, None

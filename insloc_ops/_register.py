@@ -74,6 +74,15 @@ def _infonce_backward_fake(grad_loss, q, k, queue, lse, temperature):
     return torch.empty_like(q), torch.empty_like(k)
 
 
+def refuse_second_order(q, k):
+    """The fused InfoNCE backwards are not differentiable. Under create_graph=True with a constant incoming
+    gradient (loss.sum()) autograd would take their dq, dk as constants and a second-order term (a gradient
+    penalty) would silently vanish: raise instead."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise RuntimeError("queue_infonce: the fused backends have no second-order gradients "
+                           "(create_graph=True); use backend='reference' for those")
+
+
 def infonce_grads(suffix, grad_loss, q, k, queue, lse, temperature):
     """(dq, dk) from the per-row loss gradient, recomputing the probabilities from the saved lse."""
     op = getattr(torch.ops.insloc_ops, "queue_infonce_backward" + suffix)
@@ -89,6 +98,7 @@ def _infonce_setup(suffix):
 
     def backward(ctx, grad_loss, grad_lse):
         q, k, queue, lse = ctx.saved_tensors
+        refuse_second_order(q, k)
         dq, dk = infonce_grads(suffix, grad_loss, q, k, queue, lse, ctx.temperature)
         return dq, dk, None, None
 
@@ -114,6 +124,7 @@ def _onepass_setup_context(ctx, inputs, output):
 
 def _onepass_backward(ctx, grad_loss, grad_lse, grad_neg_mean):
     q, k, lse, neg_mean = ctx.saved_tensors
+    refuse_second_order(q, k)
     dq, dk = torch.ops.insloc_ops.queue_infonce_onepass_backward(grad_loss.contiguous(), q, k, lse, neg_mean,
                                                                  ctx.temperature)
     return dq, dk, None, None

@@ -234,12 +234,12 @@ def test_default_table_never_picks_an_unverified_gpu_kernel():
 def test_cuda_defaults_apply_on_verified_gpus_only(capability, verified, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
-    _backend._verified_gpu.cache_clear()
-    try:
-        for op in _backend.OPS:
-            assert _backend._default_for(op, "cuda:0") == (_backend.DEFAULTS["cuda"][op] if verified else "reference")
-    finally:
-        _backend._verified_gpu.cache_clear()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_backend, "_VERIFIED_GPU", {})
+    for op in _backend.OPS:
+        for device in ("cuda:0", "cuda", torch.device("cuda", 0)):
+            assert _backend._default_for(op, device) == (_backend.DEFAULTS["cuda"][op] if verified else "reference")
+        assert _backend._default_for(op, "cpu") == _backend.DEFAULTS["cpu"][op]
 
 
 def test_available_backends_and_build_info_describe_this_install():

@@ -595,3 +595,22 @@ def test_gpu_enqueue_wraps_around():
     ptr = insloc_ops.enqueue_(queue, keys, torch.tensor(8, device="cuda"))
     assert int(ptr) == 2
     torch.testing.assert_close(queue[:, [8, 9, 0, 1]], keys)
+
+
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_fused_backward_refuses_second_order_gradients(which):
+    """create_graph=True through a fused backend raises instead of returning detached gradients (a gradient
+    penalty would silently lose its second-order term); the reference differentiates twice."""
+    q, k, queue = make_inputs(2, 5, 300, 16, dtype=torch.float64)
+    x = (q if which == "q" else k).clone().requires_grad_()
+    args = (x, k, queue) if which == "q" else (q, x, queue)
+    loss = insloc_ops.queue_infonce(*args, 0.2, backend="reference").sum()
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert g.requires_grad
+    public = lambda *a: insloc_ops.queue_infonce(*a, reduction="none", backend="cpu")  # noqa: E731
+    for path in (*CPU_PATHS.values(), public):  # the registered ops' autograd, and the public API's (eager)
+        with pytest.raises(RuntimeError, match="no second-order gradients"):
+            torch.autograd.grad(path(*args, 0.2).sum(), x, create_graph=True)
+    # Without create_graph the fused gradient is the reference's.
+    (fused,) = torch.autograd.grad(insloc_ops.queue_infonce(*args, 0.2, backend="cpu").sum(), x)
+    torch.testing.assert_close(fused, g.detach())
