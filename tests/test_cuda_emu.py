@@ -371,6 +371,21 @@ def test_roi_align_channels_per_thread(emu, channels, channels_last, monkeypatch
     check_roi_align(emu, torch.bfloat16, channels_last, "all", False, 2, seed=34)
 
 
+@pytest.mark.parametrize("channels", ["3", "8"])
+def test_roi_align_mixed_layouts_with_channels_per_thread(emu, channels, monkeypatch):
+    """Levels of both layouts in one call (NCHW first, so threads take several channels): each level's
+    channel stride is its own (H x W for NCHW, 1 for channels_last)."""
+    monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", channels)
+    feats, rois, scales = roi_tests.problem("cuda", torch.float32, False, seed=36, R=23, C=11, B=2)
+    feats = [f if i % 2 == 0 else f.contiguous(memory_format=torch.channels_last) for i, f in enumerate(feats)]
+    levels = torch.randint(0, len(feats), (23,), generator=torch.Generator().manual_seed(36))
+    for lv in (None, levels):
+        with poisoned_outputs():
+            out = emu.roi_align_multilevel(feats, rois, lv, scales, 7, 6, 0, True)
+        ref = reference.roi_align_multilevel([f.contiguous() for f in feats], rois, (7, 6), scales, 0, True, lv)
+        torch.testing.assert_close(out, ref, **roi_tests.tol(torch.float32))
+
+
 @pytest.mark.parametrize("value", ["0", "9", "4x"])
 def test_roi_align_channels_per_thread_must_be_valid(emu, value, monkeypatch):
     monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", value)
@@ -403,9 +418,12 @@ def test_roi_align_deterministic_backward_is_bitwise_repeatable(emu, channels_la
         torch.testing.assert_close(a, r, **roi_tests.tol(torch.float32))
 
 
-def test_roi_align_zeroes_out_of_range_batch_and_level(emu):
+@pytest.mark.parametrize("channels", ["1", "8"])
+def test_roi_align_zeroes_out_of_range_batch_and_level(emu, channels, monkeypatch):
     # Ordinary boxes that pool non-zero values with valid indices, then one bad batch or level index each:
     # those rows pool zeros and add no gradient (atomic and deterministic backward), the others are unchanged.
+    # With 8 channels per thread the 3 channels fill part of one slot.
+    monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", channels)
     feats, scales, valid, bad = roi_tests.out_of_range_case("cuda", seed=24)
     sizes = [h for h, _ in roi_tests.SIZES_CPU], [w for _, w in roi_tests.SIZES_CPU]
 

@@ -1,5 +1,9 @@
 """roi_align_multilevel kernels (C++ CPU, Triton via the interpreter, CUDA and Triton under the gpu marker)
 against the pure-PyTorch reference and torchvision.ops.roi_align, forward and backward."""
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -7,7 +11,7 @@ import torch
 import torchvision
 
 import insloc_ops
-from conftest import HAS_CUDA, poisoned_like
+from conftest import HAS_CUDA, poisoned_like, triton_compile_api
 from insloc_ops import reference
 from insloc_ops._backend import is_available
 
@@ -563,3 +567,40 @@ def test_cuda_empty_and_huge_boxes():
     giant = torch.tensor([[0.0, -1e7, -1e7, 1e7, 1e7]], device="cuda")  # grid clamps to 65536 per axis
     torch.testing.assert_close(OP(feats, giant, None, scales, 2, 2, 0, True),
                                reference.roi_align_multilevel(feats, giant, (2, 2), scales, 0, True))
+
+
+_PTX_CHECK = textwrap.dedent("""
+    import triton_aot  # drops TRITON_INTERPRET; captures the launches the wrapper really makes
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from insloc_ops.triton import roi_align
+    for name in ("_forward_kernel", "_backward_kernel"):
+        kernel = getattr(roi_align, name)
+        fn, args, kwargs = next(launch for launch in triton_aot.launches()
+                                if launch[0] is kernel and launch[1][0].dtype == torch.float32)
+        sig, constexprs, options = triton_aot.signature_of(fn, args, kwargs)
+        ptx = triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                             options=options).asm["ptx"]
+        print(name, "fma", ptx.count("fma.rn.f32"), "div_full", ptx.count("div.full.f32"), "div_rn",
+              ptx.count("div.rn.f32"))
+""")
+
+
+def test_triton_kernels_compile_for_sm90_with_exact_geometry():
+    # On a GPU a plain fp32 `/` in Triton is an approximate division (div.full) and mul + add contract into
+    # FMAs; the interpreter does neither, so only the PTX shows whether the sample geometry rounds like
+    # csrc/common/roi_align.h (an H200 run found a bin with one sample too many from div.full).
+    pytest.importorskip("triton")
+    if not triton_compile_api():
+        pytest.skip("this Triton's triton.compile API is older than tests/triton_aot.py's")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split("\n")
+    for name in ("_forward_kernel", "_backward_kernel"):
+        counts = dict(zip(*[iter(next(line for line in lines if line.startswith(name)).split()[1:])] * 2))
+        assert counts["fma"] == "0" and counts["div_full"] == "0" and int(counts["div_rn"]) > 0, out.stdout

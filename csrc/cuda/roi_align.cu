@@ -2,8 +2,9 @@
 // A thread computes one bin of a (level, RoI) pair for a few channels with torchvision's per-sample loop,
 // limited to the samples that fall on the map (csrc/common/roi_align.h): NCHW levels give each thread up
 // to kMaxChannelsPerThread channels (see channels_per_thread), so that the bin's geometry and
-// each sample's weights and offsets are worked out once for all of them; channels_last levels give each
-// thread one channel, with the channel fastest across threads so that a warp reads contiguous memory.
+// each sample's weights and offsets are worked out once for all of them. When the first level is
+// channels_last, threads take one channel each, with the channel fastest across threads so that a warp
+// reads contiguous memory (a level of the other layout in the same call is read with its own strides).
 // Backward: float atomics into an fp32 (fp64 for double) buffer; under
 // torch.use_deterministic_algorithms a gather-free, atomic-free variant instead, where each thread owns
 // one channel of a band of rows of one image's gradient and adds every RoI's contributions in a fixed
