@@ -1,5 +1,7 @@
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import torch
@@ -45,6 +47,22 @@ def triton_compile_api():
     except ImportError:
         return False
     return "constexprs" in inspect.signature(ASTSource.__init__).parameters
+
+
+def compile_for_sm90(script):
+    """Runs ``script`` (Python that compiles Triton kernels with tests/triton_aot.py's helpers and prints what
+    it counts) in a fresh interpreter without TRITON_INTERPRET; returns its standard output. Skips where
+    Triton, or a triton.compile that takes triton_aot's arguments, is missing."""
+    pytest.importorskip("triton")
+    if not triton_compile_api():
+        pytest.skip("this Triton's triton.compile API is older than tests/triton_aot.py's")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(here), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
 
 def devices():

@@ -5,9 +5,6 @@ The random key is one function of (seed, box, anchor) on every backend, so backe
 reference's anchors for the same seed; the input factories and the baselines live in bench/baselines.py,
 shared with bench/bench_anchors.py.
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,7 +12,7 @@ import torch
 import torchvision
 
 import insloc_ops
-from conftest import triton_compile_api
+from conftest import compile_for_sm90
 from insloc_ops import reference
 
 from bench import baselines
@@ -407,16 +404,9 @@ def test_triton_kernel_compiles_for_sm90_without_fma():
     # The interpreter rounds every op on its own; a GPU build would contract mul + add into FMAs (Triton does
     # by default) and divide approximately, and pick other anchors. Compile for sm_90 here (no GPU needed)
     # and read the PTX.
-    pytest.importorskip("triton")
-    if not triton_compile_api():
-        pytest.skip("this Triton's triton.compile API is older than tests/triton_aot.py's")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    counts = dict(zip(*[iter(out.stdout.split())] * 2))
-    assert counts["fma"] == "0" and int(counts["div_rn"]) > 0 and int(counts["mul_rn"]) > 0, out.stdout
+    stdout = compile_for_sm90(_PTX_CHECK)
+    counts = dict(zip(*[iter(stdout.split())] * 2))
+    assert counts["fma"] == "0" and int(counts["div_rn"]) > 0 and int(counts["mul_rn"]) > 0, stdout
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,5 @@
 """roi_align_multilevel kernels (C++ CPU, Triton via the interpreter, CUDA and Triton under the gpu marker)
 against the pure-PyTorch reference and torchvision.ops.roi_align, forward and backward."""
-import os
-import subprocess
-import sys
 import textwrap
 import zlib
 
@@ -11,7 +8,7 @@ import torch
 import torchvision
 
 import insloc_ops
-from conftest import HAS_CUDA, poisoned_like, triton_compile_api
+from conftest import HAS_CUDA, compile_for_sm90, poisoned_like
 from insloc_ops import reference
 from insloc_ops._backend import is_available
 
@@ -592,15 +589,8 @@ def test_triton_kernels_compile_for_sm90_with_exact_geometry():
     # On a GPU a plain fp32 `/` in Triton is an approximate division (div.full) and mul + add contract into
     # FMAs; the interpreter does neither, so only the PTX shows whether the sample geometry rounds like
     # csrc/common/roi_align.h (an H200 run found a bin with one sample too many from div.full).
-    pytest.importorskip("triton")
-    if not triton_compile_api():
-        pytest.skip("this Triton's triton.compile API is older than tests/triton_aot.py's")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.split("\n")
+    stdout = compile_for_sm90(_PTX_CHECK)
+    lines = stdout.split("\n")
     for name in ("_forward_kernel", "_backward_kernel"):
         counts = dict(zip(*[iter(next(line for line in lines if line.startswith(name)).split()[1:])] * 2))
-        assert counts["fma"] == "0" and counts["div_full"] == "0" and int(counts["div_rn"]) > 0, out.stdout
+        assert counts["fma"] == "0" and counts["div_full"] == "0" and int(counts["div_rn"]) > 0, stdout
