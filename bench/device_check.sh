@@ -136,7 +136,8 @@ for rc_file in "$OUT"/gpu_tests/*.rc; do
 done
 grep -h -E "^(FAILED|ERROR) " "$OUT"/gpu_tests/*.txt | head -n 20
 if [[ -f "$OUT/memcheck.rc" ]]; then
-  echo "memcheck: exit $(<"$OUT/memcheck.rc"), $(grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.txt" | tail -n 2 | tr '\n' ' ')"
+  summary=$(grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.txt" | tail -n 2 | tr '\n' ' ')
+  echo "memcheck: exit $(<"$OUT/memcheck.rc"), $summary"
 fi
 
 step "op benchmarks"

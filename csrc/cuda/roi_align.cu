@@ -286,7 +286,7 @@ int64_t thread_count(const Problem& pr, int cpt) {
 // Channels per thread of the forward and atomic backward kernels: 1 for channels_last levels; else
 // INSLOC_OPS_CUDA_ROI_CHANNELS (1 .. kMaxChannelsPerThread; 1 is torchvision's thread per output element)
 // or, unset, the most of 8, 4, 2, 1 that still leaves kMinWaves waves of threads (2048 resident per SM).
-// Measured on an H200 (BENCHMARKS.md): 8 channels per thread made the NCHW forward 1.5-2.5x faster at the
+// Measured on an H200 (2026-11-27, BENCHMARKS.md): 8 channels per thread made the NCHW forward 1.5-2.5x faster at the
 // detection shapes (1024 RoIs, 7x7 and 14x14: 6 and 24 waves at 8), where bins hold few samples, and 1.4x
 // slower at the InsLoc shape (128 level-RoI pairs: under one wave at 8), where a few threads with up to 81
 // samples x 8 channels each held the launch up; one per thread gives it 6 waves.
