@@ -88,6 +88,10 @@ def deterministic_algorithms(on):
         torch.use_deterministic_algorithms(before)
 
 
+# Environment that selects the CUDA kernel's separable forward and backward (csrc/cuda/roi_align.cu).
+SEPARABLE_ENV = {"INSLOC_OPS_CUDA_ROI_FORWARD": "separable", "INSLOC_OPS_CUDA_ROI_BACKWARD": "separable"}
+
+
 @contextlib.contextmanager
 def environ(changes=None):
     """os.environ updated with ``changes`` for the block (the CUDA kernels read their settings per call)."""
@@ -161,6 +165,9 @@ def main():
             impls.append(("cuda-determ", fused("cuda"), True))
             # The CUDA kernels with one channel per thread (torchvision's layout of the work), for comparison.
             impls.append(("cuda-1ch", fused("cuda"), False, {"INSLOC_OPS_CUDA_ROI_CHANNELS": "1"}))
+            # The separable kernels (tabulated per-axis weights, one read or atomic per footprint pixel): opt-in
+            # until measured here.
+            impls.append(("cuda-separable", fused("cuda"), False, SEPARABLE_ENV))
     rec = Recorder(OP, path=args.out)
     for name, make_inputs in SHAPES.items():
         if any(name.startswith(prefix) for prefix in args.shapes.split(",")):

@@ -37,14 +37,16 @@ def roi_cases(device):
         amp = feats[0].dtype == torch.bfloat16
         with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=amp):
             grad = torch.randn_like(bench_roi_align.baseline(inp, inp["features"]))
-        impls = [("torchvision", bench_roi_align.baseline)]
-        impls += [(b, bench_roi_align.fused(b)) for b in ("cuda", "triton")
+        impls = [("torchvision", bench_roi_align.baseline, None)]
+        impls += [(b, bench_roi_align.fused(b), None) for b in ("cuda", "triton")
                   if insloc_ops._backend.is_available("roi_align_multilevel", b, device)]
-        for impl, fn in impls:
-            def call(fn=fn, inp=inp, feats=feats, grad=grad, amp=amp):
-                with torch.autocast(device, torch.bfloat16, enabled=amp):
+        if insloc_ops._backend.is_available("roi_align_multilevel", "cuda", device):
+            impls.append(("cuda-separable", bench_roi_align.fused("cuda"), bench_roi_align.SEPARABLE_ENV))
+        for impl, fn, env in impls:
+            def call(fn=fn, inp=inp, feats=feats, grad=grad, amp=amp, env=env):
+                with torch.autocast(device, torch.bfloat16, enabled=amp), bench_roi_align.environ(env):
                     out = fn(inp, feats)
-                return torch.autograd.grad(out, feats, grad)
+                    return torch.autograd.grad(out, feats, grad)
             yield "roi_align_multilevel", shape, impl, "fwd+bwd", call
 
 

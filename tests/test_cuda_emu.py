@@ -330,6 +330,15 @@ def emu_roi_align(emu, feats, rois, out_size, scales, sampling, aligned, levels,
     return out, gs
 
 
+# The CUDA file's two kernel families: the per-sample loop (the default) and the separable kernels.
+KERNELS = ["sample", "separable"]
+
+
+def use_kernels(monkeypatch, kernels):
+    monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_FORWARD", kernels)
+    monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_BACKWARD", kernels)
+
+
 def check_roi_align(emu, dtype, channels_last, mode, aligned, sampling, seed):
     feats, rois, scales = roi_tests.problem("cuda", dtype, channels_last, seed=seed, R=37, C=19, B=3)
     levels = None if mode == "all" else torch.randint(0, 3, (37,), generator=torch.Generator().manual_seed(seed))
@@ -348,17 +357,74 @@ def check_roi_align(emu, dtype, channels_last, mode, aligned, sampling, seed):
             torch.testing.assert_close(a.to(b.dtype), b, **tol)
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("mode", ["all", "levels"])
-def test_roi_align_dtypes_layouts_modes(emu, dtype, channels_last, mode):
+def test_roi_align_dtypes_layouts_modes(emu, dtype, channels_last, mode, kernels, monkeypatch):
+    use_kernels(monkeypatch, kernels)
     check_roi_align(emu, dtype, channels_last, mode, True, 0, seed=31)
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("aligned,sampling", [(False, 2), (False, 0), (True, 3)])
 @pytest.mark.parametrize("mode", ["all", "levels"])
-def test_roi_align_sampling_and_alignment(emu, aligned, sampling, mode):
+def test_roi_align_sampling_and_alignment(emu, aligned, sampling, mode, kernels, monkeypatch):
+    use_kernels(monkeypatch, kernels)
     check_roi_align(emu, torch.float32, False, mode, aligned, sampling, seed=32)
+
+
+@pytest.mark.parametrize("sms", [1, 16, 1000])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_separable_channel_chunks(emu, sms, channels_last, monkeypatch):
+    """The separable kernels' blocks take a chunk of the 19 channels (NCHW; channels_last blocks always take
+    32): with one SM 32 (all of them); with 16, 1 for 37 RoIs by level and 4 for 3 levels x 37 RoIs (the last
+    chunk holding 3); with 1000, 1."""
+    use_kernels(monkeypatch, "separable")
+    with sm_count(sms, monkeypatch):
+        check_roi_align(emu, torch.float32, channels_last, "levels", False, 0, seed=37)
+        check_roi_align(emu, torch.bfloat16, channels_last, "all", True, 2, seed=38)
+
+
+def test_roi_align_separable_many_bins_per_pixel(emu, monkeypatch):
+    """Output grids far finer than the map (bins under a pixel: a row is in many bins' spans) and coarser
+    (one bin spans the map), against the reference and the per-sample kernels."""
+    feats, rois, scales = roi_tests.problem("cuda", torch.float32, False, seed=39, R=17, C=5, B=2)
+    for size in [(23, 17), (1, 2)]:
+        ref = reference.roi_align_multilevel(feats, rois, size, scales, 0, True)
+        g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(40))
+        _, gr = roi_tests.grads("reference", feats, rois, size, scales, 0, True, None, g)
+        use_kernels(monkeypatch, "separable")
+        out, gs = emu_roi_align(emu, feats, rois, size, scales, 0, True, None, g, False)
+        torch.testing.assert_close(out, ref, **roi_tests.tol(torch.float32))
+        for a, b in zip(gs, gr):
+            torch.testing.assert_close(a, b, **roi_tests.tol(torch.float32))
+
+
+def test_roi_align_separable_falls_back_past_its_shared_memory(emu, monkeypatch):
+    """Tables for a 16 x 16 grid over a 700 x 900 level need 51 KiB, over the 48 KiB the separable kernels
+    use: the per-sample kernels run instead (bitwise their results), still correct."""
+    gen = torch.Generator().manual_seed(41)
+    feats = [torch.randn(1, 2, 700, 900, generator=gen)]
+    rois = torch.tensor([[0.0, 10.0, 20.0, 40.0, 35.0], [0.0, 600.0, 500.0, 899.0, 699.0]])
+    g = torch.randn(1, 2, 2, 16, 16, generator=gen)
+    results = {}
+    for kernels in KERNELS:
+        use_kernels(monkeypatch, kernels)
+        results[kernels] = emu_roi_align(emu, feats, rois, (16, 16), [1.0], 0, True, None, g, False)
+    ref = reference.roi_align_multilevel(feats, rois, (16, 16), [1.0], 0, True)
+    torch.testing.assert_close(results["separable"][0], ref, **roi_tests.tol(torch.float32))
+    assert torch.equal(results["separable"][0], results["sample"][0])
+    assert torch.equal(results["separable"][1][0], results["sample"][1][0])
+
+
+@pytest.mark.parametrize("variable", ["INSLOC_OPS_CUDA_ROI_FORWARD", "INSLOC_OPS_CUDA_ROI_BACKWARD"])
+def test_roi_align_kernel_choice_must_be_valid(emu, variable, monkeypatch):
+    monkeypatch.setenv(variable, "atomic")
+    feats, rois, scales = roi_tests.problem("cuda", torch.float32, False, seed=35, R=5, C=4, B=2)
+    g = torch.zeros(3, 5, 4, 2, 2)
+    with pytest.raises(RuntimeError, match=f"{variable} must be 'sample' or 'separable', got 'atomic'"):
+        emu_roi_align(emu, feats, rois, (2, 2), scales, 0, True, None, g, False)
 
 
 @pytest.mark.parametrize("channels", ["1", "3", "8"])
@@ -371,11 +437,14 @@ def test_roi_align_channels_per_thread(emu, channels, channels_last, monkeypatch
     check_roi_align(emu, torch.bfloat16, channels_last, "all", False, 2, seed=34)
 
 
-@pytest.mark.parametrize("channels", ["3", "8"])
+@pytest.mark.parametrize("channels", ["3", "8", "separable"])
 def test_roi_align_mixed_layouts_with_channels_per_thread(emu, channels, monkeypatch):
     """Levels of both layouts in one call (NCHW first, so threads take several channels): each level's
-    channel stride is its own (H x W for NCHW, 1 for channels_last)."""
-    monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", channels)
+    channel stride is its own (H x W for NCHW, 1 for channels_last). "separable": the separable forward."""
+    if channels == "separable":
+        use_kernels(monkeypatch, "separable")
+    else:
+        monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", channels)
     feats, rois, scales = roi_tests.problem("cuda", torch.float32, False, seed=36, R=23, C=11, B=2)
     feats = [f if i % 2 == 0 else f.contiguous(memory_format=torch.channels_last) for i, f in enumerate(feats)]
     levels = torch.randint(0, len(feats), (23,), generator=torch.Generator().manual_seed(36))
@@ -394,7 +463,9 @@ def test_roi_align_channels_per_thread_must_be_valid(emu, value, monkeypatch):
         emu.roi_align_multilevel(feats, rois, None, scales, 7, 7, 0, True)
 
 
-def test_roi_align_matches_torchvision(emu):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_roi_align_matches_torchvision(emu, kernels, monkeypatch):
+    use_kernels(monkeypatch, kernels)
     feats, rois, scales = roi_tests.problem("cuda", torch.float32, seed=22, R=50, C=8)
     rois = roi_tests.well_formed(rois)
     for aligned in (True, False):
@@ -418,12 +489,15 @@ def test_roi_align_deterministic_backward_is_bitwise_repeatable(emu, channels_la
         torch.testing.assert_close(a, r, **roi_tests.tol(torch.float32))
 
 
-@pytest.mark.parametrize("channels", ["1", "8"])
+@pytest.mark.parametrize("channels", ["1", "8", "separable"])
 def test_roi_align_zeroes_out_of_range_batch_and_level(emu, channels, monkeypatch):
     # Ordinary boxes that pool non-zero values with valid indices, then one bad batch or level index each:
     # those rows pool zeros and add no gradient (atomic and deterministic backward), the others are unchanged.
-    # With 8 channels per thread the 3 channels fill part of one slot.
-    monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", channels)
+    # With 8 channels per thread the 3 channels fill part of one slot; "separable": the separable kernels.
+    if channels == "separable":
+        use_kernels(monkeypatch, "separable")
+    else:
+        monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", channels)
     feats, scales, valid, bad = roi_tests.out_of_range_case("cuda", seed=24)
     sizes = [h for h, _ in roi_tests.SIZES_CPU], [w for _, w in roi_tests.SIZES_CPU]
 
@@ -443,7 +517,9 @@ def test_roi_align_zeroes_out_of_range_batch_and_level(emu, channels, monkeypatc
     roi_tests.check_zeroes_out_of_range(fwd, [bwd(False), bwd(True)], valid, bad)
 
 
-def test_roi_align_empty_and_huge_boxes(emu):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_roi_align_empty_and_huge_boxes(emu, kernels, monkeypatch):
+    use_kernels(monkeypatch, kernels)
     feats, rois, scales = roi_tests.problem("cuda", seed=25, R=6)
     assert emu.roi_align_multilevel(feats, rois[:0], None, scales, 3, 3, 0, True).shape == (3, 0, 3, 3, 3)
     giant = torch.tensor([[0.0, -1e7, -1e7, 1e7, 1e7]])  # grid clamps to 65536 per axis
@@ -703,9 +779,11 @@ def test_infonce_non_finite_input_gives_non_finite_loss(emu, nan_row):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("mode", ["all", "levels"])
-def test_roi_align_is_schedule_independent(emu, monkeypatch, channels_last, mode):
+def test_roi_align_is_schedule_independent(emu, monkeypatch, channels_last, mode, kernels):
+    use_kernels(monkeypatch, kernels)
     feats, rois, scales = roi_tests.problem("cuda", torch.float32, channels_last, seed=51, R=20, C=6, B=2)
     levels = None if mode == "all" else torch.arange(20) % 3
     rois[:, 0] = 1  # overlapping RoIs on one image: backward contributions collide

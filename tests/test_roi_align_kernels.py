@@ -438,6 +438,10 @@ def gpu_backends():
 @pytest.mark.parametrize("mode", ["all", "levels"])
 @pytest.mark.parametrize("aligned,sampling", [(True, 0), (False, 2), (False, 0)])
 def test_gpu_matches_reference(backend, dtype, channels_last, mode, aligned, sampling):
+    check_gpu_matches_reference(backend, dtype, channels_last, mode, aligned, sampling)
+
+
+def check_gpu_matches_reference(backend, dtype, channels_last, mode, aligned, sampling):
     if backend not in gpu_backends():
         pytest.skip(f"{backend} not available on CUDA")
     feats, rois, scales = problem(backend, dtype, channels_last, seed=21, R=37, device="cuda", C=19, B=3)
@@ -479,6 +483,10 @@ def test_gpu_many_channels_match_reference(backend, dtype, channels_last, out_si
     """The benchmarks' and training's channel count (256) and output sizes: the Triton kernel then runs several
     channel blocks per RoI (BLOCK_C is 64 at 7x7, 16 at 14x14), which the small-C tests never do. fp32 NCHW as
     benchmarked, bf16 channels_last as training feeds it."""
+    check_gpu_many_channels(backend, dtype, channels_last, out_size, mode)
+
+
+def check_gpu_many_channels(backend, dtype, channels_last, out_size, mode):
     if backend not in gpu_backends():
         pytest.skip(f"{backend} not available on CUDA")
     R, size = 40, (out_size, out_size)
@@ -496,6 +504,31 @@ def test_gpu_many_channels_match_reference(backend, dtype, channels_last, out_si
     for a, b in zip(gk, gr):
         assert a.dtype == dtype and a.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(a.float(), b, **tol(dtype))
+
+
+SEPARABLE = {"INSLOC_OPS_CUDA_ROI_FORWARD": "separable", "INSLOC_OPS_CUDA_ROI_BACKWARD": "separable"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["all", "levels"])
+@pytest.mark.parametrize("aligned,sampling", [(True, 0), (False, 2)])
+def test_gpu_cuda_separable_matches_reference(dtype, channels_last, mode, aligned, sampling, monkeypatch):
+    """The CUDA file's separable forward and backward (opt-in) on the reference test's inputs."""
+    for k, v in SEPARABLE.items():
+        monkeypatch.setenv(k, v)
+    check_gpu_matches_reference("cuda", dtype, channels_last, mode, aligned, sampling)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("out_size", [7, 14])
+@pytest.mark.parametrize("mode", ["all", "levels"])
+def test_gpu_cuda_separable_many_channels(dtype, channels_last, out_size, mode, monkeypatch):
+    for k, v in SEPARABLE.items():
+        monkeypatch.setenv(k, v)
+    check_gpu_many_channels("cuda", dtype, channels_last, out_size, mode)
 
 
 @pytest.mark.gpu

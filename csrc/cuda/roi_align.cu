@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -278,6 +279,243 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_deterministic_ker
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Separable kernels (opt-in: INSLOC_OPS_CUDA_ROI_FORWARD / INSLOC_OPS_CUDA_ROI_BACKWARD = separable; they
+// have not run on a GPU yet). RoIAlign's weight of feature pixel (y, x) in bin (p, q) is a y factor times an
+// x factor, wy[p][y] * wx[q][x], where wy[p][y] sums the bilinear weights on row y of bin p's in-range y
+// samples (a sample is skipped when either coordinate is out of range, which factors the same way). So
+//   out[c][p][q] = inv * sum_y wy[p][y] * sum_x wx[q][x] * f[c][y][x]
+//   grad_f[c][y][x] += inv * sum_p wy[p][y] * sum_q wx[q][x] * g[c][p][q]
+// A block takes one (level-RoI pair, chunk of channels), tabulates wy and wx over the rows and columns the
+// RoI touches (its footprint) in shared memory once, and then reads each footprint pixel once per output
+// bin that covers it (forward) or adds each footprint pixel's gradient with one atomic (backward) instead
+// of four loads or atomics per sample (about four per pixel and bin with adaptive sampling). The sums run
+// in another order than torchvision's per-sample loop (rounding differs in the last bits), and a zero
+// weight inside a bin's span of rows (fixed sampling ratios leave rows between samples) multiplies a
+// non-finite value into NaN where the per-sample loop never reads it.
+// ------------------------------------------------------------------------------------------------
+
+// Shared memory of one block: per bin its first and last touched row (column); per footprint row (column)
+// the first and last bin touching it; the dense weight tables wy [ph][cap_h] and wx [pw][cap_w] (only the
+// footprint's fh x fw corner is used). cap_h, cap_w: the largest level, which bounds any footprint.
+template <typename T>
+struct SeparableLayout {
+  int ph, pw, cap_h, cap_w;
+  INSLOC_HD size_t ints() const { return 2 * (size_t(ph) + pw) + 2 * (size_t(cap_h) + cap_w); }
+  INSLOC_HD size_t weights_offset() const { return (ints() * sizeof(int) + sizeof(T) - 1) / sizeof(T) * sizeof(T); }
+  INSLOC_HD size_t bytes() const {
+    return weights_offset() + sizeof(T) * (size_t(ph) * cap_h + size_t(pw) * cap_w);
+  }
+};
+
+template <typename T>
+struct Footprint {
+  int level, batch, H, W;
+  int y0, x0, fh, fw;  // first row and column, rows and columns (0 when the RoI touches nothing)
+  T inv;
+  const int *lo_y, *hi_y, *lo_x, *hi_x;     // per bin: touched rows [lo, hi] (lo > hi: none)
+  const int *p_first, *p_last, *q_first, *q_last;  // per footprint row / column: bins [first, last]
+  const T *wy, *wx;                          // wy[p * fh + row], wx[q * fw + column]
+};
+
+// For bin i of axis a: calls visit(low, w_low, high, w_high) for each in-range sample, in order.
+template <typename T, typename Visit>
+__device__ __forceinline__ void for_each_axis_sample(const RoiAxis<T>& a, int i, int size, Visit&& visit) {
+  const T origin = bin_origin(a, i);
+  int s0, s1;
+  valid_samples(origin, a.bin, a.grid, size, s0, s1);
+  for (int s = s0; s < s1; ++s) {
+    AxisSample<T> as;
+    if (axis_sample(sample_coord(origin, a.bin, s, a.grid), size, as)) visit(as);
+  }
+}
+
+// Every thread of the block calls this with the same task (the result is uniform across the block). False
+// when the RoI's level or batch index names nothing; fp.fh == 0 when no sample lies on the map. Ends with a
+// barrier; the caller needs another before the next call overwrites the tables.
+template <typename ptr_t, typename T>
+__device__ bool footprint_tables(const LevelTable<ptr_t, T>& lv, const T* rois, const int64_t* levels,
+                                 const Problem& pr, int64_t pair, const SeparableLayout<T>& layout,
+                                 unsigned char* smem, Footprint<T>& fp) {
+  const int64_t r = pr.by_level ? pair : pair % pr.R;
+  const int64_t l = pr.by_level ? levels[r] : pair / pr.R;
+  if (l < 0 || l >= lv.num) return false;
+  const T* roi = rois + r * 5;
+  fp.batch = roi_batch(roi[0], pr.B);
+  if (fp.batch < 0) return false;
+  fp.level = int(l);
+  fp.H = lv.H[l];
+  fp.W = lv.W[l];
+  const RoiAxis<T> ay = roi_axis(roi[2], roi[4], lv.scale[l], pr.aligned, pr.ph, pr.sampling_ratio);
+  const RoiAxis<T> ax = roi_axis(roi[1], roi[3], lv.scale[l], pr.aligned, pr.pw, pr.sampling_ratio);
+  fp.inv = inv_count<T>(ay.grid, ax.grid);
+  int* lo_y = reinterpret_cast<int*>(smem);
+  int* hi_y = lo_y + pr.ph;
+  int* lo_x = hi_y + pr.ph;
+  int* hi_x = lo_x + pr.pw;
+  int* p_first = hi_x + pr.pw;
+  int* p_last = p_first + layout.cap_h;
+  int* q_first = p_last + layout.cap_h;
+  int* q_last = q_first + layout.cap_w;
+  T* wy = reinterpret_cast<T*>(smem + layout.weights_offset());
+  const int tid = int(threadIdx.x), nt = int(blockDim.x), bins = pr.ph + pr.pw;
+  // 1. The rows (columns) each bin's samples touch.
+  for (int i = tid; i < bins; i += nt) {
+    const bool is_y = i < pr.ph;
+    int lo = INT32_MAX, hi = -1;
+    for_each_axis_sample(is_y ? ay : ax, is_y ? i : i - pr.ph, is_y ? fp.H : fp.W, [&](const AxisSample<T>& s) {
+      lo = min(lo, s.low);
+      hi = max(hi, s.high);
+    });
+    (is_y ? lo_y : lo_x)[is_y ? i : i - pr.ph] = lo;
+    (is_y ? hi_y : hi_x)[is_y ? i : i - pr.ph] = hi;
+  }
+  __syncthreads();
+  // 2. The footprint: the union of the spans (the same reads in every thread).
+  int y0 = INT32_MAX, y1 = -1, x0 = INT32_MAX, x1 = -1;
+  for (int p = 0; p < pr.ph; ++p) {
+    y0 = min(y0, lo_y[p]);
+    y1 = max(y1, hi_y[p]);
+  }
+  for (int q = 0; q < pr.pw; ++q) {
+    x0 = min(x0, lo_x[q]);
+    x1 = max(x1, hi_x[q]);
+  }
+  fp.fh = fp.fw = 0;
+  if (y0 > y1 || x0 > x1) return true;
+  fp.y0 = y0;
+  fp.x0 = x0;
+  fp.fh = y1 - y0 + 1;  // <= the level's height <= cap_h: spans are clamped to the map
+  fp.fw = x1 - x0 + 1;
+  T* wx = wy + size_t(pr.ph) * fp.fh;
+  for (int i = tid; i < pr.ph * fp.fh + pr.pw * fp.fw; i += nt) wy[i] = T(0);  // wx follows wy
+  __syncthreads();
+  // 3. The weight tables: one thread per bin adds its samples in order (deterministic).
+  for (int i = tid; i < bins; i += nt) {
+    const bool is_y = i < pr.ph;
+    const int k = is_y ? i : i - pr.ph;
+    T* w = is_y ? wy + size_t(k) * fp.fh : wx + size_t(k) * fp.fw;
+    const int base = is_y ? y0 : x0;
+    for_each_axis_sample(is_y ? ay : ax, k, is_y ? fp.H : fp.W, [&](const AxisSample<T>& s) {
+      w[s.low - base] += s.w_low;
+      w[s.high - base] += s.w_high;
+    });
+  }
+  // 4. Per footprint row (column), the bins whose span covers it (a contiguous run: spans are monotone).
+  for (int i = tid; i < fp.fh + fp.fw; i += nt) {
+    const bool is_y = i < fp.fh;
+    const int v = is_y ? y0 + i : x0 + i - fp.fh;
+    const int* lo = is_y ? lo_y : lo_x;
+    const int* hi = is_y ? hi_y : hi_x;
+    int first = INT32_MAX, last = -1;
+    for (int k = 0; k < (is_y ? pr.ph : pr.pw); ++k)
+      if (lo[k] <= v && v <= hi[k]) {
+        first = min(first, k);
+        last = max(last, k);
+      }
+    (is_y ? p_first : q_first)[is_y ? i : i - fp.fh] = first;
+    (is_y ? p_last : q_last)[is_y ? i : i - fp.fh] = last;
+  }
+  __syncthreads();
+  fp.lo_y = lo_y;
+  fp.hi_y = hi_y;
+  fp.lo_x = lo_x;
+  fp.hi_x = hi_x;
+  fp.p_first = p_first;
+  fp.p_last = p_last;
+  fp.q_first = q_first;
+  fp.q_last = q_last;
+  fp.wy = wy;
+  fp.wx = wx;
+  return true;
+}
+
+// Blocks loop over tasks (pair, chunk of channels); the task index is the same in every thread of a block.
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads) roi_align_forward_separable_kernel(
+    LevelTable<const scalar_t*, T> lv, const T* __restrict__ rois, const int64_t* __restrict__ levels, Problem pr,
+    int chunk, int64_t chunks, SeparableLayout<T> layout, int64_t tasks, scalar_t* __restrict__ out) {
+  INSLOC_DYNAMIC_SHARED(smem);
+  const int64_t bins = int64_t(pr.ph) * pr.pw;
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    const int64_t pair = task / chunks;
+    const int64_t c0 = (task % chunks) * chunk;
+    const int nc = int(min(int64_t(chunk), pr.C - c0));
+    Footprint<T> fp;
+    const bool named = footprint_tables(lv, rois, levels, pr, pair, layout, smem, fp);
+    scalar_t* o = out + (pair * pr.C + c0) * bins;
+    const bool cl = named && lv.channels_last[fp.level];
+    // Outputs (channel, bin): the bin fastest, or the channel fastest when the level is channels_last (a warp
+    // then reads consecutive channels of one pixel).
+    for (int64_t e = threadIdx.x; e < nc * bins; e += blockDim.x) {
+      const int c = int(cl ? e % nc : e / bins);
+      const int bin = int(cl ? e / nc : e % bins);
+      const int p = bin / pr.pw, q = bin % pr.pw;
+      T sum = T(0);
+      if (named && fp.fh > 0 && fp.lo_y[p] <= fp.hi_y[p] && fp.lo_x[q] <= fp.hi_x[q]) {
+        const scalar_t* f = lv.data[fp.level] + pixel_offset(cl, fp.batch, c0 + c, pr.C, fp.H, fp.W, 0, 0);
+        const int64_t ys = cl ? int64_t(fp.W) * pr.C : fp.W, xs = cl ? pr.C : 1;
+        const T* wy = fp.wy + size_t(p) * fp.fh;
+        const T* wx = fp.wx + size_t(q) * fp.fw;
+        for (int y = fp.lo_y[p]; y <= fp.hi_y[p]; ++y) {
+          const scalar_t* row = f + y * ys;
+          T rs = T(0);
+          for (int x = fp.lo_x[q]; x <= fp.hi_x[q]; ++x) rs += wx[x - fp.x0] * static_cast<T>(row[x * xs]);
+          sum += wy[y - fp.y0] * rs;
+        }
+        sum *= fp.inv;
+      }
+      o[int64_t(c) * bins + bin] = static_cast<scalar_t>(sum);
+    }
+    __syncthreads();  // the next task overwrites the tables
+  }
+}
+
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads) roi_align_backward_separable_kernel(
+    LevelTable<T*, T> lv, const T* __restrict__ rois, const int64_t* __restrict__ levels, Problem pr, int chunk,
+    int64_t chunks, SeparableLayout<T> layout, int64_t tasks, const scalar_t* __restrict__ grad) {
+  INSLOC_DYNAMIC_SHARED(smem);
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {
+    const int64_t pair = task / chunks;
+    const int64_t c0 = (task % chunks) * chunk;
+    const int nc = int(min(int64_t(chunk), pr.C - c0));
+    Footprint<T> fp;
+    if (footprint_tables(lv, rois, levels, pr, pair, layout, smem, fp) && fp.fh > 0) {
+      const bool cl = lv.channels_last[fp.level];
+      const int64_t pixels = int64_t(fp.fh) * fp.fw;
+      const scalar_t* gr = grad + (pair * pr.C + c0) * pr.ph * pr.pw;
+      // Footprint pixels x channels, consecutive threads on consecutive addresses: the column fastest
+      // (NCHW) or the channel fastest (channels_last).
+      for (int64_t e = threadIdx.x; e < nc * pixels; e += blockDim.x) {
+        int c, i, j;
+        if (cl) {
+          c = int(e % nc);
+          const int64_t px = e / nc;
+          i = int(px / fp.fw);
+          j = int(px % fp.fw);
+        } else {
+          c = int(e / pixels);
+          i = int((e % pixels) / fp.fw);
+          j = int((e % pixels) % fp.fw);
+        }
+        const int pf = fp.p_first[i], pl = fp.p_last[i], qf = fp.q_first[j], ql = fp.q_last[j];
+        if (pf > pl || qf > ql) continue;  // a row or column between samples that no bin touches
+        const scalar_t* g = gr + int64_t(c) * pr.ph * pr.pw;
+        T sum = T(0);
+        for (int p = pf; p <= pl; ++p) {
+          T rs = T(0);
+          for (int q = qf; q <= ql; ++q) rs += fp.wx[size_t(q) * fp.fw + j] * static_cast<T>(g[p * pr.pw + q]);
+          sum += fp.wy[size_t(p) * fp.fh + i] * rs;
+        }
+        atomicAdd(lv.data[fp.level] + pixel_offset(cl, fp.batch, c0 + c, pr.C, fp.H, fp.W, fp.y0 + i, fp.x0 + j),
+                  sum * fp.inv);
+      }
+    }
+    __syncthreads();  // the next task overwrites the tables
+  }
+}
+
 // Threads for pairs x ceil(C / cpt) x bins.
 int64_t thread_count(const Problem& pr, int cpt) {
   return pr.pairs * ((pr.C + cpt - 1) / cpt) * pr.ph * pr.pw;
@@ -312,6 +550,46 @@ unsigned blocks_for(int64_t total) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20)));
 }
 
+// INSLOC_OPS_CUDA_ROI_FORWARD / INSLOC_OPS_CUDA_ROI_BACKWARD (read at every call): "separable" picks the
+// separable kernel for that pass, unset or "sample" the per-sample one. Under deterministic algorithms the
+// backward is the deterministic kernel either way.
+bool separable_requested(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "sample") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "separable") == 0, name, " must be 'sample' or 'separable', got '", env, "'");
+  return true;
+}
+
+// Separable kernels: a block's tables fit the default 48 KiB of dynamic shared memory, else the per-sample
+// kernel runs (a footprint is at most the largest level, so the size is known without reading the RoIs).
+constexpr size_t kSeparableSharedBytes = 48 * 1024;
+
+template <typename ptr_t, typename T>
+std::optional<SeparableLayout<T>> separable_layout(const Problem& pr, const LevelTable<ptr_t, T>& lv) {
+  SeparableLayout<T> layout{pr.ph, pr.pw, 0, 0};
+  for (int l = 0; l < lv.num; ++l) {
+    layout.cap_h = std::max(layout.cap_h, lv.H[l]);
+    layout.cap_w = std::max(layout.cap_w, lv.W[l]);
+  }
+  if (layout.bytes() > kSeparableSharedBytes) return std::nullopt;
+  return layout;
+}
+
+// Channels per block of the separable kernels: 32 on channels_last levels (a warp's accesses then span
+// 32 channels of a pixel), else the most of 32, 16, ..., 1 that still leaves kMinWaves waves of blocks.
+int separable_chunk(bool channels_last, const Problem& pr, int device) {
+  if (channels_last) return 32;
+  const int64_t wave = int64_t(gpu::sm_count(device)) * (2048 / kThreads);
+  int chunk = 32;
+  while (chunk > 1 && pr.pairs * ((pr.C + chunk - 1) / chunk) < kMinWaves * wave) chunk /= 2;
+  return chunk;
+}
+
+// Blocks for the separable kernels' tasks (pair, chunk of channels); they loop over the rest.
+unsigned separable_blocks(int64_t tasks) {
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>(tasks, int64_t(1) << 20)));
+}
+
 void check_cuda_problem(const at::Tensor& rois, int64_t num_levels) {
   TORCH_CHECK(num_levels <= MAX_LEVELS, "roi_align_multilevel (CUDA): at most ", MAX_LEVELS, " levels, got ",
               num_levels);
@@ -340,8 +618,10 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
   const Problem pr{R, C, by_level ? R : L * R, int(B), int(pooled_height), int(pooled_width), int(sampling_ratio),
                    aligned, by_level};
   const bool channel_fastest = is_channels_last(feats[0]);
-  const int cpt = channels_per_thread(channel_fastest, pr, int(f0.device().index()));
+  const int device = int(f0.device().index());
+  const int cpt = channels_per_thread(channel_fastest, pr, device);
   const int64_t total = thread_count(pr, cpt);
+  const bool separable = separable_requested("INSLOC_OPS_CUDA_ROI_FORWARD");
   auto stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_multilevel_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -356,9 +636,19 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
       lv.scale[l] = T(spatial_scales[l]);
       lv.channels_last[l] = is_channels_last(feats[l]);
     }
-    INSLOC_LAUNCH(blocks_for(total), kThreads, 0, stream, roi_align_forward_kernel<scalar_t, T>)(
-        lv, r.data_ptr<T>(), by_level ? lv_t.data_ptr<int64_t>() : nullptr, pr, channel_fastest, cpt, total,
-        out.data_ptr<scalar_t>());
+    const int64_t* lvp = by_level ? lv_t.data_ptr<int64_t>() : nullptr;
+    const std::optional<SeparableLayout<T>> layout =
+        separable ? separable_layout(pr, lv) : std::optional<SeparableLayout<T>>();
+    if (layout) {
+      const int chunk = separable_chunk(channel_fastest, pr, device);
+      const int64_t chunks = (pr.C + chunk - 1) / chunk, tasks = pr.pairs * chunks;
+      INSLOC_LAUNCH(separable_blocks(tasks), kThreads, layout->bytes(), stream,
+                    roi_align_forward_separable_kernel<scalar_t, T>)(
+          lv, r.data_ptr<T>(), lvp, pr, chunk, chunks, *layout, tasks, out.data_ptr<scalar_t>());
+    } else {
+      INSLOC_LAUNCH(blocks_for(total), kThreads, 0, stream, roi_align_forward_kernel<scalar_t, T>)(
+          lv, r.data_ptr<T>(), lvp, pr, channel_fastest, cpt, total, out.data_ptr<scalar_t>());
+    }
     INSLOC_LAUNCH_CHECK();
   });
   return out;
@@ -391,6 +681,8 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
     acc.push_back(at::empty({B, C, heights[l], widths[l]}, acc_opts.memory_format(fmt)).zero_());
   const Problem pr{R, C, by_level ? R : L * R, int(B), ph, pw, int(sampling_ratio), aligned, by_level};
   const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const bool separable = separable_requested("INSLOC_OPS_CUDA_ROI_BACKWARD");
+  const int device = int(grad.device().index());
   const int64_t total = grad.numel();
   if (total > 0 && B > 0) {
     auto stream = gpu::current_stream();
@@ -418,8 +710,16 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
               lv, r.data_ptr<T>(), lvp, pr, bands, threads, g.data_ptr<scalar_t>());
           INSLOC_LAUNCH_CHECK();
         }
+      } else if (const std::optional<SeparableLayout<T>> layout =
+                     separable ? separable_layout(pr, lv) : std::optional<SeparableLayout<T>>()) {
+        const int chunk = separable_chunk(channels_last, pr, device);
+        const int64_t chunks = (pr.C + chunk - 1) / chunk, tasks = pr.pairs * chunks;
+        INSLOC_LAUNCH(separable_blocks(tasks), kThreads, layout->bytes(), stream,
+                      roi_align_backward_separable_kernel<scalar_t, T>)(
+            lv, r.data_ptr<T>(), lvp, pr, chunk, chunks, *layout, tasks, g.data_ptr<scalar_t>());
+        INSLOC_LAUNCH_CHECK();
       } else {
-        const int cpt = channels_per_thread(channels_last, pr, int(grad.device().index()));
+        const int cpt = channels_per_thread(channels_last, pr, device);
         const int64_t threads = thread_count(pr, cpt);
         INSLOC_LAUNCH(blocks_for(threads), kThreads, 0, stream, roi_align_backward_atomic_kernel<scalar_t, T>)(
             lv, r.data_ptr<T>(), lvp, pr, channels_last, cpt, threads, g.data_ptr<scalar_t>());
