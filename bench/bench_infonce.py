@@ -9,9 +9,10 @@ so "forward" -- timed under no_grad, i.e. inference -- and "backward" do not add
 
 On a GPU, fp32 products run as IEEE fp32 in the baseline (torch's default) and as TF32x3 on tensor cores
 in the Triton kernel (about fp32 accuracy); --tf32 allows TF32 for both (torch.backends.cuda.matmul
-.allow_tf32) and marks the rows' shapes with "/tf32". The CUDA C++ kernels run twice: "cuda" (TF32x3
-WMMA on tensor cores where they apply, as by default) and "cuda-cudacores" (INSLOC_OPS_CUDA_INFONCE_TC=0:
-fp32 on CUDA cores), to show whether the tensor cores pay.
+.allow_tf32) and marks the rows' shapes with "/tf32". The CUDA C++ kernels run three times: "cuda" (TF32x3
+WMMA on tensor cores where they apply, as by default), "cuda-cudacores" (INSLOC_OPS_CUDA_INFONCE_TC=0:
+fp32 on CUDA cores), to show whether the tensor cores pay, and "cuda-pipelined"
+(INSLOC_OPS_CUDA_INFONCE_PIPELINE=1: queue tiles prefetched into registers; opt-in until measured).
 
 The bandwidth fraction needs the GPU's peak: 3350 GB/s for an H100 SXM and 4800 GB/s for an H200 are known;
 on another GPU pass --peak-gbs (without it, only the achieved GB/s is printed).
@@ -70,6 +71,8 @@ def impls(device):
                 backend)
     if "cuda" in out:  # the CUDA C++ kernels on CUDA cores (timed with INSLOC_OPS_CUDA_INFONCE_TC=0)
         out["cuda-cudacores"] = out["cuda"]
+        # ... and with register-prefetched queue tiles (INSLOC_OPS_CUDA_INFONCE_PIPELINE=1; opt-in until measured)
+        out["cuda-pipelined"] = out["cuda"]
     if device == "cpu" and "cpu" in out:
         out["cpu-twopass"] = lambda q, k, queue, t: torch.ops.insloc_ops.queue_infonce(q, k, queue, t)[0].mean(-1)
     return out
@@ -100,6 +103,7 @@ def main():
         print(f"peak bandwidth of {gpu}: " + (f"{args.peak_gbs:.0f} GB/s" if args.peak_gbs else
                                                "unknown, so no fraction of peak (pass --peak-gbs)"), flush=True)
     tc_setting = os.environ.get("INSLOC_OPS_CUDA_INFONCE_TC", "1")
+    pipeline_setting = os.environ.get("INSLOC_OPS_CUDA_INFONCE_PIPELINE", "0")
     rec = Recorder("queue_infonce", path=args.out)
     for shape_name, shape in SHAPES.items():
         q, k, queue = make_inputs(shape, args.device)
@@ -108,6 +112,7 @@ def main():
         baseline_ms = {}
         for name, fn in impls(args.device).items():
             os.environ["INSLOC_OPS_CUDA_INFONCE_TC"] = "0" if name == "cuda-cudacores" else tc_setting
+            os.environ["INSLOC_OPS_CUDA_INFONCE_PIPELINE"] = "1" if name == "cuda-pipelined" else pipeline_setting
 
             def forward():
                 with torch.no_grad():

@@ -56,9 +56,11 @@ def infonce_cases(device):
         for impl, fn in bench_infonce.impls(device).items():
             if impl == "cuda-cudacores":
                 continue
+            env = {"INSLOC_OPS_CUDA_INFONCE_PIPELINE": "1" if impl == "cuda-pipelined" else "0"}
 
-            def call(fn=fn, q=q, k=k, queue=queue):
-                return torch.autograd.grad(fn(q, k, queue, bench_infonce.TEMPERATURE).sum(), (q, k))
+            def call(fn=fn, q=q, k=k, queue=queue, env=env):
+                with bench_roi_align.environ(env):
+                    return torch.autograd.grad(fn(q, k, queue, bench_infonce.TEMPERATURE).sum(), (q, k))
             yield "queue_infonce", shape, impl, "both", call
 
 

@@ -603,17 +603,22 @@ def check_infonce(emu, G, N, K, D, dtype=torch.float32, queue_dtype=None, temper
 
 @contextlib.contextmanager
 def tensor_cores(on, monkeypatch):
-    """INSLOC_OPS_CUDA_INFONCE_TC: "1" (the default) runs the WMMA kernels where D % 16 == 0, "0" never."""
+    """INSLOC_OPS_CUDA_INFONCE_TC: "1" (the default) runs the WMMA kernels where D % 16 == 0, "0" never.
+    on == "pipelined": the WMMA kernels with INSLOC_OPS_CUDA_INFONCE_PIPELINE=1 (register-prefetched tiles)."""
     with monkeypatch.context() as m:
         m.setenv("INSLOC_OPS_CUDA_INFONCE_TC", "1" if on else "0")
+        m.setenv("INSLOC_OPS_CUDA_INFONCE_PIPELINE", "1" if on == "pipelined" else "0")
         yield
+
+
+TC_MODES = dict(argvalues=[True, "pipelined", False], ids=["tc", "tc-pipelined", "cudacores"])
 
 
 # D = 0, 8, 24: CUDA cores whatever the setting; 16, 48, 128: tensor cores unless switched off.
 @pytest.mark.parametrize("shape", [(1, 1, 5, 8), (2, 19, 300, 24), (4, 33, 1000, 128), (1, 3, 0, 8),
                                    (1, 40, 130, 16), (2, 17, 333, 48), (1, 3, 0, 16), (2, 3, 7, 0)])
 @pytest.mark.parametrize("temperature", [0.07, 0.2])
-@pytest.mark.parametrize("tc", [True, False], ids=["tc", "cudacores"])
+@pytest.mark.parametrize("tc", **TC_MODES)
 def test_infonce_matches_the_oracles(emu, shape, temperature, tc, monkeypatch):
     with tensor_cores(tc, monkeypatch):
         check_infonce(emu, *shape, temperature=temperature)
@@ -690,7 +695,25 @@ def test_infonce_tensor_cores_read_a_queue_at_any_address(emu, queue_dtype, monk
     assert middle > before and emu.vector_accesses() == middle  # 16-byte chunks, then element by element
 
 
-@pytest.mark.parametrize("tc", [True, False], ids=["tc", "cudacores"])
+@pytest.mark.parametrize("queue_dtype,D", [(torch.float32, 32), (torch.float32, 128), (torch.float32, 144),
+                                           (torch.bfloat16, 256), (torch.bfloat16, 272)])
+def test_infonce_pipelined_tiles_give_the_same_bits(emu, queue_dtype, D, monkeypatch):
+    """The pipelined tensor-core kernels load each tile earlier, into registers, and store the same values
+    to the same places: the same products in the same order, so bitwise the unpipelined results (deterministic
+    backward). fp32 D = 144 and bf16 D = 272 need more than 16 chunks a thread: those run unpipelined."""
+    q, k, queue = infonce_tests.make_inputs(2, 19, 333, D, queue_dtype=queue_dtype, seed=68)
+    g = torch.rand(2, 19, generator=torch.Generator().manual_seed(69))
+    with sm_count(3, monkeypatch):  # several tiles per split: the prefetch runs ahead
+        with tensor_cores(True, monkeypatch):
+            plain = infonce_run(emu, q, k, queue, 0.2, g)
+        with tensor_cores("pipelined", monkeypatch):
+            assert_all_equal([plain, infonce_run(emu, q, k, queue, 0.2, g)])
+    monkeypatch.setenv("INSLOC_OPS_CUDA_INFONCE_PIPELINE", "2")
+    with pytest.raises(RuntimeError, match="INSLOC_OPS_CUDA_INFONCE_PIPELINE must be 0 or 1, got '2'"):
+        emu.queue_infonce(q, k, queue, 0.2)
+
+
+@pytest.mark.parametrize("tc", **TC_MODES)
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("sms", [1, 3, 132])
 def test_infonce_split_counts(emu, sms, deterministic, tc, monkeypatch):
@@ -700,7 +723,7 @@ def test_infonce_split_counts(emu, sms, deterministic, tc, monkeypatch):
         check_infonce(emu, 2, 17, 777, 16, seed=sms, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("tc", [True, False], ids=["tc", "cudacores"])
+@pytest.mark.parametrize("tc", **TC_MODES)
 @pytest.mark.parametrize("dtype,queue_dtype", [
     (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, None),
     (torch.float16, None), (torch.float64, None), (torch.float32, torch.float64)])
@@ -804,8 +827,9 @@ def test_anchors_are_schedule_independent(emu, monkeypatch):
         assert_all_equal(under_schedules(monkeypatch, lambda: emu.sample_anchor_boxes(gt, anchors, 0.5, 11)))
 
 
-@pytest.mark.parametrize("D", [24, 32])  # CUDA cores, tensor cores
-def test_infonce_is_schedule_independent(emu, monkeypatch, D):
+@pytest.mark.parametrize("D,pipeline", [(24, "0"), (32, "0"), (32, "1")])  # CUDA cores, tensor cores
+def test_infonce_is_schedule_independent(emu, monkeypatch, D, pipeline):
+    monkeypatch.setenv("INSLOC_OPS_CUDA_INFONCE_PIPELINE", pipeline)
     q, k, queue = infonce_tests.make_inputs(2, 21, 400, D, seed=53)
     g = torch.rand(2, 21, generator=torch.Generator().manual_seed(3))
 

@@ -310,6 +310,24 @@ __device__ __forceinline__ void tf32x3_mma(TcAcc& acc, const float* a_ptr, unsig
 }
 #endif
 
+// One 16-byte chunk of queue values as fp32 at dst (16-byte aligned when the chunk holds 4 or more values).
+template <typename queue_t>
+__device__ __forceinline__ void store_chunk(float* dst, const queue_t (&v)[16 / sizeof(queue_t)]) {
+  constexpr int kVec = 16 / sizeof(queue_t);
+#pragma unroll
+  for (int e = 0; e < kVec; e += 4) {
+    float f[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) f[t] = e + t < kVec ? static_cast<float>(v[e + t]) : 0.f;
+    if constexpr (kVec >= 4) {
+      gpu::store16(dst + e, f);
+    } else {
+#pragma unroll
+      for (int t = 0; t < kVec; ++t) dst[e + t] = f[t];
+    }
+  }
+}
+
 // Queue rows [k0, k0 + kTcTile) of one group as fp32 into tile [kTcTile, ld]; rows past k_end are zero.
 // vec (the queue's base address a multiple of 16 bytes): in 16-byte chunks (4 fp32, 8 fp16/bf16, 2 fp64).
 // D % 16 == 0 makes a row a whole, even number of chunks, 16-byte aligned in global and shared memory
@@ -349,23 +367,62 @@ __device__ __forceinline__ void load_tile_tc(float* tile, const queue_t* queue, 
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       if (j + u >= per_thread) break;
-      float* dst = tile + w.r * ld + w.c * kVec;
-#pragma unroll
-      for (int e = 0; e < kVec; e += 4) {
-        float f[4];
-#pragma unroll
-        for (int t = 0; t < 4; ++t) f[t] = e + t < kVec ? static_cast<float>(v[u][e + t]) : 0.f;
-        if constexpr (kVec >= 4) {
-          gpu::store16(dst + e, f);
-        } else {
-#pragma unroll
-          for (int t = 0; t < kVec; ++t) dst[e + t] = f[t];
-        }
-      }
+      store_chunk(tile + w.r * ld + w.c * kVec, v[u]);
       w.next();
     }
   }
 }
+
+// Pipelined tensor-core kernels (INSLOC_OPS_CUDA_INFONCE_PIPELINE=1; never run on a GPU yet): each thread
+// holds its chunks of the next tile in registers. fetch() issues their loads (all of them at once: the
+// block's whole tile in flight) before the current tile's products, commit() stores them to shared memory
+// after, so that the loads' latency overlaps the products. Up to kPrefetchChunks chunks a thread (the
+// tile's 16-byte chunks over kTcThreads): D <= 128 for fp32 queues, D <= 256 for 16-bit ones.
+constexpr int kPrefetchChunks = 16;
+
+template <typename queue_t>
+bool prefetch_fits(int64_t D) {
+  return D % 16 == 0 && D / (16 / int64_t(sizeof(queue_t))) / 2 <= kPrefetchChunks;
+}
+
+template <typename queue_t>
+struct TilePrefetch {
+  static constexpr int kVec = 16 / sizeof(queue_t);
+  alignas(16) queue_t v[kPrefetchChunks][kVec];
+
+  // Rows [k0, k0 + kTcTile) of the group's queue; rows past k_end are zero (and not read).
+  __device__ __forceinline__ void fetch(const queue_t* queue, int64_t k0, int64_t k_end, int D) {
+    const queue_t* src = queue + k0 * D;
+    const int64_t valid = min(int64_t(kTcTile), k_end - k0);
+    const int per_row = D / kVec, per_thread = per_row / 2;
+    Walk w(threadIdx.x, kTcThreads, per_row);
+#pragma unroll
+    for (int u = 0; u < kPrefetchChunks; ++u) {
+      if (u < per_thread) {
+        if (w.r < valid) {
+          gpu::load16(v[u], src + w.r * D + w.c * kVec);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) v[u][e] = queue_t(0);
+        }
+        w.next();
+      }
+    }
+  }
+
+  // The fetched rows as fp32 into tile [kTcTile, ld].
+  __device__ __forceinline__ void commit(float* tile, int D, int ld) const {
+    const int per_row = D / kVec, per_thread = per_row / 2;
+    Walk w(threadIdx.x, kTcThreads, per_row);
+#pragma unroll
+    for (int u = 0; u < kPrefetchChunks; ++u) {
+      if (u < per_thread) {
+        store_chunk(tile + w.r * ld + w.c * kVec, v[u]);
+        w.next();
+      }
+    }
+  }
+};
 
 // s_s [kTcRows, kTcLdS] = q_s . tile^T / T: warp w computes columns [16 w, 16 w + 16).
 __device__ __forceinline__ void tile_logits_tc(float* s_s, const float* q_s, const float* tile, int D, int ld,
@@ -409,18 +466,26 @@ __device__ __forceinline__ void merge_row_lanes(float& m, float& s) {
 
 // Stages queue rows [k0, k0 + kTcTile) once every thread is done with the previous tile and its logits
 // (and, for the first, once q_s is loaded), then the tile's logits into s_s, visible to every thread.
-template <typename queue_t>
+// Pipelined: the rows come from pf (fetched by the previous call, or before the loop for the first tile),
+// and pf fetches the next tile's rows before the products.
+template <bool Pipelined, typename queue_t>
 __device__ __forceinline__ void next_tile_logits_tc(float* s_s, float* tile, const float* q_s, const queue_t* queue_g,
                                                     int64_t k0, int64_t k_end, int D, int ld, float inv_t,
-                                                    bool q_exact, bool queue_exact, bool vec) {
+                                                    bool q_exact, bool queue_exact, bool vec,
+                                                    TilePrefetch<queue_t>& pf) {
   __syncthreads();
-  load_tile_tc(tile, queue_g, k0, k_end, D, ld, vec);
+  if constexpr (Pipelined) {
+    pf.commit(tile, D, ld);
+    if (k0 + kTcTile < k_end) pf.fetch(queue_g, k0 + kTcTile, k_end, D);
+  } else {
+    load_tile_tc(tile, queue_g, k0, k_end, D, ld, vec);
+  }
   __syncthreads();
   tile_logits_tc(s_s, q_s, tile, D, ld, inv_t, q_exact, queue_exact);
   __syncthreads();
 }
 
-template <typename queue_t>
+template <typename queue_t, bool Pipelined>
 __global__ void __launch_bounds__(kTcThreads)
     forward_partials_tc_kernel(const float* __restrict__ qa, const queue_t* __restrict__ queue, float* part_m,
                                float* part_s, int64_t N, int64_t K, int D, int64_t per_split, int64_t splits,
@@ -433,10 +498,12 @@ __global__ void __launch_bounds__(kTcThreads)
   float* s_s = tile + kTcTile * ld;                  // [kTcRows, kTcLdS]
   const auto [split, r0, g, k_begin, k_end, row, lane] = place<kTcLanes>(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
+  TilePrefetch<queue_t> pf;
+  if (Pipelined && k_begin < k_end) pf.fetch(queue_g, k_begin, k_end, D);
   load_rows<kTcThreads>(q_s, qa, g, r0, N, D, ld);
   float m = neg_inf<float>(), s = 0.f;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcTile) {
-    next_tile_logits_tc(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact, vec);
+    next_tile_logits_tc<Pipelined>(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact, vec, pf);
 #pragma unroll
     for (int c = 0; c < kTcCols; ++c) {
       const int col = lane + c * kTcLanes;
@@ -451,7 +518,7 @@ __global__ void __launch_bounds__(kTcThreads)
   }
 }
 
-template <typename queue_t>
+template <typename queue_t, bool Pipelined>
 __global__ void __launch_bounds__(kTcThreads)
     backward_partials_tc_kernel(const float* __restrict__ qa, const queue_t* __restrict__ queue,
                                 const float* __restrict__ lse, const float* __restrict__ grad, float* dq_part,
@@ -466,6 +533,8 @@ __global__ void __launch_bounds__(kTcThreads)
   float* dq_s = s_s + kTcRows * kTcLdS;              // [kTcRows, ld]
   const auto [split, r0, g, k_begin, k_end, row, lane] = place<kTcLanes>(K, per_split);
   const queue_t* queue_g = queue + g * K * D;
+  TilePrefetch<queue_t> pf;
+  if (Pipelined && k_begin < k_end) pf.fetch(queue_g, k_begin, k_end, D);
   load_rows<kTcThreads>(q_s, qa, g, r0, N, D, ld);
   for (int i = threadIdx.x; i < kTcRows * ld; i += kTcThreads) dq_s[i] = 0.f;
   const bool row_ok = r0 + row < N;
@@ -473,7 +542,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const float row_coef = row_ok ? grad[g * N + r0 + row] * inv_t : 0.f;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTcTile) {
     // (its first barrier also waits until the previous tile's dq products are done with tile and s_s)
-    next_tile_logits_tc(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact, vec);
+    next_tile_logits_tc<Pipelined>(s_s, tile, q_s, queue_g, k0, k_end, D, ld, inv_t, q_exact, queue_exact, vec, pf);
 #pragma unroll
     for (int c = 0; c < kTcCols; ++c) {
       const int col = lane + c * kTcLanes;
@@ -500,6 +569,16 @@ __global__ void __launch_bounds__(kTcThreads)
 int64_t splits_to_fill(int device, int64_t G, int64_t row_blocks) {
   const int64_t per_k = G * row_blocks;
   return std::max<int64_t>(1, (4 * gpu::sm_count(device) + per_k - 1) / per_k);
+}
+
+// INSLOC_OPS_CUDA_INFONCE_PIPELINE (read at every call): "1" runs the pipelined tensor-core kernels where
+// they apply (a 16-byte aligned queue whose rows fit kPrefetchChunks chunks a thread); unset or "0", not.
+template <typename queue_t>
+bool pipelined(int64_t D, bool vec) {
+  const char* env = std::getenv("INSLOC_OPS_CUDA_INFONCE_PIPELINE");
+  TORCH_CHECK(env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+              "INSLOC_OPS_CUDA_INFONCE_PIPELINE must be 0 or 1, got '", env, "'");
+  return env != nullptr && std::strcmp(env, "1") == 0 && vec && prefetch_fits<queue_t>(D);
 }
 
 size_t tc_forward_smem(int64_t D) { return sizeof(float) * ((kTcRows + kTcTile) * (D + kTcPad) + kTcRows * kTcLdS); }
@@ -567,10 +646,13 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
       if constexpr (std::is_same<acc_t, float>::value) {
         if (tc) {
           const size_t smem = tc_forward_smem(D);
-          allow_shared(forward_partials_tc_kernel<queue_t>, smem, device, D);
-          INSLOC_LAUNCH(dim3(splits, row_blocks, G), kTcThreads, smem, stream, forward_partials_tc_kernel<queue_t>)(
+          const bool vec = aligned16(queue_c);
+          auto kernel = pipelined<queue_t>(D, vec) ? forward_partials_tc_kernel<queue_t, true>
+                                                   : forward_partials_tc_kernel<queue_t, false>;
+          allow_shared(kernel, smem, device, D);
+          INSLOC_LAUNCH(dim3(splits, row_blocks, G), kTcThreads, smem, stream, kernel)(
               qa.data_ptr<float>(), queue_c.data_ptr<queue_t>(), part_m.data_ptr<float>(), part_s.data_ptr<float>(),
-              N, K, int(D), per_split, splits, inv_t, q.scalar_type() != at::kFloat, aligned16(queue_c));
+              N, K, int(D), per_split, splits, inv_t, q.scalar_type() != at::kFloat, vec);
           INSLOC_LAUNCH_CHECK();
           return;
         }
@@ -632,11 +714,14 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
         if constexpr (std::is_same<acc_t, float>::value) {
           if (tc) {
             const size_t smem = tc_backward_smem(D);
-            allow_shared(backward_partials_tc_kernel<queue_t>, smem, device, D);
-            INSLOC_LAUNCH(dim3(splits, row_blocks, G), kTcThreads, smem, stream, backward_partials_tc_kernel<queue_t>)(
+            const bool vec = aligned16(queue_c);
+            auto kernel = pipelined<queue_t>(D, vec) ? backward_partials_tc_kernel<queue_t, true>
+                                                     : backward_partials_tc_kernel<queue_t, false>;
+            allow_shared(kernel, smem, device, D);
+            INSLOC_LAUNCH(dim3(splits, row_blocks, G), kTcThreads, smem, stream, kernel)(
                 qa.data_ptr<float>(), queue_c.data_ptr<queue_t>(), la.data_ptr<float>(), ga.data_ptr<float>(),
                 dq_part.data_ptr<float>(), G, N, K, int(D), per_split, inv_t, atomic, q.scalar_type() != at::kFloat,
-                aligned16(queue_c));
+                vec);
             INSLOC_LAUNCH_CHECK();
             return;
           }
