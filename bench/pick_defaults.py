@@ -17,7 +17,8 @@ module and selection in TEST_SELECTIONS: its JUnit XML and exit status), ops.csv
 Among those, the highest geometric-mean speed-up of the op's deciding pass (fused forward+backward; forward for
 the anchor op) wins, otherwise the reference stays. Prints a markdown table and the proposed `DEFAULTS["cuda"]`
 entries with the rows they rest on; it does not edit `insloc_ops/_backend.py`: a person copies the result there
-and into BENCHMARKS.md.
+and into BENCHMARKS.md. Then a table of the benchmarks' variants of a backend (impls named BACKEND-SETTING, such as
+cuda-separable) against that backend's own rows, which informs and decides nothing.
 """
 import argparse
 import csv
@@ -193,6 +194,28 @@ def render(table, chosen):
     return "\n".join(lines)
 
 
+def variants(bench):
+    """[(op, variant, shape, pass, backend ms, variant ms)]: the benchmarks' settings of a backend's kernels
+    (impls named BACKEND-SETTING, e.g. cuda-separable, cuda-pipelined), beside the backend's own row."""
+    out = []
+    for (op, impl, shape, pass_), (ms, _) in sorted(bench.items()):
+        backend = impl.split("-")[0]
+        if "-" in impl and backend in GPU_BACKENDS and (op, backend, shape, pass_) in bench:
+            out.append((op, impl, shape, pass_, bench[(op, backend, shape, pass_)][0], ms))
+    return out
+
+
+def render_variants(rows):
+    """Markdown: each variant against its backend's default settings (informs; decides nothing)."""
+    if not rows:
+        return ""
+    lines = ["", "Settings of a backend's kernels against its defaults (speed-up > 1: the setting is faster):", "",
+             "| op | variant | shape | pass | default ms | variant ms | speed-up |", "|---|---|---|---|---:|---:|---:|"]
+    lines += [f"| {op} | {v} | {shape} | {p} | {base:.3f} | {ms:.3f} | {base / ms:.2f}x |"
+              for op, v, shape, p, base, ms in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outdir", nargs="?")
@@ -209,8 +232,9 @@ def main(argv=None):
         print(f"pick_defaults: missing {', '.join(missing)}", file=sys.stderr)
         return 2
     tests, unfinished = read_test_runs(args.outdir)
-    table, chosen = decide(tests, unfinished, read_bench(ops_csv), read_bench_status(args.outdir))
-    print(render(table, chosen))
+    bench = read_bench(ops_csv)
+    table, chosen = decide(tests, unfinished, bench, read_bench_status(args.outdir))
+    print(render(table, chosen) + render_variants(variants(bench)))
     return 0
 
 

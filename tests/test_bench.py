@@ -257,6 +257,18 @@ def test_pick_defaults_other_passes_are_reported_not_deciding(tmp_path, capsys):
     assert "yes (not faster at insloc forward: not the deciding pass)" in out
 
 
+def test_pick_defaults_lists_variants_beside_their_backend(tmp_path, capsys):
+    # cuda-separable: a setting of the cuda kernels; it is compared with cuda's rows and never chosen.
+    rows = full_rows(ALL_FASTER)
+    rows += [("roi_align_multilevel", shape, "cuda-separable", p, 0.25) for shape, p in
+             pick_defaults.expected_rows("roi_align_multilevel")]
+    write_gpu_results(tmp_path, PASSING, rows)
+    chosen, out = picked(tmp_path, capsys)
+    assert "cuda-separable" not in chosen.values()
+    assert "| roi_align_multilevel | cuda-separable | insloc | fwd+bwd | 1.000 | 0.250 | 4.00x |" in out
+    assert "| queue_infonce |" not in out.split("Settings of a backend")[1]  # no variant rows there
+
+
 @pytest.mark.slow
 def test_gpu_test_selections_split_every_gpu_test_once():
     """device_check.sh runs the gpu tests of each module that marks any (found by grep) as one pytest process per
