@@ -168,6 +168,7 @@ def main():
             # The separable kernels (tabulated per-axis weights, one read or atomic per footprint pixel): opt-in
             # until measured here.
             impls.append(("cuda-separable", fused("cuda"), False, SEPARABLE_ENV))
+            impls.append(("cuda-separable-determ", fused("cuda"), True, SEPARABLE_ENV))
     rec = Recorder(OP, path=args.out)
     for name, make_inputs in SHAPES.items():
         if any(name.startswith(prefix) for prefix in args.shapes.split(",")):

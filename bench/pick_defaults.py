@@ -22,6 +22,7 @@ cuda-separable) against that backend's own rows, which informs and decides nothi
 """
 import argparse
 import csv
+import glob
 import importlib
 import json
 import math
@@ -33,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 GPU_BACKENDS = ("cuda", "triton")
+SETTINGS = "settings"  # read_tests' key for the tests of opt-in settings (concerning no backend)
 # op -> (its benchmark, the baseline impl there, the deciding pass, its test module)
 OPS = {
     "roi_align_multilevel": ("bench_roi_align.py", "torchvision", "fwd+bwd", "test_roi_align_kernels"),
@@ -44,17 +46,26 @@ OPS = {
 # tests. name -> (pytest -k expression, the backends its tests concern). -k matches case-insensitive substrings
 # of the test's name (and its module's, and its markers'), as backends_named does of the name: tests naming only
 # cuda, only triton, and the rest (naming both or neither), so each test runs in exactly one process.
+# Tests of opt-in settings of a backend's kernels (names holding one of SETTING_WORDS) run in a process of
+# their own and concern no backend's default: their failures are listed, not held against the backend.
+SETTING_WORDS = ("separable", "pipelined")
+_NOT_SETTINGS = " and ".join(f"not {w}" for w in SETTING_WORDS)
 TEST_SELECTIONS = {
-    "cuda": ("cuda and not triton", ("cuda",)),
-    "triton": ("triton and not cuda", ("triton",)),
-    "common": ("(cuda and triton) or (not cuda and not triton)", GPU_BACKENDS),
+    "cuda": (f"cuda and not triton and {_NOT_SETTINGS}", ("cuda",)),
+    "triton": (f"triton and not cuda and {_NOT_SETTINGS}", ("triton",)),
+    "common": (f"((cuda and triton) or (not cuda and not triton)) and {_NOT_SETTINGS}", GPU_BACKENDS),
+    "settings": (" or ".join(SETTING_WORDS), ()),
 }
 FINISHED = ("0", "1", "5")  # pytest's exit status: all passed, some failed, no test selected
 
 
 def backends_named(test_name):
-    """The GPU backends a test concerns: those its name (function and parameter id) contains; all if none."""
-    return [b for b in GPU_BACKENDS if b in test_name.lower()] or list(GPU_BACKENDS)
+    """The GPU backends a test concerns: those its name (function and parameter id) contains; all if none;
+    none for a test of an opt-in setting (SETTING_WORDS)."""
+    name = test_name.lower()
+    if any(w in name for w in SETTING_WORDS):
+        return []
+    return [b for b in GPU_BACKENDS if b in name] or list(GPU_BACKENDS)
 
 
 def read_tests(paths, results=None):
@@ -72,7 +83,7 @@ def read_tests(paths, results=None):
                 status = "skipped"
             else:
                 status = "passed"
-            for backend in backends_named(name):
+            for backend in backends_named(name) or [SETTINGS]:
                 entry = results.setdefault((module, backend), {"passed": 0, "failed": 0, "skipped": 0, "failures": []})
                 entry[status] += 1
                 if status == "failed":
@@ -216,6 +227,24 @@ def render_variants(rows):
     return "\n".join(lines)
 
 
+def render_settings(tests, outdir):
+    """Markdown: the tests of opt-in settings per module (passed / failed / skipped, the failures by name) and
+    the modules whose settings process did not finish; empty when there were none."""
+    folder = os.path.join(outdir, "gpu_tests")
+    lines = []
+    for (module, _), t in sorted((k, v) for k, v in tests.items() if k[1] == SETTINGS):
+        lines.append(f"- {module}: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped")
+        lines += [f"  - failed: {name}" for name in t["failures"]]
+    for rc_path in sorted(glob.glob(os.path.join(folder, f"*.{SETTINGS}.rc"))):
+        with open(rc_path) as fh:
+            status = fh.read().strip()
+        if status not in FINISHED:
+            lines.append(f"- {os.path.basename(rc_path).split('.')[0]}: did not finish (exit {status})")
+    if not lines:
+        return ""
+    return "\n\nTests of opt-in settings (they decide no default):\n" + "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outdir", nargs="?")
@@ -234,7 +263,7 @@ def main(argv=None):
     tests, unfinished = read_test_runs(args.outdir)
     bench = read_bench(ops_csv)
     table, chosen = decide(tests, unfinished, bench, read_bench_status(args.outdir))
-    print(render(table, chosen) + render_variants(variants(bench)))
+    print(render(table, chosen) + render_variants(variants(bench)) + render_settings(tests, args.outdir))
     return 0
 
 

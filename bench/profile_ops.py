@@ -44,8 +44,9 @@ def roi_cases(device):
             impls.append(("cuda-separable", bench_roi_align.fused("cuda"), bench_roi_align.SEPARABLE_ENV))
         for impl, fn, env in impls:
             def call(fn=fn, inp=inp, feats=feats, grad=grad, amp=amp, env=env):
-                with torch.autocast(device, torch.bfloat16, enabled=amp), bench_roi_align.environ(env):
-                    out = fn(inp, feats)
+                with bench_roi_align.environ(env):  # the kernels read it in the backward too
+                    with torch.autocast(device, torch.bfloat16, enabled=amp):
+                        out = fn(inp, feats)
                     return torch.autograd.grad(out, feats, grad)
             yield "roi_align_multilevel", shape, impl, "fwd+bwd", call
 

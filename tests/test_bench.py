@@ -269,6 +269,22 @@ def test_pick_defaults_lists_variants_beside_their_backend(tmp_path, capsys):
     assert "| queue_infonce |" not in out.split("Settings of a backend")[1]  # no variant rows there
 
 
+def test_pick_defaults_settings_tests_decide_no_default(tmp_path, capsys):
+    # A failing test of an opt-in setting (its name says "separable") is listed, and cuda still qualifies.
+    assert pick_defaults.backends_named("test_gpu_cuda_separable_many_channels[7-all]") == []
+    assert pick_defaults.backends_named("test_cuda_deterministic_backward[sample-all-False]") == ["cuda"]
+    cases = PASSING + [(R, "test_gpu_cuda_separable_many_channels[7-all]", "failed"),
+                       (Q, "test_gpu_cuda_pipelined_tiles_give_the_same_bits[q0]", "passed")]
+    write_gpu_results(tmp_path, cases, full_rows(ALL_FASTER))
+    chosen, out = picked(tmp_path, capsys)
+    assert chosen["roi_align_multilevel"] in pick_defaults.GPU_BACKENDS
+    assert f"- {R}: 0 passed, 1 failed, 0 skipped\n  - failed: test_gpu_cuda_separable_many_channels[7-all]" in out
+    assert f"- {Q}: 1 passed, 0 failed, 0 skipped" in out
+    (tmp_path / "gpu_tests" / f"{A}.settings.rc").write_text("124\n")
+    _, out = picked(tmp_path, capsys)
+    assert f"- {A}: did not finish (exit 124)" in out
+
+
 @pytest.mark.slow
 def test_gpu_test_selections_split_every_gpu_test_once():
     """device_check.sh runs the gpu tests of each module that marks any (found by grep) as one pytest process per

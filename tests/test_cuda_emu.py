@@ -388,7 +388,7 @@ def test_roi_align_separable_channel_chunks(emu, sms, channels_last, monkeypatch
 
 def test_roi_align_separable_many_bins_per_pixel(emu, monkeypatch):
     """Output grids far finer than the map (bins under a pixel: a row is in many bins' spans) and coarser
-    (one bin spans the map), against the reference and the per-sample kernels."""
+    (one bin spans the map), against the reference."""
     feats, rois, scales = roi_tests.problem("cuda", torch.float32, False, seed=39, R=17, C=5, B=2)
     for size in [(23, 17), (1, 2)]:
         ref = reference.roi_align_multilevel(feats, rois, size, scales, 0, True)
@@ -401,8 +401,34 @@ def test_roi_align_separable_many_bins_per_pixel(emu, monkeypatch):
             torch.testing.assert_close(a, b, **roi_tests.tol(torch.float32))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_separable_deterministic_bands(emu, channels_last, monkeypatch):
+    """The deterministic separable backward splits each level into bands of 32 rows, one block per band:
+    levels of 80 and 40 rows (3 and 2 bands), RoIs across the bands' edges, overlapping on one image; against
+    the reference and bitwise repeatable."""
+    gen = torch.Generator().manual_seed(42)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feats = [torch.randn(2, 5, 80, 24, generator=gen).contiguous(memory_format=fmt),
+             torch.randn(2, 5, 40, 12, generator=gen).contiguous(memory_format=fmt)]
+    scales = [1 / 2, 1 / 4]
+    xy = torch.rand(60, 4, generator=gen) * torch.tensor([48.0, 160.0, 48.0, 160.0]) - 4
+    rois = torch.cat([torch.randint(0, 2, (60, 1), generator=gen).float(), torch.minimum(xy[:, :2], xy[:, 2:]),
+                      torch.maximum(xy[:, :2], xy[:, 2:])], 1)
+    rois[:20, 0] = 1
+    use_kernels(monkeypatch, "separable")
+    for levels in (None, torch.randint(0, 2, (60,), generator=gen)):
+        ref = reference.roi_align_multilevel(feats, rois, (5, 4), scales, 0, True, levels)
+        g = torch.randn(ref.shape, generator=gen)
+        _, gr = roi_tests.grads("reference", feats, rois, (5, 4), scales, 0, True, levels, g)
+        _, ga = emu_roi_align(emu, feats, rois, (5, 4), scales, 0, True, levels, g, True)
+        _, gb = emu_roi_align(emu, feats, rois, (5, 4), scales, 0, True, levels, g, True)
+        for a, b, r in zip(ga, gb, gr):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, r, **roi_tests.tol(torch.float32))
+
+
 def test_roi_align_separable_falls_back_past_its_shared_memory(emu, monkeypatch):
-    """Tables for a 16 x 16 grid over a 700 x 900 level need 51 KiB, over the 48 KiB the separable kernels
+    """Tables for a 16 x 16 grid over a 700 x 900 level need 113 KiB, over the 48 KiB the separable kernels
     use: the per-sample kernels run instead (bitwise their results), still correct."""
     gen = torch.Generator().manual_seed(41)
     feats = [torch.randn(1, 2, 700, 900, generator=gen)]
@@ -475,8 +501,10 @@ def test_roi_align_matches_torchvision(emu, kernels, monkeypatch):
                                        **roi_tests.tol(torch.float32))
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_roi_align_deterministic_backward_is_bitwise_repeatable(emu, channels_last):
+def test_roi_align_deterministic_backward_is_bitwise_repeatable(emu, channels_last, kernels, monkeypatch):
+    use_kernels(monkeypatch, kernels)
     feats, rois, scales = roi_tests.problem("cuda", torch.float32, channels_last, seed=23, R=120, C=8)
     rois[:, 0] = 1  # many overlapping RoIs on one image
     ref = reference.roi_align_multilevel(feats, rois, (7, 7), scales, 0, True)
@@ -515,6 +543,28 @@ def test_roi_align_zeroes_out_of_range_batch_and_level(emu, channels, monkeypatc
         return run
 
     roi_tests.check_zeroes_out_of_range(fwd, [bwd(False), bwd(True)], valid, bad)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_roi_align_level_index_past_the_last_of_eight_levels(emu, kernels, monkeypatch):
+    """With MAX_LEVELS (8) levels the level table is full: RoIs assigned level 8 or -1 pool zeros and add no
+    gradient, the others pool as the reference. (An off-by-one in the level check would read the table's next
+    fields as level 8's, which here happen to give no samples, so this does not catch that.)"""
+    use_kernels(monkeypatch, kernels)
+    gen = torch.Generator().manual_seed(43)
+    feats = [torch.randn(1, 2, 6, 7, generator=gen) for _ in range(8)]
+    scales = [1.0] * 8
+    rois = torch.tensor([[0.0, 1.0, 1.0, 5.0, 4.0]] * 4)
+    levels = torch.tensor([7, 8, -1, 0])
+    g = torch.randn(4, 2, 2, 2, generator=gen)
+    for deterministic in (False, True):
+        out, gs = emu_roi_align(emu, feats, rois, (2, 2), scales, 0, True, levels, g, deterministic)
+        assert out[0].abs().sum() > 0 and out[3].abs().sum() > 0
+        assert torch.equal(out[1:3], torch.zeros_like(out[1:3]))
+        ref = reference.roi_align_multilevel(feats, rois[[0, 3]], (2, 2), scales, 0, True, levels[[0, 3]])
+        torch.testing.assert_close(out[[0, 3]], ref, **roi_tests.tol(torch.float32))
+        touched = [gr.abs().sum() > 0 for gr in gs]
+        assert touched == [True] + [False] * 6 + [True]
 
 
 @pytest.mark.parametrize("kernels", KERNELS)

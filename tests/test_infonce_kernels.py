@@ -559,6 +559,29 @@ def test_gpu_cuda_fp32_precision(tc, queue_dtype, monkeypatch):
     torch.testing.assert_close(dk.double(), exact_dk, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("queue_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_cuda_pipelined_tiles_give_the_same_bits(queue_dtype, monkeypatch):
+    """INSLOC_OPS_CUDA_INFONCE_PIPELINE=1 (opt-in): the tensor-core kernels with register-prefetched queue
+    tiles compute the same products in the same order, so loss and gradients (deterministic backward) equal
+    the default kernels' bitwise, at the InsLoc shape."""
+    if not is_available("queue_infonce", "cuda", "cuda"):
+        pytest.skip("cuda kernel not available")
+    q, k, queue = make_inputs(4, 32, 65536, 128, queue_dtype=queue_dtype, device="cuda")
+    results = []
+    for pipeline in ("0", "1"):
+        monkeypatch.setenv("INSLOC_OPS_CUDA_INFONCE_PIPELINE", pipeline)
+        q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+        torch.use_deterministic_algorithms(True)
+        try:
+            loss = insloc_ops.queue_infonce(q1, k1, queue, 0.07, reduction="none", backend="cuda")
+            results.append((loss.detach(), *torch.autograd.grad(loss.sum(), (q1, k1))))
+        finally:
+            torch.use_deterministic_algorithms(False)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 # Each way torch has of asking for TF32 matmuls (set in a fresh process: these are process-wide settings,
 # and mixing the legacy and newer APIs makes torch refuse to read the legacy flag), and whether the Triton
 # InfoNCE then takes TF32 (True) or TF32x3 (False) for fp32 dots.

@@ -554,15 +554,18 @@ def test_gpu_cuda_channels_per_thread(channels, mode, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["sample", "separable"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("mode", ["all", "levels"])
-def test_cuda_deterministic_backward(channels_last, mode):
+def test_cuda_deterministic_backward(channels_last, mode, kernels, monkeypatch):
     """Bitwise repeatable, and as accurate as an fp32 sum can be. With 300 RoIs on one image a gradient
     pixel sums over a thousand contributions, so the bound is relative to S, the sum of their magnitudes
     (the gradient of |g|): fp32 sums in any order land within 1.3e-6 S of the fp64 result here (measured
-    with the fp32 reference and the CPU kernel; against the fp32 reference itself, errors reach 1.7e-4)."""
+    with the fp32 reference and the CPU kernel; against the fp32 reference itself, errors reach 1.7e-4).
+    kernels: the per-sample deterministic kernel, or the separable one (INSLOC_OPS_CUDA_ROI_BACKWARD)."""
     if "cuda" not in gpu_backends():
         pytest.skip("cuda kernel not available")
+    monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_BACKWARD", kernels)
     feats, rois, scales = problem("cuda", torch.float32, channels_last, seed=23, R=300, device="cuda", C=32)
     rois[:, 0] = 1  # many overlapping RoIs on one image: atomics would reorder
     gen = torch.Generator().manual_seed(25)

@@ -8,7 +8,8 @@
 // Backward: float atomics into an fp32 (fp64 for double) buffer; under
 // torch.use_deterministic_algorithms a gather-free, atomic-free variant instead, where each thread owns
 // one channel of a band of rows of one image's gradient and adds every RoI's contributions in a fixed
-// order (no per-sample buffers).
+// order (no per-sample buffers). Further down, opt-in separable kernels (forward, backward, deterministic
+// backward) that tabulate a RoI's per-axis weights once per block.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -290,9 +291,11 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_deterministic_ker
 // RoI touches (its footprint) in shared memory once, and then reads each footprint pixel once per output
 // bin that covers it (forward) or adds each footprint pixel's gradient with one atomic (backward) instead
 // of four loads or atomics per sample (about four per pixel and bin with adaptive sampling). The sums run
-// in another order than torchvision's per-sample loop (rounding differs in the last bits), and a zero
-// weight inside a bin's span of rows (fixed sampling ratios leave rows between samples) multiplies a
-// non-finite value into NaN where the per-sample loop never reads it.
+// in another order than torchvision's per-sample loop (rounding differs in the last bits), and a pixel is
+// weighted once by its summed weight, so non-finite values can come out differently: the per-sample loop's
+// inf * 1 + inf * 0 is NaN where inf * (1 + 0) is inf, and a zero-weight column inside a bin's span
+// (fixed sampling ratios, or grids clamped at MAX_ADAPTIVE_GRID, leave gaps between samples) multiplies an
+// inf the per-sample loop never reads into NaN.
 // ------------------------------------------------------------------------------------------------
 
 // Shared memory of one block: per bin its first and last touched row (column); per footprint row (column)
@@ -458,6 +461,7 @@ __global__ void __launch_bounds__(kThreads) roi_align_forward_separable_kernel(
         const T* wy = fp.wy + size_t(p) * fp.fh;
         const T* wx = fp.wx + size_t(q) * fp.fw;
         for (int y = fp.lo_y[p]; y <= fp.hi_y[p]; ++y) {
+          if (wy[y - fp.y0] == T(0)) continue;  // a row between samples (fixed sampling ratios)
           const scalar_t* row = f + y * ys;
           T rs = T(0);
           for (int x = fp.lo_x[q]; x <= fp.hi_x[q]; ++x) rs += wx[x - fp.x0] * static_cast<T>(row[x * xs]);
@@ -471,6 +475,45 @@ __global__ void __launch_bounds__(kThreads) roi_align_forward_separable_kernel(
   }
 }
 
+// The gradient one RoI's bins send to footprint rows [i0, i1) (all columns) of channels [c0, c0 + nc),
+// from g = its grad at channel c0: one add per element, by the block's threads, consecutive threads on
+// consecutive addresses (the column fastest for NCHW, the channel fastest for channels_last). Atomic, or a
+// plain read-modify-write where the caller owns the elements.
+template <bool Atomic, typename scalar_t, typename T>
+__device__ __forceinline__ void add_footprint_gradient(const LevelTable<T*, T>& lv, const Problem& pr,
+                                                       const Footprint<T>& fp, const scalar_t* g, int64_t c0, int nc,
+                                                       int i0, int i1) {
+  const bool cl = lv.channels_last[fp.level];
+  // 32-bit indices: tables within kSeparableSharedBytes bound the footprint (fh + fw <= 12288, so fh * fw
+  // < 2^26) and nc <= 32, so nc * pixels < 2^31.
+  const int pixels = (i1 - i0) * fp.fw;
+  T* gf = lv.data[fp.level];
+  for (int e = int(threadIdx.x); e < nc * pixels; e += int(blockDim.x)) {
+    int c, px;
+    if (cl) {
+      c = e % nc;
+      px = e / nc;
+    } else {
+      c = e / pixels;
+      px = e % pixels;
+    }
+    const int i = i0 + px / fp.fw, j = px % fp.fw;
+    const int pf = fp.p_first[i], pl = fp.p_last[i], qf = fp.q_first[j], ql = fp.q_last[j];
+    if (pf > pl || qf > ql) continue;  // a row or column between samples that no bin touches
+    const scalar_t* gc = g + int64_t(c) * pr.ph * pr.pw;
+    T sum = T(0);
+    for (int p = pf; p <= pl; ++p) {
+      T rs = T(0);
+      for (int q = qf; q <= ql; ++q) rs += fp.wx[size_t(q) * fp.fw + j] * static_cast<T>(gc[p * pr.pw + q]);
+      sum += fp.wy[size_t(p) * fp.fh + i] * rs;
+    }
+    if (sum == T(0)) continue;  // rows or columns between samples (fixed sampling ratios): nothing to add
+    T* dst = gf + pixel_offset(cl, fp.batch, c0 + c, pr.C, fp.H, fp.W, fp.y0 + i, fp.x0 + j);
+    if constexpr (Atomic) atomicAdd(dst, sum * fp.inv);
+    else *dst += sum * fp.inv;
+  }
+}
+
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads) roi_align_backward_separable_kernel(
     LevelTable<T*, T> lv, const T* __restrict__ rois, const int64_t* __restrict__ levels, Problem pr, int chunk,
@@ -481,38 +524,56 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_separable_kernel(
     const int64_t c0 = (task % chunks) * chunk;
     const int nc = int(min(int64_t(chunk), pr.C - c0));
     Footprint<T> fp;
-    if (footprint_tables(lv, rois, levels, pr, pair, layout, smem, fp) && fp.fh > 0) {
-      const bool cl = lv.channels_last[fp.level];
-      const int64_t pixels = int64_t(fp.fh) * fp.fw;
-      const scalar_t* gr = grad + (pair * pr.C + c0) * pr.ph * pr.pw;
-      // Footprint pixels x channels, consecutive threads on consecutive addresses: the column fastest
-      // (NCHW) or the channel fastest (channels_last).
-      for (int64_t e = threadIdx.x; e < nc * pixels; e += blockDim.x) {
-        int c, i, j;
-        if (cl) {
-          c = int(e % nc);
-          const int64_t px = e / nc;
-          i = int(px / fp.fw);
-          j = int(px % fp.fw);
-        } else {
-          c = int(e / pixels);
-          i = int((e % pixels) / fp.fw);
-          j = int((e % pixels) % fp.fw);
-        }
-        const int pf = fp.p_first[i], pl = fp.p_last[i], qf = fp.q_first[j], ql = fp.q_last[j];
-        if (pf > pl || qf > ql) continue;  // a row or column between samples that no bin touches
-        const scalar_t* g = gr + int64_t(c) * pr.ph * pr.pw;
-        T sum = T(0);
-        for (int p = pf; p <= pl; ++p) {
-          T rs = T(0);
-          for (int q = qf; q <= ql; ++q) rs += fp.wx[size_t(q) * fp.fw + j] * static_cast<T>(g[p * pr.pw + q]);
-          sum += fp.wy[size_t(p) * fp.fh + i] * rs;
-        }
-        atomicAdd(lv.data[fp.level] + pixel_offset(cl, fp.batch, c0 + c, pr.C, fp.H, fp.W, fp.y0 + i, fp.x0 + j),
-                  sum * fp.inv);
-      }
-    }
+    if (footprint_tables(lv, rois, levels, pr, pair, layout, smem, fp) && fp.fh > 0)
+      add_footprint_gradient<true>(lv, pr, fp, grad + (pair * pr.C + c0) * pr.ph * pr.pw, c0, nc, 0, fp.fh);
     __syncthreads();  // the next task overwrites the tables
+  }
+}
+
+// Deterministic separable backward: block (level, image, band of kBandRows rows, chunk of channels) owns
+// those gradient elements. It visits the RoIs in index order and, for each that can touch its band,
+// tabulates the RoI's weights and adds the RoI's contribution to each element it owns once, by a plain
+// read-modify-write (a barrier separates RoIs; no other block writes these elements). Every element sums
+// its RoIs in index order: bitwise repeatable, no atomics, no extra memory.
+constexpr int kBandRows = 32;
+
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads) roi_align_backward_separable_deterministic_kernel(
+    LevelTable<T*, T> lv, const T* __restrict__ rois, const int64_t* __restrict__ levels, Problem pr, int chunk,
+    int64_t chunks, int bands, SeparableLayout<T> layout, int64_t tasks, const scalar_t* __restrict__ grad) {
+  INSLOC_DYNAMIC_SHARED(smem);
+  for (int64_t task = blockIdx.x; task < tasks; task += gridDim.x) {  // the same in every thread of a block
+    int64_t t = task;
+    const int64_t c0 = (t % chunks) * chunk;
+    t /= chunks;
+    const int band = int(t % bands);
+    t /= bands;
+    const int b = int(t % pr.B);
+    const int l = int(t / pr.B);
+    const int row0 = band * kBandRows, row1 = min(lv.H[l], row0 + kBandRows);
+    if (row0 >= row1) continue;  // a band past this level's rows
+    const int nc = int(min(int64_t(chunk), pr.C - c0));
+    for (int64_t r = 0; r < pr.R; ++r) {
+      if (pr.by_level && levels[r] != l) continue;
+      const T* roi = rois + r * 5;
+      if (roi_batch(roi[0], pr.B) != b) continue;
+      // Rows the RoI's samples can touch, as the per-sample deterministic kernel bounds them: skip RoIs that
+      // miss this band (NaN extents skip, rightly).
+      const RoiAxis<T> ay = roi_axis(roi[2], roi[4], lv.scale[l], pr.aligned, pr.ph, pr.sampling_ratio);
+      if (ay.grid <= 0) continue;
+      const T ya = sample_coord(bin_origin(ay, 0), ay.bin, 0, ay.grid);
+      const T yb = sample_coord(bin_origin(ay, pr.ph - 1), ay.bin, ay.grid - 1, ay.grid);
+      const T ylo = ya < yb ? ya : yb, yhi = ya < yb ? yb : ya;
+      if (!(ylo <= T(row1) && yhi >= T(row0 - 2))) continue;
+      const int64_t pair = pr.by_level ? r : l * pr.R + r;
+      Footprint<T> fp;
+      if (footprint_tables(lv, rois, levels, pr, pair, layout, smem, fp) && fp.fh > 0) {
+        const int i0 = max(fp.y0, row0) - fp.y0, i1 = min(fp.y0 + fp.fh, row1) - fp.y0;
+        if (i0 < i1)
+          add_footprint_gradient<false>(lv, pr, fp, grad + (pair * pr.C + c0) * pr.ph * pr.pw, c0, nc, i0, i1);
+      }
+      __syncthreads();  // the next RoI overwrites the tables and may add to the same elements
+    }
   }
 }
 
@@ -552,7 +613,7 @@ unsigned blocks_for(int64_t total) {
 
 // INSLOC_OPS_CUDA_ROI_FORWARD / INSLOC_OPS_CUDA_ROI_BACKWARD (read at every call): "separable" picks the
 // separable kernel for that pass, unset or "sample" the per-sample one. Under deterministic algorithms the
-// backward is the deterministic kernel either way.
+// backward is that family's deterministic kernel.
 bool separable_requested(const char* name) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0' || std::strcmp(env, "sample") == 0) return false;
@@ -575,19 +636,27 @@ std::optional<SeparableLayout<T>> separable_layout(const Problem& pr, const Leve
   return layout;
 }
 
-// Channels per block of the separable kernels: 32 on channels_last levels (a warp's accesses then span
-// 32 channels of a pixel), else the most of 32, 16, ..., 1 that still leaves kMinWaves waves of blocks.
-int separable_chunk(bool channels_last, const Problem& pr, int device) {
+// A wave of a separable kernel's blocks: the GPU's SMs times the blocks an SM holds at once (its registers
+// and shared memory decide; the emulator counts threads and shared memory only).
+template <typename Kernel>
+int64_t separable_wave(Kernel kernel, size_t shared_bytes, int device) {
+  return int64_t(gpu::sm_count(device)) * gpu::resident_blocks(kernel, kThreads, shared_bytes);
+}
+
+// Channels per block of the separable kernels, whose blocks take (unit, chunk of channels) with `units`
+// level-RoI pairs (or, deterministic, level-image-band triples): 32 on channels_last levels (a warp's
+// accesses then span 32 channels of a pixel), else the most of 32, 16, ..., 1 that still leaves kMinWaves
+// waves of blocks.
+int separable_chunk(bool channels_last, int64_t units, int64_t C, int64_t wave) {
   if (channels_last) return 32;
-  const int64_t wave = int64_t(gpu::sm_count(device)) * (2048 / kThreads);
   int chunk = 32;
-  while (chunk > 1 && pr.pairs * ((pr.C + chunk - 1) / chunk) < kMinWaves * wave) chunk /= 2;
+  while (chunk > 1 && units * ((C + chunk - 1) / chunk) < kMinWaves * wave) chunk /= 2;
   return chunk;
 }
 
-// Blocks for the separable kernels' tasks (pair, chunk of channels); they loop over the rest.
-unsigned separable_blocks(int64_t tasks) {
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>(tasks, int64_t(1) << 20)));
+// Blocks for the separable kernels' tasks: at most kMinWaves waves of them, each looping over its share.
+unsigned separable_blocks(int64_t tasks, int64_t wave) {
+  return unsigned(std::max<int64_t>(1, std::min(tasks, kMinWaves * wave)));
 }
 
 void check_cuda_problem(const at::Tensor& rois, int64_t num_levels) {
@@ -640,10 +709,11 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
     const std::optional<SeparableLayout<T>> layout =
         separable ? separable_layout(pr, lv) : std::optional<SeparableLayout<T>>();
     if (layout) {
-      const int chunk = separable_chunk(channel_fastest, pr, device);
+      const auto kernel = roi_align_forward_separable_kernel<scalar_t, T>;
+      const int64_t wave = separable_wave(kernel, layout->bytes(), device);
+      const int chunk = separable_chunk(channel_fastest, pr.pairs, pr.C, wave);
       const int64_t chunks = (pr.C + chunk - 1) / chunk, tasks = pr.pairs * chunks;
-      INSLOC_LAUNCH(separable_blocks(tasks), kThreads, layout->bytes(), stream,
-                    roi_align_forward_separable_kernel<scalar_t, T>)(
+      INSLOC_LAUNCH(separable_blocks(tasks, wave), kThreads, layout->bytes(), stream, kernel)(
           lv, r.data_ptr<T>(), lvp, pr, chunk, chunks, *layout, tasks, out.data_ptr<scalar_t>());
     } else {
       INSLOC_LAUNCH(blocks_for(total), kThreads, 0, stream, roi_align_forward_kernel<scalar_t, T>)(
@@ -702,7 +772,18 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
         lv.scale[l] = T(spatial_scales[l]);
         lv.channels_last[l] = channels_last;
       }
-      if (deterministic) {
+      const std::optional<SeparableLayout<T>> layout =
+          separable ? separable_layout(pr, lv) : std::optional<SeparableLayout<T>>();
+      if (deterministic && layout) {
+        const int bands = std::max(1, (max_h + kBandRows - 1) / kBandRows);
+        const auto kernel = roi_align_backward_separable_deterministic_kernel<scalar_t, T>;
+        const int64_t wave = separable_wave(kernel, layout->bytes(), device);
+        const int chunk = separable_chunk(channels_last, L * B * bands, C, wave);
+        const int64_t chunks = (C + chunk - 1) / chunk, tasks = L * B * bands * chunks;
+        INSLOC_LAUNCH(separable_blocks(tasks, wave), kThreads, layout->bytes(), stream, kernel)(
+            lv, r.data_ptr<T>(), lvp, pr, chunk, chunks, bands, *layout, tasks, g.data_ptr<scalar_t>());
+        INSLOC_LAUNCH_CHECK();
+      } else if (deterministic) {
         const int bands = std::max(1, (max_h + kRowsPerThread - 1) / kRowsPerThread);
         const int64_t threads = L * B * bands * C;
         if (threads > 0) {
@@ -710,12 +791,12 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
               lv, r.data_ptr<T>(), lvp, pr, bands, threads, g.data_ptr<scalar_t>());
           INSLOC_LAUNCH_CHECK();
         }
-      } else if (const std::optional<SeparableLayout<T>> layout =
-                     separable ? separable_layout(pr, lv) : std::optional<SeparableLayout<T>>()) {
-        const int chunk = separable_chunk(channels_last, pr, device);
+      } else if (layout) {
+        const auto kernel = roi_align_backward_separable_kernel<scalar_t, T>;
+        const int64_t wave = separable_wave(kernel, layout->bytes(), device);
+        const int chunk = separable_chunk(channels_last, pr.pairs, C, wave);
         const int64_t chunks = (pr.C + chunk - 1) / chunk, tasks = pr.pairs * chunks;
-        INSLOC_LAUNCH(separable_blocks(tasks), kThreads, layout->bytes(), stream,
-                      roi_align_backward_separable_kernel<scalar_t, T>)(
+        INSLOC_LAUNCH(separable_blocks(tasks, wave), kThreads, layout->bytes(), stream, kernel)(
             lv, r.data_ptr<T>(), lvp, pr, chunk, chunks, *layout, tasks, g.data_ptr<scalar_t>());
         INSLOC_LAUNCH_CHECK();
       } else {

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdlib>
 
@@ -37,6 +38,12 @@ inline int compute_capability_major(int /*device*/) {
 template <typename Kernel>
 void allow_dynamic_shared(Kernel kernel, size_t bytes) {
   ::insloc_emu::allow_dynamic_shared(reinterpret_cast<const void*>(kernel), bytes);
+}
+// Blocks of the kernel an SM holds at once: here by threads (2048 an SM) and shared memory (228 KiB) alone.
+template <typename Kernel>
+int resident_blocks(Kernel /*kernel*/, int threads, size_t shared_bytes) {
+  const size_t by_shared = shared_bytes > 0 ? (228 * 1024) / (shared_bytes + 1024) : 2048;
+  return std::max(1, int(std::min<size_t>(size_t(2048 / threads), by_shared)));
 }
 // load16 / store16 (see the CUDA versions below): element by element, so that the checked builds see each
 // access, after the alignment check a GPU would fault on.
@@ -83,6 +90,14 @@ inline size_t max_shared_per_block_optin(int device) {
 template <typename Kernel>
 void allow_dynamic_shared(Kernel kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+// Blocks of the kernel an SM of the current device holds at once (registers, shared memory, threads), at
+// least 1.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads, size_t shared_bytes) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, shared_bytes));
+  return n > 0 ? n : 1;
 }
 // out[0 .. 16 / sizeof(T)) = p[0 .. 16 / sizeof(T)) as one 16-byte load through the read-only path; p must be
 // 16-byte aligned (a GPU faults otherwise), out 16-byte aligned registers.

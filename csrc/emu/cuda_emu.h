@@ -279,7 +279,9 @@ INSLOC_EMU_INTERNAL inline void run_block(size_t shared_bytes, const Schedule& s
     f.context.uc_link = &s.scheduler;
     makecontext(&f.context, fiber_main, 0);
   }
-  s.dynamic_shared.assign(std::max<size_t>(shared_bytes, 1), 0xff);
+  // A new buffer of exactly this launch's size (assign would keep a larger one from an earlier launch, and
+  // AddressSanitizer would miss an access past this launch's end).
+  s.dynamic_shared = std::vector<unsigned char, SharedAllocator<unsigned char>>(std::max<size_t>(shared_bytes, 1), 0xff);
   s.block_linear = int64_t(block_number);
   s.phase = 0;
   s.shared_words.clear();
