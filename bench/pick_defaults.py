@@ -22,7 +22,6 @@ cuda-separable) against that backend's own rows, which informs and decides nothi
 """
 import argparse
 import csv
-import glob
 import importlib
 import json
 import math
@@ -44,10 +43,10 @@ OPS = {
 # A CUDA error is sticky (every later CUDA call in the process fails), so device_check.sh runs each test module's
 # gpu tests as one pytest process per selection, in parallel: a faulting kernel fails only its own backend's
 # tests. name -> (pytest -k expression, the backends its tests concern). -k matches case-insensitive substrings
-# of the test's name (and its module's, and its markers'), as backends_named does of the name: tests naming only
-# cuda, only triton, and the rest (naming both or neither), so each test runs in exactly one process.
-# Tests of opt-in settings of a backend's kernels (names holding one of SETTING_WORDS) run in a process of
-# their own and concern no backend's default: their failures are listed, not held against the backend.
+# of the test's name (and its module's, and its markers'), as backends_named does of the name: tests of opt-in
+# settings of a backend's kernels (names holding one of SETTING_WORDS: they concern no backend's default, their
+# results are listed, never held against a backend), and of the others those naming only cuda, only triton, and
+# the rest (naming both or neither), so each test runs in exactly one process.
 SETTING_WORDS = ("separable", "pipelined")
 _NOT_SETTINGS = " and ".join(f"not {w}" for w in SETTING_WORDS)
 TEST_SELECTIONS = {
@@ -211,8 +210,10 @@ def variants(bench):
     out = []
     for (op, impl, shape, pass_), (ms, _) in sorted(bench.items()):
         backend = impl.split("-")[0]
-        if "-" in impl and backend in GPU_BACKENDS and (op, backend, shape, pass_) in bench:
-            out.append((op, impl, shape, pass_, bench[(op, backend, shape, pass_)][0], ms))
+        # A deterministic setting (NAME-determ) against the backend's deterministic row.
+        base = f"{backend}-determ" if impl.endswith("-determ") and impl != f"{backend}-determ" else backend
+        if "-" in impl and backend in GPU_BACKENDS and (op, base, shape, pass_) in bench:
+            out.append((op, impl, shape, pass_, bench[(op, base, shape, pass_)][0], ms))
     return out
 
 
@@ -227,19 +228,33 @@ def render_variants(rows):
     return "\n".join(lines)
 
 
-def render_settings(tests, outdir):
-    """Markdown: the tests of opt-in settings per module (passed / failed / skipped, the failures by name) and
-    the modules whose settings process did not finish; empty when there were none."""
+def render_settings(outdir):
+    """Markdown: per test module, its settings process (tests of opt-in settings): how it ended, and the tests
+    its JUnit XML holds (passed / failed / skipped, failures by name; what ran before a stop included)."""
     folder = os.path.join(outdir, "gpu_tests")
+    found = {f.split(".")[0] for f in os.listdir(folder)} if os.path.isdir(folder) else set()
     lines = []
-    for (module, _), t in sorted((k, v) for k, v in tests.items() if k[1] == SETTINGS):
-        lines.append(f"- {module}: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped")
-        lines += [f"  - failed: {name}" for name in t["failures"]]
-    for rc_path in sorted(glob.glob(os.path.join(folder, f"*.{SETTINGS}.rc"))):
-        with open(rc_path) as fh:
-            status = fh.read().strip()
-        if status not in FINISHED:
-            lines.append(f"- {os.path.basename(rc_path).split('.')[0]}: did not finish (exit {status})")
+    for module in sorted(found | {m for *_, m in OPS.values()}):
+        stem = os.path.join(folder, f"{module}.{SETTINGS}")
+        status = None
+        if os.path.exists(stem + ".rc"):
+            with open(stem + ".rc") as fh:
+                status = fh.read().strip()
+        try:
+            t = read_tests([stem + ".xml"]).get((module, SETTINGS))
+        except (OSError, ET.ParseError) as e:
+            t, why = None, f"no JUnit XML ({type(e).__name__})"
+        else:
+            why = None
+        if status is None:
+            lines.append(f"- {module}: no exit status")
+        elif status not in FINISHED:
+            lines.append(f"- {module}: did not finish (exit {status})")
+        elif why:
+            lines.append(f"- {module}: {why}")
+        if t:
+            lines.append(f"- {module}: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped")
+            lines += [f"  - failed: {name}" for name in t["failures"]]
     if not lines:
         return ""
     return "\n\nTests of opt-in settings (they decide no default):\n" + "\n".join(lines)
@@ -263,7 +278,7 @@ def main(argv=None):
     tests, unfinished = read_test_runs(args.outdir)
     bench = read_bench(ops_csv)
     table, chosen = decide(tests, unfinished, bench, read_bench_status(args.outdir))
-    print(render(table, chosen) + render_variants(variants(bench)) + render_settings(tests, args.outdir))
+    print(render(table, chosen) + render_variants(variants(bench)) + render_settings(args.outdir))
     return 0
 
 

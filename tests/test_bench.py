@@ -267,22 +267,32 @@ def test_pick_defaults_lists_variants_beside_their_backend(tmp_path, capsys):
     assert "cuda-separable" not in chosen.values()
     assert "| roi_align_multilevel | cuda-separable | insloc | fwd+bwd | 1.000 | 0.250 | 4.00x |" in out
     assert "| queue_infonce |" not in out.split("Settings of a backend")[1]  # no variant rows there
+    # A deterministic setting is compared with the backend's deterministic row.
+    rows += [("roi_align_multilevel", "insloc", "cuda-determ", "fwd+bwd", 5.0),
+             ("roi_align_multilevel", "insloc", "cuda-separable-determ", "fwd+bwd", 0.5)]
+    write_gpu_results(tmp_path, PASSING, rows)
+    _, out = picked(tmp_path, capsys)
+    assert "| roi_align_multilevel | cuda-separable-determ | insloc | fwd+bwd | 5.000 | 0.500 | 10.00x |" in out
 
 
 def test_pick_defaults_settings_tests_decide_no_default(tmp_path, capsys):
     # A failing test of an opt-in setting (its name says "separable") is listed, and cuda still qualifies.
     assert pick_defaults.backends_named("test_gpu_cuda_separable_many_channels[7-all]") == []
-    assert pick_defaults.backends_named("test_cuda_deterministic_backward[sample-all-False]") == ["cuda"]
+    assert pick_defaults.backends_named("test_cuda_deterministic_backward[all-False-sample]") == ["cuda"]
     cases = PASSING + [(R, "test_gpu_cuda_separable_many_channels[7-all]", "failed"),
                        (Q, "test_gpu_cuda_pipelined_tiles_give_the_same_bits[q0]", "passed")]
-    write_gpu_results(tmp_path, cases, full_rows(ALL_FASTER))
+    speed = {**ALL_FASTER, ("roi_align_multilevel", "cuda"): 3.0}  # cuda wins roi_align when it qualifies
+    write_gpu_results(tmp_path, cases, full_rows(speed))
     chosen, out = picked(tmp_path, capsys)
-    assert chosen["roi_align_multilevel"] in pick_defaults.GPU_BACKENDS
+    assert chosen["roi_align_multilevel"] == "cuda"
+    assert "| roi_align_multilevel | cuda | 1 / 0 / 0 |" in out
     assert f"- {R}: 0 passed, 1 failed, 0 skipped\n  - failed: test_gpu_cuda_separable_many_channels[7-all]" in out
     assert f"- {Q}: 1 passed, 0 failed, 0 skipped" in out
-    (tmp_path / "gpu_tests" / f"{A}.settings.rc").write_text("124\n")
-    _, out = picked(tmp_path, capsys)
-    assert f"- {A}: did not finish (exit 124)" in out
+    (tmp_path / "gpu_tests" / f"{R}.settings.rc").write_text("124\n")  # stopped at its limit
+    (tmp_path / "gpu_tests" / f"{A}.settings.rc").unlink()
+    chosen, out = picked(tmp_path, capsys)
+    assert chosen["roi_align_multilevel"] == "cuda"
+    assert f"- {R}: did not finish (exit 124)" in out and f"- {A}: no exit status" in out
 
 
 @pytest.mark.slow

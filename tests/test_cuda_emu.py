@@ -334,6 +334,11 @@ def emu_roi_align(emu, feats, rois, out_size, scales, sampling, aligned, levels,
 KERNELS = ["sample", "separable"]
 
 
+def separable_notes(emu):
+    """How many times each separable RoIAlign kernel has been launched (host code's INSLOC_EMU_NOTE)."""
+    return [emu.notes(f"roi_align: separable {k}") for k in ("forward", "backward", "deterministic backward")]
+
+
 def use_kernels(monkeypatch, kernels):
     monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_FORWARD", kernels)
     monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_BACKWARD", kernels)
@@ -363,7 +368,11 @@ def check_roi_align(emu, dtype, channels_last, mode, aligned, sampling, seed):
 @pytest.mark.parametrize("mode", ["all", "levels"])
 def test_roi_align_dtypes_layouts_modes(emu, dtype, channels_last, mode, kernels, monkeypatch):
     use_kernels(monkeypatch, kernels)
+    before = separable_notes(emu)
     check_roi_align(emu, dtype, channels_last, mode, True, 0, seed=31)
+    # The separable kernels ran exactly when asked for: the forward in both of check_roi_align's rounds, the
+    # backward in the first, the deterministic backward in the second.
+    assert [n - b for n, b in zip(separable_notes(emu), before)] == ([2, 1, 1] if kernels == "separable" else [0] * 3)
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
@@ -420,10 +429,12 @@ def test_roi_align_separable_deterministic_bands(emu, channels_last, monkeypatch
         ref = reference.roi_align_multilevel(feats, rois, (5, 4), scales, 0, True, levels)
         g = torch.randn(ref.shape, generator=gen)
         _, gr = roi_tests.grads("reference", feats, rois, (5, 4), scales, 0, True, levels, g)
-        _, ga = emu_roi_align(emu, feats, rois, (5, 4), scales, 0, True, levels, g, True)
-        _, gb = emu_roi_align(emu, feats, rois, (5, 4), scales, 0, True, levels, g, True)
-        for a, b, r in zip(ga, gb, gr):
-            assert torch.equal(a, b)
+        before = separable_notes(emu)[2]
+        runs = under_schedules(monkeypatch, lambda: emu_roi_align(emu, feats, rois, (5, 4), scales, 0, True,
+                                                                  levels, g, True)[1])
+        assert separable_notes(emu)[2] - before == len(SCHEDULES)
+        assert_all_equal(runs)  # bitwise, whatever order threads and blocks run in
+        for a, r in zip(runs[0], gr):
             torch.testing.assert_close(a, r, **roi_tests.tol(torch.float32))
 
 
@@ -435,9 +446,11 @@ def test_roi_align_separable_falls_back_past_its_shared_memory(emu, monkeypatch)
     rois = torch.tensor([[0.0, 10.0, 20.0, 40.0, 35.0], [0.0, 600.0, 500.0, 899.0, 699.0]])
     g = torch.randn(1, 2, 2, 16, 16, generator=gen)
     results = {}
+    before = separable_notes(emu)
     for kernels in KERNELS:
         use_kernels(monkeypatch, kernels)
         results[kernels] = emu_roi_align(emu, feats, rois, (16, 16), [1.0], 0, True, None, g, False)
+    assert separable_notes(emu) == before  # no separable kernel ran
     ref = reference.roi_align_multilevel(feats, rois, (16, 16), [1.0], 0, True)
     torch.testing.assert_close(results["separable"][0], ref, **roi_tests.tol(torch.float32))
     assert torch.equal(results["separable"][0], results["sample"][0])
@@ -751,16 +764,25 @@ def test_infonce_pipelined_tiles_give_the_same_bits(emu, queue_dtype, D, monkeyp
     """The pipelined tensor-core kernels load each tile earlier, into registers, and store the same values
     to the same places: the same products in the same order, so bitwise the unpipelined results (deterministic
     backward). fp32 D = 144 and bf16 D = 272 need more than 16 chunks a thread: those run unpipelined."""
-    q, k, queue = infonce_tests.make_inputs(2, 19, 333, D, queue_dtype=queue_dtype, seed=68)
-    g = torch.rand(2, 19, generator=torch.Generator().manual_seed(69))
-    with sm_count(3, monkeypatch):  # several tiles per split: the prefetch runs ahead
+    # 2100 keys: 33 tiles; with 3 SMs the forward's 3 splits take 11 tiles each and the deterministic backward's
+    # 16 splits 2 or 3, so the prefetch of a next tile runs in both.
+    q, k, queue = infonce_tests.make_inputs(2, 9, 2100, D, queue_dtype=queue_dtype, seed=68)
+    g = torch.rand(2, 9, generator=torch.Generator().manual_seed(69))
+    label = "queue_infonce: pipelined tiles"
+    with sm_count(3, monkeypatch):
         with tensor_cores(True, monkeypatch):
             plain = infonce_run(emu, q, k, queue, 0.2, g)
+        before = emu.notes(label)
         with tensor_cores("pipelined", monkeypatch):
             assert_all_equal([plain, infonce_run(emu, q, k, queue, 0.2, g)])
-    monkeypatch.setenv("INSLOC_OPS_CUDA_INFONCE_PIPELINE", "2")
-    with pytest.raises(RuntimeError, match="INSLOC_OPS_CUDA_INFONCE_PIPELINE must be 0 or 1, got '2'"):
-        emu.queue_infonce(q, k, queue, 0.2)
+    fits = D * queue.element_size() <= 512  # 16 chunks of 16 bytes a thread, 2 threads a row
+    assert emu.notes(label) - before == (2 if fits else 0)  # forward and backward, or neither
+    for d, tc in ((D, True), (24, False)):  # an invalid setting is an error on either kernel family
+        q2, k2, queue2 = infonce_tests.make_inputs(1, 3, 70, d, seed=70)
+        with tensor_cores(tc, monkeypatch):
+            monkeypatch.setenv("INSLOC_OPS_CUDA_INFONCE_PIPELINE", "2")
+            with pytest.raises(RuntimeError, match="INSLOC_OPS_CUDA_INFONCE_PIPELINE must be 0 or 1, got '2'"):
+                emu.queue_infonce(q2, k2, queue2, 0.2)
 
 
 @pytest.mark.parametrize("tc", **TC_MODES)

@@ -532,6 +532,39 @@ def test_gpu_cuda_separable_many_channels(dtype, channels_last, out_size, mode, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_cuda_separable_deterministic_bands(channels_last, monkeypatch):
+    """The separable deterministic backward's blocks own bands of 32 rows: levels of 80 and 40 rows, RoIs
+    across the bands' edges, overlapping on one image; against the fp64 reference and bitwise repeatable."""
+    if "cuda" not in gpu_backends():
+        pytest.skip("cuda kernel not available")
+    for k, v in SEPARABLE.items():
+        monkeypatch.setenv(k, v)
+    gen = torch.Generator().manual_seed(42)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feats = [torch.randn(2, 5, 80, 24, generator=gen).contiguous(memory_format=fmt).cuda(),
+             torch.randn(2, 5, 40, 12, generator=gen).contiguous(memory_format=fmt).cuda()]
+    xy = torch.rand(60, 4, generator=gen) * torch.tensor([48.0, 160.0, 48.0, 160.0]) - 4
+    rois = torch.cat([torch.randint(0, 2, (60, 1), generator=gen).float(), torch.minimum(xy[:, :2], xy[:, 2:]),
+                      torch.maximum(xy[:, :2], xy[:, 2:])], 1).cuda()
+    rois[:20, 0] = 1
+    for levels in (None, torch.randint(0, 2, (60,), generator=gen).cuda()):
+        ref = reference.roi_align_multilevel(feats, rois, (5, 4), [1 / 2, 1 / 4], 0, True, levels)
+        g = torch.randn(ref.shape, generator=gen).cuda()
+        _, g64 = grads("reference", [f.double() for f in feats], rois.double(), (5, 4), [1 / 2, 1 / 4], 0, True,
+                       levels, g.double())
+        torch.use_deterministic_algorithms(True)
+        try:
+            _, ga = grads("cuda", feats, rois, (5, 4), [1 / 2, 1 / 4], 0, True, levels, g)
+            _, gb = grads("cuda", feats, rois, (5, 4), [1 / 2, 1 / 4], 0, True, levels, g)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        for a, b, r in zip(ga, gb, g64):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a.double(), r, **tol(torch.float32))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("channels", ["1", "3", "8", ""])
 @pytest.mark.parametrize("mode", ["all", "levels"])
 def test_gpu_cuda_channels_per_thread(channels, mode, monkeypatch):

@@ -573,12 +573,19 @@ int64_t splits_to_fill(int device, int64_t G, int64_t row_blocks) {
 
 // INSLOC_OPS_CUDA_INFONCE_PIPELINE (read at every call): "1" runs the pipelined tensor-core kernels where
 // they apply (a 16-byte aligned queue whose rows fit kPrefetchChunks chunks a thread); unset or "0", not.
-template <typename queue_t>
-bool pipelined(int64_t D, bool vec) {
+// Read once per call, at the op's entry (an invalid value is an error whichever kernels run).
+bool pipeline_requested() {
   const char* env = std::getenv("INSLOC_OPS_CUDA_INFONCE_PIPELINE");
   TORCH_CHECK(env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
               "INSLOC_OPS_CUDA_INFONCE_PIPELINE must be 0 or 1, got '", env, "'");
-  return env != nullptr && std::strcmp(env, "1") == 0 && vec && prefetch_fits<queue_t>(D);
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+template <typename queue_t>
+bool pipelined(bool requested, int64_t D, bool vec) {
+  const bool on = requested && vec && prefetch_fits<queue_t>(D);
+  if (on) INSLOC_EMU_NOTE("queue_infonce: pipelined tiles");
+  return on;
 }
 
 size_t tc_forward_smem(int64_t D) { return sizeof(float) * ((kTcRows + kTcTile) * (D + kTcPad) + kTcRows * kTcLdS); }
@@ -632,6 +639,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
   const int64_t row_blocks = (N + kRows - 1) / kRows;
   const int device = q.get_device();
   const bool tc = use_tensor_cores(q, device);
+  const bool pipeline = pipeline_requested();
   int64_t splits, per_split;
   split_k<int64_t>(K, tc ? kTcTile : kTile, splits_to_fill(device, G, row_blocks), splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
@@ -647,7 +655,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
         if (tc) {
           const size_t smem = tc_forward_smem(D);
           const bool vec = aligned16(queue_c);
-          auto kernel = pipelined<queue_t>(D, vec) ? forward_partials_tc_kernel<queue_t, true>
+          auto kernel = pipelined<queue_t>(pipeline, D, vec) ? forward_partials_tc_kernel<queue_t, true>
                                                    : forward_partials_tc_kernel<queue_t, false>;
           allow_shared(kernel, smem, device, D);
           INSLOC_LAUNCH(dim3(splits, row_blocks, G), kTcThreads, smem, stream, kernel)(
@@ -695,6 +703,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   const bool atomic = !at::globalContext().deterministicAlgorithms();
   const int64_t max_splits = atomic ? splits_to_fill(device, G, row_blocks) : kMaxBackwardSplits;
   const bool tc = use_tensor_cores(q, device);
+  const bool pipeline = pipeline_requested();
   int64_t splits, per_split;
   split_k<int64_t>(K, tc ? kTcTile : kTile, max_splits, splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
@@ -715,7 +724,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
           if (tc) {
             const size_t smem = tc_backward_smem(D);
             const bool vec = aligned16(queue_c);
-            auto kernel = pipelined<queue_t>(D, vec) ? backward_partials_tc_kernel<queue_t, true>
+            auto kernel = pipelined<queue_t>(pipeline, D, vec) ? backward_partials_tc_kernel<queue_t, true>
                                                      : backward_partials_tc_kernel<queue_t, false>;
             allow_shared(kernel, smem, device, D);
             INSLOC_LAUNCH(dim3(splits, row_blocks, G), kTcThreads, smem, stream, kernel)(

@@ -293,9 +293,9 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_deterministic_ker
 // of four loads or atomics per sample (about four per pixel and bin with adaptive sampling). The sums run
 // in another order than torchvision's per-sample loop (rounding differs in the last bits), and a pixel is
 // weighted once by its summed weight, so non-finite values can come out differently: the per-sample loop's
-// inf * 1 + inf * 0 is NaN where inf * (1 + 0) is inf, and a zero-weight column inside a bin's span
-// (fixed sampling ratios, or grids clamped at MAX_ADAPTIVE_GRID, leave gaps between samples) multiplies an
-// inf the per-sample loop never reads into NaN.
+// inf * 1 + inf * 0 is NaN where inf * (1 + 0) is inf, and a zero weight inside a bin's span (fixed
+// sampling ratios, or grids clamped at MAX_ADAPTIVE_GRID, leave gaps between samples: columns in the
+// forward, rows and columns in the backward) multiplies an inf the per-sample loop never reads into NaN.
 // ------------------------------------------------------------------------------------------------
 
 // Shared memory of one block: per bin its first and last touched row (column); per footprint row (column)
@@ -321,7 +321,7 @@ struct Footprint {
   const T *wy, *wx;                          // wy[p * fh + row], wx[q * fw + column]
 };
 
-// For bin i of axis a: calls visit(low, w_low, high, w_high) for each in-range sample, in order.
+// For bin i of axis a: calls visit(sample) (its two pixels and their weights) for each in-range sample, in order.
 template <typename T, typename Visit>
 __device__ __forceinline__ void for_each_axis_sample(const RoiAxis<T>& a, int i, int size, Visit&& visit) {
   const T origin = bin_origin(a, i);
@@ -484,8 +484,8 @@ __device__ __forceinline__ void add_footprint_gradient(const LevelTable<T*, T>& 
                                                        const Footprint<T>& fp, const scalar_t* g, int64_t c0, int nc,
                                                        int i0, int i1) {
   const bool cl = lv.channels_last[fp.level];
-  // 32-bit indices: tables within kSeparableSharedBytes bound the footprint (fh + fw <= 12288, so fh * fw
-  // < 2^26) and nc <= 32, so nc * pixels < 2^31.
+  // 32-bit indices: tables within kSeparableSharedBytes bound the footprint (with fp32 tables and one bin
+  // a side, fh + fw <= 4094, so fh * fw < 2^22) and nc <= 32, so nc * pixels + blockDim.x < 2^31.
   const int pixels = (i1 - i0) * fp.fw;
   T* gf = lv.data[fp.level];
   for (int e = int(threadIdx.x); e < nc * pixels; e += int(blockDim.x)) {
@@ -709,6 +709,7 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
     const std::optional<SeparableLayout<T>> layout =
         separable ? separable_layout(pr, lv) : std::optional<SeparableLayout<T>>();
     if (layout) {
+      INSLOC_EMU_NOTE("roi_align: separable forward");
       const auto kernel = roi_align_forward_separable_kernel<scalar_t, T>;
       const int64_t wave = separable_wave(kernel, layout->bytes(), device);
       const int chunk = separable_chunk(channel_fastest, pr.pairs, pr.C, wave);
@@ -776,6 +777,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
           separable ? separable_layout(pr, lv) : std::optional<SeparableLayout<T>>();
       if (deterministic && layout) {
         const int bands = std::max(1, (max_h + kBandRows - 1) / kBandRows);
+        INSLOC_EMU_NOTE("roi_align: separable deterministic backward");
         const auto kernel = roi_align_backward_separable_deterministic_kernel<scalar_t, T>;
         const int64_t wave = separable_wave(kernel, layout->bytes(), device);
         const int chunk = separable_chunk(channels_last, L * B * bands, C, wave);
@@ -792,6 +794,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
           INSLOC_LAUNCH_CHECK();
         }
       } else if (layout) {
+        INSLOC_EMU_NOTE("roi_align: separable backward");
         const auto kernel = roi_align_backward_separable_kernel<scalar_t, T>;
         const int64_t wave = separable_wave(kernel, layout->bytes(), device);
         const int chunk = separable_chunk(channels_last, pr.pairs, C, wave);

@@ -23,6 +23,8 @@
 #define INSLOC_DYNAMIC_SHARED(name) unsigned char* name = ::insloc_emu::dynamic_shared()
 #define INSLOC_LAUNCH_CHECK() ((void)0)
 #define INSLOC_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(insloc_emu, CPU, m)
+// Records a host-side choice (which kernel runs) for the tests; nothing in the CUDA build.
+#define INSLOC_EMU_NOTE(label) ::insloc_emu::note(label)
 
 namespace insloc::gpu {
 using DeviceGuard = ::insloc_emu::DeviceGuard;
@@ -69,6 +71,7 @@ inline void store16(float* p, const float* v) {
 #define INSLOC_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #define INSLOC_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #define INSLOC_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(insloc_ops, CUDA, m)
+#define INSLOC_EMU_NOTE(label) ((void)0)
 
 namespace insloc::gpu {
 using DeviceGuard = c10::cuda::CUDAGuard;

@@ -151,6 +151,7 @@ struct State {
   std::map<const void*, size_t> shared_allowed;  // kernel -> dynamic shared bytes allowed
   std::string error;
   uint64_t vector_accesses = 0;  // 16-byte loads and stores, for tests (torch.ops.insloc_emu.vector_accesses)
+  std::map<std::string, int64_t> notes;  // host code's choices, by label (INSLOC_EMU_NOTE; insloc_emu.notes)
   // race build
   int64_t block_linear = 0, phase = 0;
   std::unordered_map<uintptr_t, WordRecord> global_words, shared_words;
@@ -161,6 +162,10 @@ inline State& state() {
   static State s;
   return s;
 }
+
+// Host code's record of a choice it made (which kernel it launched), for tests: INSLOC_EMU_NOTE(label) in
+// csrc/cuda/*.cu, read back by torch.ops.insloc_emu.notes(label). Compiled out of the CUDA build.
+inline void note(const char* label) { ++state().notes[label]; }
 
 // Device properties the host code asks for; INSLOC_EMU_SM_COUNT sets the SM count (default 4) so that
 // tests can vary the launch geometry that depends on it.

@@ -311,8 +311,16 @@ at::Tensor selftest_wmma(const std::string& name, const at::Tensor& a, const at:
 // How many 16-byte vector loads and stores kernels have made since the library was loaded.
 int64_t vector_accesses() { return int64_t(insloc_emu::state().vector_accesses); }
 
+// How many times host code has noted `label` (INSLOC_EMU_NOTE) since the library was loaded.
+int64_t notes(const std::string& label) {
+  const auto& n = insloc_emu::state().notes;
+  const auto it = n.find(label);
+  return it == n.end() ? 0 : it->second;
+}
+
 TORCH_LIBRARY_FRAGMENT(insloc_emu, m) {
   m.def("selftest(str name) -> Tensor", &selftest);
   m.def("vector_accesses() -> int", &vector_accesses);
+  m.def("notes(str label) -> int", &notes);
   m.def("selftest_wmma(str name, Tensor a, Tensor b, Tensor c) -> Tensor", &selftest_wmma);
 }
