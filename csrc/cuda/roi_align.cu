@@ -210,6 +210,20 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_atomic_kernel(
   }
 }
 
+// Whether the samples of RoI `roi` on level l can touch rows [row0, row1) (a sample at y touches rows
+// floor(y) and floor(y) + 1, clamped to the map), from its first and last sample rows; NaN extents cannot.
+// ay: the RoI's y axis on that level.
+template <typename ptr_t, typename T>
+__device__ __forceinline__ bool roi_meets_rows(const LevelTable<ptr_t, T>& lv, const T* roi, int l, const Problem& pr,
+                                               int row0, int row1, RoiAxis<T>& ay) {
+  ay = roi_axis(roi[2], roi[4], lv.scale[l], pr.aligned, pr.ph, pr.sampling_ratio);
+  if (ay.grid <= 0) return false;
+  const T ya = sample_coord(bin_origin(ay, 0), ay.bin, 0, ay.grid);
+  const T yb = sample_coord(bin_origin(ay, pr.ph - 1), ay.bin, ay.grid - 1, ay.grid);
+  const T ylo = ya < yb ? ya : yb, yhi = ya < yb ? yb : ya;
+  return ylo <= T(row1) && yhi >= T(row0 - 2);
+}
+
 // Deterministic backward: thread (level, image, band of kRowsPerThread rows, channel) with the channel
 // fastest. It visits RoIs, bins and samples in a fixed order and adds only into its own rows, so every
 // gradient element is one thread's fixed-order sum: bitwise repeatable, no atomics, no extra memory.
@@ -235,13 +249,8 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_deterministic_ker
       if (pr.by_level && levels[r] != l) continue;
       const T* roi = rois + r * 5;
       if (roi_batch(roi[0], pr.B) != b) continue;
-      const RoiAxis<T> ay = roi_axis(roi[2], roi[4], lv.scale[l], pr.aligned, pr.ph, pr.sampling_ratio);
-      if (ay.grid <= 0) continue;
-      // Rows the RoI's samples can touch: skip RoIs that miss this band (NaN extents skip, rightly).
-      const T ya = sample_coord(bin_origin(ay, 0), ay.bin, 0, ay.grid);
-      const T yb = sample_coord(bin_origin(ay, pr.ph - 1), ay.bin, ay.grid - 1, ay.grid);
-      const T ylo = ya < yb ? ya : yb, yhi = ya < yb ? yb : ya;
-      if (!(ylo <= T(row1) && yhi >= T(row0 - 2))) continue;
+      RoiAxis<T> ay;
+      if (!roi_meets_rows(lv, roi, l, pr, row0, row1, ay)) continue;
       const RoiAxis<T> ax = roi_axis(roi[1], roi[3], lv.scale[l], pr.aligned, pr.pw, pr.sampling_ratio);
       const T inv = inv_count<T>(ay.grid, ax.grid);
       const int64_t pair = pr.by_level ? r : l * pr.R + r;
@@ -557,14 +566,8 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_separable_determi
       if (pr.by_level && levels[r] != l) continue;
       const T* roi = rois + r * 5;
       if (roi_batch(roi[0], pr.B) != b) continue;
-      // Rows the RoI's samples can touch, as the per-sample deterministic kernel bounds them: skip RoIs that
-      // miss this band (NaN extents skip, rightly).
-      const RoiAxis<T> ay = roi_axis(roi[2], roi[4], lv.scale[l], pr.aligned, pr.ph, pr.sampling_ratio);
-      if (ay.grid <= 0) continue;
-      const T ya = sample_coord(bin_origin(ay, 0), ay.bin, 0, ay.grid);
-      const T yb = sample_coord(bin_origin(ay, pr.ph - 1), ay.bin, ay.grid - 1, ay.grid);
-      const T ylo = ya < yb ? ya : yb, yhi = ya < yb ? yb : ya;
-      if (!(ylo <= T(row1) && yhi >= T(row0 - 2))) continue;
+      RoiAxis<T> ay;
+      if (!roi_meets_rows(lv, roi, l, pr, row0, row1, ay)) continue;
       const int64_t pair = pr.by_level ? r : l * pr.R + r;
       Footprint<T> fp;
       if (footprint_tables(lv, rois, levels, pr, pair, layout, smem, fp) && fp.fh > 0) {
