@@ -210,12 +210,15 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_atomic_kernel(
   }
 }
 
-// Whether the samples of RoI `roi` on level l can touch rows [row0, row1) (a sample at y touches rows
-// floor(y) and floor(y) + 1, clamped to the map), from its first and last sample rows; NaN extents cannot.
-// ay: the RoI's y axis on that level.
+// Whether RoI r (at `roi`) pools from level l of image b and its samples there can touch rows [row0, row1)
+// (a sample at y touches rows floor(y) and floor(y) + 1, clamped to the map), from its first and last sample
+// rows; NaN extents cannot. ay: the RoI's y axis on that level.
 template <typename ptr_t, typename T>
-__device__ __forceinline__ bool roi_meets_rows(const LevelTable<ptr_t, T>& lv, const T* roi, int l, const Problem& pr,
-                                               int row0, int row1, RoiAxis<T>& ay) {
+__device__ __forceinline__ bool roi_meets_rows(const LevelTable<ptr_t, T>& lv, const T* roi, const int64_t* levels,
+                                               const Problem& pr, int64_t r, int l, int b, int row0, int row1,
+                                               RoiAxis<T>& ay) {
+  if (pr.by_level && levels[r] != l) return false;
+  if (roi_batch(roi[0], pr.B) != b) return false;
   ay = roi_axis(roi[2], roi[4], lv.scale[l], pr.aligned, pr.ph, pr.sampling_ratio);
   if (ay.grid <= 0) return false;
   const T ya = sample_coord(bin_origin(ay, 0), ay.bin, 0, ay.grid);
@@ -246,11 +249,9 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_deterministic_ker
     const bool cl = lv.channels_last[l];
     T* gf = lv.data[l];
     for (int64_t r = 0; r < pr.R; ++r) {
-      if (pr.by_level && levels[r] != l) continue;
       const T* roi = rois + r * 5;
-      if (roi_batch(roi[0], pr.B) != b) continue;
       RoiAxis<T> ay;
-      if (!roi_meets_rows(lv, roi, l, pr, row0, row1, ay)) continue;
+      if (!roi_meets_rows(lv, roi, levels, pr, r, l, b, row0, row1, ay)) continue;
       const RoiAxis<T> ax = roi_axis(roi[1], roi[3], lv.scale[l], pr.aligned, pr.pw, pr.sampling_ratio);
       const T inv = inv_count<T>(ay.grid, ax.grid);
       const int64_t pair = pr.by_level ? r : l * pr.R + r;
@@ -563,11 +564,9 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_separable_determi
     if (row0 >= row1) continue;  // a band past this level's rows
     const int nc = int(min(int64_t(chunk), pr.C - c0));
     for (int64_t r = 0; r < pr.R; ++r) {
-      if (pr.by_level && levels[r] != l) continue;
       const T* roi = rois + r * 5;
-      if (roi_batch(roi[0], pr.B) != b) continue;
       RoiAxis<T> ay;
-      if (!roi_meets_rows(lv, roi, l, pr, row0, row1, ay)) continue;
+      if (!roi_meets_rows(lv, roi, levels, pr, r, l, b, row0, row1, ay)) continue;
       const int64_t pair = pr.by_level ? r : l * pr.R + r;
       Footprint<T> fp;
       if (footprint_tables(lv, rois, levels, pr, pair, layout, smem, fp) && fp.fh > 0) {
