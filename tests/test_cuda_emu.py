@@ -926,7 +926,9 @@ def fresh_seed():
     return int.from_bytes(os.urandom(4), "little") % 100000
 
 
-def test_fresh_inputs_roi_align(emu):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_fresh_inputs_roi_align(emu, kernels, monkeypatch):
+    use_kernels(monkeypatch, kernels)
     seed = fresh_seed()
     try:
         check_roi_align(emu, torch.float32, bool(seed % 2), ("all", "levels")[seed // 2 % 2], True, 0, seed=seed)
@@ -942,8 +944,10 @@ def test_fresh_inputs_anchors(emu):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"seed {seed}"
 
 
+@pytest.mark.parametrize("pipeline", ["0", "1"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_fresh_inputs_infonce(emu, deterministic):
+def test_fresh_inputs_infonce(emu, deterministic, pipeline, monkeypatch):
+    monkeypatch.setenv("INSLOC_OPS_CUDA_INFONCE_PIPELINE", pipeline)  # "1": the pipelined tensor-core kernels
     seed = fresh_seed()
     try:
         check_infonce(emu, 1 + seed % 4, 1 + seed % 37, seed % 700, 8 * (1 + seed % 6), seed=seed,

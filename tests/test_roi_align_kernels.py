@@ -565,14 +565,19 @@ def test_gpu_cuda_separable_deterministic_bands(channels_last, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("channels", ["1", "3", "8", ""])
+@pytest.mark.parametrize("channels", ["1", "3", "8", "", "separable"])
 @pytest.mark.parametrize("mode", ["all", "levels"])
 def test_gpu_cuda_channels_per_thread(channels, mode, monkeypatch):
     """NCHW CUDA threads taking 1, 3 or 8 of 19 channels (the last slot part-full), or the count the waves
-    rule picks (""), on fresh inputs each run: forward and atomic backward against the reference."""
+    rule picks (""), or the separable kernels ("separable"), on fresh inputs each run: forward and atomic
+    backward against the reference."""
     if "cuda" not in gpu_backends():
         pytest.skip("cuda kernel not available")
-    monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", channels)
+    if channels == "separable":
+        for k, v in SEPARABLE.items():
+            monkeypatch.setenv(k, v)
+    else:
+        monkeypatch.setenv("INSLOC_OPS_CUDA_ROI_CHANNELS", channels)
     seed = int(torch.randint(0, 2**31, ()))
     feats, rois, scales = problem("cuda", torch.float32, False, seed=seed, R=37, device="cuda", C=19, B=3)
     levels = None if mode == "all" else torch.randint(0, 3, (37,), device="cuda")
