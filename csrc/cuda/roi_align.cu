@@ -638,27 +638,26 @@ std::optional<SeparableLayout<T>> separable_layout(const Problem& pr, const Leve
   return layout;
 }
 
-// A wave of a separable kernel's blocks: the GPU's SMs times the blocks an SM holds at once (its registers
-// and shared memory decide; the emulator counts threads and shared memory only).
+// How a separable kernel's launch splits its work: `units` (level-RoI pairs, or, deterministic, level-image-band
+// triples) times chunks of `chunk` channels make `tasks`, which `blocks` blocks loop over. A chunk is 32
+// channels on channels_last levels (a warp's accesses then span 32 channels of a pixel), else the most of 32,
+// 16, ..., 1 that still leaves kMinWaves waves of tasks; blocks are at most kMinWaves waves. A wave: the SMs
+// times the blocks an SM holds at once (the kernel's registers and shared memory decide; the emulator counts
+// threads and shared memory only).
+struct SeparablePlan {
+  int chunk;
+  int64_t chunks, tasks;
+  unsigned blocks;
+};
+
 template <typename Kernel>
-int64_t separable_wave(Kernel kernel, size_t shared_bytes, int device) {
-  return int64_t(gpu::sm_count(device)) * gpu::resident_blocks(kernel, kThreads, shared_bytes);
-}
-
-// Channels per block of the separable kernels, whose blocks take (unit, chunk of channels) with `units`
-// level-RoI pairs (or, deterministic, level-image-band triples): 32 on channels_last levels (a warp's
-// accesses then span 32 channels of a pixel), else the most of 32, 16, ..., 1 that still leaves kMinWaves
-// waves of blocks.
-int separable_chunk(bool channels_last, int64_t units, int64_t C, int64_t wave) {
-  if (channels_last) return 32;
+SeparablePlan separable_plan(Kernel kernel, size_t shared_bytes, bool channels_last, int64_t units, int64_t C,
+                             int device) {
+  const int64_t wave = int64_t(gpu::sm_count(device)) * gpu::resident_blocks(kernel, kThreads, shared_bytes);
   int chunk = 32;
-  while (chunk > 1 && units * ((C + chunk - 1) / chunk) < kMinWaves * wave) chunk /= 2;
-  return chunk;
-}
-
-// Blocks for the separable kernels' tasks: at most kMinWaves waves of them, each looping over its share.
-unsigned separable_blocks(int64_t tasks, int64_t wave) {
-  return unsigned(std::max<int64_t>(1, std::min(tasks, kMinWaves * wave)));
+  while (!channels_last && chunk > 1 && units * ((C + chunk - 1) / chunk) < kMinWaves * wave) chunk /= 2;
+  const int64_t chunks = (C + chunk - 1) / chunk, tasks = units * chunks;
+  return {chunk, chunks, tasks, unsigned(std::max<int64_t>(1, std::min(tasks, kMinWaves * wave)))};
 }
 
 void check_cuda_problem(const at::Tensor& rois, int64_t num_levels) {
@@ -713,11 +712,9 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
     if (layout) {
       INSLOC_EMU_NOTE("roi_align: separable forward");
       const auto kernel = roi_align_forward_separable_kernel<scalar_t, T>;
-      const int64_t wave = separable_wave(kernel, layout->bytes(), device);
-      const int chunk = separable_chunk(channel_fastest, pr.pairs, pr.C, wave);
-      const int64_t chunks = (pr.C + chunk - 1) / chunk, tasks = pr.pairs * chunks;
-      INSLOC_LAUNCH(separable_blocks(tasks, wave), kThreads, layout->bytes(), stream, kernel)(
-          lv, r.data_ptr<T>(), lvp, pr, chunk, chunks, *layout, tasks, out.data_ptr<scalar_t>());
+      const SeparablePlan plan = separable_plan(kernel, layout->bytes(), channel_fastest, pr.pairs, pr.C, device);
+      INSLOC_LAUNCH(plan.blocks, kThreads, layout->bytes(), stream, kernel)(
+          lv, r.data_ptr<T>(), lvp, pr, plan.chunk, plan.chunks, *layout, plan.tasks, out.data_ptr<scalar_t>());
     } else {
       INSLOC_LAUNCH(blocks_for(total), kThreads, 0, stream, roi_align_forward_kernel<scalar_t, T>)(
           lv, r.data_ptr<T>(), lvp, pr, channel_fastest, cpt, total, out.data_ptr<scalar_t>());
@@ -781,11 +778,9 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
         const int bands = std::max(1, (max_h + kBandRows - 1) / kBandRows);
         INSLOC_EMU_NOTE("roi_align: separable deterministic backward");
         const auto kernel = roi_align_backward_separable_deterministic_kernel<scalar_t, T>;
-        const int64_t wave = separable_wave(kernel, layout->bytes(), device);
-        const int chunk = separable_chunk(channels_last, L * B * bands, C, wave);
-        const int64_t chunks = (C + chunk - 1) / chunk, tasks = L * B * bands * chunks;
-        INSLOC_LAUNCH(separable_blocks(tasks, wave), kThreads, layout->bytes(), stream, kernel)(
-            lv, r.data_ptr<T>(), lvp, pr, chunk, chunks, bands, *layout, tasks, g.data_ptr<scalar_t>());
+        const SeparablePlan plan = separable_plan(kernel, layout->bytes(), channels_last, L * B * bands, C, device);
+        INSLOC_LAUNCH(plan.blocks, kThreads, layout->bytes(), stream, kernel)(
+            lv, r.data_ptr<T>(), lvp, pr, plan.chunk, plan.chunks, bands, *layout, plan.tasks, g.data_ptr<scalar_t>());
         INSLOC_LAUNCH_CHECK();
       } else if (deterministic) {
         const int bands = std::max(1, (max_h + kRowsPerThread - 1) / kRowsPerThread);
@@ -798,11 +793,9 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
       } else if (layout) {
         INSLOC_EMU_NOTE("roi_align: separable backward");
         const auto kernel = roi_align_backward_separable_kernel<scalar_t, T>;
-        const int64_t wave = separable_wave(kernel, layout->bytes(), device);
-        const int chunk = separable_chunk(channels_last, pr.pairs, C, wave);
-        const int64_t chunks = (pr.C + chunk - 1) / chunk, tasks = pr.pairs * chunks;
-        INSLOC_LAUNCH(separable_blocks(tasks, wave), kThreads, layout->bytes(), stream, kernel)(
-            lv, r.data_ptr<T>(), lvp, pr, chunk, chunks, *layout, tasks, g.data_ptr<scalar_t>());
+        const SeparablePlan plan = separable_plan(kernel, layout->bytes(), channels_last, pr.pairs, C, device);
+        INSLOC_LAUNCH(plan.blocks, kThreads, layout->bytes(), stream, kernel)(
+            lv, r.data_ptr<T>(), lvp, pr, plan.chunk, plan.chunks, *layout, plan.tasks, g.data_ptr<scalar_t>());
         INSLOC_LAUNCH_CHECK();
       } else {
         const int cpt = channels_per_thread(channels_last, pr, device);
