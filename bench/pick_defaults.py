@@ -90,19 +90,29 @@ def read_tests(paths, results=None):
     return results
 
 
+def test_modules(folder):
+    """The test modules of a gpu_tests folder: those with files there, and every op's own module."""
+    found = {f.split(".")[0] for f in os.listdir(folder)} if os.path.isdir(folder) else set()
+    return sorted(found | {m for *_, m in OPS.values()})
+
+
+def exit_status(stem):
+    """The exit status in STEM.rc (as written), or None when there is none."""
+    if not os.path.exists(stem + ".rc"):
+        return None
+    with open(stem + ".rc") as fh:
+        return fh.read().strip()
+
+
 def read_test_runs(outdir):
     """(tests as read_tests, {(module, backend): [why its tests did not all finish]}) from OUTDIR/gpu_tests: each
     op's test module and every other module found there must have a finished process for every selection."""
     folder = os.path.join(outdir, "gpu_tests")
-    found = {f.split(".")[0] for f in os.listdir(folder)} if os.path.isdir(folder) else set()
     tests, unfinished = {}, {}
-    for module in sorted(found | {m for *_, m in OPS.values()}):
+    for module in test_modules(folder):
         for selection, (_, backends) in TEST_SELECTIONS.items():
             stem = os.path.join(folder, f"{module}.{selection}")
-            status, why = None, None
-            if os.path.exists(stem + ".rc"):
-                with open(stem + ".rc") as fh:
-                    status = fh.read().strip()
+            status, why = exit_status(stem), None
             if status is None:
                 why = "no exit status"
             elif status not in FINISHED:
@@ -232,14 +242,10 @@ def render_settings(outdir):
     """Markdown: per test module, its settings process (tests of opt-in settings): how it ended, and the tests
     its JUnit XML holds (passed / failed / skipped, failures by name; what ran before a stop included)."""
     folder = os.path.join(outdir, "gpu_tests")
-    found = {f.split(".")[0] for f in os.listdir(folder)} if os.path.isdir(folder) else set()
     lines = []
-    for module in sorted(found | {m for *_, m in OPS.values()}):
+    for module in test_modules(folder):
         stem = os.path.join(folder, f"{module}.{SETTINGS}")
-        status = None
-        if os.path.exists(stem + ".rc"):
-            with open(stem + ".rc") as fh:
-                status = fh.read().strip()
+        status = exit_status(stem)
         try:
             t = read_tests([stem + ".xml"]).get((module, SETTINGS))
         except (OSError, ET.ParseError) as e:
