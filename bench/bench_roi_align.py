@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import insloc_ops  # noqa: E402
 from bench import baselines  # noqa: E402
-from bench.common import Recorder, peak_extra_mb, time_ms  # noqa: E402
+from bench.common import Recorder, environ, peak_extra_mb, time_ms  # noqa: E402
 from insloc_ops._backend import is_available  # noqa: E402
 
 OP = "roi_align_multilevel"
@@ -90,21 +90,6 @@ def deterministic_algorithms(on):
 
 # Environment that selects the CUDA kernel's separable forward and backward (csrc/cuda/roi_align.cu).
 SEPARABLE_ENV = {"INSLOC_OPS_CUDA_ROI_FORWARD": "separable", "INSLOC_OPS_CUDA_ROI_BACKWARD": "separable"}
-
-
-@contextlib.contextmanager
-def environ(changes=None):
-    """os.environ updated with ``changes`` for the block (the CUDA kernels read their settings per call)."""
-    before = {k: os.environ.get(k) for k in changes or {}}
-    os.environ.update(changes or {})
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def bench_shape(rec, name, inp, impls, device, reps, max_seconds):

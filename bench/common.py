@@ -3,6 +3,7 @@
 Every op benchmark compares the fused op and its baseline side by side in one run and appends rows
 (one per implementation x shape x pass) to a CSV that names the device and the versions.
 """
+import contextlib
 import csv
 import datetime
 import os
@@ -123,3 +124,18 @@ class Recorder:
                 w.writeheader()
             w.writerows(self.rows[self.written:])
         self.written = len(self.rows)
+
+
+@contextlib.contextmanager
+def environ(changes=None):
+    """os.environ updated with ``changes`` for the block (the CUDA kernels read their settings per call)."""
+    before = {k: os.environ.get(k) for k in changes or {}}
+    os.environ.update(changes or {})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

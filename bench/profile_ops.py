@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import insloc_ops  # noqa: E402
 from bench import baselines  # noqa: E402
 from bench import bench_infonce, bench_roi_align  # noqa: E402
-from bench.common import environment, time_ms  # noqa: E402
+from bench.common import environ, environment, time_ms  # noqa: E402
 
 STREAM_CALLS = 20
 
@@ -44,7 +44,7 @@ def roi_cases(device):
             impls.append(("cuda-separable", bench_roi_align.fused("cuda"), bench_roi_align.SEPARABLE_ENV))
         for impl, fn, env in impls:
             def call(fn=fn, inp=inp, feats=feats, grad=grad, amp=amp, env=env):
-                with bench_roi_align.environ(env):  # the kernels read it in the backward too
+                with environ(env):  # the kernels read it in the backward too
                     with torch.autocast(device, torch.bfloat16, enabled=amp):
                         out = fn(inp, feats)
                     return torch.autograd.grad(out, feats, grad)
@@ -60,7 +60,7 @@ def infonce_cases(device):
             env = {"INSLOC_OPS_CUDA_INFONCE_PIPELINE": "1" if impl == "cuda-pipelined" else "0"}
 
             def call(fn=fn, q=q, k=k, queue=queue, env=env):
-                with bench_roi_align.environ(env):
+                with environ(env):
                     return torch.autograd.grad(fn(q, k, queue, bench_infonce.TEMPERATURE).sum(), (q, k))
             yield "queue_infonce", shape, impl, "both", call
 
