@@ -9,10 +9,10 @@
 # TORCH_CUDA_ARCH_LIST defaults to the local GPU's architecture to keep the build short.
 # Time limits, so that one slow step cannot take the others' time: DEADLINE_S (whole script, default 420 s),
 # TESTS_S (the gpu tests, 200 s), BENCH_S (each op benchmark, 80 s), TRAIN_S (the training step, 45 s),
-# PROFILE_S (bench/profile_ops.py, 60 s; on CUDA only), SANITIZE_S (memcheck, with SANITIZE=1, 90 s). A step
-# gets the smaller of its own limit and what is left before the deadline (less 20 s for the summary); a
-# stopped step keeps what it wrote, and pick_defaults.py lets no backend qualify from unfinished tests or
-# benchmarks.
+# PROFILE_S (bench/profile_ops.py, 60 s; on CUDA only), HOST_S (bench/bench_host.py, 30 s; on CUDA only),
+# SANITIZE_S (memcheck, with SANITIZE=1, 90 s). A step gets the smaller of its own limit and what is left
+# before the deadline (less 20 s for the summary); a stopped step keeps what it wrote, and pick_defaults.py
+# lets no backend qualify from unfinished tests or benchmarks.
 # A dry run of the script's plumbing without a GPU (tests/test_bench.py does this): SKIP_BUILD=1 uses the installed
 # build, BENCH_DEVICE=cpu benchmarks on the CPU, QUICK=1 passes --quick to the benchmarks.
 set -uo pipefail
@@ -162,10 +162,18 @@ if [[ -f bench/profile_ops.py && "$BENCH_DEVICE" == cuda ]]; then
     >"$OUT/profile.log" 2>&1 || echo "profile_ops.py: exit $? (see profile.log)"
 fi
 
+if [[ -f bench/bench_host.py && "$BENCH_DEVICE" == cuda ]]; then
+  step "host cost"
+  # Host work per call at tiny shapes, fused and baseline (see bench/bench_host.py); informs, decides nothing.
+  timeout -k 10 "$(budget "${HOST_S:-30}")" "$PY" bench/bench_host.py --device cuda --out "$OUT/host.csv" \
+    >"$OUT/host.log" 2>&1 || echo "bench_host.py: exit $? (see host.log)"
+fi
+
 step "summary"
 echo "gpu tests exit $tests_rc; benchmarks exit $bench_rc"
 [[ -f "$OUT/ops.md" ]] && cat "$OUT/ops.md"
 [[ -f "$OUT/profile.log" ]] && cat "$OUT/profile.log"
+[[ -f "$OUT/host.log" ]] && cat "$OUT/host.log"
 # Which backend each op may default to on CUDA (verified by the tests above, and faster in every benchmark row).
 "$PY" bench/pick_defaults.py "$OUT" | tee "$OUT/defaults.md"
 exit $(( tests_rc || bench_rc ))

@@ -5,10 +5,12 @@ longer launching than its kernels run is timed at its launch cost. This script r
 implementation (forward+backward, forward alone for the anchors):
   latency  median of single calls, as the benchmarks time them (GPU idle before each);
   stream   per-call time of 20 back-to-back calls between two events (host and GPU overlap, as in training);
+  host     the host's wall time per call in those 20 calls (it waits for the GPU there only where a call
+           itself syncs, e.g. a baseline that selects by a mask);
   gpu      the call's kernel time, from torch.profiler (the sum of its kernels' durations);
   kernels  kernel launches per call.
-Where latency and stream are both well above gpu, the host is the bottleneck; where stream is near gpu, the
-kernels are. Rows go to --out (CSV) and to stdout.
+Where latency and stream are both well above gpu, the host is the bottleneck (host says how much of it is
+ours to save); where stream is near gpu, the kernels are. Rows go to --out (CSV) and to stdout.
 
     python bench/profile_ops.py --out OUT/profile.csv
 """
@@ -17,6 +19,7 @@ import csv
 import os
 import statistics
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -78,16 +81,21 @@ def anchor_cases(device):
 
 
 def stream_ms(fn, reps=5):
-    times = []
+    """(stream, host): medians over reps of STREAM_CALLS back-to-back calls, the GPU's time per call
+    between two events, and the host's (wall time until the last call returned, before the sync: the
+    launch queue holds a few hundred launches, so the host waits for the GPU only where a call syncs)."""
+    times, host = [], []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
+        t0 = time.perf_counter()
         for _ in range(STREAM_CALLS):
             fn()
+        host.append((time.perf_counter() - t0) * 1e3 / STREAM_CALLS)
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / STREAM_CALLS)
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(host)
 
 
 def kernel_time(fn, calls=10):
@@ -118,23 +126,24 @@ def main():
     device = "cuda"
     env = environment()
     makers = {"roi": roi_cases, "infonce": infonce_cases, "anchors": anchor_cases}
-    fields = ["op", "shape", "impl", "pass", "latency_ms", "stream_ms", "gpu_ms", "kernels_per_call", "top_kernels_ms",
-              *env]
+    fields = ["op", "shape", "impl", "pass", "latency_ms", "stream_ms", "host_ms", "gpu_ms", "kernels_per_call",
+              "top_kernels_ms", *env]
     with open(args.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
-        print(f"{'op':22s} {'shape':16s} {'impl':20s} {'latency':>8s} {'stream':>8s} {'gpu':>8s} {'launches':>8s}")
+        print(f"{'op':22s} {'shape':16s} {'impl':20s} {'latency':>8s} {'stream':>8s} {'host':>8s} {'gpu':>8s} "
+              f"{'launches':>8s}")
         for which in args.ops.split(","):
             for op, shape, impl, pass_, fn in makers[which](device):
                 latency = time_ms(fn, device, reps=30, warmup=5, max_seconds=5.0)[0]
-                stream = stream_ms(fn)
+                stream, host = stream_ms(fn)
                 gpu, launches, top = kernel_time(fn)
                 w.writerow({"op": op, "shape": shape, "impl": impl, "pass": pass_, "latency_ms": f"{latency:.4f}",
-                            "stream_ms": f"{stream:.4f}", "gpu_ms": f"{gpu:.4f}",
+                            "stream_ms": f"{stream:.4f}", "host_ms": f"{host:.4f}", "gpu_ms": f"{gpu:.4f}",
                             "kernels_per_call": f"{launches:.1f}", "top_kernels_ms": top, **env})
                 fh.flush()
-                print(f"{op:22s} {shape:16s} {impl:20s} {latency:8.3f} {stream:8.3f} {gpu:8.3f} {launches:8.1f}",
-                      flush=True)
+                print(f"{op:22s} {shape:16s} {impl:20s} {latency:8.3f} {stream:8.3f} {host:8.3f} {gpu:8.3f} "
+                      f"{launches:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,9 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
         return _eager.roi_align_multilevel.apply(suffix, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned),
                                                  *features)
     op = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)
+    if _eager.skips_autograd(*features):
+        with _eager.below_autograd():
+            return op(features, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned))
     return op(features, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned))
 
 

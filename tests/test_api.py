@@ -135,6 +135,27 @@ def test_no_gradient_reaches_the_rois(backend):
     assert rois.grad is None and feats[0].grad is not None
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_call_that_needs_no_gradient_gives_the_same_values_and_no_graph(backend):
+    # Fused calls needing no gradient run below autograd (insloc_ops._eager.skips_autograd); their values
+    # must be those of a differentiable call, and boxes that require grad alone (no gradient ever reaches
+    # them) give an output outside any graph, as the reference's.
+    feats = [f.requires_grad_() for f in _feats()]
+    graph = insloc_ops.roi_align_multilevel(feats, ROIS, 7, SCALES, backend=backend)
+    with torch.no_grad():
+        plain = insloc_ops.roi_align_multilevel(feats, ROIS, 7, SCALES, backend=backend)
+    rois_only = insloc_ops.roi_align_multilevel([f.detach() for f in feats], ROIS.clone().requires_grad_(), 7,
+                                                SCALES, backend=backend)
+    assert graph.requires_grad and not plain.requires_grad and not rois_only.requires_grad
+    assert torch.equal(graph.detach(), plain) and torch.equal(plain, rois_only)
+    g = torch.Generator().manual_seed(3)
+    q, k, queue = (torch.randn(*shape, generator=g) for shape in ((2, 5, 16), (2, 5, 16), (2, 40, 16)))
+    with torch.no_grad():
+        loss = insloc_ops.queue_infonce(q.requires_grad_(), k, queue, 0.2, reduction="none", backend=backend)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, insloc_ops.reference.queue_infonce(q.detach(), k, queue, 0.2)[0])
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_anchor_inputs_are_judged_as_the_kernels_see_them(backend):
     if backend not in insloc_ops.available_backends()["sample_anchor_boxes"].get("cpu", []):

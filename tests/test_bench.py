@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import insloc_ops
 from bench import pick_defaults, run_all
 
 ROOT = os.path.dirname(run_all.HERE)
@@ -317,7 +318,8 @@ def test_gpu_test_selections_split_every_gpu_test_once():
     assert sorted(seen) == sorted(everything) and len(everything) > 100
 
 
-@pytest.mark.parametrize("script", run_all.OP_BENCHMARKS + ["bench_train_step.py", "run_all.py", "pick_defaults.py"])
+@pytest.mark.parametrize("script", run_all.OP_BENCHMARKS + ["bench_train_step.py", "run_all.py", "pick_defaults.py",
+                                    "bench_host.py", "profile_ops.py"])
 def test_benchmark_scripts_start_as_scripts(script, tmp_path):
     # As `python bench/<script>` from another folder: sys.path is then a user's, not pytest's (which puts
     # tests/ on it, so a benchmark importing a test module that imports conftest works only here).
@@ -384,6 +386,22 @@ def test_device_check_stops_before_the_build_without_pytest(tmp_path):
     assert "cannot import: pytest." in proc.stdout and "WHEELS=DIR" in proc.stdout
     assert "== build" not in proc.stdout and not (out / "gpu_tests").exists()
     assert "\ntorchvision " in (out / "env.txt").read_text()
+
+
+def test_host_benchmark_rows_for_every_op_and_pass(tmp_path):
+    import bench.bench_host as host
+
+    host.main(["--device", "cpu", "--quick", "--out", str(tmp_path / "host.csv")])
+    with open(tmp_path / "host.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    got = {(r["op"], r["impl"], r["pass"]) for r in rows}
+    for op, pass_ in (("roi_align_multilevel", "forward"), ("roi_align_multilevel", "fwd+bwd"),
+                      ("queue_infonce", "forward"), ("queue_infonce", "fwd+bwd"), ("sample_anchor_boxes", "forward")):
+        assert (op, "baseline", pass_) in got
+        if "cpu" in insloc_ops.available_backends()[op]["cpu"]:  # the C++ kernels are built
+            assert (op, "cpu", pass_) in got
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert all(r["speedup_vs_baseline"] for r in rows if r["impl"] != "baseline")
 
 
 def test_infonce_peak_bandwidth_from_the_device_name():

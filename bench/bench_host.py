@@ -1,0 +1,116 @@
+"""Host cost per call: each op's public function at tiny shapes, where the kernels' own work is small.
+
+On a GPU the calls are issued back to back without a sync between them (the launch queue absorbs the
+kernels), so a call's wall time is the host's work: argument checks, backend selection, dispatch, autograd,
+allocations and launches. At the benchmark shapes that cost hides under the kernels or adds to them
+(bench/profile_ops.py splits the two there); here it stands alone. On a CPU the tiny kernels run inside the
+call, so the rows are host work plus a little kernel time. Baselines, side by side: four
+torchvision.ops.roi_align calls + stack, the materialised-logits InfoNCE, the IoU-matrix argmax anchor
+sampler. Rows (milliseconds per call) go to --out, in the op benchmarks' CSV format.
+
+    python bench/bench_host.py [--device cpu|cuda] [--threads 2] [--quick] [--out bench/results/host.csv]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import insloc_ops  # noqa: E402
+from bench import baselines  # noqa: E402
+from bench.common import Recorder  # noqa: E402
+
+BACKENDS = ("cpu", "cuda", "triton")
+
+
+def host_ms(fn, device, calls=100, batches=15, warmup=20):
+    """(median, p20, p80, batches) of the wall time per call over batches of ``calls`` calls; the device is
+    synced between batches, outside the timed part."""
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    per_call = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - t0) * 1e3 / calls)
+        sync()
+    q = statistics.quantiles(per_call, n=5)
+    return statistics.median(per_call), q[0], q[-1], batches
+
+
+def roi_cases(device):
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 8, s, s, generator=g).to(device).requires_grad_() for s in (16, 8, 4, 2)]
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    xy = torch.rand(4, 2, generator=g) * 40
+    rois = torch.cat([torch.tensor([[0.], [1.], [0.], [1.]]), xy, xy + 20], 1).to(device)
+    impls = {"baseline": lambda: baselines.roi_align_torchvision(feats, rois, 7, scales)}
+    for b in BACKENDS:
+        if insloc_ops._backend.is_available("roi_align_multilevel", b, device):
+            impls[b] = (lambda b: lambda: insloc_ops.roi_align_multilevel(feats, rois, 7, scales, backend=b))(b)
+    return "roi_align_multilevel", "4 levels, 4 RoIs", feats, impls
+
+
+def infonce_cases(device):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 4, 16, generator=g).to(device).requires_grad_()
+    k = torch.randn(4, 4, 16, generator=g).to(device)
+    queue = torch.randn(4, 64, 16, generator=g).to(device)
+    impls = {"baseline": lambda: baselines.queue_infonce_materialised(q, k, queue, 0.2)}
+    for b in BACKENDS:
+        if insloc_ops._backend.is_available("queue_infonce", b, device):
+            impls[b] = (lambda b: lambda: insloc_ops.queue_infonce(q, k, queue, 0.2, backend=b))(b)
+    return "queue_infonce", "G=4 N=4 K=64 D=16", [q], impls
+
+
+def anchor_cases(device):
+    g = torch.Generator().manual_seed(0)
+    gt, anchors = baselines.random_boxes(4, 64, 64, 8, 32, g), baselines.random_boxes(64, 64, 64, 8, 32, g)
+    gt, anchors = gt.to(device), anchors.to(device)
+    impls = {"baseline": lambda: baselines.sample_anchor_boxes_random_argmax(gt, anchors, 0.5, generator=g)}
+    for b in BACKENDS:
+        if insloc_ops._backend.is_available("sample_anchor_boxes", b, device):
+            impls[b] = (lambda b: lambda: insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, seed=1, backend=b))(b)
+    return "sample_anchor_boxes", "4 boxes x 64 anchors", None, impls
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--quick", action="store_true", help="fewer calls (5 batches of 20)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "host.csv"))
+    args = ap.parse_args(argv)
+    calls, batches = (20, 5) if args.quick else (100, 15)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for make in (roi_cases, infonce_cases, anchor_cases):
+        op, shape, grad_inputs, impls = make(args.device)
+        rec = Recorder(op, args.out)
+        passes = {"forward": False} if grad_inputs is None else {"forward": False, "fwd+bwd": True}
+        for pass_, backward in passes.items():
+            base = None
+            for impl, fn in impls.items():
+                if backward:
+                    def call(fn=fn):
+                        return torch.autograd.grad(fn().sum(), grad_inputs)
+                else:
+                    def call(fn=fn):
+                        with torch.no_grad():
+                            return fn()
+                timing = host_ms(call, args.device, calls, batches)
+                if impl == "baseline":
+                    base = timing[0]
+                rec.add(shape, impl, pass_, timing, baseline_ms=None if impl == "baseline" else base)
+
+
+if __name__ == "__main__":
+    main()
