@@ -71,7 +71,9 @@ def queue_infonce(q, k, queue, temperature, *, reduction="mean", backend=None):
         else:
             loss, _ = getattr(torch.ops.insloc_ops, "queue_infonce" + suffix)(q, k, queue.detach(), float(temperature))
     if reduction == "mean":
-        loss = loss.sum(-1) / max(q.shape[1], 1)  # [G]
+        # [G]. mean: one kernel each way, and its gradient comes back contiguous, so the backward op gets it
+        # without a copy (sum / N took two kernels forward, and handed back an expanded gradient).
+        loss = loss.mean(-1) if q.shape[1] else loss.sum(-1)  # an empty batch gives 0, not nan
     return loss if grouped else loss.squeeze(0)
 
 

@@ -439,6 +439,27 @@ def test_triton_interpreter_fresh_inputs():
         raise AssertionError(f"seed {seed}, shape {shape}: {e}") from e
 
 
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")
+def test_the_mean_loss_hands_the_backward_op_a_contiguous_gradient(monkeypatch):
+    # The GPU backends' backward ops take the per-row gradient as a contiguous [G, N] tensor; the mean's
+    # gradient is one (an expanded one, as sum / N gave, costs a copy kernel per step before the op).
+    from insloc_ops import _eager
+
+    seen = []
+
+    def grads(suffix, grad_loss, *args):
+        seen.append(grad_loss.is_contiguous())
+        return infonce_grads(suffix, grad_loss, *args)
+
+    infonce_grads = _eager.infonce_grads
+    monkeypatch.setattr(_eager, "infonce_grads", grads)
+    q, k, queue = make_inputs(2, 5, 40, 16, seed=0)
+    q.requires_grad_()
+    insloc_ops.queue_infonce(q, k, queue, 0.2, backend="triton").sum().backward()
+    assert seen == [True] and q.grad is not None
+
+
 # GPU: fresh random inputs; the caching allocator is first filled with NaN so that an output element a
 # kernel forgets to write shows up (the ops allocate their own outputs).
 def _poison_cuda_cache():
