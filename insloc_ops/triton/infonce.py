@@ -72,13 +72,13 @@ def _forward_partials(q_ptr, queue_ptr, m_ptr, s_ptr, N, K, D, per_split, splits
 
 
 @triton.jit
-def _backward_dq(q_ptr, queue_ptr, lse_ptr, coef_ptr, dq_ptr, N, K, D, per_split, scale,
+def _backward_dq(q_ptr, queue_ptr, lse_ptr, grad_ptr, dq_ptr, N, K, D, per_split, scale,
                  stride_qg, stride_qn, stride_kg, stride_kk, stride_split,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
     g, split, rows, cols, row_ok, col_ok, q = _program(q_ptr, N, D, stride_qg, stride_qn, BLOCK_N, BLOCK_D, DOT_DTYPE)
     lse = tl.load(lse_ptr + g * N + rows, mask=row_ok, other=0.0)  # [BLOCK_N]
-    coef = tl.load(coef_ptr + g * N + rows, mask=row_ok, other=0.0)  # g_i / T
+    coef = tl.load(grad_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32) * scale  # g_i / T
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     k_begin = split * per_split
     k_end = tl.minimum(K, k_begin + per_split)
@@ -129,13 +129,13 @@ def _forward_combine(q_ptr, k_ptr, m_ptr, s_ptr, loss_ptr, lse_ptr, rows, D, spl
 
 
 @triton.jit
-def _backward_finish(q_ptr, k_ptr, lse_ptr, coef_ptr, acc_ptr, dq_ptr, dk_ptr, rows, D, slots, scale,
+def _backward_finish(q_ptr, k_ptr, lse_ptr, grad_ptr, acc_ptr, dq_ptr, dk_ptr, rows, D, slots, scale,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq = sum of the dq slots + a k and dk = a q, with a = g / T (p_positive - 1) per row."""
     r, r_ok, offs, mask, qv, kv = _rows(q_ptr, k_ptr, rows, D, BLOCK_R, BLOCK_D)
     pos = tl.sum(qv * kv, 1) * scale
     lse = tl.load(lse_ptr + r, mask=r_ok, other=0.0)
-    coef = tl.load(coef_ptr + r, mask=r_ok, other=0.0)
+    coef = tl.load(grad_ptr + r, mask=r_ok, other=0.0).to(tl.float32) * scale  # g / T
     a = coef * (tl.exp(pos - lse) - 1.0)
     dq = a[:, None] * kv
     for slot in range(slots):
@@ -249,7 +249,7 @@ def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
         return torch.empty_like(q), torch.empty_like(k)
     q_c, queue_c = _launch_dtype(q.detach()).contiguous(), _launch_dtype(queue.detach()).contiguous()
     lse32 = lse.detach().float().contiguous()  # G x N
-    coef = (grad_loss.detach().float() / temperature).contiguous()  # g_i / T: G x N
+    grad = grad_loss.detach().contiguous()  # G x N; the kernels scale it by 1 / T
     deterministic = torch.are_deterministic_algorithms_enabled()
     if deterministic:
         dq_acc = torch.empty((splits, G, N, D), device=q.device, dtype=torch.float32)  # per-split partials
@@ -258,7 +258,7 @@ def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
     dot_dtype, precision = _dot_dtype(q, queue)
     if K > 0:
         _backward_dq[(G, n_blocks, splits)](
-            q_c, queue_c, lse32, coef, dq_acc, N, K, D, per_split, 1.0 / temperature,
+            q_c, queue_c, lse32, grad, dq_acc, N, K, D, per_split, 1.0 / temperature,
             q_c.stride(0), q_c.stride(1), queue_c.stride(0), queue_c.stride(1),
             dq_acc.stride(0) if deterministic else 0,
             BLOCK_N=block_n, BLOCK_K=BLOCK_K, BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision,
@@ -270,7 +270,7 @@ def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     block_r, block_d, _, programs = _row_blocks(G * N, D)
-    _backward_finish[(programs,)](q_c, k_c, lse32, coef, dq_acc, dq, dk, G * N, D, dq_acc.shape[0],
+    _backward_finish[(programs,)](q_c, k_c, lse32, grad, dq_acc, dq, dk, G * N, D, dq_acc.shape[0],
                                   1.0 / temperature, BLOCK_R=block_r, BLOCK_D=block_d)
     return dq, dk
 
