@@ -388,7 +388,8 @@ def test_roi_align_sampling_and_alignment(emu, aligned, sampling, mode, kernels,
 def test_roi_align_separable_channel_chunks(emu, sms, channels_last, monkeypatch):
     """The separable kernels' blocks take a chunk of the 19 channels (NCHW; channels_last blocks always take
     32): with one SM 32 (all of them); with 16, 1 for 37 RoIs by level and 4 for 3 levels x 37 RoIs (the last
-    chunk holding 3); with 1000, 1."""
+    chunk holding 3); with 1000, 1. The deterministic backward's chunks are 16 or 32 (its minimum): with 16
+    and 1000 SMs a chunk of 16 and one of 3."""
     use_kernels(monkeypatch, "separable")
     with sm_count(sms, monkeypatch):
         check_roi_align(emu, torch.float32, channels_last, "levels", False, 0, seed=37)
@@ -783,6 +784,18 @@ def test_infonce_pipelined_tiles_give_the_same_bits(emu, queue_dtype, D, monkeyp
             monkeypatch.setenv("INSLOC_OPS_CUDA_INFONCE_PIPELINE", "2")
             with pytest.raises(RuntimeError, match="INSLOC_OPS_CUDA_INFONCE_PIPELINE must be 0 or 1, got '2'"):
                 emu.queue_infonce(q2, k2, queue2, 0.2)
+
+
+@pytest.mark.parametrize("D,fewer", [(128, False), (144, True)])
+def test_infonce_backward_grid_follows_its_occupancy(emu, D, fewer, monkeypatch):
+    """The tensor-core backward sizes its default (atomic) grid for the blocks an SM holds of the kernel it
+    runs, at most 4: here the emulator's occupancy, by shared memory (D = 128: 55 KiB a block, 4 an SM;
+    D = 144: 61 KiB, 3); on a GPU the pipelined kernel's registers allow 3. Values against the reference."""
+    label = "queue_infonce: grid for fewer blocks an SM"
+    before = emu.notes(label)
+    with sm_count(3, monkeypatch), tensor_cores(True, monkeypatch):
+        check_infonce(emu, 2, 9, 700, D, seed=D, deterministic=False)
+    assert (emu.notes(label) > before) == fewer
 
 
 @pytest.mark.parametrize("tc", **TC_MODES)

@@ -565,10 +565,11 @@ __global__ void __launch_bounds__(kTcThreads)
   }
 }
 
-// K splits per (group, row block) for about 4 blocks per SM: enough to fill the GPU when N is small.
-int64_t splits_to_fill(int device, int64_t G, int64_t row_blocks) {
+// K splits per (group, row block) for about per_sm blocks per SM (4, or, for the tensor-core backward, as
+// many as its occupancy allows if fewer): enough to fill the GPU when N is small, in one wave.
+int64_t splits_to_fill(int device, int64_t G, int64_t row_blocks, int per_sm = 4) {
   const int64_t per_k = G * row_blocks;
-  return std::max<int64_t>(1, (4 * gpu::sm_count(device) + per_k - 1) / per_k);
+  return std::max<int64_t>(1, (per_sm * gpu::sm_count(device) + per_k - 1) / per_k);
 }
 
 // INSLOC_OPS_CUDA_INFONCE_PIPELINE (read at every call): "1" runs the pipelined tensor-core kernels where
@@ -582,8 +583,13 @@ bool pipeline_requested() {
 }
 
 template <typename queue_t>
+bool pipeline_applies(bool requested, int64_t D, bool vec) {
+  return requested && vec && prefetch_fits<queue_t>(D);
+}
+
+template <typename queue_t>
 bool pipelined(bool requested, int64_t D, bool vec) {
-  const bool on = requested && vec && prefetch_fits<queue_t>(D);
+  const bool on = pipeline_applies<queue_t>(requested, D, vec);
   if (on) INSLOC_EMU_NOTE("queue_infonce: pipelined tiles");
   return on;
 }
@@ -596,7 +602,7 @@ size_t tc_backward_smem(int64_t D) { return tc_forward_smem(D) + sizeof(float) *
 // every call; "1" or unset: where supported).
 bool use_tensor_cores(const at::Tensor& q, int device) {
   const char* env = std::getenv("INSLOC_OPS_CUDA_INFONCE_TC");
-  TORCH_CHECK(env == nullptr || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+  TORCH_CHECK(env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
               "INSLOC_OPS_CUDA_INFONCE_TC must be 0 or 1, got '", env, "'");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const int64_t D = q.size(2);
@@ -624,6 +630,26 @@ void allow_shared(Kernel kernel, size_t bytes, int device, int64_t D) {
   if (bytes > 48 * 1024) gpu::allow_dynamic_shared(kernel, bytes);
 }
 
+// The blocks an SM holds of the tensor-core backward partials kernel a call will launch, at most 4
+// (splits_to_fill's target). ptxas gives the pipelined one 138-166 registers a thread (sm_90), so an H100 holds
+// 3 of its 128-thread blocks, where a grid sized for 4 would take 1.3 waves; the default one: 4 at D = 128.
+// (The backward's split count only orders fp32 atomics, or, deterministic, is kMaxBackwardSplits.)
+int tc_backward_blocks_per_sm(at::ScalarType queue_type, bool pipeline, int64_t D, bool vec, int device) {
+  int n = 4;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue_type, "queue_infonce_occupancy", [&] {
+    using queue_t = scalar_t;
+    const size_t smem = tc_backward_smem(D);
+    const auto resident = [&](auto kernel) {
+      allow_shared(kernel, smem, device, D);  // the query answers 0 above 48 KiB without it
+      return gpu::resident_blocks(kernel, kTcThreads, smem);
+    };
+    n = pipeline_applies<queue_t>(pipeline, D, vec) ? resident(backward_partials_tc_kernel<queue_t, true>)
+                                                    : resident(backward_partials_tc_kernel<queue_t, false>);
+  });
+  if (n < 4) INSLOC_EMU_NOTE("queue_infonce: grid for fewer blocks an SM");
+  return std::min(n, 4);
+}
+
 std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& queue, double temperature) {
   check_inputs(q, k, queue, temperature);
@@ -641,6 +667,8 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
   const bool tc = use_tensor_cores(q, device);
   const bool pipeline = pipeline_requested();
   int64_t splits, per_split;
+  // 4 blocks an SM: every forward kernel fits 4 on sm_90 (ptxas: at most 125 registers a thread), and the split
+  // count sets the order in which the partials merge, which the pipelined kernels keep bitwise the default's.
   split_k<int64_t>(K, tc ? kTcTile : kTile, splits_to_fill(device, G, row_blocks), splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
   auto part_m = at::empty({G, N, splits}, qa.options());
@@ -701,9 +729,11 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   // Default: as many splits as the forward (enough blocks to fill the GPU), atomics into one buffer.
   // Deterministic: at most kMaxBackwardSplits partials, summed in order by backward_finish_kernel.
   const bool atomic = !at::globalContext().deterministicAlgorithms();
-  const int64_t max_splits = atomic ? splits_to_fill(device, G, row_blocks) : kMaxBackwardSplits;
   const bool tc = use_tensor_cores(q, device);
   const bool pipeline = pipeline_requested();
+  const int per_sm =
+      tc && atomic ? tc_backward_blocks_per_sm(queue.scalar_type(), pipeline, D, aligned16(queue_c), device) : 4;
+  const int64_t max_splits = atomic ? splits_to_fill(device, G, row_blocks, per_sm) : kMaxBackwardSplits;
   int64_t splits, per_split;
   split_k<int64_t>(K, tc ? kTcTile : kTile, max_splits, splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");

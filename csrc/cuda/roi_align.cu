@@ -546,6 +546,7 @@ __global__ void __launch_bounds__(kThreads) roi_align_backward_separable_kernel(
 // read-modify-write (a barrier separates RoIs; no other block writes these elements). Every element sums
 // its RoIs in index order: bitwise repeatable, no atomics, no extra memory.
 constexpr int kBandRows = 32;
+constexpr int kMinDeterministicChunk = 16;  // channels, NCHW (separable_plan; a first guess, not measured)
 
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads) roi_align_backward_separable_deterministic_kernel(
@@ -641,9 +642,10 @@ std::optional<SeparableLayout<T>> separable_layout(const Problem& pr, const Leve
 // How a separable kernel's launch splits its work: `units` (level-RoI pairs, or, deterministic, level-image-band
 // triples) times chunks of `chunk` channels make `tasks`, which `blocks` blocks loop over. A chunk is 32
 // channels on channels_last levels (a warp's accesses then span 32 channels of a pixel), else the most of 32,
-// 16, ..., 1 that still leaves kMinWaves waves of tasks; blocks are at most kMinWaves waves. A wave: the SMs
-// times the blocks an SM holds at once (the kernel's registers and shared memory decide; the emulator counts
-// threads and shared memory only).
+// 16, ..., min_chunk that still leaves kMinWaves waves of tasks, counting only the `busy` units (those with work:
+// the deterministic kernel's bands below a smaller level's height have none); blocks are at most kMinWaves
+// waves. A wave: the SMs times the blocks an SM holds at once (the kernel's registers and shared memory decide;
+// the emulator counts threads and shared memory only).
 struct SeparablePlan {
   int chunk;
   int64_t chunks, tasks;
@@ -652,10 +654,11 @@ struct SeparablePlan {
 
 template <typename Kernel>
 SeparablePlan separable_plan(Kernel kernel, size_t shared_bytes, bool channels_last, int64_t units, int64_t C,
-                             int device) {
+                             int device, int64_t busy = -1, int min_chunk = 1) {
   const int64_t wave = int64_t(gpu::sm_count(device)) * gpu::resident_blocks(kernel, kThreads, shared_bytes);
+  if (busy < 0) busy = units;
   int chunk = 32;
-  while (!channels_last && chunk > 1 && units * ((C + chunk - 1) / chunk) < kMinWaves * wave) chunk /= 2;
+  while (!channels_last && chunk > min_chunk && busy * ((C + chunk - 1) / chunk) < kMinWaves * wave) chunk /= 2;
   const int64_t chunks = (C + chunk - 1) / chunk, tasks = units * chunks;
   return {chunk, chunks, tasks, unsigned(std::max<int64_t>(1, std::min(tasks, kMinWaves * wave)))};
 }
@@ -776,9 +779,14 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
           separable ? separable_layout(pr, lv) : std::optional<SeparableLayout<T>>();
       if (deterministic && layout) {
         const int bands = std::max(1, (max_h + kBandRows - 1) / kBandRows);
+        int64_t busy = 0;  // (level, image, band) tasks below their level's height
+        for (int64_t l = 0; l < L; ++l) busy += B * ((heights[l] + kBandRows - 1) / kBandRows);
         INSLOC_EMU_NOTE("roi_align: separable deterministic backward");
         const auto kernel = roi_align_backward_separable_deterministic_kernel<scalar_t, T>;
-        const SeparablePlan plan = separable_plan(kernel, layout->bytes(), channels_last, L * B * bands, C, device);
+        // Chunks of at least kMinDeterministicChunk channels: a block rebuilds the tables of every RoI that meets
+        // its band, which fewer channels would not pay for.
+        const SeparablePlan plan = separable_plan(kernel, layout->bytes(), channels_last, L * B * bands, C, device,
+                                                  busy, kMinDeterministicChunk);
         INSLOC_LAUNCH(plan.blocks, kThreads, layout->bytes(), stream, kernel)(
             lv, r.data_ptr<T>(), lvp, pr, plan.chunk, plan.chunks, bands, *layout, plan.tasks, g.data_ptr<scalar_t>());
         INSLOC_LAUNCH_CHECK();

@@ -67,6 +67,10 @@ inline void store16(float* p, const float* v) {
 #include <c10/cuda/CUDAStream.h>
 #include <mma.h>  // WMMA (tensor cores); the emulator has its own (csrc/emu/wmma.h)
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #define INSLOC_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
 #define INSLOC_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #define INSLOC_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
@@ -95,12 +99,27 @@ void allow_dynamic_shared(Kernel kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 // Blocks of the kernel an SM of the current device holds at once (registers, shared memory, threads), at
-// least 1.
+// least 1. A kernel over 48 KiB of dynamic shared memory needs allow_dynamic_shared first (else the driver
+// answers 0). Cached per (kernel, threads, bytes, device): the answer never changes, the query costs a few us
+// of host time per launch.
 template <typename Kernel>
 int resident_blocks(Kernel kernel, int threads, size_t shared_bytes) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, shared_bytes, device);
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = cache.find(key);
+    if (found != cache.end()) return found->second;
+  }
   int n = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, shared_bytes));
-  return n > 0 ? n : 1;
+  n = n > 0 ? n : 1;
+  const std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, n);
+  return n;
 }
 // out[0 .. 16 / sizeof(T)) = p[0 .. 16 / sizeof(T)) as one 16-byte load through the read-only path; p must be
 // 16-byte aligned (a GPU faults otherwise), out 16-byte aligned registers.
