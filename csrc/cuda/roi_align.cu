@@ -485,6 +485,25 @@ __global__ void __launch_bounds__(kThreads) roi_align_forward_separable_kernel(
   }
 }
 
+// The digits (hi, mid, lo) of flat indices start, start + stride, ... in the mixed radix (any, mid_n, lo_n),
+// stepped without a division per index (a runtime 32-bit division is about 20 instructions on a GPU): each
+// step adds the stride's digits with carries; a digit plus its step plus a carry stays under twice its radix.
+struct MixedRadix3 {
+  int hi, mid, lo, d_hi, d_mid, d_lo, mid_n, lo_n;
+  __device__ __forceinline__ MixedRadix3(int start, int stride, int mid_n_, int lo_n_)
+      : hi(start / lo_n_ / mid_n_), mid(start / lo_n_ % mid_n_), lo(start % lo_n_), d_hi(stride / lo_n_ / mid_n_),
+        d_mid(stride / lo_n_ % mid_n_), d_lo(stride % lo_n_), mid_n(mid_n_), lo_n(lo_n_) {}
+  __device__ __forceinline__ void next() {
+    lo += d_lo;
+    int carry = lo >= lo_n;
+    lo -= carry * lo_n;
+    mid += d_mid + carry;
+    carry = mid >= mid_n;
+    mid -= carry * mid_n;
+    hi += d_hi + carry;
+  }
+};
+
 // The gradient one RoI's bins send to footprint rows [i0, i1) (all columns) of channels [c0, c0 + nc),
 // from g = its grad at channel c0: one add per element, by the block's threads, consecutive threads on
 // consecutive addresses (the column fastest for NCHW, the channel fastest for channels_last). Atomic, or a
@@ -496,18 +515,15 @@ __device__ __forceinline__ void add_footprint_gradient(const LevelTable<T*, T>& 
   const bool cl = lv.channels_last[fp.level];
   // 32-bit indices: tables within kSeparableSharedBytes bound the footprint (with fp32 tables and one bin
   // a side, fh + fw <= 4094, so fh * fw < 2^22) and nc <= 32, so nc * pixels + blockDim.x < 2^31.
-  const int pixels = (i1 - i0) * fp.fw;
+  const int rows = i1 - i0;
+  if (rows <= 0 || fp.fw <= 0 || nc <= 0) return;
   T* gf = lv.data[fp.level];
-  for (int e = int(threadIdx.x); e < nc * pixels; e += int(blockDim.x)) {
-    int c, px;
-    if (cl) {
-      c = e % nc;
-      px = e / nc;
-    } else {
-      c = e / pixels;
-      px = e % pixels;
-    }
-    const int i = i0 + px / fp.fw, j = px % fp.fw;
+  // Element e is (channel, row, column) in that order for NCHW, (row, column, channel) for channels_last.
+  MixedRadix3 d = cl ? MixedRadix3(int(threadIdx.x), int(blockDim.x), fp.fw, nc)
+                     : MixedRadix3(int(threadIdx.x), int(blockDim.x), rows, fp.fw);
+  for (; d.hi < (cl ? rows : nc); d.next()) {
+    const int c = cl ? d.lo : d.hi;
+    const int i = i0 + (cl ? d.hi : d.mid), j = cl ? d.mid : d.lo;
     const int pf = fp.p_first[i], pl = fp.p_last[i], qf = fp.q_first[j], ql = fp.q_last[j];
     if (pf > pl || qf > ql) continue;  // a row or column between samples that no bin touches
     const scalar_t* gc = g + int64_t(c) * pr.ph * pr.pw;
