@@ -1,8 +1,9 @@
 """Host cost per call: each op's public function at tiny shapes, where the kernels' own work is small.
 
-On a GPU the calls are issued back to back without a sync between them (the launch queue absorbs the
-kernels), so a call's wall time is the host's work: argument checks, backend selection, dispatch, autograd,
-allocations and launches. At the benchmark shapes that cost hides under the kernels or adds to them
+On a GPU the calls are issued back to back without a sync between them, 20 a batch (a few hundred
+launches, which the launch queue absorbs while the GPU keeps up), so a call's wall time is the host's work:
+argument checks, backend selection, dispatch, autograd, allocations and launches (a call that syncs, as a
+baseline selecting by a mask does, waits for the GPU as well). At the benchmark shapes that cost hides under the kernels or adds to them
 (bench/profile_ops.py splits the two there); here it stands alone. On a CPU the tiny kernels run inside the
 call, so the rows are host work plus a little kernel time. Baselines, side by side: four
 torchvision.ops.roi_align calls + stack, the materialised-logits InfoNCE, the IoU-matrix argmax anchor
@@ -90,6 +91,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "host.csv"))
     args = ap.parse_args(argv)
     calls, batches = (20, 5) if args.quick else (100, 15)
+    if torch.device(args.device).type == "cuda":
+        calls, batches = 20, 5 * batches  # the launch queue must not fill within a batch
     if args.threads:
         torch.set_num_threads(args.threads)
     for make in (roi_cases, infonce_cases, anchor_cases):

@@ -102,8 +102,9 @@ def launches(full=False):
                 k = torch.randn(4, N, 128, generator=gen).to(q_dt)
                 queue = torch.randn(4, 1000, 128, generator=gen).to(queue_dt)
                 infonce.queue_infonce(q, k, queue, 0.2)
-                lse = torch.zeros(4, N)
-                infonce.queue_infonce_backward(torch.ones(4, N), q, k, queue, lse, 0.2)
+                acc = infonce._acc(q)  # the loss's dtype, hence its gradient's: fp64 for fp64 inputs
+                lse = torch.zeros(4, N, dtype=acc)
+                infonce.queue_infonce_backward(torch.ones(4, N, dtype=acc), q, k, queue, lse, 0.2)
         # RoIAlign: dtypes x layout x aligned x by-level, two pooled sizes.
         sizes = [(16, 16), (8, 8), (4, 4), (2, 2)]
         dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -726,7 +726,8 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   const auto queue_c = queue.detach().contiguous();
   const int64_t row_blocks = (N + kRows - 1) / kRows;
   const int device = q.get_device();
-  // Default: as many splits as the forward (enough blocks to fill the GPU), atomics into one buffer.
+  // Default: splits for about 4 blocks an SM, or as many as the kernel's occupancy allows if fewer (enough
+  // blocks to fill the GPU in one wave), atomics into one buffer.
   // Deterministic: at most kMaxBackwardSplits partials, summed in order by backward_finish_kernel.
   const bool atomic = !at::globalContext().deterministicAlgorithms();
   const bool tc = use_tensor_cores(q, device);
