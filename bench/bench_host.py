@@ -3,11 +3,11 @@
 On a GPU the calls are issued back to back without a sync between them, 20 a batch (a few hundred
 launches, which the launch queue absorbs while the GPU keeps up), so a call's wall time is the host's work:
 argument checks, backend selection, dispatch, autograd, allocations and launches (a call that syncs, as a
-baseline selecting by a mask does, waits for the GPU as well). At the benchmark shapes that cost hides under the kernels or adds to them
-(bench/profile_ops.py splits the two there); here it stands alone. On a CPU the tiny kernels run inside the
-call, so the rows are host work plus a little kernel time. Baselines, side by side: four
-torchvision.ops.roi_align calls + stack, the materialised-logits InfoNCE, the IoU-matrix argmax anchor
-sampler. Rows (milliseconds per call) go to --out, in the op benchmarks' CSV format.
+baseline selecting by a mask does, waits for the GPU as well). At the benchmark shapes that cost hides under
+the kernels or adds to them (bench/profile_ops.py splits the two there); here it stands alone. On a CPU the
+tiny kernels run inside the call, so the rows are host work plus a little kernel time. Baselines, side by
+side: four torchvision.ops.roi_align calls + stack, the materialised-logits InfoNCE, the IoU-matrix argmax
+anchor sampler. Rows (milliseconds per call) go to --out, in the op benchmarks' CSV format.
 
     python bench/bench_host.py [--device cpu|cuda] [--threads 2] [--quick] [--out bench/results/host.csv]
 """
@@ -47,16 +47,23 @@ def host_ms(fn, device, calls=100, batches=15, warmup=20):
     return statistics.median(per_call), q[0], q[-1], batches
 
 
+def with_fused(op, device, baseline, fused):
+    """{"baseline": baseline, backend: a call of ``fused(backend)`` for each backend available here}."""
+    impls = {"baseline": baseline}
+    for b in BACKENDS:
+        if insloc_ops._backend.is_available(op, b, device):
+            impls[b] = (lambda b: lambda: fused(b))(b)
+    return impls
+
+
 def roi_cases(device):
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(2, 8, s, s, generator=g).to(device).requires_grad_() for s in (16, 8, 4, 2)]
     scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
     xy = torch.rand(4, 2, generator=g) * 40
     rois = torch.cat([torch.tensor([[0.], [1.], [0.], [1.]]), xy, xy + 20], 1).to(device)
-    impls = {"baseline": lambda: baselines.roi_align_torchvision(feats, rois, 7, scales)}
-    for b in BACKENDS:
-        if insloc_ops._backend.is_available("roi_align_multilevel", b, device):
-            impls[b] = (lambda b: lambda: insloc_ops.roi_align_multilevel(feats, rois, 7, scales, backend=b))(b)
+    impls = with_fused("roi_align_multilevel", device, lambda: baselines.roi_align_torchvision(feats, rois, 7, scales),
+                       lambda b: insloc_ops.roi_align_multilevel(feats, rois, 7, scales, backend=b))
     return "roi_align_multilevel", "4 levels, 4 RoIs", feats, impls
 
 
@@ -65,10 +72,8 @@ def infonce_cases(device):
     q = torch.randn(4, 4, 16, generator=g).to(device).requires_grad_()
     k = torch.randn(4, 4, 16, generator=g).to(device)
     queue = torch.randn(4, 64, 16, generator=g).to(device)
-    impls = {"baseline": lambda: baselines.queue_infonce_materialised(q, k, queue, 0.2)}
-    for b in BACKENDS:
-        if insloc_ops._backend.is_available("queue_infonce", b, device):
-            impls[b] = (lambda b: lambda: insloc_ops.queue_infonce(q, k, queue, 0.2, backend=b))(b)
+    impls = with_fused("queue_infonce", device, lambda: baselines.queue_infonce_materialised(q, k, queue, 0.2),
+                       lambda b: insloc_ops.queue_infonce(q, k, queue, 0.2, backend=b))
     return "queue_infonce", "G=4 N=4 K=64 D=16", [q], impls
 
 
@@ -76,10 +81,9 @@ def anchor_cases(device):
     g = torch.Generator().manual_seed(0)
     gt, anchors = baselines.random_boxes(4, 64, 64, 8, 32, g), baselines.random_boxes(64, 64, 64, 8, 32, g)
     gt, anchors = gt.to(device), anchors.to(device)
-    impls = {"baseline": lambda: baselines.sample_anchor_boxes_random_argmax(gt, anchors, 0.5, generator=g)}
-    for b in BACKENDS:
-        if insloc_ops._backend.is_available("sample_anchor_boxes", b, device):
-            impls[b] = (lambda b: lambda: insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, seed=1, backend=b))(b)
+    impls = with_fused("sample_anchor_boxes", device,
+                       lambda: baselines.sample_anchor_boxes_random_argmax(gt, anchors, 0.5, generator=g),
+                       lambda b: insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, seed=1, backend=b))
     return "sample_anchor_boxes", "4 boxes x 64 anchors", None, impls
 
 

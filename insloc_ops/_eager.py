@@ -45,6 +45,15 @@ def skips_autograd(*tensors):
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
+def call_op(op, grad_inputs, *args):
+    """``op(*args)`` for a call that does not take the eager autograd path: below the Autograd key where
+    nothing among ``grad_inputs`` needs a gradient (eager), through it otherwise (compiled or traced)."""
+    if skips_autograd(*grad_inputs):
+        with below_autograd():
+            return op(*args)
+    return op(*args)
+
+
 # Named after the ops they call, so that an autograd graph (grad_fn names) shows which op ran.
 class roi_align_multilevel(torch.autograd.Function):  # noqa: N801
     @staticmethod

@@ -64,12 +64,9 @@ def queue_infonce(q, k, queue, temperature, *, reduction="mean", backend=None):
         suffix = "_triton" if which == "triton" else ""
         if _eager.use_eager_autograd(q, k):
             loss, _ = _eager.queue_infonce.apply(suffix, q, k, queue.detach(), float(temperature))
-        elif _eager.skips_autograd(q, k):
-            with _eager.below_autograd():
-                loss, _ = getattr(torch.ops.insloc_ops, "queue_infonce" + suffix)(q, k, queue.detach(),
-                                                                                  float(temperature))
         else:
-            loss, _ = getattr(torch.ops.insloc_ops, "queue_infonce" + suffix)(q, k, queue.detach(), float(temperature))
+            op = getattr(torch.ops.insloc_ops, "queue_infonce" + suffix)
+            loss, _ = _eager.call_op(op, (q, k), q, k, queue.detach(), float(temperature))
     if reduction == "mean":
         # [G]. mean: one kernel each way, and its gradient comes back contiguous, so the backward op gets it
         # without a copy (sum / N took two kernels forward, and handed back an expanded gradient).

@@ -103,10 +103,7 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
         return _eager.roi_align_multilevel.apply(suffix, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned),
                                                  *features)
     op = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)
-    if _eager.skips_autograd(*features):
-        with _eager.below_autograd():
-            return op(features, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned))
-    return op(features, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned))
+    return _eager.call_op(op, features, features, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned))
 
 
 def fpn_levels(rois, canonical_size=224, canonical_level=4, min_level=2, max_level=5):
