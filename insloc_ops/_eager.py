@@ -5,7 +5,9 @@ and torch.export included, but in eager mode each call through it flattens its a
 fills defaults in Python: about 80 us per call on a 2-core x86-64 CPU (2026-11-27), more than a whole InsLoc-sized
 forward kernel takes on a GPU. These autograd.Functions call the same forward and backward ops with the same
 formulas (the functions in _register.py) and are used only in eager mode, when a gradient is needed; a
-compiled or traced call goes through the op as before.
+compiled or traced call goes through the op as before. They also carry what torch.library has no hook for:
+forward-mode rules (jvp), vmap rules, and a differentiable RoIAlign backward; a call carrying a tangent or
+made under a torch.func transform takes them too.
 
 The forward ops these Functions call, and eager calls that need no gradient, run below the Autograd
 dispatch key (``below_autograd``): there an op registered with ``register_autograd`` finds a Python shim
@@ -18,9 +20,10 @@ costs them nothing measurable.)
 import contextlib
 
 import torch
-from torch.autograd.function import once_differentiable
+import torch.autograd.forward_ad as _fwAD
 
-from ._register import infonce_grads, refuse_second_order, roi_align_grads, roi_align_meta
+from ._register import (infonce_grads, not_differentiable, onepass_grads, refuse_second_order, roi_align_grads,
+                        roi_align_meta)
 
 # torch's own guard for running an op past autograd (torch.library's shims use it to redispatch); a
 # plain call through the Autograd key where a torch build lacks it.
@@ -32,64 +35,312 @@ def below_autograd():
     return _BELOW_AUTOGRAD() if _BELOW_AUTOGRAD is not None else contextlib.nullcontext()
 
 
+def _forward_ad_active():
+    # fwAD.dual_level (which torch.func.jvp and jacfwd enter too) keeps the open level in this global; a
+    # torch without it is asked tensor by tensor.
+    return getattr(_fwAD, "_current_level", 0) >= 0
+
+
+def has_tangent(*tensors):
+    """Whether forward-mode AD is on and one of ``tensors`` carries a tangent (a dual tensor)."""
+    # (torch.func's wrappers are left out: unpack_dual has no vmap rule, and _under_transform routes them)
+    return _forward_ad_active() and any(
+        t is not None and not _wrapped(t) and _fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def use_eager_autograd(*tensors):
-    """Whether a call on ``tensors`` should take the eager autograd path."""
-    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and any(t.requires_grad for t in tensors))
+    """Whether a call on ``tensors`` should take the eager autograd path: a gradient is wanted (grad mode on,
+    an input requires grad), an input carries a forward-mode tangent, or a torch.func transform is on."""
+    if torch.compiler.is_compiling():
+        return False
+    return ((torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or has_tangent(*tensors)
+            or _under_transform(*tensors))
 
 
-def skips_autograd(*tensors):
-    """Whether an eager call on ``tensors`` needs no autograd at all (grad mode off, or no input requiring
-    grad), so that it may run below the Autograd key. Never under torch.compile, which traces the op."""
-    return (not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+_IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+_TRANSFORM_LEVEL = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", lambda: 0)
 
 
-def call_op(op, grad_inputs, *args):
-    """``op(*args)`` for a call that does not take the eager autograd path: below the Autograd key where
-    nothing among ``grad_inputs`` needs a gradient (eager), through it otherwise (compiled or traced)."""
-    if skips_autograd(*grad_inputs):
-        with below_autograd():
-            return op(*args)
-    return op(*args)
+def _wrapped(t):
+    return _IS_WRAPPED is not None and _IS_WRAPPED(t)
 
 
-# Named after the ops they call, so that an autograd graph (grad_fn names) shows which op ran.
+def _under_transform(*tensors):
+    """Whether one of ``tensors`` is a torch.func wrapper (vmap's batched tensors, grad's and jvp's): the
+    Functions below carry the rules those transforms need, the ops alone do not."""
+    return _TRANSFORM_LEVEL() is not None and any(t is not None and _wrapped(t) for t in tensors)
+
+
+def call_op(op, *args):
+    """``op(*args)`` for a call that use_eager_autograd turned away: below the Autograd key in eager mode
+    (nothing there needs autograd), through it under torch.compile (which traces the op)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with below_autograd():
+        return op(*args)
+
+
+def _save(ctx, *tensors):
+    """Saves ``tensors`` for the backward, and for the jvp when forward-mode AD is on."""
+    ctx.save_for_backward(*tensors)
+    if _forward_ad_active():
+        ctx.save_for_forward(*tensors)
+
+
+def _with_ctx_forward(cls):
+    """A twin of ``cls`` (same name, backward and jvp) whose forward takes ctx and calls cls's forward and
+    setup_context. torch.func needs the separate setup_context, but Function.apply then binds each call's
+    arguments to forward's signature with inspect (about 60 us a call on a 2-core x86-64 CPU, 2026-11-28):
+    calls outside torch.func take the twin."""
+    def forward(ctx, *args):
+        output = cls.forward(*args)
+        cls.setup_context(ctx, args, output)
+        return output
+    return type(cls.__name__, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(cls.backward), "jvp": staticmethod(cls.jvp),
+        "__doc__": cls.__doc__})
+
+
+def apply(cls, *args):
+    """``cls.apply(*args)``, through its ctx-forward twin unless a torch.func transform wraps a tensor."""
+    if _under_transform(*(a for a in args if isinstance(a, torch.Tensor))):
+        return cls.apply(*args)
+    return cls.twin.apply(*args)
+
+
+# Named after the ops they call, so that an autograd graph (grad_fn names) shows which op ran. Written with
+# a separate setup_context so that torch.func (grad, vjp, jvp, jacrev) can use them; called through apply().
 class roi_align_multilevel(torch.autograd.Function):  # noqa: N801
+    """Inputs: suffix, rois, levels, spatial_scales, oh, ow, sampling_ratio, aligned, *features."""
     @staticmethod
-    def forward(ctx, suffix, rois, levels, spatial_scales, oh, ow, sampling_ratio, aligned, *features):
+    def forward(suffix, rois, levels, spatial_scales, oh, ow, sampling_ratio, aligned, *features):
         op = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)
         with below_autograd():
-            out = op(list(features), rois, levels, spatial_scales, oh, ow, sampling_ratio, aligned)
-        ctx.suffix = suffix
-        ctx.save_for_backward(rois, levels)
-        ctx.meta = roi_align_meta(features, spatial_scales, sampling_ratio, aligned)
-        return out
+            return op(list(features), rois, levels, spatial_scales, oh, ow, sampling_ratio, aligned)
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        suffix, rois, levels, spatial_scales, oh, ow, sampling_ratio, aligned, *features = inputs
+        ctx.suffix = suffix
+        _save(ctx, rois, levels)
+        ctx.meta = roi_align_meta(features, spatial_scales, sampling_ratio, aligned)
+        ctx.pool = (oh, ow)
+
+    @staticmethod
     def backward(ctx, grad):
         rois, levels = ctx.saved_tensors
-        grads = roi_align_grads(ctx.suffix, grad, rois, levels, ctx.meta)
+        grads = roi_align_backward_call(ctx.suffix, grad, rois, levels, ctx.meta, ctx.pool)
         return (None,) * 8 + tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[8:]))
+
+    @staticmethod
+    def vmap(info, in_dims, suffix, rois, levels, spatial_scales, oh, ow, sampling_ratio, aligned, *features):
+        # Each channel is pooled on its own: the vmapped dimension joins the channels (one launch).
+        if in_dims[1] is not None or in_dims[2] is not None:
+            return _vmap_loop(info, in_dims, roi_align_multilevel, suffix, rois, levels, spatial_scales, oh,
+                              ow, sampling_ratio, aligned, *features)
+        V = info.batch_size
+        folded = []
+        for f, d in zip(features, in_dims[8:]):
+            f = f.movedim(d, 1) if d is not None else f.unsqueeze(1).expand(f.shape[0], V, *f.shape[1:])
+            folded.append(f.flatten(1, 2))
+        meta = roi_align_meta(folded, spatial_scales, sampling_ratio, aligned)
+        out = roi_align_call(suffix, folded, rois, levels, meta, (oh, ow)).unflatten(-3, (V, -1))
+        return out, out.dim() - 4
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        # Linear in the features: the output's tangent is the op applied to their tangents (zeros for a level
+        # without one). The boxes get no derivative, as in the backward.
+        rois, levels = ctx.saved_tensors
+        return roi_align_call(ctx.suffix, _feature_tangents(tangents[8:], ctx.meta), rois, levels, ctx.meta,
+                              ctx.pool)
+
+
+class roi_align_multilevel_backward(torch.autograd.Function):  # noqa: N801
+    """The features' gradients from the output's: linear in it, so its own derivative is the forward op
+    (gradient of a gradient, forward mode over a gradient). Inputs: suffix, rois, levels, meta, pool, grad."""
+    @staticmethod
+    def forward(suffix, rois, levels, meta, pool, grad):
+        with below_autograd():
+            return tuple(roi_align_grads(suffix, grad, rois, levels, meta))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        suffix, rois, levels, meta, pool, _ = inputs
+        ctx.suffix, ctx.meta, ctx.pool = suffix, meta, pool
+        _save(ctx, rois, levels)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        rois, levels = ctx.saved_tensors
+        if all(g is None for g in grad_grads):
+            return None, None, None, None, None, None
+        grad_grads = _feature_tangents(grad_grads, ctx.meta)
+        return None, None, None, None, None, roi_align_call(ctx.suffix, grad_grads, rois, levels, ctx.meta,
+                                                            ctx.pool)
+
+    @staticmethod
+    def vmap(info, in_dims, suffix, rois, levels, meta, pool, grad):
+        if in_dims[1] is not None or in_dims[2] is not None:
+            return _vmap_loop(info, in_dims, roi_align_multilevel_backward, suffix, rois, levels, meta, pool,
+                              grad)
+        V = info.batch_size
+        scales, sampling_ratio, aligned, B, C, heights, widths, _ = meta
+        folded = grad.movedim(in_dims[5], -4).flatten(-4, -3)
+        grads = roi_align_backward_call(suffix, folded, rois, levels,
+                                        (scales, sampling_ratio, aligned, B, V * C, heights, widths, False), pool)
+        return tuple(g.unflatten(1, (V, C)) for g in grads), (1,) * len(grads)
+
+    @staticmethod
+    def jvp(ctx, _suffix, _rois, _levels, _meta, _pool, grad_t):
+        rois, levels = ctx.saved_tensors
+        return tuple(roi_align_backward_call(ctx.suffix, grad_t, rois, levels, ctx.meta, ctx.pool))
+
+
+def _vmap_loop(info, in_dims, cls, *args):
+    """A vmap rule that applies ``cls`` once per vmapped element (for batched boxes or queues) and stacks."""
+    outs = []
+    for i in range(info.batch_size):
+        outs.append(apply(cls, *(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))))
+    if not outs:
+        raise RuntimeError("vmap over an empty dimension is not supported by the fused backends")
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs), 0
+
+
+def _feature_tangents(tangents, meta):
+    """Per-level tangents (or gradients) with zeros where autograd passes None, laid out as the features."""
+    _, _, _, B, C, heights, widths, channels_last = meta
+    known = next(t for t in tangents if t is not None)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [t if t is not None else known.new_zeros((B, C, h, w)).contiguous(memory_format=fmt)
+            for t, h, w in zip(tangents, heights, widths)]
+
+
+def roi_align_call(suffix, features, rois, levels, meta, pool):
+    """The forward op on ``features`` with a recorded call's other arguments, differentiable when needed."""
+    scales, sampling_ratio, aligned = meta[:3]
+    if use_eager_autograd(*features):
+        return apply(roi_align_multilevel, suffix, rois, levels, scales, *pool, sampling_ratio, aligned, *features)
+    op = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)
+    with below_autograd():
+        return op(list(features), rois, levels, scales, *pool, sampling_ratio, aligned)
+
+
+def roi_align_backward_call(suffix, grad, rois, levels, meta, pool):
+    """The backward op, differentiable when ``grad`` needs it (create_graph=True, a transform over it)."""
+    if use_eager_autograd(grad):
+        return apply(roi_align_multilevel_backward, suffix, rois, levels, meta, pool, grad)
+    with below_autograd():
+        return roi_align_grads(suffix, grad, rois, levels, meta)
+
+
+def _fold_rows(V, q, q_dim, k, k_dim):
+    """q, k [G, N, D] vmapped over V -> [G, V * N, D]: InfoNCE's rows are independent. Returns N too."""
+    G, N, D = (q if q_dim is None else q.select(q_dim, 0)).shape
+    q = q.movedim(q_dim, 1) if q_dim is not None else q.unsqueeze(1).expand(G, V, N, D)
+    k = k.movedim(k_dim, 1) if k_dim is not None else k.unsqueeze(1).expand(G, V, N, D)
+    return q.reshape(G, V * N, D), k.reshape(G, V * N, D), N
 
 
 class queue_infonce(torch.autograd.Function):  # noqa: N801
     @staticmethod
-    def forward(ctx, suffix, q, k, queue, temperature):
+    def forward(suffix, q, k, queue, temperature):
         op = getattr(torch.ops.insloc_ops, "queue_infonce" + suffix)
         with below_autograd():
-            loss, lse = op(q, k, queue, temperature)
+            return op(q, k, queue, temperature)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        suffix, q, k, queue, temperature = inputs
+        lse = output[1]
         ctx.suffix, ctx.temperature = suffix, temperature
-        ctx.save_for_backward(q, k, queue, lse)
+        _save(ctx, q, k, queue, lse)
         ctx.mark_non_differentiable(lse)
-        return loss, lse
+
+    @staticmethod
+    def vmap(info, in_dims, suffix, q, k, queue, temperature):
+        if in_dims[3] is not None:
+            return _vmap_loop(info, in_dims, queue_infonce, suffix, q, k, queue, temperature)
+        q, k, N = _fold_rows(info.batch_size, q, in_dims[1], k, in_dims[2])
+        if use_eager_autograd(q, k):
+            loss, lse = apply(queue_infonce, suffix, q, k, queue, temperature)
+        else:
+            with below_autograd():
+                loss, lse = getattr(torch.ops.insloc_ops, "queue_infonce" + suffix)(q, k, queue, temperature)
+        return (loss.unflatten(1, (-1, N)), lse.unflatten(1, (-1, N))), (1, 1)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         # Not once_differentiable: that runs the body under no_grad and lets a constant incoming gradient
         # through create_graph=True; refuse_second_order needs to see the grad mode autograd set.
         q, k, queue, lse = ctx.saved_tensors
-        refuse_second_order(q, k)
+        refuse_second_order(q, k, grad_loss)
         dq, dk = infonce_grads(ctx.suffix, grad_loss, q, k, queue, lse, ctx.temperature)
         return None, dq, dk if ctx.needs_input_grad[2] else None, None, None
+
+    @staticmethod
+    def jvp(ctx, _suffix, q_t, k_t, _queue_t, _temperature):
+        # Row i's loss depends on q_i and k_i alone, so the backward op fed a gradient of ones gives each
+        # row's own derivatives, and the tangent is their dot product with the input tangents (accumulated
+        # in the loss's dtype). The queue gets no derivative (the wrapper detaches it).
+        q, k, queue, lse = ctx.saved_tensors
+        refuse_second_order(q, k, q_t, k_t, autograd=False)
+        with torch.no_grad(), below_autograd():
+            dq, dk = infonce_grads(ctx.suffix, torch.ones_like(lse), q, k, queue, lse, ctx.temperature)
+            loss_t = _row_dots(lse, (dq, q_t), (dk, k_t))
+        return not_differentiable(loss_t, q, k, q_t, k_t), None
+
+
+def _row_dots(like, *pairs):
+    """sum over D of derivative * tangent, per row, in ``like``'s dtype (the loss's: fp32 or fp64)."""
+    out = torch.zeros_like(like)
+    for d, t in pairs:
+        if t is not None:
+            out = out + (d.to(like.dtype) * t.to(like.dtype)).sum(-1)
+    return out
+
+
+class queue_infonce_onepass(torch.autograd.Function):  # noqa: N801
+    """The C++ CPU kernel's training form (see infonce.py): the forward also returns what dq needs."""
+    @staticmethod
+    def forward(q, k, queue, temperature):
+        with below_autograd():
+            return torch.ops.insloc_ops.queue_infonce_onepass(q, k, queue, temperature)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, _, temperature = inputs
+        ctx.temperature = temperature
+        _save(ctx, q, k, output[1], output[2])
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse, grad_neg_mean):
+        q, k, lse, neg_mean = ctx.saved_tensors
+        refuse_second_order(q, k, grad_loss)
+        dq, dk = onepass_grads(grad_loss, q, k, lse, neg_mean, ctx.temperature)
+        return dq, dk if ctx.needs_input_grad[1] else None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, queue, temperature):
+        if in_dims[2] is not None:
+            return _vmap_loop(info, in_dims, queue_infonce_onepass, q, k, queue, temperature)
+        q, k, N = _fold_rows(info.batch_size, q, in_dims[0], k, in_dims[1])
+        loss, lse, neg = apply(queue_infonce_onepass, q, k, queue, temperature)
+        return (loss.unflatten(1, (-1, N)), lse.unflatten(1, (-1, N)), neg.unflatten(1, (-1, N))), (1, 1, 1)
+
+    @staticmethod
+    def jvp(ctx, q_t, k_t, _queue_t, _temperature):
+        q, k, lse, neg_mean = ctx.saved_tensors
+        refuse_second_order(q, k, q_t, k_t, autograd=False)
+        with torch.no_grad(), below_autograd():
+            dq, dk = onepass_grads(torch.ones_like(lse), q, k, lse, neg_mean, ctx.temperature)
+            loss_t = _row_dots(lse, (dq, q_t), (dk, k_t))
+        return not_differentiable(loss_t, q, k, q_t, k_t), None, None
+
+
+for _cls in (roi_align_multilevel, roi_align_multilevel_backward, queue_infonce, queue_infonce_onepass):
+    _cls.twin = _with_ctx_forward(_cls)

@@ -56,6 +56,31 @@ def _roi_align_setup(suffix):
     return setup_context, backward
 
 
+def _roi_align_backward_setup(suffix):
+    """The backward op is linear in the output's gradient: its own gradient is the forward op (double backward,
+    a gradient penalty through RoIAlign)."""
+    def setup_context(ctx, inputs, output):
+        grad, rois, levels, spatial_scales, sampling_ratio, aligned, B, C, heights, widths, channels_last = inputs
+        ctx.save_for_backward(rois, levels)
+        ctx.args = (list(spatial_scales), grad.shape[-2], grad.shape[-1], sampling_ratio, aligned)
+        ctx.like = (B, C, list(heights), list(widths), channels_last)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_grads):
+        rois, levels = ctx.saved_tensors
+        known = [g for g in grad_grads if g is not None]
+        if not known:
+            return (None,) * 11
+        B, C, heights, widths, channels_last = ctx.like
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        grad_grads = [g if g is not None else known[0].new_zeros((B, C, h, w)).contiguous(memory_format=fmt)
+                      for g, h, w in zip(grad_grads, heights, widths)]
+        op = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)
+        return (op(grad_grads, rois, levels, *ctx.args),) + (None,) * 10
+
+    return setup_context, backward
+
+
 def _anchor_fake(gt_boxes, anchors, iou_threshold, seed):
     N = gt_boxes.shape[0]
     return gt_boxes.new_empty((N,), dtype=torch.int64), gt_boxes.new_empty((N,), dtype=torch.float32)
@@ -74,13 +99,65 @@ def _infonce_backward_fake(grad_loss, q, k, queue, lse, temperature):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-def refuse_second_order(q, k):
-    """The fused InfoNCE backwards are not differentiable. Under create_graph=True with a constant incoming
-    gradient (loss.sum()) autograd would take their dq, dk as constants and a second-order term (a gradient
-    penalty) would silently vanish: raise instead."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        raise RuntimeError("queue_infonce: the fused backends have no second-order gradients "
-                           "(create_graph=True); use backend='reference' for those")
+def differentiated_further(*tensors, autograd=True):
+    """Whether what a fused InfoNCE backward or jvp rule computes from ``tensors`` will itself be
+    differentiated: plain autograd records it (create_graph=True, or a jvp's tangent that requires grad), a
+    forward-mode tangent rides on it, or two torch.func grad/jvp transforms wrap it. (One such wrapper is
+    the derivative being taken now: torch.func runs these rules on tensors wrapped at its own level, with grad
+    mode on. vmap's batched wrappers are not derivatives.)"""
+    functorch = getattr(torch._C, "_functorch", None)
+    for t in tensors:
+        if t is None:
+            continue
+        levels = 0
+        while functorch is not None and functorch.is_functorch_wrapped_tensor(t):
+            levels += bool(functorch.is_gradtrackingtensor(t))
+            t = functorch.get_unwrapped(t)
+        if levels > 1 or (autograd and torch.is_grad_enabled() and t.requires_grad):
+            return True
+        if torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent \
+                is not None:
+            return True
+    return False
+
+
+SECOND_ORDER_ERROR = ("queue_infonce: the fused backends have no second-order gradients (create_graph=True, "
+                      "or torch.func transforms over a gradient or a jvp); use backend='reference' for those")
+
+
+def refuse_second_order(*tensors, autograd=True):
+    """The fused InfoNCE backwards (and its forward-mode rule) are not differentiable. Autograd would take
+    their results as constants: a gradient penalty, a Hessian or a jvp of a gradient would silently lose
+    terms. Raise instead. (``autograd=False``: plain autograd is left to the caller; see not_differentiable.)"""
+    if differentiated_further(*tensors, autograd=autograd):
+        raise RuntimeError(SECOND_ORDER_ERROR)
+
+
+class _RefusesBackward(torch.autograd.Function):
+    """Identity on its first input, attached to the others; its backward raises SECOND_ORDER_ERROR."""
+    @staticmethod
+    def forward(t, *inputs):
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(SECOND_ORDER_ERROR)
+
+
+def not_differentiable(t, *inputs):
+    """``t``, computed without a graph from ``inputs``: if plain autograd tracks one of them (grad mode on),
+    ``t`` gets a node that raises SECOND_ORDER_ERROR when a backward reaches it (so that a backward of the
+    other outputs still works). torch.func's wrappers are judged by refuse_second_order instead."""
+    functorch = getattr(torch._C, "_functorch", None)
+    tracked = [x for x in inputs if x is not None and x.requires_grad
+               and not (functorch is not None and functorch.is_functorch_wrapped_tensor(x))]
+    if not (torch.is_grad_enabled() and tracked):
+        return t
+    return _RefusesBackward.apply(t, *tracked)
 
 
 def infonce_grads(suffix, grad_loss, q, k, queue, lse, temperature):
@@ -125,9 +202,14 @@ def _onepass_setup_context(ctx, inputs, output):
 def _onepass_backward(ctx, grad_loss, grad_lse, grad_neg_mean):
     q, k, lse, neg_mean = ctx.saved_tensors
     refuse_second_order(q, k)
-    dq, dk = torch.ops.insloc_ops.queue_infonce_onepass_backward(grad_loss.contiguous(), q, k, lse, neg_mean,
-                                                                 ctx.temperature)
+    dq, dk = onepass_grads(grad_loss, q, k, lse, neg_mean, ctx.temperature)
     return dq, dk, None, None
+
+
+def onepass_grads(grad_loss, q, k, lse, neg_mean, temperature):
+    """(dq, dk) of the one-pass CPU InfoNCE from the per-row loss gradient and its saved sums."""
+    return torch.ops.insloc_ops.queue_infonce_onepass_backward(grad_loss.contiguous(), q, k, lse, neg_mean,
+                                                               temperature)
 
 
 def register():
@@ -136,6 +218,9 @@ def register():
         torch.library.register_fake(_lib("roi_align_multilevel_backward" + suffix))(_roi_align_backward_fake)
         setup, backward = _roi_align_setup(suffix)
         torch.library.register_autograd(_lib("roi_align_multilevel" + suffix), backward, setup_context=setup)
+        setup, backward = _roi_align_backward_setup(suffix)
+        torch.library.register_autograd(_lib("roi_align_multilevel_backward" + suffix), backward,
+                                        setup_context=setup)
 
         torch.library.register_fake(_lib("sample_anchor_boxes" + suffix))(_anchor_fake)
 

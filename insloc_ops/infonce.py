@@ -57,16 +57,20 @@ def queue_infonce(q, k, queue, temperature, *, reduction="mean", backend=None):
     which = select("queue_infonce", q.device, backend)
     if which == "reference":
         loss, _ = reference.queue_infonce(q, k, queue.detach(), float(temperature))
-    elif which == "cpu" and q.requires_grad and torch.is_grad_enabled():
+    elif (which == "cpu" and q.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+          and not _eager.has_tangent(q, k)):
         # Training on CPU: one pass over the queue yields the loss and what dq needs (see the C++ kernel).
+        loss = _eager.apply(_eager.queue_infonce_onepass, q, k, queue.detach(), float(temperature))[0]
+    elif which == "cpu" and q.requires_grad and torch.is_grad_enabled() and not _eager.has_tangent(q, k):
+        # the same, traced by torch.compile through the op's registered autograd
         loss = torch.ops.insloc_ops.queue_infonce_onepass(q, k, queue.detach(), float(temperature))[0]
     else:
         suffix = "_triton" if which == "triton" else ""
         if _eager.use_eager_autograd(q, k):
-            loss, _ = _eager.queue_infonce.apply(suffix, q, k, queue.detach(), float(temperature))
+            loss, _ = _eager.apply(_eager.queue_infonce, suffix, q, k, queue.detach(), float(temperature))
         else:
             op = getattr(torch.ops.insloc_ops, "queue_infonce" + suffix)
-            loss, _ = _eager.call_op(op, (q, k), q, k, queue.detach(), float(temperature))
+            loss, _ = _eager.call_op(op, q, k, queue.detach(), float(temperature))
     if reduction == "mean":
         # [G]. mean: one kernel each way, and its gradient comes back contiguous, so the backward op gets it
         # without a copy (sum / N took two kernels forward, and handed back an expanded gradient).

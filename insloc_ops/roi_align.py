@@ -94,16 +94,17 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
     oh, ow = _pair(output_size)
     scales = [float(s) for s in spatial_scales]
     which = select("roi_align_multilevel", features[0].device, backend)
+    # No derivative reaches the boxes (nor does one of the reference's); boxes that require grad, or that a
+    # torch.func transform wraps, are handed on as constants.
+    rois = rois.detach()
     if which == "reference":
-        # rois.detach(): like the kernels, no gradient flows to the boxes
-        return reference.roi_align_multilevel(features, rois.detach(), (oh, ow), scales, sampling_ratio, aligned,
-                                              levels)
+        return reference.roi_align_multilevel(features, rois, (oh, ow), scales, sampling_ratio, aligned, levels)
     suffix = "_triton" if which == "triton" else ""
     if _eager.use_eager_autograd(*features):
-        return _eager.roi_align_multilevel.apply(suffix, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned),
-                                                 *features)
+        return _eager.apply(_eager.roi_align_multilevel, suffix, rois, levels, scales, oh, ow, sampling_ratio,
+                            bool(aligned), *features)
     op = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)
-    return _eager.call_op(op, features, features, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned))
+    return _eager.call_op(op, features, rois, levels, scales, oh, ow, sampling_ratio, bool(aligned))
 
 
 def fpn_levels(rois, canonical_size=224, canonical_level=4, min_level=2, max_level=5):

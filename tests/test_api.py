@@ -137,7 +137,7 @@ def test_no_gradient_reaches_the_rois(backend):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_a_call_that_needs_no_gradient_gives_the_same_values_and_no_graph(backend):
-    # Fused calls needing no gradient run below autograd (insloc_ops._eager.skips_autograd); their values
+    # Fused calls needing no gradient run below autograd (insloc_ops._eager.call_op); their values
     # must be those of a differentiable call, and boxes that require grad alone (no gradient ever reaches
     # them) give an output outside any graph, as the reference's.
     feats = [f.requires_grad_() for f in _feats()]

@@ -1,0 +1,254 @@
+"""Forward-mode AD, higher-order gradients and torch.func transforms through the public functions.
+
+Every fused backend must give the reference backend's derivatives (the reference is plain PyTorch, so torch
+differentiates it in every mode), or refuse with a clear error: never a silently zero or constant term.
+"""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+import insloc_ops
+from insloc_ops._backend import is_available
+
+ROI_BACKENDS = [b for b in ("cpu", "triton") if is_available("roi_align_multilevel", b, "cpu")]
+NCE_BACKENDS = [b for b in ("cpu", "triton") if is_available("queue_infonce", b, "cpu")]
+SCALES = [1.0, 0.5]
+LEVELS = torch.tensor([0, 1, 1])
+
+
+def roi_problem(dtype=torch.float64, seed=0, channels_last=False):
+    gen = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(2, 3, 8, 8, generator=gen, dtype=dtype), torch.randn(2, 3, 4, 4, generator=gen, dtype=dtype)]
+    if channels_last:
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    rois = torch.tensor([[0, 1.0, 1.0, 6.0, 6.0], [1, 0.0, 2.5, 5.0, 7.5], [1, 2.0, 0.5, 7.5, 4.0]], dtype=dtype)
+    return feats, rois
+
+
+def nce_problem(dtype=torch.float64, G=2, N=3, K=11, D=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(G, N, D, generator=gen, dtype=torch.float64), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(G, N, D, generator=gen, dtype=torch.float64), dim=-1).to(dtype)
+    queue = F.normalize(torch.randn(G, K, D, generator=gen, dtype=torch.float64), dim=-1).to(dtype)
+    return q, k, queue
+
+
+def pool(backend, levels=None, rois=None, size=2):
+    def fn(*feats):
+        return insloc_ops.roi_align_multilevel(list(feats), rois, size, SCALES, sampling_ratio=2, levels=levels,
+                                               backend=backend)
+    return fn
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ROI_BACKENDS)
+@pytest.mark.parametrize("levels", [None, LEVELS])
+def test_roi_align_forward_mode_gives_the_references_tangent(backend, levels):
+    """fwAD dual tensors and torch.func.jvp: the fused op used to give no tangent (or zeros) here."""
+    feats, rois = roi_problem()
+    tangents = [torch.randn_like(f) for f in feats]
+    want = torch.func.jvp(pool("reference", levels, rois), tuple(feats), tuple(tangents))
+    got = torch.func.jvp(pool(backend, levels, rois), tuple(feats), tuple(tangents))
+    close(got[0], want[0])
+    close(got[1], want[1])
+    assert got[1].abs().sum() > 0
+    with fwAD.dual_level():  # a tangent on one level only: the other level counts as zero
+        dual = [fwAD.make_dual(feats[0], tangents[0]), feats[1]]
+        out = fwAD.unpack_dual(pool(backend, levels, rois)(*dual))
+    close(out.tangent, torch.func.jvp(lambda f0: pool("reference", levels, rois)(f0, feats[1]),
+                                      (feats[0],), (tangents[0],))[1])
+
+
+@pytest.mark.parametrize("backend", ROI_BACKENDS)
+def test_roi_align_second_order_gradients_match_the_reference(backend):
+    """The backward is linear in the output's gradient, so it is differentiable too: double backward
+    (create_graph=True) and grad-of-grad through the public function and through the registered op."""
+    feats, rois = roi_problem(channels_last=True)
+
+    def penalty(fn):
+        f = [x.detach().requires_grad_() for x in feats]
+        out = fn(*f)
+        g = torch.autograd.grad((out * out.detach().cos()).square().sum(), f, create_graph=True)
+        return torch.autograd.grad(sum((x.sin() * x).sum() for x in g), f)
+
+    want = penalty(pool("reference", rois=rois))
+    suffix = "_triton" if backend == "triton" else ""
+    raw = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)
+    for fn in (pool(backend, rois=rois), lambda *f: raw(list(f), rois, None, SCALES, 2, 2, 2, True)):
+        got = penalty(fn)
+        for a, b in zip(got, want):
+            close(a, b)
+    assert want[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("transform", ["grad_of_grad", "jacrev", "jacfwd", "hessian", "jvp_of_grad", "jvp_of_jvp"])
+def test_roi_align_under_torch_func_transforms(transform):
+    feats, rois = roi_problem()
+    x = feats[0]
+
+    def run(backend):
+        def scalar(f0):
+            return pool(backend, LEVELS, rois)(f0, feats[1]).square().sum()
+
+        def vector(f0):
+            return pool(backend, None, rois)(f0, feats[1])
+        if transform == "grad_of_grad":
+            return torch.func.grad(lambda f0: torch.func.grad(scalar)(f0).cos().sum())(x)
+        if transform == "jacrev":
+            return torch.func.jacrev(vector)(x)
+        if transform == "jacfwd":
+            return torch.func.jacfwd(vector)(x)
+        if transform == "hessian":
+            return torch.func.hessian(lambda f0: scalar(f0).sin())(x)
+        if transform == "jvp_of_grad":
+            return torch.func.jvp(torch.func.grad(scalar), (x,), (torch.ones_like(x),))[1]
+        return torch.func.jvp(lambda f0: torch.func.jvp(scalar, (f0,), (f0.cos(),))[1], (x,), (torch.ones_like(x),))[1]
+
+    want = run("reference")
+    close(run("cpu"), want)
+    assert want.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ROI_BACKENDS)
+def test_roi_align_vmap_folds_the_batch_into_channels(backend):
+    """vmap over the features (at any dim, mapped or not per level) and a gradient through it."""
+    feats, rois = roi_problem()
+    stacked = torch.stack([feats[0], 2 * feats[0] + 1, -feats[0]], dim=2)  # vmapped dim 2
+
+    def fn(b):
+        return torch.func.vmap(lambda f0: pool(b, LEVELS, rois)(f0, feats[1]), in_dims=2)(stacked)
+    want = fn("reference")
+    close(fn(backend), want)
+    loop = torch.stack([pool(backend, LEVELS, rois)(stacked.select(2, i), feats[1]) for i in range(3)])
+    close(fn(backend), loop)
+    gw = torch.func.grad(lambda s: torch.func.vmap(lambda f0: pool("reference", None, rois)(f0, feats[1]), 2)(s)
+                         .square().sum())(stacked)
+    gg = torch.func.grad(lambda s: torch.func.vmap(lambda f0: pool(backend, None, rois)(f0, feats[1]), 2)(s)
+                         .square().sum())(stacked)
+    close(gg, gw)
+
+
+def nce(backend, reduction="none", k=None, queue=None, q=None):
+    def fn(*args):
+        a = dict(q=q, k=k, queue=queue)
+        names = [n for n in ("q", "k", "queue") if a[n] is None]
+        a.update(zip(names, args))
+        return insloc_ops.queue_infonce(a["q"], a["k"], a["queue"], 0.2, reduction=reduction, backend=backend)
+    return fn
+
+
+@pytest.mark.parametrize("backend", NCE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_queue_infonce_forward_mode_gives_the_references_tangent(backend, dtype, reduction):
+    q, k, queue = nce_problem(dtype)
+    tq, tk = torch.randn_like(q), torch.randn_like(k)
+    want = torch.func.jvp(nce("reference", reduction, queue=queue), (q, k), (tq, tk))
+    got = torch.func.jvp(nce(backend, reduction, queue=queue), (q, k), (tq, tk))
+    # (the Triton kernels take fp64 inputs through fp32 dot products)
+    tol = dict(rtol=1e-7, atol=1e-9) if dtype == torch.float64 and backend != "triton" else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    assert got[1].abs().sum() > 0
+    x = q.clone().requires_grad_()
+    with fwAD.dual_level():  # q alone carries a tangent, and q requires grad too (the CPU training path)
+        out = fwAD.unpack_dual(insloc_ops.queue_infonce(fwAD.make_dual(x, tq), k, queue, 0.2, reduction=reduction,
+                                                        backend=backend))
+    torch.testing.assert_close(out.tangent, torch.func.jvp(nce("reference", reduction, k=k, queue=queue),
+                                                           (q,), (tq,))[1], **tol)
+    # The primal's gradient is there; the tangent's would be second order and refuses (when it is used).
+    (g,) = torch.autograd.grad(out.primal.sum(), x, retain_graph=True)
+    torch.testing.assert_close(g, torch.func.grad(lambda y: nce("reference", reduction, k=k, queue=queue)(y)
+                                                  .sum())(q), **tol)
+    with pytest.raises(RuntimeError, match="no second-order gradients"):
+        torch.autograd.grad(out.tangent.sum(), x)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd", "vmap_k", "vmap_queue", "grad_of_vmap"])
+def test_queue_infonce_under_torch_func_transforms(transform):
+    q, k, queue = nce_problem()
+    ks = torch.stack([k, k.flip(1), -k], dim=1)
+
+    def run(backend):
+        if transform == "grad":
+            return torch.func.grad(lambda x: nce(backend, "mean", k=k, queue=queue)(x).sum())(q)
+        if transform == "jacrev":
+            return torch.func.jacrev(nce(backend, k=k, queue=queue))(q)
+        if transform == "jacfwd":
+            return torch.func.jacfwd(nce(backend, q=q, queue=queue))(k)
+        if transform == "vmap_k":
+            return torch.func.vmap(nce(backend, q=q, queue=queue), in_dims=1)(ks)
+        if transform == "vmap_queue":
+            return torch.func.vmap(nce(backend, q=q, k=k))(torch.stack([queue, queue.flip(1)]))
+        return torch.func.grad(lambda x: torch.func.vmap(nce(backend, q=x, queue=queue), in_dims=1)(ks).sum())(q)
+
+    want = run("reference")
+    close(run("cpu"), want)
+    assert want.abs().sum() > 0
+
+
+@pytest.mark.parametrize("transform", ["hessian", "jvp_of_grad", "grad_of_jvp", "jvp_of_jvp", "jacfwd_of_jacfwd",
+                                       "fwad_over_create_graph"])
+def test_queue_infonce_refuses_second_order_derivatives_it_cannot_give(transform):
+    """The fused InfoNCE backward is not differentiable; each of these once returned a silently wrong value."""
+    q, k, queue = nce_problem()
+
+    def run(backend):
+        scalar = nce(backend, "mean", k=k, queue=queue)
+        if transform == "hessian":
+            return torch.func.hessian(lambda x: scalar(x).sum())(q)
+        if transform == "jvp_of_grad":
+            return torch.func.jvp(torch.func.grad(lambda x: scalar(x).sum()), (q,), (q,))[1]
+        if transform == "grad_of_jvp":
+            return torch.func.grad(lambda x: torch.func.jvp(lambda y: scalar(y).sum(), (x,), (x.cos(),))[1])(q)
+        if transform == "jvp_of_jvp":
+            return torch.func.jvp(lambda x: torch.func.jvp(lambda y: scalar(y).sum(), (x,), (x.cos(),))[1],
+                                  (q,), (q,))[1]
+        if transform == "jacfwd_of_jacfwd":
+            return torch.func.jacfwd(torch.func.jacfwd(lambda x: scalar(x).sum()))(q)
+        x = q.clone().requires_grad_()
+        with fwAD.dual_level():
+            (g,) = torch.autograd.grad(scalar(x).sum(), x, create_graph=True)
+            return fwAD.unpack_dual(fwAD.make_dual(g, torch.ones_like(g))).tangent
+
+    assert run("reference").abs().sum() > 0
+    with pytest.raises(RuntimeError, match="no second-order gradients"):
+        run("cpu")
+
+
+def test_first_order_calls_keep_the_fast_path():
+    """What the transforms need costs plain calls nothing: no graph without a gradient, and the eager
+    autograd node (not torch.library's) with one."""
+    feats, rois = roi_problem()
+    out = pool("cpu", rois=rois)(*feats)
+    assert out.grad_fn is None
+    f = [x.clone().requires_grad_() for x in feats]
+    assert type(pool("cpu", rois=rois)(*f).grad_fn).__name__ == "roi_align_multilevelBackward"
+    q, k, queue = nce_problem()
+    assert insloc_ops.queue_infonce(q.requires_grad_(), k, queue, 0.2, backend="cpu").grad_fn is not None
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_boxes_and_queue_get_zero_derivatives_in_every_mode(backend):
+    """No derivative reaches RoIAlign's boxes or InfoNCE's queue (documented): zeros from grad and jvp,
+    and the features' and q's derivatives unchanged when they are taken together."""
+    feats, rois = roi_problem()
+    q, k, queue = nce_problem()
+
+    def roi(r, f0):
+        return pool(backend, LEVELS, r)(f0, feats[1]).square().sum()
+
+    def loss(qq, qu):
+        return insloc_ops.queue_infonce(qq, k, qu, 0.2, backend=backend)
+
+    g_rois, g_feat = torch.func.grad(roi, argnums=(0, 1))(rois, feats[0])
+    assert g_rois.abs().sum() == 0 and g_feat.abs().sum() > 0
+    close(g_feat, torch.func.grad(roi, argnums=1)(rois, feats[0]))
+    assert torch.func.jvp(lambda r: roi(r, feats[0]), (rois,), (torch.ones_like(rois),))[1] == 0
+    g_q, g_queue = torch.func.grad(lambda a, b: loss(a, b).sum(), argnums=(0, 1))(q, queue)
+    assert g_queue.abs().sum() == 0 and g_q.abs().sum() > 0
+    assert torch.func.jvp(lambda b: loss(q, b), (queue,), (torch.ones_like(queue),))[1].abs().sum() == 0
