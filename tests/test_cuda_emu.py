@@ -434,6 +434,9 @@ def test_roi_align_separable_deterministic_bands(emu, channels_last, monkeypatch
         runs = under_schedules(monkeypatch, lambda: emu_roi_align(emu, feats, rois, (5, 4), scales, 0, True,
                                                                   levels, g, True)[1])
         assert separable_notes(emu)[2] - before == len(SCHEDULES)
+        # Chunks of 32 channels on channels_last, else of at least 16 (C = 5: one chunk), not fewer to fill
+        # the emulator's 4 SMs: a block rebuilds the tables of every RoI meeting its band.
+        assert emu.value("roi_align: separable deterministic chunk") == (32 if channels_last else 16)
         assert_all_equal(runs)  # bitwise, whatever order threads and blocks run in
         for a, r in zip(runs[0], gr):
             torch.testing.assert_close(a, r, **roi_tests.tol(torch.float32))
@@ -786,16 +789,33 @@ def test_infonce_pipelined_tiles_give_the_same_bits(emu, queue_dtype, D, monkeyp
                 emu.queue_infonce(q2, k2, queue2, 0.2)
 
 
+def k_splits(K, tile, max_splits):
+    """The split count the host code's rule gives (csrc/common/infonce.h split_k): K's tiles in at most
+    ``max_splits`` equal runs of whole tiles."""
+    tiles = max(1, -(-K // tile))
+    per = -(-tiles // max(1, min(tiles, max_splits)))
+    return -(-tiles // per)
+
+
+def splits_to_fill(sms, G, N, per_sm=4):
+    """K splits for about ``per_sm`` blocks an SM over G x ceil(N / 16) row blocks (infonce.cu)."""
+    return max(1, -(-(per_sm * sms) // (G * -(-N // 16))))
+
+
 @pytest.mark.parametrize("D,fewer", [(128, False), (144, True)])
 def test_infonce_backward_grid_follows_its_occupancy(emu, D, fewer, monkeypatch):
     """The tensor-core backward sizes its default (atomic) grid for the blocks an SM holds of the kernel it
     runs, at most 4: here the emulator's occupancy, by shared memory (D = 128: 55 KiB a block, 4 an SM;
-    D = 144: 61 KiB, 3); on a GPU the pipelined kernel's registers allow 3. Values against the reference."""
+    D = 144: 61 KiB, 3); on a GPU the pipelined kernel's registers allow 3. Values against the reference, and
+    the split count launched (3 SMs, 1 row block: 6 splits for 4 blocks an SM, 4 of 3 tiles each for 3)."""
     label = "queue_infonce: grid for fewer blocks an SM"
     before = emu.notes(label)
     with sm_count(3, monkeypatch), tensor_cores(True, monkeypatch):
         check_infonce(emu, 2, 9, 700, D, seed=D, deterministic=False)
     assert (emu.notes(label) > before) == fewer
+    assert emu.value("queue_infonce: forward splits") == k_splits(700, 64, splits_to_fill(3, 2, 9)) == 6
+    want = k_splits(700, 64, splits_to_fill(3, 2, 9, 3 if fewer else 4))
+    assert emu.value("queue_infonce: backward splits") == want == (4 if fewer else 6)
 
 
 @pytest.mark.parametrize("tc", **TC_MODES)
@@ -806,6 +826,12 @@ def test_infonce_split_counts(emu, sms, deterministic, tc, monkeypatch):
     # gives one tile per split. The deterministic backward takes at most 16 splits whatever the SM count.
     with sm_count(sms, monkeypatch), tensor_cores(tc, monkeypatch):
         check_infonce(emu, 2, 17, 777, 16, seed=sms, deterministic=deterministic)
+    tile = 64 if tc else 32  # D = 16: the tensor-core kernels' tiles are 64 rows, the others' 32
+    fill = k_splits(777, tile, splits_to_fill(sms, 2, 17))
+    assert emu.value("queue_infonce: forward splits") == fill
+    assert emu.value("queue_infonce: backward splits") == (k_splits(777, tile, 16) if deterministic else fill)
+    if sms == 132:
+        assert fill == -(-777 // tile)  # one tile a split
 
 
 @pytest.mark.parametrize("tc", **TC_MODES)

@@ -671,6 +671,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
   // count sets the order in which the partials merge, which the pipelined kernels keep bitwise the default's.
   split_k<int64_t>(K, tc ? kTcTile : kTile, splits_to_fill(device, G, row_blocks), splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
+  INSLOC_EMU_VALUE("queue_infonce: forward splits", splits);
   auto part_m = at::empty({G, N, splits}, qa.options());
   auto part_s = at::empty({G, N, splits}, qa.options());
   auto stream = gpu::current_stream();
@@ -738,6 +739,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   int64_t splits, per_split;
   split_k<int64_t>(K, tc ? kTcTile : kTile, max_splits, splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
+  INSLOC_EMU_VALUE("queue_infonce: backward splits", splits);
   const int64_t slots = atomic ? 1 : splits;
   auto dq_part = at::empty({slots, G, N, D}, qa.options());  // every slot written when K > 0 and !atomic
   if (atomic || K == 0) dq_part.zero_();

@@ -803,6 +803,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
         // its band, which fewer channels would not pay for.
         const SeparablePlan plan = separable_plan(kernel, layout->bytes(), channels_last, L * B * bands, C, device,
                                                   busy, kMinDeterministicChunk);
+        INSLOC_EMU_VALUE("roi_align: separable deterministic chunk", plan.chunk);
         INSLOC_LAUNCH(plan.blocks, kThreads, layout->bytes(), stream, kernel)(
             lv, r.data_ptr<T>(), lvp, pr, plan.chunk, plan.chunks, bands, *layout, plan.tasks, g.data_ptr<scalar_t>());
         INSLOC_LAUNCH_CHECK();

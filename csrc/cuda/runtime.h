@@ -25,6 +25,7 @@
 #define INSLOC_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(insloc_emu, CPU, m)
 // Records a host-side choice (which kernel runs) for the tests; nothing in the CUDA build.
 #define INSLOC_EMU_NOTE(label) ::insloc_emu::note(label)
+#define INSLOC_EMU_VALUE(label, v) ::insloc_emu::value(label, int64_t(v))
 
 namespace insloc::gpu {
 using DeviceGuard = ::insloc_emu::DeviceGuard;
@@ -76,6 +77,7 @@ inline void store16(float* p, const float* v) {
 #define INSLOC_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #define INSLOC_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(insloc_ops, CUDA, m)
 #define INSLOC_EMU_NOTE(label) ((void)0)
+#define INSLOC_EMU_VALUE(label, v) ((void)0)
 
 namespace insloc::gpu {
 using DeviceGuard = c10::cuda::CUDAGuard;

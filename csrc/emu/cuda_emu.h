@@ -152,6 +152,7 @@ struct State {
   std::string error;
   uint64_t vector_accesses = 0;  // 16-byte loads and stores, for tests (torch.ops.insloc_emu.vector_accesses)
   std::map<std::string, int64_t> notes;  // host code's choices, by label (INSLOC_EMU_NOTE; insloc_emu.notes)
+  std::map<std::string, int64_t> values;  // the last value host code recorded (INSLOC_EMU_VALUE; insloc_emu.value)
   // race build
   int64_t block_linear = 0, phase = 0;
   std::unordered_map<uintptr_t, WordRecord> global_words, shared_words;
@@ -166,6 +167,9 @@ inline State& state() {
 // Host code's record of a choice it made (which kernel it launched), for tests: INSLOC_EMU_NOTE(label) in
 // csrc/cuda/*.cu, read back by torch.ops.insloc_emu.notes(label). Compiled out of the CUDA build.
 inline void note(const char* label) { ++state().notes[label]; }
+// A number host code computed for a launch (a split count, a chunk size), kept by label for tests:
+// INSLOC_EMU_VALUE(label, v), read back by torch.ops.insloc_emu.value(label).
+inline void value(const char* label, int64_t v) { state().values[label] = v; }
 
 // Device properties the host code asks for; INSLOC_EMU_SM_COUNT sets the SM count (default 4) so that
 // tests can vary the launch geometry that depends on it.

@@ -318,9 +318,17 @@ int64_t notes(const std::string& label) {
   return it == n.end() ? 0 : it->second;
 }
 
+// The last value host code recorded under `label` (INSLOC_EMU_VALUE), or -1 if none.
+int64_t value(const std::string& label) {
+  const auto& v = insloc_emu::state().values;
+  const auto it = v.find(label);
+  return it == v.end() ? -1 : it->second;
+}
+
 TORCH_LIBRARY_FRAGMENT(insloc_emu, m) {
   m.def("selftest(str name) -> Tensor", &selftest);
   m.def("vector_accesses() -> int", &vector_accesses);
   m.def("notes(str label) -> int", &notes);
+  m.def("value(str label) -> int", &value);
   m.def("selftest_wmma(str name, Tensor a, Tensor b, Tensor c) -> Tensor", &selftest_wmma);
 }
