@@ -22,7 +22,7 @@ import contextlib
 import torch
 import torch.autograd.forward_ad as _fwAD
 
-from ._register import (infonce_grads, not_differentiable, onepass_grads, refuse_second_order, roi_align_grads,
+from ._register import (guard_derivatives, infonce_grads, onepass_grads, refuse_second_order, roi_align_grads,
                         roi_align_meta)
 
 # torch's own guard for running an op past autograd (torch.library's shims use it to redispatch); a
@@ -43,7 +43,7 @@ def _forward_ad_active():
 
 def has_tangent(*tensors):
     """Whether forward-mode AD is on and one of ``tensors`` carries a tangent (a dual tensor)."""
-    # (torch.func's wrappers are left out: unpack_dual has no vmap rule, and _under_transform routes them)
+    # (torch.func's wrappers are left out: unpack_dual has no vmap rule, and under_transform routes them)
     return _forward_ad_active() and any(
         t is not None and not _wrapped(t) and _fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
@@ -54,7 +54,7 @@ def use_eager_autograd(*tensors):
     if torch.compiler.is_compiling():
         return False
     return ((torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or has_tangent(*tensors)
-            or _under_transform(*tensors))
+            or under_transform(*tensors))
 
 
 _IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
@@ -65,7 +65,7 @@ def _wrapped(t):
     return _IS_WRAPPED is not None and _IS_WRAPPED(t)
 
 
-def _under_transform(*tensors):
+def under_transform(*tensors):
     """Whether one of ``tensors`` is a torch.func wrapper (vmap's batched tensors, grad's and jvp's): the
     Functions below carry the rules those transforms need, the ops alone do not."""
     return _TRANSFORM_LEVEL() is not None and any(t is not None and _wrapped(t) for t in tensors)
@@ -103,7 +103,7 @@ def _with_ctx_forward(cls):
 
 def apply(cls, *args):
     """``cls.apply(*args)``, through its ctx-forward twin unless a torch.func transform wraps a tensor."""
-    if _under_transform(*(a for a in args if isinstance(a, torch.Tensor))):
+    if under_transform(*(a for a in args if isinstance(a, torch.Tensor))):
         return cls.apply(*args)
     return cls.twin.apply(*args)
 
@@ -142,9 +142,10 @@ class roi_align_multilevel(torch.autograd.Function):  # noqa: N801
         folded = []
         for f, d in zip(features, in_dims[8:]):
             f = f.movedim(d, 1) if d is not None else f.unsqueeze(1).expand(f.shape[0], V, *f.shape[1:])
+            C = f.shape[2]
             folded.append(f.flatten(1, 2))
         meta = roi_align_meta(folded, spatial_scales, sampling_ratio, aligned)
-        out = roi_align_call(suffix, folded, rois, levels, meta, (oh, ow)).unflatten(-3, (V, -1))
+        out = roi_align_call(suffix, folded, rois, levels, meta, (oh, ow)).unflatten(-3, (V, C))
         return out, out.dim() - 4
 
     @staticmethod
@@ -202,7 +203,8 @@ def _vmap_loop(info, in_dims, cls, *args):
     """A vmap rule that applies ``cls`` once per vmapped element (for batched boxes or queues) and stacks."""
     outs = []
     for i in range(info.batch_size):
-        outs.append(apply(cls, *(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))))
+        outs.append(apply(cls, *(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                                 for a, d in zip(args, in_dims))))
     if not outs:
         raise RuntimeError("vmap over an empty dimension is not supported by the fused backends")
     if isinstance(outs[0], tuple):
@@ -239,7 +241,7 @@ def roi_align_backward_call(suffix, grad, rois, levels, meta, pool):
 
 def _fold_rows(V, q, q_dim, k, k_dim):
     """q, k [G, N, D] vmapped over V -> [G, V * N, D]: InfoNCE's rows are independent. Returns N too."""
-    G, N, D = (q if q_dim is None else q.select(q_dim, 0)).shape
+    G, N, D = [n for i, n in enumerate(q.shape) if i != q_dim]
     q = q.movedim(q_dim, 1) if q_dim is not None else q.unsqueeze(1).expand(G, V, N, D)
     k = k.movedim(k_dim, 1) if k_dim is not None else k.unsqueeze(1).expand(G, V, N, D)
     return q.reshape(G, V * N, D), k.reshape(G, V * N, D), N
@@ -270,7 +272,8 @@ class queue_infonce(torch.autograd.Function):  # noqa: N801
         else:
             with below_autograd():
                 loss, lse = getattr(torch.ops.insloc_ops, "queue_infonce" + suffix)(q, k, queue, temperature)
-        return (loss.unflatten(1, (-1, N)), lse.unflatten(1, (-1, N))), (1, 1)
+        V = info.batch_size
+        return (loss.unflatten(1, (V, N)), lse.unflatten(1, (V, N))), (1, 1)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
@@ -278,8 +281,10 @@ class queue_infonce(torch.autograd.Function):  # noqa: N801
         # through create_graph=True; refuse_second_order needs to see the grad mode autograd set.
         q, k, queue, lse = ctx.saved_tensors
         refuse_second_order(q, k, grad_loss)
-        dq, dk = infonce_grads(ctx.suffix, grad_loss, q, k, queue, lse, ctx.temperature)
-        return None, dq, dk if ctx.needs_input_grad[2] else None, None, None
+        with torch.no_grad(), below_autograd():
+            dq, dk = infonce_grads(ctx.suffix, grad_loss, q, k, queue, lse, ctx.temperature)
+        dq, dk = guard_derivatives((dq, dk if ctx.needs_input_grad[2] else None), q, k, grad_loss)
+        return None, dq, dk, None, None
 
     @staticmethod
     def jvp(ctx, _suffix, q_t, k_t, _queue_t, _temperature):
@@ -291,7 +296,7 @@ class queue_infonce(torch.autograd.Function):  # noqa: N801
         with torch.no_grad(), below_autograd():
             dq, dk = infonce_grads(ctx.suffix, torch.ones_like(lse), q, k, queue, lse, ctx.temperature)
             loss_t = _row_dots(lse, (dq, q_t), (dk, k_t))
-        return not_differentiable(loss_t, q, k, q_t, k_t), None
+        return guard_derivatives((loss_t,), q, k, q_t, k_t)[0], None
 
 
 def _row_dots(like, *pairs):
@@ -321,8 +326,10 @@ class queue_infonce_onepass(torch.autograd.Function):  # noqa: N801
     def backward(ctx, grad_loss, grad_lse, grad_neg_mean):
         q, k, lse, neg_mean = ctx.saved_tensors
         refuse_second_order(q, k, grad_loss)
-        dq, dk = onepass_grads(grad_loss, q, k, lse, neg_mean, ctx.temperature)
-        return dq, dk if ctx.needs_input_grad[1] else None, None, None
+        with torch.no_grad(), below_autograd():
+            dq, dk = onepass_grads(grad_loss, q, k, lse, neg_mean, ctx.temperature)
+        dq, dk = guard_derivatives((dq, dk if ctx.needs_input_grad[1] else None), q, k, grad_loss)
+        return dq, dk, None, None
 
     @staticmethod
     def vmap(info, in_dims, q, k, queue, temperature):
@@ -330,7 +337,8 @@ class queue_infonce_onepass(torch.autograd.Function):  # noqa: N801
             return _vmap_loop(info, in_dims, queue_infonce_onepass, q, k, queue, temperature)
         q, k, N = _fold_rows(info.batch_size, q, in_dims[0], k, in_dims[1])
         loss, lse, neg = apply(queue_infonce_onepass, q, k, queue, temperature)
-        return (loss.unflatten(1, (-1, N)), lse.unflatten(1, (-1, N)), neg.unflatten(1, (-1, N))), (1, 1, 1)
+        V = info.batch_size
+        return (loss.unflatten(1, (V, N)), lse.unflatten(1, (V, N)), neg.unflatten(1, (V, N))), (1, 1, 1)
 
     @staticmethod
     def jvp(ctx, q_t, k_t, _queue_t, _temperature):
@@ -339,7 +347,7 @@ class queue_infonce_onepass(torch.autograd.Function):  # noqa: N801
         with torch.no_grad(), below_autograd():
             dq, dk = onepass_grads(torch.ones_like(lse), q, k, lse, neg_mean, ctx.temperature)
             loss_t = _row_dots(lse, (dq, q_t), (dk, k_t))
-        return not_differentiable(loss_t, q, k, q_t, k_t), None, None
+        return guard_derivatives((loss_t,), q, k, q_t, k_t)[0], None, None
 
 
 for _cls in (roi_align_multilevel, roi_align_multilevel_backward, queue_infonce, queue_infonce_onepass):

@@ -113,7 +113,9 @@ def differentiated_further(*tensors, autograd=True):
         while functorch is not None and functorch.is_functorch_wrapped_tensor(t):
             levels += bool(functorch.is_gradtrackingtensor(t))
             t = functorch.get_unwrapped(t)
-        if levels > 1 or (autograd and torch.is_grad_enabled() and t.requires_grad):
+        # (a wrapped tensor whose base requires grad may be a first-order torch.func call over parameters
+        # that require grad: guard_derivatives judges those when a derivative actually reaches them)
+        if levels > 1 or (autograd and levels == 0 and torch.is_grad_enabled() and t.requires_grad):
             return True
         if torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent \
                 is not None:
@@ -133,31 +135,44 @@ def refuse_second_order(*tensors, autograd=True):
         raise RuntimeError(SECOND_ORDER_ERROR)
 
 
-class _RefusesBackward(torch.autograd.Function):
-    """Identity on its first input, attached to the others; its backward raises SECOND_ORDER_ERROR."""
+class _RefusesDerivatives(torch.autograd.Function):
+    """Identity on its first ``n`` inputs, attached to the rest; a derivative through it (reverse, forward,
+    any transform) raises SECOND_ORDER_ERROR."""
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(t, *inputs):
-        return t.clone()
+    def forward(n, *tensors):
+        return tuple(t.clone() for t in tensors[:n])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         pass
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
+        raise RuntimeError(SECOND_ORDER_ERROR)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
         raise RuntimeError(SECOND_ORDER_ERROR)
 
 
-def not_differentiable(t, *inputs):
-    """``t``, computed without a graph from ``inputs``: if plain autograd tracks one of them (grad mode on),
-    ``t`` gets a node that raises SECOND_ORDER_ERROR when a backward reaches it (so that a backward of the
-    other outputs still works). torch.func's wrappers are judged by refuse_second_order instead."""
+def guard_derivatives(outputs, *inputs):
+    """``outputs`` (a tuple of tensors, None allowed), computed without a graph by a fused InfoNCE rule from
+    ``inputs``: where something may differentiate them further (an input that plain autograd tracks with grad
+    mode on, a torch.func wrapper, a forward-mode tangent), they pass through a node whose derivatives raise
+    SECOND_ORDER_ERROR, so that a derivative that would silently lose terms raises when it is taken, and
+    first-order calls (a torch.func.grad over parameters that require grad, a backward of a jvp's primal) work."""
     functorch = getattr(torch._C, "_functorch", None)
-    tracked = [x for x in inputs if x is not None and x.requires_grad
-               and not (functorch is not None and functorch.is_functorch_wrapped_tensor(x))]
-    if not (torch.is_grad_enabled() and tracked):
-        return t
-    return _RefusesBackward.apply(t, *tracked)
+    fw = torch.autograd.forward_ad
+    inputs = [x for x in inputs if x is not None]
+    if not any((torch.is_grad_enabled() and x.requires_grad)
+               or (functorch is not None and functorch.is_functorch_wrapped_tensor(x))
+               or (fw._current_level >= 0 and fw.unpack_dual(x).tangent is not None) for x in inputs):
+        return outputs
+    present = [o for o in outputs if o is not None]
+    guarded = iter(_RefusesDerivatives.apply(len(present), *present, *inputs))
+    return tuple(next(guarded) if o is not None else None for o in outputs)
 
 
 def infonce_grads(suffix, grad_loss, q, k, queue, lse, temperature):

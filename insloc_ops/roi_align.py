@@ -66,7 +66,8 @@ def _check(features, rois, spatial_scales, sampling_ratio, levels):
             raise ValueError(f"levels is on {levels.device} but features are on {f0.device}")
     # Index ranges are checked where that costs no device sync (CPU tensors). On CUDA the kernels
     # themselves never read outside the inputs: an out-of-range batch index or level gives zeros.
-    if f0.device.type == "cpu" and rois.shape[0] and not torch.compiler.is_compiling():
+    if f0.device.type == "cpu" and rois.shape[0] and not torch.compiler.is_compiling() and \
+            not _eager.under_transform(rois, levels):  # (vmapped boxes: no data-dependent check)
         b = rois[:, 0]
         B = f0.shape[0]
         if not bool(((b >= 0) & (b < B)).all()):
@@ -100,7 +101,7 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
     if which == "reference":
         return reference.roi_align_multilevel(features, rois, (oh, ow), scales, sampling_ratio, aligned, levels)
     suffix = "_triton" if which == "triton" else ""
-    if _eager.use_eager_autograd(*features):
+    if _eager.use_eager_autograd(*features) or _eager.under_transform(rois, levels):
         return _eager.apply(_eager.roi_align_multilevel, suffix, rois, levels, scales, oh, ow, sampling_ratio,
                             bool(aligned), *features)
     op = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)

@@ -252,3 +252,68 @@ def test_boxes_and_queue_get_zero_derivatives_in_every_mode(backend):
     g_q, g_queue = torch.func.grad(lambda a, b: loss(a, b).sum(), argnums=(0, 1))(q, queue)
     assert g_queue.abs().sum() == 0 and g_q.abs().sum() > 0
     assert torch.func.jvp(lambda b: loss(q, b), (queue,), (torch.ones_like(queue),))[1].abs().sum() == 0
+
+
+def _mixed_second_orders(backend):
+    """Plain autograd and torch.func mixed: each asks for a derivative of the fused InfoNCE backward or of
+    its forward-mode rule (each once gave a silently wrong value or a missing tangent)."""
+    q, k, queue = nce_problem()
+
+    def loss(x, red="none"):
+        return insloc_ops.queue_infonce(x, k, queue, 0.2, reduction=red, backend=backend)
+
+    def autograd_over_jvp():
+        x = q.clone().requires_grad_()
+        t = torch.func.jvp(loss, (x,), (torch.ones_like(x),))[1]
+        return torch.autograd.grad(t.sum() + x.sum(), x)[0]
+
+    def grad_over_create_graph():
+        def inner(y):
+            (g,) = torch.autograd.grad(loss(y, "mean").sum(), y, create_graph=True)
+            return g.sin().sum()
+        return torch.func.grad(inner)(q)
+
+    def fwad_over_grad():
+        with fwAD.dual_level():
+            g = torch.func.grad(lambda y: loss(y, "mean").sum())(fwAD.make_dual(q, torch.ones_like(q)))
+            return fwAD.unpack_dual(g).tangent
+
+    return [autograd_over_jvp, grad_over_create_graph, fwad_over_grad]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_queue_infonce_refuses_mixed_autograd_and_torch_func_second_orders(case):
+    want = _mixed_second_orders("reference")[case]()
+    assert want is not None and want.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="no second-order gradients"):
+        _mixed_second_orders("cpu")[case]()
+
+
+def test_first_order_torch_func_grad_over_parameters_that_require_grad():
+    """torch.func.grad over parameters that also require grad in plain autograd is first order: it works."""
+    q, k, queue = nce_problem()
+    lin = torch.nn.Linear(q.shape[-1], q.shape[-1]).double()
+
+    def grads(backend):
+        return torch.func.grad(lambda p: insloc_ops.queue_infonce(
+            torch.func.functional_call(lin, p, (q,)), k, queue, 0.2, backend=backend).sum())(
+            dict(lin.named_parameters()))
+    want, got = grads("reference"), grads("cpu")
+    for name in want:
+        close(got[name], want[name])
+
+
+def test_vmap_over_boxes_and_empty_vmaps():
+    feats, rois = roi_problem()
+    boxes = torch.stack([rois, rois + 0.5])
+    got = torch.func.vmap(lambda r: pool("cpu", None, r)(*feats))(boxes)
+    close(got, torch.stack([pool("cpu", None, r)(*feats) for r in boxes]))
+    lv = torch.stack([LEVELS, 1 - LEVELS])
+    got = torch.func.vmap(lambda lev: pool("cpu", lev, rois)(*feats))(lv)
+    close(got, torch.stack([pool("cpu", lev, rois)(*feats) for lev in lv]))
+    q, k, queue = nce_problem()
+    for backend in ("reference", "cpu"):  # empty mapped dimension, empty rows
+        assert torch.func.vmap(lambda f: pool(backend, None, rois)(f, feats[1]))(feats[0][None][:0]).shape == \
+            (0, 2, 3, 3, 2, 2)
+        assert torch.func.vmap(nce(backend, k=k[:, :0], queue=queue))(torch.stack([q[:, :0]] * 2)).shape == (2, 2, 0)
+        assert torch.func.vmap(nce(backend, k=k, queue=queue))(q[None][:0]).shape == (0, 2, 3)
