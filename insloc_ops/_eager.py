@@ -224,7 +224,7 @@ def _feature_tangents(tangents, meta):
 def roi_align_call(suffix, features, rois, levels, meta, pool):
     """The forward op on ``features`` with a recorded call's other arguments, differentiable when needed."""
     scales, sampling_ratio, aligned = meta[:3]
-    if use_eager_autograd(*features):
+    if use_eager_autograd(*features) or under_transform(rois, levels):  # (boxes vmapped at an outer level)
         return apply(roi_align_multilevel, suffix, rois, levels, scales, *pool, sampling_ratio, aligned, *features)
     op = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)
     with below_autograd():
@@ -233,7 +233,7 @@ def roi_align_call(suffix, features, rois, levels, meta, pool):
 
 def roi_align_backward_call(suffix, grad, rois, levels, meta, pool):
     """The backward op, differentiable when ``grad`` needs it (create_graph=True, a transform over it)."""
-    if use_eager_autograd(grad):
+    if use_eager_autograd(grad) or under_transform(rois, levels):
         return apply(roi_align_multilevel_backward, suffix, rois, levels, meta, pool, grad)
     with below_autograd():
         return roi_align_grads(suffix, grad, rois, levels, meta)

@@ -162,7 +162,8 @@ def guard_derivatives(outputs, *inputs):
     ``inputs``: where something may differentiate them further (an input that plain autograd tracks with grad
     mode on, a torch.func wrapper, a forward-mode tangent), they pass through a node whose derivatives raise
     SECOND_ORDER_ERROR, so that a derivative that would silently lose terms raises when it is taken, and
-    first-order calls (a torch.func.grad over parameters that require grad, a backward of a jvp's primal) work."""
+    first-order calls (a torch.func.grad over parameters that require grad, a backward of a torch.func.jvp's
+    primal) work."""
     functorch = getattr(torch._C, "_functorch", None)
     fw = torch.autograd.forward_ad
     inputs = [x for x in inputs if x is not None]

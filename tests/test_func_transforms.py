@@ -311,6 +311,16 @@ def test_vmap_over_boxes_and_empty_vmaps():
     lv = torch.stack([LEVELS, 1 - LEVELS])
     got = torch.func.vmap(lambda lev: pool("cpu", lev, rois)(*feats))(lv)
     close(got, torch.stack([pool("cpu", lev, rois)(*feats) for lev in lv]))
+    # boxes mapped at an outer level, features at an inner one (forward, and backward through vjp)
+    f0s = torch.stack([feats[0], -2 * feats[0]])
+    got = torch.func.vmap(lambda r: torch.func.vmap(lambda f: pool("cpu", LEVELS, r)(f, feats[1]))(f0s))(boxes)
+    close(got, torch.stack([torch.stack([pool("cpu", LEVELS, r)(f, feats[1]) for f in f0s]) for r in boxes]))
+    ct = torch.randn(3, 3, 2, 2, dtype=feats[0].dtype)  # [R, C, 2, 2]
+
+    def vjp_of(backend, r):
+        fn = torch.func.vjp(lambda f: pool(backend, LEVELS, r)(f, feats[1]), feats[0])[1]
+        return torch.func.vmap(fn)(torch.stack([ct, 2 * ct]))[0]
+    close(torch.func.vmap(lambda r: vjp_of("cpu", r))(boxes), torch.stack([vjp_of("reference", r) for r in boxes]))
     q, k, queue = nce_problem()
     for backend in ("reference", "cpu"):  # empty mapped dimension, empty rows
         assert torch.func.vmap(lambda f: pool(backend, None, rois)(f, feats[1]))(feats[0][None][:0]).shape == \
