@@ -22,8 +22,8 @@ import contextlib
 import torch
 import torch.autograd.forward_ad as _fwAD
 
-from ._register import (guard_derivatives, infonce_grads, onepass_grads, refuse_second_order, roi_align_grads,
-                        roi_align_meta)
+from ._register import (guard_derivatives, infonce_grads, levels_or_zeros, onepass_grads, refuse_second_order,
+                        roi_align_grads, roi_align_meta)
 
 # torch's own guard for running an op past autograd (torch.library's shims use it to redispatch); a
 # plain call through the Autograd key where a torch build lacks it.
@@ -213,12 +213,8 @@ def _vmap_loop(info, in_dims, cls, *args):
 
 
 def _feature_tangents(tangents, meta):
-    """Per-level tangents (or gradients) with zeros where autograd passes None, laid out as the features."""
-    _, _, _, B, C, heights, widths, channels_last = meta
-    known = next(t for t in tangents if t is not None)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return [t if t is not None else known.new_zeros((B, C, h, w)).contiguous(memory_format=fmt)
-            for t, h, w in zip(tangents, heights, widths)]
+    """Per-level tangents (or gradients) with zeros where autograd passes None (meta: roi_align_meta's)."""
+    return levels_or_zeros(tangents, *meta[3:])
 
 
 def roi_align_call(suffix, features, rois, levels, meta, pool):
@@ -288,24 +284,23 @@ class queue_infonce(torch.autograd.Function):  # noqa: N801
 
     @staticmethod
     def jvp(ctx, _suffix, q_t, k_t, _queue_t, _temperature):
-        # Row i's loss depends on q_i and k_i alone, so the backward op fed a gradient of ones gives each
-        # row's own derivatives, and the tangent is their dot product with the input tangents (accumulated
-        # in the loss's dtype). The queue gets no derivative (the wrapper detaches it).
         q, k, queue, lse = ctx.saved_tensors
-        refuse_second_order(q, k, q_t, k_t, autograd=False)
-        with torch.no_grad(), below_autograd():
-            dq, dk = infonce_grads(ctx.suffix, torch.ones_like(lse), q, k, queue, lse, ctx.temperature)
-            loss_t = _row_dots(lse, (dq, q_t), (dk, k_t))
-        return guard_derivatives((loss_t,), q, k, q_t, k_t)[0], None
+        return _loss_tangent(lambda ones: infonce_grads(ctx.suffix, ones, q, k, queue, lse, ctx.temperature),
+                             lse, q, k, q_t, k_t), None
 
 
-def _row_dots(like, *pairs):
-    """sum over D of derivative * tangent, per row, in ``like``'s dtype (the loss's: fp32 or fp64)."""
-    out = torch.zeros_like(like)
-    for d, t in pairs:
-        if t is not None:
-            out = out + (d.to(like.dtype) * t.to(like.dtype)).sum(-1)
-    return out
+def _loss_tangent(grads, lse, q, k, q_t, k_t):
+    """InfoNCE's forward-mode rule: row i's loss depends on q_i and k_i alone, so ``grads`` (the backward op)
+    fed a gradient of ones gives each row's own derivatives, and the tangent is their dot product with the
+    input tangents, in the loss's dtype (the queue gets no derivative: the wrapper detaches it)."""
+    refuse_second_order(q, k, q_t, k_t, autograd=False)
+    with torch.no_grad(), below_autograd():
+        dq, dk = grads(torch.ones_like(lse))
+        loss_t = torch.zeros_like(lse)
+        for d, t in ((dq, q_t), (dk, k_t)):
+            if t is not None:
+                loss_t = loss_t + (d.to(lse.dtype) * t.to(lse.dtype)).sum(-1)
+    return guard_derivatives((loss_t,), q, k, q_t, k_t)[0]
 
 
 class queue_infonce_onepass(torch.autograd.Function):  # noqa: N801
@@ -343,11 +338,8 @@ class queue_infonce_onepass(torch.autograd.Function):  # noqa: N801
     @staticmethod
     def jvp(ctx, q_t, k_t, _queue_t, _temperature):
         q, k, lse, neg_mean = ctx.saved_tensors
-        refuse_second_order(q, k, q_t, k_t, autograd=False)
-        with torch.no_grad(), below_autograd():
-            dq, dk = onepass_grads(torch.ones_like(lse), q, k, lse, neg_mean, ctx.temperature)
-            loss_t = _row_dots(lse, (dq, q_t), (dk, k_t))
-        return guard_derivatives((loss_t,), q, k, q_t, k_t)[0], None, None
+        return _loss_tangent(lambda ones: onepass_grads(ones, q, k, lse, neg_mean, ctx.temperature),
+                             lse, q, k, q_t, k_t), None, None
 
 
 for _cls in (roi_align_multilevel, roi_align_multilevel_backward, queue_infonce, queue_infonce_onepass):

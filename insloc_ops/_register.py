@@ -56,6 +56,15 @@ def _roi_align_setup(suffix):
     return setup_context, backward
 
 
+def levels_or_zeros(tensors, B, C, heights, widths, channels_last):
+    """Per-level tensors (gradients or tangents of the features) with zeros, laid out as the features, where
+    autograd passed None; at least one must be present."""
+    known = next(t for t in tensors if t is not None)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [t if t is not None else known.new_zeros((B, C, h, w)).contiguous(memory_format=fmt)
+            for t, h, w in zip(tensors, heights, widths)]
+
+
 def _roi_align_backward_setup(suffix):
     """The backward op is linear in the output's gradient: its own gradient is the forward op (double backward,
     a gradient penalty through RoIAlign)."""
@@ -68,13 +77,9 @@ def _roi_align_backward_setup(suffix):
 
     def backward(ctx, grad_grads):
         rois, levels = ctx.saved_tensors
-        known = [g for g in grad_grads if g is not None]
-        if not known:
+        if all(g is None for g in grad_grads):
             return (None,) * 11
-        B, C, heights, widths, channels_last = ctx.like
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        grad_grads = [g if g is not None else known[0].new_zeros((B, C, h, w)).contiguous(memory_format=fmt)
-                      for g, h, w in zip(grad_grads, heights, widths)]
+        grad_grads = levels_or_zeros(grad_grads, *ctx.like)
         op = getattr(torch.ops.insloc_ops, "roi_align_multilevel" + suffix)
         return (op(grad_grads, rois, levels, *ctx.args),) + (None,) * 10
 

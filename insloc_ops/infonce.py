@@ -57,13 +57,14 @@ def queue_infonce(q, k, queue, temperature, *, reduction="mean", backend=None):
     which = select("queue_infonce", q.device, backend)
     if which == "reference":
         loss, _ = reference.queue_infonce(q, k, queue.detach(), float(temperature))
-    elif (which == "cpu" and q.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-          and not _eager.has_tangent(q, k)):
-        # Training on CPU: one pass over the queue yields the loss and what dq needs (see the C++ kernel).
-        loss = _eager.apply(_eager.queue_infonce_onepass, q, k, queue.detach(), float(temperature))[0]
     elif which == "cpu" and q.requires_grad and torch.is_grad_enabled() and not _eager.has_tangent(q, k):
-        # the same, traced by torch.compile through the op's registered autograd
-        loss = torch.ops.insloc_ops.queue_infonce_onepass(q, k, queue.detach(), float(temperature))[0]
+        # Training on CPU: one pass over the queue yields the loss and what dq needs (see the C++ kernel);
+        # torch.compile traces the op through its registered autograd.
+        args = (q, k, queue.detach(), float(temperature))
+        if torch.compiler.is_compiling():
+            loss = torch.ops.insloc_ops.queue_infonce_onepass(*args)[0]
+        else:
+            loss = _eager.apply(_eager.queue_infonce_onepass, *args)[0]
     else:
         suffix = "_triton" if which == "triton" else ""
         if _eager.use_eager_autograd(q, k):
