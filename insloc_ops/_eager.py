@@ -22,8 +22,8 @@ import contextlib
 import torch
 import torch.autograd.forward_ad as _fwAD
 
-from ._register import (guard_derivatives, infonce_grads, levels_or_zeros, onepass_grads, refuse_second_order,
-                        roi_align_grads, roi_align_meta)
+from ._register import (fold_into_channels, guard_derivatives, infonce_grads, levels_or_zeros, onepass_grads,
+                        refuse_second_order, roi_align_grads, roi_align_meta)
 
 # torch's own guard for running an op past autograd (torch.library's shims use it to redispatch); a
 # plain call through the Autograd key where a torch build lacks it.
@@ -139,11 +139,7 @@ class roi_align_multilevel(torch.autograd.Function):  # noqa: N801
             return _vmap_loop(info, in_dims, roi_align_multilevel, suffix, rois, levels, spatial_scales, oh,
                               ow, sampling_ratio, aligned, *features)
         V = info.batch_size
-        folded = []
-        for f, d in zip(features, in_dims[8:]):
-            f = f.movedim(d, 1) if d is not None else f.unsqueeze(1).expand(f.shape[0], V, *f.shape[1:])
-            C = f.shape[2]
-            folded.append(f.flatten(1, 2))
+        folded, C = fold_into_channels(features, in_dims[8:], V)
         meta = roi_align_meta(folded, spatial_scales, sampling_ratio, aligned)
         out = roi_align_call(suffix, folded, rois, levels, meta, (oh, ow)).unflatten(-3, (V, C))
         return out, out.dim() - 4

@@ -86,6 +86,61 @@ def _roi_align_backward_setup(suffix):
     return setup_context, backward
 
 
+def fold_into_channels(features, dims, V):
+    """Per-level features [B, C, H, W], each vmapped at ``dims[l]`` (or not: then repeated), as [B, V * C, H, W]:
+    RoIAlign pools each channel on its own, so a vmapped dimension can join the channels. Returns C too."""
+    folded = []
+    for f, d in zip(features, dims):
+        f = f.movedim(d, 1) if d is not None else f.unsqueeze(1).expand(f.shape[0], V, *f.shape[1:])
+        folded.append(f.flatten(1, 2))
+    return folded, [n for j, n in enumerate(features[0].shape) if j != dims[0]][1]
+
+
+def _loop_vmap(op, V, in_dims, args):
+    """One call per vmapped element (vmapped boxes, levels or queues), stacked at dimension 0."""
+    if V == 0:
+        raise RuntimeError("vmap over an empty dimension is not supported by the fused backends")
+
+    def pick(a, d, v):
+        if isinstance(a, (list, tuple)) and isinstance(d, (list, tuple)):
+            return [x if e is None else x.select(e, v) for x, e in zip(a, d)]
+        return a if d is None else a.select(d, v)
+
+    outs = [op(*[pick(a, d, v) for a, d in zip(args, in_dims)]) for v in range(V)]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs), 0
+    stacked = type(outs[0])(torch.stack(o) for o in zip(*outs))  # a list or a tuple, as the op returns
+    return stacked, type(outs[0])([0] * len(stacked))
+
+
+def _roi_align_vmap(op):
+    """The raw forward op's vmap rule: vmapped features join the channels (one launch)."""
+    def rule(info, in_dims, features, rois, levels, *rest):
+        V = info.batch_size
+        if in_dims[1] is not None or in_dims[2] is not None:
+            return _loop_vmap(op, V, in_dims, (features, rois, levels, *rest))
+        folded, C = fold_into_channels(features, in_dims[0], V)
+        out = op([f.contiguous() for f in folded], rois, levels, *rest).unflatten(-3, (V, C))
+        return out, out.dim() - 4
+
+    return rule
+
+
+def _roi_align_backward_vmap(op):
+    """The raw backward op's vmap rule: a vmapped output gradient joins the channels (one launch)."""
+    def rule(info, in_dims, grad, rois, levels, scales, sampling_ratio, aligned, B, C, heights, widths,
+             channels_last):
+        V = info.batch_size
+        if any(d is not None for d in in_dims[1:]):
+            return _loop_vmap(op, V, in_dims, (grad, rois, levels, scales, sampling_ratio, aligned, B, C, heights,
+                                               widths, channels_last))
+        folded = grad.movedim(in_dims[0], -4).flatten(-4, -3).contiguous()
+        grads = op(folded, rois, levels, scales, sampling_ratio, aligned, B, V * C, heights, widths, False)
+        return [g.unflatten(1, (V, C)) for g in grads], [1] * len(grads)
+
+    return rule
+
+
 def _anchor_fake(gt_boxes, anchors, iou_threshold, seed):
     N = gt_boxes.shape[0]
     return gt_boxes.new_empty((N,), dtype=torch.int64), gt_boxes.new_empty((N,), dtype=torch.float32)
@@ -233,6 +288,42 @@ def onepass_grads(grad_loss, q, k, lse, neg_mean, temperature):
                                                                temperature)
 
 
+def _infonce_vmap(op, per_row, backward):
+    """A vmap rule for an InfoNCE op ``op(*tensors, temperature)``, forward (q, k, queue) or backward
+    (grad_loss, q, k, saved...), whose outputs are all per-row. The tensors at the indices in ``per_row`` are
+    [G, N] or [G, N, D] per-row tensors; any other (the queue) is shared by the rows. Rows are independent, so
+    a vmapped dimension joins the rows (one launch over V * N rows); a vmapped queue takes one call each. When
+    only a backward's incoming gradient is vmapped (jacrev, a vjp of many cotangents) the op is linear in it
+    row by row: one launch with a gradient of ones, in the accumulation dtype, then a product per cotangent."""
+    q_index = 1 if backward else 0
+
+    def rule(info, in_dims, *args):
+        *tensors, temperature = args
+        dims = in_dims[:-1]
+        V = info.batch_size
+        if any(d is not None for i, d in enumerate(dims) if i not in per_row):
+            return _loop_vmap(lambda *t: op(*t, temperature), V, dims, tensors)
+        if backward and all(d is None for d in dims[1:]):
+            grad, q, k = tensors[0].movedim(dims[0], 0), tensors[1], tensors[2]
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            ones = torch.ones(grad.shape[1:], dtype=grad.dtype, device=grad.device)
+            dq1, dk1 = op(ones, q.to(acc), k.to(acc), *tensors[3:], temperature)
+            g = grad.to(acc).unsqueeze(-1)
+            return ((g * dq1).to(q.dtype), (g * dk1).to(k.dtype)), (0, 0)
+        G, N = [n for j, n in enumerate(tensors[q_index].shape) if j != dims[q_index]][:2]  # q's, unvmapped
+
+        def fold(i, t, d):
+            if i not in per_row:
+                return t
+            t = t.unsqueeze(1).expand(t.shape[0], V, *t.shape[1:]) if d is None else t.movedim(d, 1)
+            return t.reshape(G, V * N, *t.shape[3:])
+
+        outs = op(*[fold(i, t, d) for i, (t, d) in enumerate(zip(tensors, dims))], temperature)
+        return tuple(o.unflatten(1, (V, N)) for o in outs), (1,) * len(outs)
+
+    return rule
+
+
 def register():
     for suffix in VARIANTS:
         torch.library.register_fake(_lib("roi_align_multilevel" + suffix))(_roi_align_fake)
@@ -242,6 +333,9 @@ def register():
         setup, backward = _roi_align_backward_setup(suffix)
         torch.library.register_autograd(_lib("roi_align_multilevel_backward" + suffix), backward,
                                         setup_context=setup)
+        for name, rule in (("roi_align_multilevel", _roi_align_vmap),
+                           ("roi_align_multilevel_backward", _roi_align_backward_vmap)):
+            torch.library.register_vmap(_lib(name + suffix), rule(getattr(torch.ops.insloc_ops, name + suffix)))
 
         torch.library.register_fake(_lib("sample_anchor_boxes" + suffix))(_anchor_fake)
 
@@ -249,8 +343,16 @@ def register():
         torch.library.register_fake(_lib("queue_infonce_backward" + suffix))(_infonce_backward_fake)
         setup, backward = _infonce_setup(suffix)
         torch.library.register_autograd(_lib("queue_infonce" + suffix), backward, setup_context=setup)
+        for name, per_row, backward in (("queue_infonce", (0, 1), False),
+                                        ("queue_infonce_backward", (0, 1, 2, 4), True)):
+            op = getattr(torch.ops.insloc_ops, name + suffix)
+            torch.library.register_vmap(_lib(name + suffix), _infonce_vmap(op, per_row, backward))
 
     torch.library.register_fake(_lib("queue_infonce_onepass"))(_onepass_fake)
     torch.library.register_fake(_lib("queue_infonce_onepass_backward"))(_onepass_backward_fake)
     torch.library.register_autograd(_lib("queue_infonce_onepass"), _onepass_backward,
                                     setup_context=_onepass_setup_context)
+    for name, per_row, backward in (("queue_infonce_onepass", (0, 1), False),
+                                    ("queue_infonce_onepass_backward", (0, 1, 2, 3, 4), True)):
+        op = getattr(torch.ops.insloc_ops, name)
+        torch.library.register_vmap(_lib(name), _infonce_vmap(op, per_row, backward))

@@ -3,6 +3,8 @@
 Every fused backend must give the reference backend's derivatives (the reference is plain PyTorch, so torch
 differentiates it in every mode), or refuse with a clear error: never a silently zero or constant term.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -109,7 +111,8 @@ def test_roi_align_under_torch_func_transforms(transform):
         return torch.func.jvp(lambda f0: torch.func.jvp(scalar, (f0,), (f0.cos(),))[1], (x,), (torch.ones_like(x),))[1]
 
     want = run("reference")
-    close(run("cpu"), want)
+    with no_vmap_fallback():  # the fused ops have vmap rules
+        close(run("cpu"), want)
     assert want.abs().sum() > 0
 
 
@@ -187,8 +190,123 @@ def test_queue_infonce_under_torch_func_transforms(transform):
         return torch.func.grad(lambda x: torch.func.vmap(nce(backend, q=x, queue=queue), in_dims=1)(ks).sum())(q)
 
     want = run("reference")
-    close(run("cpu"), want)
+    with no_vmap_fallback():  # the fused ops have vmap rules
+        close(run("cpu"), want)
     assert want.abs().sum() > 0
+
+
+@contextlib.contextmanager
+def no_vmap_fallback():
+    """vmap raises where an op has no batching rule, instead of looping per element (with a warning that may
+    go to stderr rather than Python's warnings)."""
+    before = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(before)
+
+
+RAW_ROI_OPS = [(b, "roi_align_multilevel" + s) for b, s in (("cpu", ""), ("triton", "_triton"))]
+
+
+@pytest.mark.parametrize("backend,name", [b for b in RAW_ROI_OPS if b[0] in ROI_BACKENDS])
+@pytest.mark.parametrize("vmapped", ["level0", "levels01", "boxes", "grad", "grad_boxes"])
+@pytest.mark.parametrize("levels", [None, LEVELS])
+def test_raw_roi_align_ops_have_a_vmap_rule(backend, name, vmapped, levels):
+    """vmap over the raw RoIAlign ops (a list argument, which torch's fallback cannot take): vmapped features or
+    output gradients join the channels, vmapped boxes loop; the result equals one call per element."""
+    V = 3
+    feats, rois = roi_problem()
+    fwd = getattr(torch.ops.insloc_ops, name)
+    bwd = getattr(torch.ops.insloc_ops, name.replace("multilevel", "multilevel_backward"))
+    B, C = feats[0].shape[:2]
+    hs, ws = [f.shape[2] for f in feats], [f.shape[3] for f in feats]
+
+    def forward(fs, r):
+        return fwd(fs, r, levels, SCALES, 2, 2, 2, True)
+
+    def backward(g, r):
+        return bwd(g, r, levels, SCALES, 2, True, B, C, hs, ws, False)
+
+    def stack(t, d):
+        return torch.stack([t * (1 + 0.1 * v) if t.is_floating_point() else t for v in range(V)], dim=d)
+
+    rois_v = torch.stack([rois, rois.flip(0), rois + 0.5])
+    grad = torch.randn_like(forward(feats, rois))
+    if vmapped.startswith("grad"):
+        args, dims, fn = (stack(grad, 1), rois_v if vmapped == "grad_boxes" else rois), \
+            (1, 0 if vmapped == "grad_boxes" else None), backward
+    else:
+        fs = [stack(feats[0], 0), stack(feats[1], 1) if vmapped == "levels01" else feats[1]]
+        fdims = [0, 1 if vmapped == "levels01" else None]
+        if vmapped == "boxes":
+            fs, fdims = feats, [None, None]
+        args, dims, fn = (fs, rois_v if vmapped == "boxes" else rois), (fdims, 0 if vmapped == "boxes" else None), \
+            forward
+    with no_vmap_fallback():
+        got = torch.func.vmap(fn, in_dims=dims)(*args)
+
+    def pick(a, d, v):
+        if isinstance(a, list):
+            return [x if e is None else x.select(e, v) for x, e in zip(a, d)]
+        return a if d is None else a.select(d, v)
+
+    loop = [fn(*[pick(a, d, v) for a, d in zip(args, dims)]) for v in range(V)]
+    if isinstance(got, torch.Tensor):
+        got, loop = [got], [[o] for o in loop]
+    assert len(got) == len(loop[0])
+    for i, g in enumerate(got):
+        close(g, torch.stack([o[i] for o in loop]))
+    assert sum(g.abs().sum() for g in got) > 0
+
+
+RAW_NCE_OPS = [(backend, name + suffix) for backend, suffix in (("cpu", ""), ("triton", "_triton"))
+               for name in ("queue_infonce", "queue_infonce_backward")] + \
+    [("cpu", "queue_infonce_onepass"), ("cpu", "queue_infonce_onepass_backward")]
+
+
+def raw_nce_args(name, dtype):
+    """(argument names, arguments) of a raw InfoNCE op, without the temperature (0.2)."""
+    q, k, queue = nce_problem(dtype)
+    if "backward" not in name:
+        return ["q", "k", "queue"], [q, k, queue]
+    forward = getattr(torch.ops.insloc_ops, name.replace("_backward", ""))(q, k, queue, 0.2)
+    grad = torch.randn(q.shape[:2], generator=torch.Generator().manual_seed(1), dtype=forward[1].dtype)
+    if "onepass" in name:
+        return ["grad", "q", "k", "lse", "neg_mean"], [grad, q, k, *forward[1:]]
+    return ["grad", "q", "k", "queue", "lse"], [grad, q, k, queue, forward[1]]
+
+
+@pytest.mark.parametrize("backend,name", [b for b in RAW_NCE_OPS if b[0] in NCE_BACKENDS])
+@pytest.mark.parametrize("vmapped", ["grad", "q", "rows", "queue"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_raw_queue_infonce_ops_have_a_vmap_rule(backend, name, vmapped, dtype):
+    """The raw forward and backward ops under vmap (jacrev's vjp of many cotangents, per-sample gradients,
+    one queue per vmapped element): the rule's result equals one call per vmapped element, and torch's
+    per-element fallback is never taken."""
+    if dtype == torch.bfloat16 and (backend == "triton" or vmapped in ("q", "queue")):
+        pytest.skip("bf16 covers the linear (cotangents only) and folded rules on the C++ kernels")
+    names, args = raw_nce_args(name, dtype)
+    chosen = {"grad": ["grad"], "q": ["q"], "rows": [n for n in names if n != "queue"], "queue": ["queue", "grad"]}
+    if not set(chosen[vmapped]) & set(names) or (vmapped == "queue" and "queue" not in names):
+        pytest.skip(f"{name} takes no {vmapped}")
+    V = 3
+    in_dims = tuple(1 if n in chosen[vmapped] else None for n in names)
+    batched = [a if d is None else torch.stack([a * (1 + 0.1 * v) for v in range(V)], dim=d)
+               for a, d in zip(args, in_dims)]
+    op = getattr(torch.ops.insloc_ops, name)
+    with no_vmap_fallback():
+        got = torch.func.vmap(lambda *a: op(*a, 0.2), in_dims=in_dims)(*batched)
+    loop = [op(*[a if d is None else a.select(d, v) for a, d in zip(batched, in_dims)], 0.2) for v in range(V)]
+    # (the Triton kernels compute in fp32 whatever the inputs; g * J(1) and J(g) round differently there)
+    tol = dict(rtol=2e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6) \
+        if backend == "triton" else dict(rtol=1e-7, atol=1e-9)
+    assert len(got) == len(loop[0])
+    for i, g in enumerate(got):
+        assert g.dtype == loop[0][i].dtype
+        torch.testing.assert_close(g, torch.stack([o[i] for o in loop]), **tol)
+    assert got[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("transform", ["hessian", "jvp_of_grad", "grad_of_jvp", "jvp_of_jvp", "jacfwd_of_jacfwd",

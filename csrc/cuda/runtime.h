@@ -71,6 +71,7 @@ inline void store16(float* p, const float* v) {
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 #define INSLOC_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
 #define INSLOC_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
@@ -95,10 +96,21 @@ inline int compute_capability_major(int device) {
 inline size_t max_shared_per_block_optin(int device) {
   return size_t(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
 }
-// Needed before a launch with more than 48 KiB of dynamic shared memory.
+// Needed before a launch with more than 48 KiB of dynamic shared memory. The attribute is a per-device upper
+// bound, so it is set only when a launch needs more than the largest bound set so far for (kernel, device):
+// cached, as the call costs host time on every launch otherwise.
 template <typename Kernel>
 void allow_dynamic_shared(Kernel kernel, size_t bytes) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = allowed.find(key);
+  if (found != allowed.end() && found->second >= bytes) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  allowed[key] = bytes;
 }
 // Blocks of the kernel an SM of the current device holds at once (registers, shared memory, threads), at
 // least 1. A kernel over 48 KiB of dynamic shared memory needs allow_dynamic_shared first (else the driver
