@@ -39,6 +39,16 @@ def atomic_write(path, write):
         raise
 
 
+def remove_stale_temporaries(out_dir):
+    """Deletes the temporary files of checkpoints (and `latest`) that a killed run left unfinished (atomic_write
+    removes its own on an exception, but not when the process is killed); returns their paths."""
+    stale = [p for pattern in (".tmp_checkpoint_*", ".tmp_" + LATEST + "*")
+             for p in glob.glob(os.path.join(out_dir, pattern))]
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
 def checkpoint_path(out_dir, step):
     return os.path.join(out_dir, f"checkpoint_{step:08d}.pt")
 
@@ -46,11 +56,18 @@ def checkpoint_path(out_dir, step):
 def save_checkpoint(state, out_dir, keep=2):
     """Writes state (with state['step']) as out_dir/checkpoint_<step>.pt, points `latest` at it, and keeps
     it and the `keep` - 1 newest checkpoints of lower step, deleting older ones. Checkpoints of a higher step
-    (another run in the same folder, or a run resumed from an older checkpoint) are left alone. Returns the
-    path."""
+    (the run before a run resumed from an older checkpoint, or unreadable ones) are left alone, and one of the
+    same step is kept as checkpoint_<step>.superseded-<n>.pt (which nothing deletes or resumes from). Returns
+    the path."""
     os.makedirs(out_dir, exist_ok=True)
     step = state["step"]
     path = checkpoint_path(out_dir, step)
+    if os.path.exists(path):
+        n = 1
+        while os.path.exists(aside := path[:-len(".pt")] + f".superseded-{n}.pt"):
+            n += 1
+        os.replace(path, aside)
+        warnings.warn(f"kept the checkpoint this one replaces as {aside}", stacklevel=2)
     atomic_write(path, lambda f: torch.save(state, f))
     atomic_write(os.path.join(out_dir, LATEST), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
     earlier = [p for s, p in numbered_checkpoints(out_dir) if s < step]

@@ -13,7 +13,7 @@ import sys
 import types
 import typing
 
-from .config import PRESETS, Config
+from .config import PRESETS, Config, UsageError
 
 
 def _add_field(parser, f, hint):
@@ -91,6 +91,7 @@ def build_parser():
     pretrain.add_argument("--config", default=None, help="YAML file of Config fields")
     pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_config_arguments(pretrain)
+    parser.pretrain = pretrain  # its usage line goes with errors in its flags
     commands.add_parser("export", add_help=False,
                         help="convert a pretraining checkpoint (raw, torchvision, torchvision-fpn, detectron2)")
     return parser
@@ -107,7 +108,7 @@ def main(argv=None):
     try:
         cfg = config_from_args(args).validate()
     except ValueError as e:  # a bad value in the flags or the YAML file: argparse's message and exit status 2
-        parser.error(str(e))
+        parser.pretrain.error(str(e))
     if args.print_config:
         import yaml
 
@@ -115,7 +116,10 @@ def main(argv=None):
         return 0
     from .train import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except UsageError as e:  # found at the start of the run (device, data, output folder), before any training
+        parser.pretrain.error(str(e))
     return 0
 
 

@@ -6,6 +6,7 @@ command-line flags. The recipe's numbers (recipe.md) are the defaults; presets c
 """
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,6 +128,8 @@ class Config:
             values = getattr(self, name)
             _require(name, values, len(values) >= 1 and all(v > 0 for v in values), "one or more positive numbers")
         _require("data", self.data, self.data != "", "'builtin', a folder or a list file")
+        _require("device", self.device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+                 "auto, cpu, cuda or cuda:N")
         return self
 
 
@@ -150,6 +153,11 @@ def architecture_mismatch(cfg, saved, fields=ARCHITECTURE_FIELDS):
     saved = with_added_fields(saved)
     return [f"{_flag(name)}: {saved[name]!r} in the checkpoint, {getattr(cfg, name)!r} here"
             for name in fields if name in saved and saved[name] != getattr(cfg, name)]
+
+
+class UsageError(ValueError):
+    """A value that can be checked only once a run starts (the device, the data, the output folder, the
+    checkpoint to resume): reported as a bad flag (exit status 2), before anything is trained or written."""
 
 
 def _flag(name):

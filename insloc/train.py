@@ -19,9 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from insloc_ops import grid_anchors, selected_backends
 
-from .checkpoint import (load_checkpoint, load_latest_checkpoint, numbered_checkpoints, rng_state, save_checkpoint,
-                         set_rng_state)
-from .config import ARCHITECTURE_FIELDS, Config, architecture_mismatch
+from .checkpoint import (load_checkpoint, load_latest_checkpoint, numbered_checkpoints, remove_stale_temporaries,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import ARCHITECTURE_FIELDS, Config, UsageError, architecture_mismatch
 from .data import CopyPasteComposite, EpochSampler, TwoViewCrops, image_paths
 from .models import build_encoder
 from .moco import MoCo
@@ -43,8 +43,12 @@ def build_model(cfg: Config):
 
 def build_dataset(cfg: Config):
     kind = CopyPasteComposite if cfg.method == "insloc" else TwoViewCrops
-    return kind(image_paths(cfg.data), cfg.image_size, cfg.crop_scale, cfg.crop_ratio, cfg.paste_size,
-                cfg.samples_per_epoch, cfg.seed, cfg.decode_cache)
+    try:
+        paths = image_paths(cfg.data)
+    except (OSError, RuntimeError) as e:
+        raise UsageError(f"--data (data): {e}") from e
+    return kind(paths, cfg.image_size, cfg.crop_scale, cfg.crop_ratio, cfg.paste_size, cfg.samples_per_epoch,
+                cfg.seed, cfg.decode_cache)
 
 
 def cosine_lr(step, steps_per_epoch, epochs, base_lr):
@@ -63,8 +67,15 @@ def setup_distributed(cfg: Config):
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
-        if device.type == "cuda" and world > 1:
-            device = torch.device(f"cuda:{local_rank}")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device (device): {cfg.device} asked for, but torch sees no CUDA GPU here "
+                                 f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+            if world > 1 or device.index is None:  # torchrun: the local rank's GPU; plain "cuda": GPU 0
+                device = torch.device("cuda", local_rank if world > 1 else 0)
+            if device.index >= torch.cuda.device_count():
+                raise UsageError(f"--device (device): {cfg.device} names GPU {device.index}, but there are "
+                                 f"{torch.cuda.device_count()}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -138,10 +149,13 @@ def epoch_means(csv_path, from_step=0):
     return {e: total / count for e, (total, count) in sorted(sums.items())}
 
 
-def ops_line(device, anchor_nms_iou=None):
+def ops_line(device, anchor_nms_iou=None, method="insloc"):
     """The log line naming which insloc_ops backend runs each op on ``device`` (with ``anchor_nms_iou``
-    set, the box jitter is the official NMS choice, which runs in eager PyTorch on the CPU)."""
+    set, the box jitter is the official NMS choice, which runs in eager PyTorch on the CPU). Image-level MoCo
+    runs the InfoNCE op alone."""
     chosen = selected_backends(device)
+    if method != "insloc":
+        chosen = {op: b for op, b in chosen.items() if op == "queue_infonce"}
     shown = dict(chosen)
     if anchor_nms_iou is not None:
         shown["sample_anchor_boxes"] = f"reference on the CPU (official NMS choice at IoU {anchor_nms_iou:g})"
@@ -165,10 +179,28 @@ def train(cfg: Config, *, interrupt_after_step=None):
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
     out_dir = cfg.out_dir or os.path.join("runs", "custom")
-    if main:
-        os.makedirs(out_dir, exist_ok=True)
     say = print if main else (lambda *a, **k: None)
     cuda = device.type == "cuda"
+    # What can be checked only now is checked before anything is built or written (UsageError: a bad flag).
+    global_batch = cfg.batch_size * world
+    if cfg.queue_size < global_batch:
+        raise UsageError(f"--queue-size (queue_size) must be at least the global batch {global_batch} "
+                         f"(batch_size x processes), got {cfg.queue_size}")
+    if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
+        raise UsageError(f"--resume (resume): no checkpoint file {cfg.resume}")
+    if not cfg.resume and numbered_checkpoints(out_dir):
+        raise UsageError(f"--out-dir (out_dir): {out_dir} holds checkpoints of an earlier run (the newest "
+                         f"{os.path.basename(numbered_checkpoints(out_dir)[-1][1])}), which a fresh run would "
+                         f"overwrite: continue it with --resume auto, or choose another --out-dir")
+    dataset = build_dataset(cfg)
+    try:
+        sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+        for stale in remove_stale_temporaries(out_dir):
+            say(f"removed {stale}, a checkpoint a crashed run had not finished writing")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
@@ -180,16 +212,10 @@ def train(cfg: Config, *, interrupt_after_step=None):
     moco = build_model(cfg).to(device)
     if cfg.channels_last and cuda:
         moco = moco.to(memory_format=torch.channels_last)
-    global_batch = cfg.batch_size * world
-    if cfg.queue_size < global_batch:
-        raise ValueError(f"--queue-size (queue_size) must be at least the global batch {global_batch} "
-                         f"(batch_size x processes), got {cfg.queue_size}")
     base_lr = cfg.lr * global_batch / cfg.lr_batch
     optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=base_lr, momentum=cfg.sgd_momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
 
-    dataset = build_dataset(cfg)
-    sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.num_workers, pin_memory=cuda,
                                          persistent_workers=cfg.num_workers > 0,
@@ -207,13 +233,11 @@ def train(cfg: Config, *, interrupt_after_step=None):
         ckpt, resume_path = load_latest_checkpoint(out_dir)
     elif cfg.resume:
         resume_path = cfg.resume
-        if not os.path.isfile(resume_path):
-            raise FileNotFoundError(f"--resume (resume): no checkpoint file {resume_path}")
         ckpt = load_checkpoint(resume_path)
     if ckpt is not None:
         mismatch = architecture_mismatch(cfg, ckpt.get("config") or {}, ARCHITECTURE_FIELDS + ("queue_size",))
         if mismatch:
-            raise ValueError(f"--resume (resume): {resume_path} holds another model than this run builds "
+            raise UsageError(f"--resume (resume): {resume_path} holds another model than this run builds "
                              f"({'; '.join(mismatch)}): resume with the checkpoint's values")
         moco.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -224,9 +248,10 @@ def train(cfg: Config, *, interrupt_after_step=None):
         say(f"resumed from {resume_path} at epoch {epoch}, step {step}")
     later = [p for s, p in numbered_checkpoints(out_dir) if s > step]
     if main and later:
-        warnings.warn(f"{out_dir} holds checkpoints past step {step} ({os.path.basename(later[-1])} the last) of "
-                      f"another run (or unreadable ones): they are left as they are, and `latest` (what --resume "
-                      f"auto continues from) will name this run's checkpoints", stacklevel=2)
+        warnings.warn(f"{out_dir} holds checkpoints past step {step} ({os.path.basename(later[-1])} the last), "
+                      f"of the run before this one resumed or unreadable: none is deleted (one that this run "
+                      f"reaches the step of is kept as checkpoint_<step>.superseded-<n>.pt), and `latest` (what "
+                      f"--resume auto continues from) will name this run's checkpoints", stacklevel=2)
 
     model = moco
     if world > 1:
@@ -240,11 +265,12 @@ def train(cfg: Config, *, interrupt_after_step=None):
     names = group_names(cfg, moco.num_groups)
     log = MetricsLog(os.path.join(out_dir, "metrics.csv"), moco.num_groups, step, main)
     shuffle_state = "on" if (cfg.shuffle_bn and world > 1) else "off (one process)" if cfg.shuffle_bn else "off"
-    say(f"insloc pretrain: method={cfg.method} arch={cfg.arch} ResNet-{cfg.depth} on {device} x {world}, "
+    model_name = f"arch={cfg.arch} " if cfg.method == "insloc" else ""
+    say(f"insloc pretrain: method={cfg.method} {model_name}ResNet-{cfg.depth} on {device} x {world}, "
         f"{len(dataset.images)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"global batch {global_batch}, lr {base_lr:.4g}, queue {moco.num_groups}x{cfg.queue_size}, "
         f"shuffle-BN {shuffle_state}, bf16 {'on' if cfg.bf16 and cuda else 'off'}, out {out_dir}")
-    say(ops_line(device, cfg.anchor_nms_iou if cfg.method == "insloc" else None))
+    say(ops_line(device, cfg.anchor_nms_iou if cfg.method == "insloc" else None, cfg.method))
 
     def checkpoint(epoch_done, in_epoch):
         states, path = [None] * world, None
@@ -321,7 +347,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
                 say(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} ({100 * step / total_steps:3.0f}%) "
                     f"loss {last_loss:.3f} [{per_group}] lr {lr:.4g} {images_per_s:.1f} img/s "
                     f"data wait {100 * wait_share:.0f}% eta {_fmt_time(eta)}"
-                    + (f" skipped {skipped_images} unreadable images" if skipped_images else ""), flush=True)
+                    + (f" replaced {skipped_images} draws of unreadable images" if skipped_images else ""), flush=True)
                 pending, wait_window, steps_window, t_window = [], 0.0, 0, now
             if end_of_epoch:
                 break

@@ -8,6 +8,10 @@ from . import reference
 from ._backend import select
 
 
+def _sized(v):
+    return hasattr(v, "__len__") and not isinstance(v, (str, bytes))
+
+
 def grid_anchors(feature_size, stride, sizes, aspect_ratios, offset=0.0, *, device=None, dtype=torch.float32):
     """Anchors of one feature grid: [H*W*len(sizes)*len(aspect_ratios), 4] xyxy.
 
@@ -15,17 +19,19 @@ def grid_anchors(feature_size, stride, sizes, aspect_ratios, offset=0.0, *, devi
     (detectron2's order). ratio = h / w, w = sqrt(size^2 / ratio), h = ratio * w; centres at
     ((x + offset) * stride, (y + offset) * stride); not clipped to the image.
     """
-    fs = (feature_size, feature_size) if isinstance(feature_size, int) else tuple(feature_size)
-    if len(fs) != 2 or any((not isinstance(v, int)) or v < 0 for v in fs):
+    fs = (feature_size, feature_size) if isinstance(feature_size, int) else \
+        tuple(feature_size) if _sized(feature_size) else ()
+    if len(fs) != 2 or any((not isinstance(v, int)) or isinstance(v, bool) or v < 0 for v in fs):
         raise ValueError(f"feature_size must be an int or (H, W) of non-negative ints, got {feature_size!r}")
     def positive(v):
-        return isinstance(v, Real) and math.isfinite(v) and v > 0
+        return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
     if not positive(stride):
         raise ValueError(f"stride must be a positive finite number, got {stride!r}")
-    if len(sizes) == 0 or not all(positive(s) for s in sizes):
+    if not _sized(sizes) or len(sizes) == 0 or not all(positive(s) for s in sizes):
         raise ValueError(f"sizes must be a non-empty sequence of positive finite numbers, got {sizes!r}")
-    if len(aspect_ratios) == 0 or not all(positive(r) for r in aspect_ratios):
+    if not _sized(aspect_ratios) or len(aspect_ratios) == 0 or \
+            not all(positive(r) for r in aspect_ratios):
         raise ValueError(f"aspect_ratios must be a non-empty sequence of positive finite numbers, got "
                          f"{aspect_ratios!r}")
     if not isinstance(offset, Real) or not math.isfinite(offset):

@@ -31,7 +31,8 @@ def _check(q, k, queue, temperature):
         raise ValueError(f"queue must have q's G={q.shape[0]} groups, got {queue.shape[0]}")
     if k.device != q.device or queue.device != q.device:
         raise ValueError(f"q, k and queue must be on one device, got {q.device}, {k.device}, {queue.device}")
-    if not isinstance(temperature, Real) or not math.isfinite(temperature) or temperature <= 0:
+    if not isinstance(temperature, Real) or isinstance(temperature, bool) or not math.isfinite(temperature) or \
+            temperature <= 0:
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
 
 
@@ -93,9 +94,17 @@ def enqueue_(queue, keys, ptr):
         raise ValueError(f"keys holds {keys.shape[-2]} rows, more than the queue's K={queue.shape[-2]}")
     if keys.device != queue.device:
         raise ValueError(f"keys is on {keys.device} but queue is on {queue.device}")
+    if queue.dtype not in _FLOATS or keys.dtype not in _FLOATS:
+        raise ValueError(f"queue and keys must be float32, float16, bfloat16 or float64, got {queue.dtype} and "
+                         f"{keys.dtype}")
+    if any(st == 0 and n > 1 for st, n in zip(queue.stride(), queue.shape)):
+        raise ValueError("queue must not be an expanded view (a stride of 0): its rows would share memory")
     if torch.is_tensor(ptr):
         if ptr.dim() != 0 or ptr.dtype != torch.int64:
             raise ValueError(f"ptr must be an int or a 0-dim int64 tensor, got {ptr!r}")
+        if ptr.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                not 0 <= int(ptr) < max(queue.shape[-2], 1):  # (a CPU value: no device sync)
+            raise ValueError(f"ptr must lie in [0, {queue.shape[-2]}), got {int(ptr)}")
     elif not isinstance(ptr, int) or isinstance(ptr, bool) or not 0 <= ptr < max(queue.shape[-2], 1):
         raise ValueError(f"ptr must be an int in [0, {queue.shape[-2]}), got {ptr!r}")
     return reference.enqueue_(queue, keys, ptr)

@@ -101,6 +101,8 @@ def _roi_align_one_level(feature, rois, output_size, spatial_scale, sampling_rat
 # An adaptive grid larger than this per axis is clamped (only boxes over ~458k feature pixels per bin
 # side reach it); it keeps every kernel's loop bounded. The kernels use the same constant.
 MAX_ADAPTIVE_GRID = 65536
+# The largest pooled height or width (the kernels index bins with 32-bit ints).
+MAX_POOLED_SIZE = 1 << 15
 
 
 def _adaptive_grid(bins_per_sample):
@@ -113,18 +115,32 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
                          levels=None):
     """All levels: ``[L, R, C, oh, ow]``; with ``levels`` (int64 [R]): ``[R, C, oh, ow]``."""
     if levels is None:
-        return torch.stack([
+        out = torch.stack([
             _roi_align_one_level(f, rois, output_size, s, sampling_ratio, aligned)
             for f, s in zip(features, spatial_scales)
         ])
-    B, C = features[0].shape[:2]
-    out = features[0].new_zeros(rois.shape[0], C, *output_size)
-    for lvl, (f, s) in enumerate(zip(features, spatial_scales)):
-        idx = (levels == lvl).nonzero().squeeze(1)
-        if idx.numel():
-            out = out.index_copy(0, idx, _roi_align_one_level(f, rois[idx], output_size, s, sampling_ratio,
-                                                              aligned))
-    return out
+    else:
+        B, C = features[0].shape[:2]
+        out = features[0].new_zeros(rois.shape[0], C, *output_size)
+        for lvl, (f, s) in enumerate(zip(features, spatial_scales)):
+            idx = (levels == lvl).nonzero().squeeze(1)
+            if idx.numel():
+                out = out.index_copy(0, idx, _roi_align_one_level(f, rois[idx], output_size, s, sampling_ratio,
+                                                                  aligned))
+    return _tied_to_every_level(out, features)
+
+
+def _tied_to_every_level(out, features):
+    """``out`` tied to every level through an empty slice (no values, a zero gradient), so that each level gets
+    a gradient, zeros where no box reads it, as from the fused backends: with no boxes (or none on a level)
+    the output would otherwise not depend on it, and backward() would fail or leave its grad None. Only where
+    autograd records (torch.func's transforms give unused inputs zeros themselves, and an empty vmap cannot
+    broadcast the tie)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if not torch.is_grad_enabled() or any(wrapped(f) for f in features) or not any(f.requires_grad
+                                                                                   for f in features):
+        return out
+    return out + sum(f[:0].sum().to(out.dtype) for f in features)
 
 
 def fpn_levels(rois, canonical_size=224, canonical_level=4, min_level=2, max_level=5):

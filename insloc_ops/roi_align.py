@@ -1,6 +1,7 @@
 """Multi-level RoIAlign: every box from every FPN level, or each box from its assigned level, in one op."""
 import math
-from numbers import Real
+from collections.abc import Sequence
+from numbers import Integral, Real
 
 import torch
 
@@ -11,15 +12,18 @@ from . import _eager
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _is_int(v):
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
 def _pair(output_size):
-    if isinstance(output_size, int) and not isinstance(output_size, bool):
-        output_size = (output_size, output_size)
-    try:
-        oh, ow = (int(v) for v in output_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"output_size must be an int or a pair of ints, got {output_size!r}") from None
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"output_size must be positive, got {output_size!r}")
+    pair = (output_size, output_size) if _is_int(output_size) else output_size
+    if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2 or \
+            not all(_is_int(v) for v in pair):
+        raise ValueError(f"output_size must be an int or a pair of ints, got {output_size!r}")
+    oh, ow = int(pair[0]), int(pair[1])
+    if not (0 < oh <= reference.MAX_POOLED_SIZE and 0 < ow <= reference.MAX_POOLED_SIZE):
+        raise ValueError(f"output_size must lie in [1, {reference.MAX_POOLED_SIZE}], got {output_size!r}")
     return oh, ow
 
 
@@ -68,7 +72,7 @@ def _check(features, rois, spatial_scales, sampling_ratio, levels):
     # themselves never read outside the inputs: an out-of-range batch index or level gives zeros.
     if f0.device.type == "cpu" and rois.shape[0] and not torch.compiler.is_compiling() and \
             not _eager.under_transform(rois, levels):  # (vmapped boxes: no data-dependent check)
-        b = rois[:, 0]
+        b = rois[:, 0].to(reference._geometry_dtype(f0.dtype))  # as the kernels read it (1 - 1e-12 -> 1.0f)
         B = f0.shape[0]
         if not bool(((b >= 0) & (b < B)).all()):
             raise ValueError(f"rois[:, 0] (batch index) must lie in [0, {B}), got values in "
@@ -93,6 +97,8 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
     features = list(features) if isinstance(features, tuple) else features
     _check(features, rois, spatial_scales, sampling_ratio, levels)
     oh, ow = _pair(output_size)
+    if aligned not in (True, False):
+        raise ValueError(f"aligned must be a bool, got {aligned!r}")
     scales = [float(s) for s in spatial_scales]
     which = select("roi_align_multilevel", features[0].device, backend)
     # No derivative reaches the boxes (nor does one of the reference's); boxes that require grad, or that a
@@ -112,8 +118,12 @@ def fpn_levels(rois, canonical_size=224, canonical_level=4, min_level=2, max_lev
     """Zero-based FPN level per box (torchvision's LevelMapper): ``rois`` is [R, 5] or [R, 4]."""
     if not isinstance(rois, torch.Tensor) or rois.dim() != 2 or rois.shape[1] not in (4, 5):
         raise ValueError(f"rois must be a [R, 5] or [R, 4] tensor, got {getattr(rois, 'shape', rois)!r}")
+    for name, v in (("min_level", min_level), ("max_level", max_level), ("canonical_level", canonical_level)):
+        if not _is_int(v):
+            raise ValueError(f"{name} must be an int, got {v!r}")
     if min_level > max_level:
         raise ValueError(f"need min_level <= max_level, got min_level={min_level}, max_level={max_level}")
-    if canonical_size <= 0:
-        raise ValueError(f"canonical_size must be positive, got {canonical_size}")
+    if not isinstance(canonical_size, Real) or isinstance(canonical_size, bool) or \
+            not math.isfinite(canonical_size) or canonical_size <= 0:
+        raise ValueError(f"canonical_size must be a positive finite number, got {canonical_size!r}")
     return reference.fpn_levels(rois, canonical_size, canonical_level, min_level, max_level)

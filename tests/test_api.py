@@ -38,6 +38,15 @@ ROIS = torch.tensor([[0, 1.0, 2.0, 30.0, 40.0], [1, 5.0, 5.0, 20.0, 25.0]])
     (dict(output_size=0), "output_size"),
     (dict(output_size=(7, -1)), "output_size"),
     (dict(output_size="7"), "output_size"),
+    (dict(output_size="77"), "output_size"),
+    (dict(output_size=(2.7, 3)), "output_size"),
+    (dict(output_size=(True, 2)), "output_size"),
+    (dict(output_size=2**32 + 2), "output_size"),  # the kernels' 32-bit int would read 2
+    (dict(output_size=(7, 2**15 + 1)), "output_size"),
+    (dict(aligned="no"), "aligned"),
+    (dict(aligned=None), "aligned"),
+    # float64 boxes of float32 features: the kernels read 1.99999999999 as 2.0, past the batch
+    (dict(rois=torch.tensor([[1.99999999999, 0, 0, 4, 4]], dtype=torch.float64)), "batch index"),
     (dict(sampling_ratio=1.5), "sampling_ratio"),
     (dict(levels=torch.tensor([0, 2])), "levels"),
     (dict(levels=torch.tensor([0, -1])), "levels"),
@@ -79,6 +88,7 @@ def test_sample_anchor_boxes_rejects_bad_input_naming_the_argument(kwargs, match
     (dict(temperature=0.0), "temperature"),
     (dict(temperature=-0.2), "temperature"),
     (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=True), "temperature"),
     (dict(reduction="sum"), "reduction"),
 ])
 def test_queue_infonce_rejects_bad_input_naming_the_argument(kwargs, match):
@@ -94,6 +104,12 @@ def test_queue_infonce_rejects_bad_input_naming_the_argument(kwargs, match):
     (dict(ptr=5), "ptr"),
     (dict(ptr=-1), "ptr"),
     (dict(ptr=torch.tensor([1])), "ptr"),
+    (dict(ptr=torch.tensor(7)), "ptr"),
+    (dict(ptr=torch.tensor(-3)), "ptr"),
+    (dict(queue=torch.zeros(5, 8, dtype=torch.int64)), "queue"),
+    (dict(queue=torch.zeros(5, 8, dtype=torch.bool)), "queue"),
+    (dict(keys=torch.randn(3, 8, dtype=torch.complex64)), "keys"),
+    (dict(queue=torch.zeros(1, 8).expand(5, 8)), "queue"),
 ])
 def test_enqueue_rejects_bad_input_naming_the_argument(kwargs, match):
     args = dict(queue=torch.zeros(5, 8), keys=torch.randn(3, 8), ptr=0)
@@ -112,12 +128,44 @@ def test_enqueue_rejects_bad_input_naming_the_argument(kwargs, match):
     (dict(aspect_ratios=(float("inf"),)), "aspect_ratios"),
     (dict(offset=float("nan")), "offset"),
     (dict(dtype=torch.int64), "dtype"),
+    (dict(feature_size=2.0), "feature_size"),
+    (dict(feature_size=(2, True)), "feature_size"),
+    (dict(sizes=16), "sizes"),
+    (dict(sizes=(True,)), "sizes"),
 ])
 def test_grid_anchors_rejects_bad_input_naming_the_argument(kwargs, match):
     args = dict(feature_size=4, stride=16, sizes=(32,), aspect_ratios=(1.0,))
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         insloc_ops.grid_anchors(**args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(canonical_size=float("nan")), "canonical_size"),
+    (dict(canonical_size=0), "canonical_size"),
+    (dict(canonical_size=True), "canonical_size"),
+    (dict(min_level=2.5), "min_level"),
+    (dict(max_level="5"), "max_level"),
+    (dict(min_level=6), "min_level"),
+])
+def test_fpn_levels_rejects_bad_input_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        insloc_ops.fpn_levels(ROIS, **kwargs)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton")
+                                     if _backend.is_available("roi_align_multilevel", b, "cpu")])
+@pytest.mark.parametrize("case", ["no boxes", "no boxes on level 1"])
+def test_every_level_gets_a_gradient_where_no_box_reads_it(backend, case):
+    """Zeros, as from the fused backends' backward, never a missing gradient or an output cut off from
+    autograd (the reference backend's output once was, with no boxes: backward() failed)."""
+    feats = [f.requires_grad_() for f in _feats()]
+    rois = ROIS[:0] if case == "no boxes" else ROIS
+    levels = None if case == "no boxes" else torch.zeros(2, dtype=torch.int64)
+    out = insloc_ops.roi_align_multilevel(feats, rois, 2, SCALES, levels=levels, backend=backend)
+    grads = torch.autograd.grad((out * 2).sum(), feats)
+    assert torch.equal(grads[1], torch.zeros_like(feats[1]))
+    assert (grads[0] != 0).any() == (case != "no boxes")
 
 
 @pytest.mark.parametrize("sampling_ratio", [2**32 + 1, 2**31, 65537, -2**32 + 5])
@@ -232,6 +280,7 @@ def test_selected_backends_names_what_runs_when_a_call_names_none(monkeypatch):
     if "reference" in on_cuda.values():  # the hint while CUDA runs the reference
         assert "INSLOC_OPS_BACKEND=cuda" in ops_line("cuda")
     assert "sample_anchor_boxes=reference on the CPU (official NMS choice at IoU 0.7)" in ops_line("cpu", 0.7)
+    assert ops_line("cpu", method="moco") == f"ops: queue_infonce={on_cpu}"  # image-level MoCo: the loss alone
     monkeypatch.setenv("INSLOC_OPS_BACKEND", "reference")
     assert set(insloc_ops.selected_backends("cpu").values()) == {"reference"}
     monkeypatch.setenv("INSLOC_OPS_BACKEND", "fast")

@@ -298,13 +298,34 @@ def check_zeroes_out_of_range(fwd, bwds, valid, bad):
         assert all((x == 0).all() for x in bwd(g_all, bad_rois, None))
 
 
-def test_cpu_kernel_zeroes_out_of_range_batch_and_level():
-    # The public API rejects these; a direct op call must still neither crash nor read out of bounds.
-    feats, scales, valid, bad = out_of_range_case("cpu")
+def test_cpu_kernel_refuses_out_of_range_batch_and_level():
+    """The C++ CPU kernel reads the boxes on the host, so it refuses a bad batch index or level itself: under
+    torch.compile, torch.export or a torch.func transform the public function's own check does not run (the
+    CUDA kernels, which could only check with a device sync, pool zeros instead: tests/test_cuda_emu.py)."""
+    feats, scales, (rois, levels), (bad_rois, bad_levels) = out_of_range_case("cpu")
     sizes = [h for h, _ in SIZES_CPU], [w for _, w in SIZES_CPU]
-    check_zeroes_out_of_range(
-        lambda r, lv: OP(feats, r, lv, scales, 2, 2, 0, True),
-        [lambda g, r, lv: OP_BWD(g, r, lv, scales, 0, True, 2, 3, *sizes, False)], valid, bad)
+    good = OP(feats, rois, levels, scales, 2, 2, 0, True)
+    for i, value in enumerate([-1.0, -0.5, float(feats[0].shape[0]), float("nan")]):
+        r = rois.clone()
+        r[i, 0] = value
+        for lv in (None, levels):
+            with pytest.raises(ValueError, match=rf"rois\[{i}, 0\] \(batch index\)"):
+                OP(feats, r, lv, scales, 2, 2, 0, True)
+            with pytest.raises(ValueError, match="batch index"):
+                OP_BWD(torch.ones_like(good if lv is not None else OP(feats, rois, None, scales, 2, 2, 0, True)),
+                       r, lv, scales, 0, True, 2, 3, *sizes, False)
+    for value in (-1, len(feats)):
+        lv = levels.clone()
+        lv[5] = value
+        with pytest.raises(ValueError, match=r"levels\[5\]"):
+            OP(feats, rois, lv, scales, 2, 2, 0, True)
+        with pytest.raises(ValueError, match=r"levels\[5\]"):
+            OP_BWD(torch.ones_like(good), rois, lv, scales, 0, True, 2, 3, *sizes, False)
+    # Where the public check is skipped: a vmap over the features reaches the kernel with the bad boxes.
+    stacked = [torch.stack([f, f]) for f in feats]
+    with pytest.raises(ValueError, match="batch index"):
+        torch.func.vmap(lambda *fs: insloc_ops.roi_align_multilevel(list(fs), bad_rois, 2, scales, backend="cpu"))(
+            *stacked)
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton not available")
@@ -383,24 +404,31 @@ def test_bad_inputs_name_the_argument():
         OP(feats, rois, torch.zeros(3, dtype=torch.int64), scales, 2, 2, 0, True)
     with pytest.raises(RuntimeError, match="grad"):
         OP_BWD(torch.zeros(2, 8, 3, 2, 2), rois, None, scales, 0, True, 2, 3, [12, 6, 3], [15, 8, 4], False)
+    # 32-bit ints in the kernels: the pooled size and sampling ratio must fit (2**32 + 2 would run as 2).
+    for ph, pw, ratio in ((2**32 + 2, 2, 0), (2, 2**15 + 1, 0), (2, 2, 2**32 + 2), (2, 2, 65537)):
+        with pytest.raises(ValueError, match="output_size" if ratio == 0 else "sampling_ratio"):
+            OP(feats, rois, None, scales, ph, pw, ratio, True)
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        OP_BWD(torch.zeros(3, 8, 3, 2, 2), rois, None, scales, 2**32 + 2, True, 2, 3, [12, 6, 3], [15, 8, 4], False)
 
 
 @pytest.mark.parametrize("op", ["cpu", "triton"])
 def test_kernels_zero_levels_out_of_int32_range(op):
     # On CUDA tensors the public API does not range-check levels (that costs a sync): a level of 2**32 + 1
-    # must pool nothing, not level 1 after narrowing to 32 bits.
+    # must pool nothing, not level 1 after narrowing to 32 bits (the C++ CPU kernel refuses it instead).
     if op not in CPU_BACKENDS:
         pytest.skip(f"{op} not available")
     feats, scales, (rois, _), _ = out_of_range_case("cpu", seed=15)
     rois = rois[:4]
     if op == "cpu":
-        def pool(levels):
-            return OP(feats, rois, levels, scales, 2, 2, 2, True)
-    else:
-        from insloc_ops.triton import roi_align as triton_roi_align
+        for bad in (2**32 + 1, -2**32 + 1, 2**32):
+            with pytest.raises(ValueError, match=r"levels\[1\]"):
+                OP(feats, rois, torch.tensor([1, bad, 1, 0]), scales, 2, 2, 2, True)
+        return
+    from insloc_ops.triton import roi_align as triton_roi_align
 
-        def pool(levels):
-            return triton_roi_align.roi_align_multilevel(feats, rois, levels, scales, 2, 2, 2, True)
+    def pool(levels):
+        return triton_roi_align.roi_align_multilevel(feats, rois, levels, scales, 2, 2, 2, True)
     # Each box pools non-zero values at the level its bad level would narrow to, so a wrap shows.
     wrapped = pool(torch.tensor([1, 1, 1, 0]))
     assert (wrapped.flatten(1).abs().sum(1) > 0).all()

@@ -11,7 +11,7 @@ import yaml
 import insloc.train
 from insloc.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
 from insloc.cli import build_parser, config_from_args, main
-from insloc.config import Config, demo
+from insloc.config import Config, UsageError, demo
 from insloc.train import cosine_lr, train
 
 from conftest import free_port, run_processes
@@ -219,28 +219,45 @@ def test_rows_logged_before_a_checkpoint_survive_a_crash_after_it(tmp_path, monk
 
 
 def test_a_checkpoint_just_written_is_kept_and_named_latest(tmp_path):
-    # another run's checkpoints at higher steps (or a run resumed from an older checkpoint) stay, and the
-    # retention never deletes what it just wrote
+    # checkpoints at higher steps (the run before a run resumed from an older checkpoint) stay, one of the same
+    # step is kept aside, and the retention never deletes what it just wrote
     for step in (2, 4, 6, 8):
         save_checkpoint({"step": step}, str(tmp_path), keep=2)
     save_checkpoint({"step": 2, "run": "new"}, str(tmp_path), keep=2)
     assert find_latest(str(tmp_path)).endswith("checkpoint_00000002.pt")
     save_checkpoint({"step": 4, "run": "new"}, str(tmp_path), keep=2)
-    save_checkpoint({"step": 6, "run": "new"}, str(tmp_path), keep=2)
+    with pytest.warns(UserWarning, match="superseded-1"):
+        save_checkpoint({"step": 6, "run": "new"}, str(tmp_path), keep=2)
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == \
         ["checkpoint_00000004.pt", "checkpoint_00000006.pt", "checkpoint_00000008.pt"]
     latest = load_checkpoint(find_latest(str(tmp_path)))
     assert (latest["step"], latest["run"]) == (6, "new")
+    assert load_checkpoint(str(tmp_path / "checkpoint_00000006.superseded-1.pt")) == {"step": 6}
+    with pytest.warns(UserWarning, match="superseded-2"):
+        save_checkpoint({"step": 6, "run": "newer"}, str(tmp_path), keep=2)
+    assert load_checkpoint(str(tmp_path / "checkpoint_00000006.superseded-2.pt"))["run"] == "new"
 
 
-def test_a_fresh_run_in_a_used_folder_warns_and_resume_continues_it(tmp_path):
-    train(tiny(tmp_path, epochs=4))  # checkpoints 6 and 8 stay
-    with pytest.warns(UserWarning, match="past step 0"):
-        train(tiny(tmp_path, epochs=4, seed=5), interrupt_after_step=3)
-    assert load_checkpoint(find_latest(str(tmp_path)))["config"]["seed"] == 5
-    with pytest.warns(UserWarning, match="past step 2"):
-        summary = train(tiny(tmp_path, epochs=4, seed=5, resume="auto"))
-    assert summary["step"] == 8 and load_checkpoint(find_latest(str(tmp_path)))["config"]["seed"] == 5
+def test_a_fresh_run_in_a_used_folder_is_refused_and_no_checkpoint_is_ever_overwritten(tmp_path):
+    train(tiny(tmp_path, epochs=4))  # checkpoints 6 and 8
+    before = {p: open(p, "rb").read() for p in list_checkpoints(str(tmp_path))}
+    with pytest.raises(UsageError, match=r"--out-dir .*checkpoint_00000008.pt.*--resume auto"):
+        train(tiny(tmp_path, epochs=4, seed=5))
+    # Resumed from the older one on purpose: the later one is kept aside when this run reaches its step.
+    with pytest.warns(UserWarning, match="past step 6"):
+        summary = train(tiny(tmp_path, epochs=4, resume=str(tmp_path / "checkpoint_00000006.pt")))
+    assert summary["step"] == 8
+    assert open(tmp_path / "checkpoint_00000008.superseded-1.pt", "rb").read() == before[
+        str(tmp_path / "checkpoint_00000008.pt")]
+    assert find_latest(str(tmp_path)).endswith("checkpoint_00000008.pt")
+
+
+def test_a_killed_runs_unfinished_checkpoint_file_is_removed_at_the_next_start(tmp_path, capsys):
+    train(tiny(tmp_path))
+    stale = tmp_path / ".tmp_checkpoint_00000006.ptx8a2"
+    stale.write_bytes(b"partial")
+    train(tiny(tmp_path, epochs=3, resume="auto"))
+    assert not stale.exists() and f"removed {stale}" in capsys.readouterr().out
 
 
 def test_an_unreadable_newest_checkpoint_is_named_and_the_one_before_used(tmp_path):
@@ -252,7 +269,7 @@ def test_an_unreadable_newest_checkpoint_is_named_and_the_one_before_used(tmp_pa
     with pytest.warns(UserWarning, match="cannot read checkpoint .*checkpoint_00000004.pt"):
         summary = train(tiny(tmp_path, epochs=3, resume="auto"))
     assert summary["step"] == 6 and losses(tmp_path)[0] == [1, 2, 3, 4, 5, 6]
-    with pytest.raises(FileNotFoundError, match="--resume"):
+    with pytest.raises(UsageError, match="--resume"):
         train(tiny(tmp_path, resume=str(tmp_path / "missing.pt")))
 
 
@@ -318,3 +335,28 @@ def test_demo_setting_learns_loss_falls_once_the_queue_is_full(tmp_path):
     means = list(summary["epoch_mean_loss"].values())  # per epoch, steps after the queue first filled
     assert len(means) == 3
     assert means[-1] < means[0] - 0.2, means
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "cuda"], r"--device \(device\): cuda asked for, but torch sees no CUDA GPU"),
+    (["--device", "foo"], r"--device \(device\) must be auto, cpu, cuda or cuda:N"),
+    (["--queue-size", "4"], r"--queue-size \(queue_size\) must be at least the global batch 8"),
+    (["--samples-per-epoch", "4"], r"raise --samples-per-epoch"),
+    (["--data", "/nonexistent/images"], r"--data \(data\): data source '/nonexistent/images'"),
+    (["--data", "EMPTY"], r"--data \(data\): no images found"),
+    (["--resume", "/nonexistent.pt"], r"--resume \(resume\): no checkpoint file /nonexistent.pt"),
+])
+def test_values_checked_at_the_start_of_a_run_exit_as_bad_flags_before_anything_is_written(tmp_path, capsys,
+                                                                                           flags, message):
+    if flags[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("checks the message on a machine without a GPU")
+    (tmp_path / "empty").mkdir()
+    flags = [str(tmp_path / "empty") if f == "EMPTY" else f for f in flags]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--preset", "demo", "--batch-size", "8", "--samples-per-epoch", "16",
+              "--out-dir", str(out)] + flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and "usage: insloc pretrain" in err
+    assert re.search(message, err), err
+    assert not out.exists()

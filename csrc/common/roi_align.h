@@ -13,6 +13,9 @@ namespace insloc {
 // Same clamp as insloc_ops/reference.py: bounds every kernel's sample loop.
 constexpr int MAX_ADAPTIVE_GRID = 65536;
 constexpr int MAX_LEVELS = 8;
+// Largest pooled height or width (insloc_ops/reference.py's MAX_POOLED_SIZE): bin indices p * pw + q stay in
+// 32 bits.
+constexpr int MAX_POOLED_SIZE = 1 << 15;
 
 // nvcc contracts a * b + c into an fma by default; products rounded on their own keep the sample
 // coordinates bitwise equal between the CPU and CUDA kernels.

@@ -6,8 +6,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <optional>
 #include <vector>
+
+#include "common/roi_align.h"
 
 namespace insloc {
 
@@ -29,6 +32,18 @@ inline void check_roi_align_rois(const at::Tensor& rois, const std::optional<at:
   }
 }
 
+// The pooled size and sampling ratio, which the kernels take as 32-bit ints (a direct torch.ops call is not
+// checked by the Python API).
+inline void check_roi_align_pool(int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio) {
+  TORCH_CHECK_VALUE(pooled_height > 0 && pooled_width > 0 && pooled_height <= MAX_POOLED_SIZE &&
+                        pooled_width <= MAX_POOLED_SIZE,
+                    "roi_align_multilevel: output_size must be in [1, ", MAX_POOLED_SIZE, "], got ", pooled_height,
+                    " x ", pooled_width);
+  TORCH_CHECK_VALUE(sampling_ratio >= INT32_MIN && sampling_ratio <= MAX_ADAPTIVE_GRID,
+                    "roi_align_multilevel: sampling_ratio must be at most ", MAX_ADAPTIVE_GRID,
+                    " (<= 0: adaptive) and fit in 32 bits, got ", sampling_ratio);
+}
+
 inline bool is_channels_last(const at::Tensor& f) {
   return !f.is_contiguous() && f.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
@@ -44,6 +59,8 @@ inline std::vector<at::Tensor> readable_features(at::TensorList features, const 
     TORCH_CHECK(f.dim() == 4 && f.size(0) == f0.size(0) && f.size(1) == f0.size(1),
                 "roi_align_multilevel: features[", l, "] must be [B, C, H, W] with B, C of features[0], got ",
                 f.sizes());
+    TORCH_CHECK_VALUE(f.size(2) <= INT32_MAX && f.size(3) <= INT32_MAX, "roi_align_multilevel: features[", l,
+                      "] is ", f.size(2), " x ", f.size(3), " pixels; height and width must fit in 32 bits");
     TORCH_CHECK(f.scalar_type() == f0.scalar_type() && f.device() == f0.device() && rois.device() == f0.device(),
                 "roi_align_multilevel: all tensors must share features[0]'s dtype and device");
     feats.push_back(f.is_contiguous() || f.is_contiguous(at::MemoryFormat::ChannelsLast) ? f : f.contiguous());
@@ -65,7 +82,9 @@ inline void check_roi_align_grad(const at::Tensor& grad, const at::Tensor& rois,
               " RoIs and C = ", C, " channels, got ", grad.sizes());
   TORCH_CHECK(grad.device() == rois.device(), "roi_align_multilevel_backward: grad and rois on different devices");
   for (size_t l = 0; l < heights.size(); ++l)
-    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, "roi_align_multilevel_backward: negative level size");
+    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0 && heights[l] <= INT32_MAX && widths[l] <= INT32_MAX,
+                "roi_align_multilevel_backward: level ", l, " is ", heights[l], " x ", widths[l],
+                " pixels; sizes must be >= 0 and fit in 32 bits");
 }
 
 }  // namespace insloc

@@ -222,13 +222,27 @@ void backward_one(const RoiTables<T>& t, const scalar_t* g, int64_t C, int64_t c
   }
 }
 
+// The rois are on the host here, so an out-of-range batch index or level (NaN included) is an error, after the
+// conversion to the kernels' coordinate type, as the kernels would read it. (The CUDA kernels, which could only
+// check with a device sync, pool zeros for such a row; the public Python function checks CPU tensors itself,
+// but not under torch.compile or torch.func transforms, which reach this.)
+template <typename T>
+void check_roi_indices(const T* rp, const int64_t* lv, int64_t R, int64_t B, int64_t L) {
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK_VALUE(roi_batch(rp[r * 5], int(std::min<int64_t>(B, INT_MAX))) >= 0, "roi_align_multilevel: rois[",
+                      r, ", 0] (batch index) must lie in [0, ", B, "), got ", double(rp[r * 5]));
+    TORCH_CHECK_VALUE(lv == nullptr || (lv[r] >= 0 && lv[r] < L), "roi_align_multilevel: levels[", r,
+                      "] must lie in [0, ", L, "), got ", lv == nullptr ? 0 : lv[r]);
+  }
+}
+
 at::Tensor roi_align_multilevel_cpu(at::TensorList features, const at::Tensor& rois,
                                     const std::optional<at::Tensor>& levels, at::ArrayRef<double> spatial_scales,
                                     int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
                                     bool aligned) {
   const int64_t L = int64_t(features.size());
   check_roi_align_rois(rois, levels, L, spatial_scales.size());
-  TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align_multilevel: pooled size must be positive");
+  check_roi_align_pool(pooled_height, pooled_width, sampling_ratio);
   TORCH_CHECK(rois.device().is_cpu(), "roi_align_multilevel (CPU): tensors must be on CPU");
   const std::vector<at::Tensor> feats = readable_features(features, rois);
   const at::Tensor& f0 = feats[0];
@@ -245,6 +259,7 @@ at::Tensor roi_align_multilevel_cpu(at::TensorList features, const at::Tensor& r
     const T* rp = r.data_ptr<T>();
     at::Tensor lv_t = by_level ? levels->contiguous() : at::Tensor();
     const int64_t* lv = by_level ? lv_t.data_ptr<int64_t>() : nullptr;
+    check_roi_indices(rp, lv, R, B, L);
     std::vector<Level<T>> lvls;
     for (int64_t l = 0; l < L; ++l)
       lvls.push_back({feats[l].data_ptr(), feats[l].size(2), feats[l].size(3), T(spatial_scales[l]),
@@ -279,6 +294,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cpu(
   const int64_t R = rois.size(0), B = batch_size, C = channels;
   TORCH_CHECK(B >= 0, "roi_align_multilevel_backward: batch_size must be >= 0");
   check_roi_align_grad(grad, rois, by_level, L, C, heights, widths);
+  check_roi_align_pool(grad.size(-2), grad.size(-1), sampling_ratio);
   TORCH_CHECK(grad.device().is_cpu(), "roi_align_multilevel_backward (CPU): tensors must be on CPU");
   const int ph = int(grad.size(-2)), pw = int(grad.size(-1));
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -295,6 +311,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cpu(
     const T* rp = r.data_ptr<T>();
     at::Tensor lv_t = by_level ? levels->contiguous() : at::Tensor();
     const int64_t* lv = by_level ? lv_t.data_ptr<int64_t>() : nullptr;
+    check_roi_indices(rp, lv, R, B, L);
     std::vector<Level<T>> lvls;
     for (int64_t l = 0; l < L; ++l) lvls.push_back({nullptr, heights[l], widths[l], T(spatial_scales[l]), channels_last});
     // Channel blocks only when (level, image) pairs are too few to keep every thread busy.

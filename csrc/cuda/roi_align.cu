@@ -692,12 +692,10 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
   const int64_t L = int64_t(features.size());
   check_roi_align_rois(rois, levels, L, spatial_scales.size());
   check_cuda_problem(rois, L);
-  TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align_multilevel: pooled size must be positive");
+  check_roi_align_pool(pooled_height, pooled_width, sampling_ratio);
   const std::vector<at::Tensor> feats = readable_features(features, rois);
   const at::Tensor& f0 = feats[0];
   const gpu::DeviceGuard guard(f0.device());
-  for (const at::Tensor& f : feats)
-    TORCH_CHECK(f.size(2) <= INT32_MAX && f.size(3) <= INT32_MAX, "roi_align_multilevel: level too large");
   const int64_t B = f0.size(0), C = f0.size(1), R = rois.size(0);
   TORCH_CHECK(B <= INT32_MAX, "roi_align_multilevel: batch too large");
   const bool by_level = levels.has_value();
@@ -754,11 +752,9 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
   const int64_t R = rois.size(0), B = batch_size, C = channels;
   TORCH_CHECK(B >= 0 && B <= INT32_MAX, "roi_align_multilevel_backward: bad batch_size");
   check_roi_align_grad(grad, rois, by_level, L, C, heights, widths);
+  check_roi_align_pool(grad.size(-2), grad.size(-1), sampling_ratio);
   int max_h = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(heights[l] <= INT32_MAX && widths[l] <= INT32_MAX, "roi_align_multilevel_backward: level too large");
-    max_h = std::max(max_h, int(heights[l]));
-  }
+  for (int64_t l = 0; l < L; ++l) max_h = std::max(max_h, int(heights[l]));
   const gpu::DeviceGuard guard(grad.device());
   const int ph = int(grad.size(-2)), pw = int(grad.size(-1));
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;

@@ -155,7 +155,8 @@ class EpochSampler(Sampler):
         self.batches_per_epoch = num_samples // world_size // batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(f"{num_samples} samples per epoch make no batch of {batch_size} on each of "
-                             f"{world_size} processes; raise samples_per_epoch")
+                             f"{world_size} processes: raise --samples-per-epoch (samples_per_epoch; 0 takes one "
+                             f"per image) or lower --batch-size (batch_size)")
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start_batch=0):

@@ -33,7 +33,7 @@ def _program(q_ptr, N, D, stride_qg, stride_qn,
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     col_ok = cols < D
-    q = tl.load(q_ptr + g.to(tl.int64) * stride_qg + rows[:, None] * stride_qn + cols[None, :],
+    q = tl.load(q_ptr + g.to(tl.int64) * stride_qg + rows.to(tl.int64)[:, None] * stride_qn + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
     return g, split, rows, cols, row_ok, col_ok, q
 
@@ -44,7 +44,7 @@ def _logits(q, queue_ptr, g, k0, k_end, cols, col_ok, scale, stride_kg, stride_k
     """Queue rows k0 .. k0 + BLOCK_K: (in range [BLOCK_K], the tile [BLOCK_K, BLOCK_D], q.tile^T / T)."""
     ks = k0 + tl.arange(0, BLOCK_K)
     k_ok = ks < k_end
-    neg = tl.load(queue_ptr + g.to(tl.int64) * stride_kg + ks[:, None] * stride_kk + cols[None, :],
+    neg = tl.load(queue_ptr + g.to(tl.int64) * stride_kg + ks.to(tl.int64)[:, None] * stride_kk + cols[None, :],
                   mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
     return k_ok, neg, tl.dot(q, tl.trans(neg), input_precision=PRECISION) * scale
 
@@ -66,7 +66,7 @@ def _forward_partials(q_ptr, queue_ptr, m_ptr, s_ptr, N, K, D, per_split, splits
         m_new = tl.maximum(m, tl.max(logits, 1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
         m = m_new
-    out = (g * N + rows) * splits + split
+    out = (g.to(tl.int64) * N + rows) * splits + split  # (64-bit offsets: any size that fits in memory)
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(s_ptr + out, s, mask=row_ok)
 
@@ -77,8 +77,9 @@ def _backward_dq(q_ptr, queue_ptr, lse_ptr, grad_ptr, dq_ptr, N, K, D, per_split
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
     g, split, rows, cols, row_ok, col_ok, q = _program(q_ptr, N, D, stride_qg, stride_qn, BLOCK_N, BLOCK_D, DOT_DTYPE)
-    lse = tl.load(lse_ptr + g * N + rows, mask=row_ok, other=0.0)  # [BLOCK_N]
-    coef = tl.load(grad_ptr + g * N + rows, mask=row_ok, other=0.0).to(tl.float32) * scale  # g_i / T
+    row_offs = g.to(tl.int64) * N + rows
+    lse = tl.load(lse_ptr + row_offs, mask=row_ok, other=0.0)  # [BLOCK_N]
+    coef = tl.load(grad_ptr + row_offs, mask=row_ok, other=0.0).to(tl.float32) * scale  # g_i / T
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     k_begin = split * per_split
     k_end = tl.minimum(K, k_begin + per_split)
@@ -88,7 +89,7 @@ def _backward_dq(q_ptr, queue_ptr, lse_ptr, grad_ptr, dq_ptr, N, K, D, per_split
         p = tl.exp(logits - lse[:, None]) * coef[:, None]
         p = tl.where(k_ok[None, :], p, 0.0)
         acc += tl.dot(p.to(DOT_DTYPE), neg, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
-    out = dq_ptr + split * stride_split + (g * N + rows[:, None]) * D + cols[None, :]
+    out = dq_ptr + split.to(tl.int64) * stride_split + row_offs[:, None] * D + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if ATOMIC:
         tl.atomic_add(out, acc, mask=mask)
@@ -129,7 +130,7 @@ def _forward_combine(q_ptr, k_ptr, m_ptr, s_ptr, loss_ptr, lse_ptr, rows, D, spl
 
 
 @triton.jit
-def _backward_finish(q_ptr, k_ptr, lse_ptr, grad_ptr, acc_ptr, dq_ptr, dk_ptr, rows, D, slots, scale,
+def _backward_finish(q_ptr, k_ptr, lse_ptr, grad_ptr, acc_ptr, dq_ptr, dk_ptr, rows, D, slots, slot_stride, scale,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """dq = sum of the dq slots + a k and dk = a q, with a = g / T (p_positive - 1) per row."""
     r, r_ok, offs, mask, qv, kv = _rows(q_ptr, k_ptr, rows, D, BLOCK_R, BLOCK_D)
@@ -138,8 +139,10 @@ def _backward_finish(q_ptr, k_ptr, lse_ptr, grad_ptr, acc_ptr, dq_ptr, dk_ptr, r
     coef = tl.load(grad_ptr + r, mask=r_ok, other=0.0).to(tl.float32) * scale  # g / T
     a = coef * (tl.exp(pos - lse) - 1.0)
     dq = a[:, None] * kv
-    for slot in range(slots):
-        dq += tl.load(acc_ptr + slot * rows * D + offs, mask=mask, other=0.0)
+    p = acc_ptr + offs
+    for _ in range(slots):  # slot_stride = rows * D, 64-bit when it needs to be
+        dq += tl.load(p, mask=mask, other=0.0)
+        p += slot_stride
     tl.store(dq_ptr + offs, dq, mask=mask)
     tl.store(dk_ptr + offs, a[:, None] * qv, mask=mask)
 
@@ -270,7 +273,7 @@ def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     block_r, block_d, _, programs = _row_blocks(G * N, D)
-    _backward_finish[(programs,)](q_c, k_c, lse32, grad, dq_acc, dq, dk, G * N, D, dq_acc.shape[0],
+    _backward_finish[(programs,)](q_c, k_c, lse32, grad, dq_acc, dq, dk, G * N, D, dq_acc.shape[0], G * N * D,
                                   1.0 / temperature, BLOCK_R=block_r, BLOCK_D=block_d)
     return dq, dk
 

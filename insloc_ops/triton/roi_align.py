@@ -247,6 +247,22 @@ def _common(rois, levels, num_levels, spatial_scales, heights, widths, device, d
     return r, lv, sizes, scales
 
 
+MAX_BINS = 4096  # a program holds all of a RoI's bins
+
+
+def _check_sizes(ph, pw, sampling_ratio, heights, widths):
+    """What the kernels index with 32-bit ints, and the largest tile they hold."""
+    if not (0 < ph and 0 < pw and ph * pw <= MAX_BINS):
+        raise ValueError(f"roi_align_multilevel (Triton): output_size must be positive with at most {MAX_BINS} "
+                         f"bins, got {ph} x {pw}; use the C++ backend for more")
+    if not -2**31 <= sampling_ratio <= 2**31 - 1:
+        raise ValueError(f"roi_align_multilevel: sampling_ratio must fit in 32 bits, got {sampling_ratio}")
+    for l, (h, w) in enumerate(zip(heights, widths)):
+        if not (0 <= h and 0 <= w and h * w < 2**31):
+            raise ValueError(f"roi_align_multilevel (Triton): level {l} is {h} x {w} pixels; a level must be "
+                             "under 2**31 pixels")
+
+
 def _blocks(ph, pw, C):
     bins = triton.next_power_of_2(ph * pw)
     return bins, max(1, min(triton.next_power_of_2(max(C, 1)), 4096 // bins))
@@ -267,6 +283,7 @@ def roi_align_multilevel(features, rois, levels, spatial_scales, pooled_height, 
                                    [f.shape[3] for f in feats], f0.device, f0.dtype)
     R = r.shape[0]
     ph, pw = int(pooled_height), int(pooled_width)
+    _check_sizes(ph, pw, sampling_ratio, [f.shape[2] for f in feats], [f.shape[3] for f in feats])
     pairs = R if levels is not None else L * R
     out = f0.new_empty((R, C, ph, pw) if levels is not None else (L, R, C, ph, pw))
     if out.numel() == 0:
@@ -296,6 +313,7 @@ def roi_align_multilevel_backward(grad, rois, levels, spatial_scales, sampling_r
     R = r.shape[0]
     B, C = int(batch_size), int(channels)
     ph, pw = grad.shape[-2:]
+    _check_sizes(ph, pw, sampling_ratio, heights, widths)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     acc = [torch.zeros((B, C, h, w), dtype=acc_dtype, device=grad.device).contiguous(memory_format=fmt)
