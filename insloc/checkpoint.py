@@ -5,7 +5,9 @@ import glob
 import os
 import random
 import re
+import shutil
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -39,11 +41,14 @@ def atomic_write(path, write):
         raise
 
 
-def remove_stale_temporaries(out_dir):
+def remove_stale_temporaries(out_dir, min_age_s=300):
     """Deletes the temporary files of checkpoints (and `latest`) that a killed run left unfinished (atomic_write
-    removes its own on an exception, but not when the process is killed); returns their paths."""
+    removes its own on an exception, but not when the process is killed), once untouched for ``min_age_s``
+    seconds (a file still being written by another process is left); returns their paths."""
+    now = time.time()
     stale = [p for pattern in (".tmp_checkpoint_*", ".tmp_" + LATEST + "*")
-             for p in glob.glob(os.path.join(out_dir, pattern))]
+             for p in glob.glob(os.path.join(glob.escape(out_dir), pattern))
+             if now - os.path.getmtime(p) >= min_age_s]
     for path in stale:
         os.remove(path)
     return stale
@@ -66,7 +71,10 @@ def save_checkpoint(state, out_dir, keep=2):
         n = 1
         while os.path.exists(aside := path[:-len(".pt")] + f".superseded-{n}.pt"):
             n += 1
-        os.replace(path, aside)
+        try:  # a second name for the old file; `path` itself names a complete checkpoint throughout
+            os.link(path, aside)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(path, aside)
         warnings.warn(f"kept the checkpoint this one replaces as {aside}", stacklevel=2)
     atomic_write(path, lambda f: torch.save(state, f))
     atomic_write(os.path.join(out_dir, LATEST), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
@@ -78,7 +86,7 @@ def save_checkpoint(state, out_dir, keep=2):
 
 def numbered_checkpoints(out_dir):
     """[(step, path)] of the complete checkpoints in out_dir, by step."""
-    return sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "checkpoint_*.pt"))
+    return sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(glob.escape(out_dir), "checkpoint_*.pt"))
                   if (m := _NAME.search(p)))
 
 

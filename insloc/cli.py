@@ -76,10 +76,21 @@ def config_from_args(args):
         except ValueError as e:  # unknown keys, values of the wrong type: say which file they came from
             raise ValueError(f"--config {args.config}: {e}") from e
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
-    cfg = dataclasses.replace(cfg, **overrides)
-    if not cfg.out_dir:
-        cfg.out_dir = os.path.join("runs", args.preset)
-    return cfg
+    return dataclasses.replace(cfg, **overrides)
+
+
+def default_out_dir(cfg, preset):
+    """Where a run without --out-dir writes: runs/<preset> (what --resume continues), or for a fresh run, if that
+    holds checkpoints, the first of runs/<preset>-2, -3, ... that holds none (a fresh run never writes into a
+    folder of checkpoints; see train)."""
+    from .checkpoint import numbered_checkpoints
+
+    base = os.path.join("runs", preset)
+    path, n = base, 1
+    while not cfg.resume and numbered_checkpoints(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
 
 
 def build_parser():
@@ -116,6 +127,8 @@ def main(argv=None):
         return 0
     from .train import train
 
+    if not cfg.out_dir:
+        cfg.out_dir = default_out_dir(cfg, args.preset)
     try:
         train(cfg)
     except UsageError as e:  # found at the start of the run (device, data, output folder), before any training

@@ -188,10 +188,29 @@ def train(cfg: Config, *, interrupt_after_step=None):
                          f"(batch_size x processes), got {cfg.queue_size}")
     if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
         raise UsageError(f"--resume (resume): no checkpoint file {cfg.resume}")
-    if not cfg.resume and numbered_checkpoints(out_dir):
+    found = numbered_checkpoints(out_dir) if main else None
+    if world > 1:  # rank 0's folder decides (other nodes may not see it), and every process stops alike
+        shared = [found]
+        dist.broadcast_object_list(shared, src=0)
+        found = shared[0]
+    if not cfg.resume and found:
         raise UsageError(f"--out-dir (out_dir): {out_dir} holds checkpoints of an earlier run (the newest "
-                         f"{os.path.basename(numbered_checkpoints(out_dir)[-1][1])}), which a fresh run would "
-                         f"overwrite: continue it with --resume auto, or choose another --out-dir")
+                         f"{os.path.basename(found[-1][1])}), which a fresh run would overwrite: continue it "
+                         f"with --resume auto, or choose another --out-dir")
+    ckpt, resume_path = None, None
+    try:
+        if cfg.resume == "auto":
+            ckpt, resume_path = load_latest_checkpoint(out_dir)
+        elif cfg.resume:
+            resume_path = cfg.resume
+            ckpt = load_checkpoint(resume_path)
+    except RuntimeError as e:  # unreadable
+        raise UsageError(f"--resume (resume): {e}") from e
+    if ckpt is not None:
+        mismatch = architecture_mismatch(cfg, ckpt.get("config") or {}, ARCHITECTURE_FIELDS + ("queue_size",))
+        if mismatch:
+            raise UsageError(f"--resume (resume): {resume_path} holds another model than this run builds "
+                             f"({'; '.join(mismatch)}): resume with the checkpoint's values")
     dataset = build_dataset(cfg)
     try:
         sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
@@ -200,7 +219,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
     if main:
         os.makedirs(out_dir, exist_ok=True)
         for stale in remove_stale_temporaries(out_dir):
-            say(f"removed {stale}, a checkpoint a crashed run had not finished writing")
+            say(f"removed {stale}, a checkpoint a killed run had not finished writing")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
 
@@ -228,17 +247,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
     total_steps = cfg.epochs * steps_per_epoch
 
     epoch, step_in_epoch, step = 0, 0, 0
-    ckpt, resume_path = None, None
-    if cfg.resume == "auto":
-        ckpt, resume_path = load_latest_checkpoint(out_dir)
-    elif cfg.resume:
-        resume_path = cfg.resume
-        ckpt = load_checkpoint(resume_path)
     if ckpt is not None:
-        mismatch = architecture_mismatch(cfg, ckpt.get("config") or {}, ARCHITECTURE_FIELDS + ("queue_size",))
-        if mismatch:
-            raise UsageError(f"--resume (resume): {resume_path} holds another model than this run builds "
-                             f"({'; '.join(mismatch)}): resume with the checkpoint's values")
         moco.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         epoch, step_in_epoch, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]

@@ -338,6 +338,10 @@ def register():
             torch.library.register_vmap(_lib(name + suffix), rule(getattr(torch.ops.insloc_ops, name + suffix)))
 
         torch.library.register_fake(_lib("sample_anchor_boxes" + suffix))(_anchor_fake)
+        anchor_op = getattr(torch.ops.insloc_ops, "sample_anchor_boxes" + suffix)
+        torch.library.register_vmap(_lib("sample_anchor_boxes" + suffix),
+                                    lambda info, in_dims, *args, op=anchor_op: _loop_vmap(op, info.batch_size,
+                                                                                          in_dims, args))
 
         torch.library.register_fake(_lib("queue_infonce" + suffix))(_infonce_fake)
         torch.library.register_fake(_lib("queue_infonce_backward" + suffix))(_infonce_backward_fake)

@@ -3,6 +3,7 @@ import math
 from collections.abc import Sequence
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 
 from . import reference
@@ -97,7 +98,7 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
     features = list(features) if isinstance(features, tuple) else features
     _check(features, rois, spatial_scales, sampling_ratio, levels)
     oh, ow = _pair(output_size)
-    if aligned not in (True, False):
+    if not isinstance(aligned, (bool, np.bool_)):
         raise ValueError(f"aligned must be a bool, got {aligned!r}")
     scales = [float(s) for s in spatial_scales]
     which = select("roi_align_multilevel", features[0].device, backend)

@@ -45,6 +45,8 @@ ROIS = torch.tensor([[0, 1.0, 2.0, 30.0, 40.0], [1, 5.0, 5.0, 20.0, 25.0]])
     (dict(output_size=(7, 2**15 + 1)), "output_size"),
     (dict(aligned="no"), "aligned"),
     (dict(aligned=None), "aligned"),
+    (dict(aligned=1.0), "aligned"),
+    (dict(aligned=1), "aligned"),
     # float64 boxes of float32 features: the kernels read 1.99999999999 as 2.0, past the batch
     (dict(rois=torch.tensor([[1.99999999999, 0, 0, 4, 4]], dtype=torch.float64)), "batch index"),
     (dict(sampling_ratio=1.5), "sampling_ratio"),

@@ -445,3 +445,17 @@ def test_vmap_over_boxes_and_empty_vmaps():
             (0, 2, 3, 3, 2, 2)
         assert torch.func.vmap(nce(backend, k=k[:, :0], queue=queue))(torch.stack([q[:, :0]] * 2)).shape == (2, 2, 0)
         assert torch.func.vmap(nce(backend, k=k, queue=queue))(q[None][:0]).shape == (0, 2, 3)
+
+
+@pytest.mark.parametrize("name", [n for n, b in (("sample_anchor_boxes", "cpu"), ("sample_anchor_boxes_triton", "triton"))
+                                  if is_available("sample_anchor_boxes", b, "cpu")])
+def test_raw_anchor_op_vmaps_by_a_loop(name):
+    op = getattr(torch.ops.insloc_ops, name)
+    anchors = insloc_ops.grid_anchors(4, 16, (32, 64), (0.5, 1.0, 2.0))
+    gt = torch.tensor([[[0.0, 0, 30, 30], [10, 20, 50, 60]], [[5.0, 5, 40, 25], [0, 0, 64, 64]]])
+    with no_vmap_fallback():
+        got = torch.func.vmap(lambda g: op(g, anchors, 0.3, 7))(gt)
+    want = [op(g, anchors, 0.3, 7) for g in gt]
+    assert len(got) == len(want[0])
+    for i, g in enumerate(got):
+        assert torch.equal(g, torch.stack([w[i] for w in want]))

@@ -10,7 +10,7 @@ import yaml
 
 import insloc.train
 from insloc.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
-from insloc.cli import build_parser, config_from_args, main
+from insloc.cli import build_parser, config_from_args, default_out_dir, main
 from insloc.config import Config, UsageError, demo
 from insloc.train import cosine_lr, train
 
@@ -130,7 +130,7 @@ def test_cli_flags_override_yaml_which_overrides_the_preset(tmp_path):
     cfg = config_from_args(args)
     assert (cfg.queue_size, cfg.epochs, cfg.bf16, cfg.shuffle_bn) == (128, 7, False, False)
     assert cfg.anchor_ratios == [1.0, 2.0] and cfg.depth == demo().depth == 18
-    assert cfg.out_dir == os.path.join("runs", "demo")
+    assert cfg.out_dir == ""  # resolved when the run starts (default_out_dir), not written by --print-config
     recipe = config_from_args(build_parser().parse_args(["pretrain", "--preset", "insloc-r50-fpn"]))
     assert (recipe.queue_size, recipe.momentum, recipe.temperature, recipe.image_size) == (65536, 0.999, 0.2, 256)
     assert (recipe.batch_size, recipe.epochs, recipe.lr, recipe.lr_batch) == (32, 200, 0.03, 256)
@@ -254,17 +254,43 @@ def test_a_fresh_run_in_a_used_folder_is_refused_and_no_checkpoint_is_ever_overw
 
 def test_a_killed_runs_unfinished_checkpoint_file_is_removed_at_the_next_start(tmp_path, capsys):
     train(tiny(tmp_path))
-    stale = tmp_path / ".tmp_checkpoint_00000006.ptx8a2"
+    stale, live = tmp_path / ".tmp_checkpoint_00000006.ptx8a2", tmp_path / ".tmp_checkpoint_00000008.ptq1w9"
     stale.write_bytes(b"partial")
+    live.write_bytes(b"being written")  # by another process, as far as this run can tell: left alone
+    os.utime(stale, (stale.stat().st_atime - 600, stale.stat().st_mtime - 600))
     train(tiny(tmp_path, epochs=3, resume="auto"))
     assert not stale.exists() and f"removed {stale}" in capsys.readouterr().out
+    assert live.exists()
+
+
+def test_a_fresh_run_without_out_dir_never_writes_into_a_folder_of_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fresh = config_from_args(build_parser().parse_args(["pretrain", "--preset", "demo"]))
+    assert default_out_dir(fresh, "demo") == os.path.join("runs", "demo")
+    save_checkpoint({"step": 2}, os.path.join("runs", "demo"))
+    save_checkpoint({"step": 2}, os.path.join("runs", "demo-2"))
+    assert default_out_dir(fresh, "demo") == os.path.join("runs", "demo-3")
+    resumed = config_from_args(build_parser().parse_args(["pretrain", "--preset", "demo", "--resume", "auto"]))
+    assert default_out_dir(resumed, "demo") == os.path.join("runs", "demo")
+
+
+def test_a_checkpoint_is_never_missing_while_its_predecessor_is_kept_aside(tmp_path, monkeypatch):
+    save_checkpoint({"step": 8, "run": "old"}, str(tmp_path))
+
+    def full_disk(state, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.warns(UserWarning, match="superseded-1"), pytest.raises(OSError, match="No space"):
+        save_checkpoint({"step": 8, "run": "new"}, str(tmp_path))
+    assert load_checkpoint(str(tmp_path / "checkpoint_00000008.pt"))["run"] == "old"  # still there
 
 
 def test_an_unreadable_newest_checkpoint_is_named_and_the_one_before_used(tmp_path):
     train(tiny(tmp_path))  # checkpoints 2 and 4
     newest = tmp_path / "checkpoint_00000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
-    with pytest.raises(RuntimeError, match="cannot read checkpoint .*checkpoint_00000004.pt"):
+    with pytest.raises(UsageError, match="--resume .*cannot read checkpoint .*checkpoint_00000004.pt"):
         train(tiny(tmp_path, epochs=3, resume=str(newest)))
     with pytest.warns(UserWarning, match="cannot read checkpoint .*checkpoint_00000004.pt"):
         summary = train(tiny(tmp_path, epochs=3, resume="auto"))
