@@ -14,10 +14,12 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _is_int(v):
-    return isinstance(v, Integral) and not isinstance(v, bool)
+    return type(v) is int or (isinstance(v, Integral) and not isinstance(v, bool))
 
 
 def _pair(output_size):
+    if type(output_size) is int and 0 < output_size <= reference.MAX_POOLED_SIZE:  # the common case, cheaply
+        return output_size, output_size
     pair = (output_size, output_size) if _is_int(output_size) else output_size
     if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2 or \
             not all(_is_int(v) for v in pair):
@@ -73,7 +75,9 @@ def _check(features, rois, spatial_scales, sampling_ratio, levels):
     # themselves never read outside the inputs: an out-of-range batch index or level gives zeros.
     if f0.device.type == "cpu" and rois.shape[0] and not torch.compiler.is_compiling() and \
             not _eager.under_transform(rois, levels):  # (vmapped boxes: no data-dependent check)
-        b = rois[:, 0].to(reference._geometry_dtype(f0.dtype))  # as the kernels read it (1 - 1e-12 -> 1.0f)
+        b = rois[:, 0]
+        gdt = reference._geometry_dtype(f0.dtype)
+        b = b if b.dtype == gdt else b.to(gdt)  # as the kernels read it (1 - 1e-12 -> 1.0f)
         B = f0.shape[0]
         if not bool(((b >= 0) & (b < B)).all()):
             raise ValueError(f"rois[:, 0] (batch index) must lie in [0, {B}), got values in "
@@ -98,7 +102,7 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
     features = list(features) if isinstance(features, tuple) else features
     _check(features, rois, spatial_scales, sampling_ratio, levels)
     oh, ow = _pair(output_size)
-    if not isinstance(aligned, (bool, np.bool_)):
+    if aligned is not True and aligned is not False and not isinstance(aligned, np.bool_):
         raise ValueError(f"aligned must be a bool, got {aligned!r}")
     scales = [float(s) for s in spatial_scales]
     which = select("roi_align_multilevel", features[0].device, backend)
