@@ -22,8 +22,8 @@ import contextlib
 import torch
 import torch.autograd.forward_ad as _fwAD
 
-from ._register import (fold_into_channels, guard_derivatives, infonce_grads, levels_or_zeros, onepass_grads,
-                        refuse_second_order, roi_align_grads, roi_align_meta)
+from ._register import (fold_into_channels, fold_rows, guard_derivatives, infonce_grads, levels_or_zeros,
+                        loop_vmap, onepass_grads, refuse_second_order, roi_align_grads, roi_align_meta)
 
 # torch's own guard for running an op past autograd (torch.library's shims use it to redispatch); a
 # plain call through the Autograd key where a torch build lacks it.
@@ -197,15 +197,7 @@ class roi_align_multilevel_backward(torch.autograd.Function):  # noqa: N801
 
 def _vmap_loop(info, in_dims, cls, *args):
     """A vmap rule that applies ``cls`` once per vmapped element (for batched boxes or queues) and stacks."""
-    outs = []
-    for i in range(info.batch_size):
-        outs.append(apply(cls, *(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
-                                 for a, d in zip(args, in_dims))))
-    if not outs:
-        raise RuntimeError("vmap over an empty dimension is not supported by the fused backends")
-    if isinstance(outs[0], tuple):
-        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
-    return torch.stack(outs), 0
+    return loop_vmap(lambda *a: apply(cls, *a), info.batch_size, in_dims, args)
 
 
 def _feature_tangents(tangents, meta):
@@ -231,14 +223,6 @@ def roi_align_backward_call(suffix, grad, rois, levels, meta, pool):
         return roi_align_grads(suffix, grad, rois, levels, meta)
 
 
-def _fold_rows(V, q, q_dim, k, k_dim):
-    """q, k [G, N, D] vmapped over V -> [G, V * N, D]: InfoNCE's rows are independent. Returns N too."""
-    G, N, D = [n for i, n in enumerate(q.shape) if i != q_dim]
-    q = q.movedim(q_dim, 1) if q_dim is not None else q.unsqueeze(1).expand(G, V, N, D)
-    k = k.movedim(k_dim, 1) if k_dim is not None else k.unsqueeze(1).expand(G, V, N, D)
-    return q.reshape(G, V * N, D), k.reshape(G, V * N, D), N
-
-
 class queue_infonce(torch.autograd.Function):  # noqa: N801
     @staticmethod
     def forward(suffix, q, k, queue, temperature):
@@ -258,7 +242,7 @@ class queue_infonce(torch.autograd.Function):  # noqa: N801
     def vmap(info, in_dims, suffix, q, k, queue, temperature):
         if in_dims[3] is not None:
             return _vmap_loop(info, in_dims, queue_infonce, suffix, q, k, queue, temperature)
-        q, k, N = _fold_rows(info.batch_size, q, in_dims[1], k, in_dims[2])
+        (q, N), (k, _) = fold_rows(q, in_dims[1], info.batch_size), fold_rows(k, in_dims[2], info.batch_size)
         if use_eager_autograd(q, k):
             loss, lse = apply(queue_infonce, suffix, q, k, queue, temperature)
         else:
@@ -326,7 +310,7 @@ class queue_infonce_onepass(torch.autograd.Function):  # noqa: N801
     def vmap(info, in_dims, q, k, queue, temperature):
         if in_dims[2] is not None:
             return _vmap_loop(info, in_dims, queue_infonce_onepass, q, k, queue, temperature)
-        q, k, N = _fold_rows(info.batch_size, q, in_dims[0], k, in_dims[1])
+        (q, N), (k, _) = fold_rows(q, in_dims[0], info.batch_size), fold_rows(k, in_dims[1], info.batch_size)
         loss, lse, neg = apply(queue_infonce_onepass, q, k, queue, temperature)
         V = info.batch_size
         return (loss.unflatten(1, (V, N)), lse.unflatten(1, (V, N)), neg.unflatten(1, (V, N))), (1, 1, 1)

@@ -96,15 +96,17 @@ def fold_into_channels(features, dims, V):
     return folded, [n for j, n in enumerate(features[0].shape) if j != dims[0]][1]
 
 
-def _loop_vmap(op, V, in_dims, args):
+def loop_vmap(op, V, in_dims, args):
     """One call per vmapped element (vmapped boxes, levels or queues), stacked at dimension 0."""
     if V == 0:
         raise RuntimeError("vmap over an empty dimension is not supported by the fused backends")
 
-    def pick(a, d, v):
+    def pick(a, d, v):  # element v of the tensors in a (a pytree: a list of features, a tuple of meta), d its dims
+        if isinstance(a, torch.Tensor):
+            return a if d is None else a.select(d, v)
         if isinstance(a, (list, tuple)) and isinstance(d, (list, tuple)):
-            return [x if e is None else x.select(e, v) for x, e in zip(a, d)]
-        return a if d is None else a.select(d, v)
+            return type(a)(pick(x, e, v) for x, e in zip(a, d))
+        return a
 
     outs = [op(*[pick(a, d, v) for a, d in zip(args, in_dims)]) for v in range(V)]
     if isinstance(outs[0], torch.Tensor):
@@ -118,7 +120,7 @@ def _roi_align_vmap(op):
     def rule(info, in_dims, features, rois, levels, *rest):
         V = info.batch_size
         if in_dims[1] is not None or in_dims[2] is not None:
-            return _loop_vmap(op, V, in_dims, (features, rois, levels, *rest))
+            return loop_vmap(op, V, in_dims, (features, rois, levels, *rest))
         folded, C = fold_into_channels(features, in_dims[0], V)
         out = op([f.contiguous() for f in folded], rois, levels, *rest).unflatten(-3, (V, C))
         return out, out.dim() - 4
@@ -132,7 +134,7 @@ def _roi_align_backward_vmap(op):
              channels_last):
         V = info.batch_size
         if any(d is not None for d in in_dims[1:]):
-            return _loop_vmap(op, V, in_dims, (grad, rois, levels, scales, sampling_ratio, aligned, B, C, heights,
+            return loop_vmap(op, V, in_dims, (grad, rois, levels, scales, sampling_ratio, aligned, B, C, heights,
                                                widths, channels_last))
         folded = grad.movedim(in_dims[0], -4).flatten(-4, -3).contiguous()
         grads = op(folded, rois, levels, scales, sampling_ratio, aligned, B, V * C, heights, widths, False)
@@ -288,6 +290,13 @@ def onepass_grads(grad_loss, q, k, lse, neg_mean, temperature):
                                                                temperature)
 
 
+def fold_rows(t, d, V):
+    """A per-row InfoNCE tensor [G, N, ...] vmapped at ``d`` (or not: then repeated) as [G, V * N, ...]: the rows
+    are independent, so a vmapped dimension can join them. Returns N too."""
+    t = t.movedim(d, 1) if d is not None else t.unsqueeze(1).expand(t.shape[0], V, *t.shape[1:])
+    return t.flatten(1, 2), t.shape[2]
+
+
 def _infonce_vmap(op, per_row, backward):
     """A vmap rule for an InfoNCE op ``op(*tensors, temperature)``, forward (q, k, queue) or backward
     (grad_loss, q, k, saved...), whose outputs are all per-row. The tensors at the indices in ``per_row`` are
@@ -302,7 +311,7 @@ def _infonce_vmap(op, per_row, backward):
         dims = in_dims[:-1]
         V = info.batch_size
         if any(d is not None for i, d in enumerate(dims) if i not in per_row):
-            return _loop_vmap(lambda *t: op(*t, temperature), V, dims, tensors)
+            return loop_vmap(lambda *t: op(*t, temperature), V, dims, tensors)
         if backward and all(d is None for d in dims[1:]):
             grad, q, k = tensors[0].movedim(dims[0], 0), tensors[1], tensors[2]
             acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -310,15 +319,9 @@ def _infonce_vmap(op, per_row, backward):
             dq1, dk1 = op(ones, q.to(acc), k.to(acc), *tensors[3:], temperature)
             g = grad.to(acc).unsqueeze(-1)
             return ((g * dq1).to(q.dtype), (g * dk1).to(k.dtype)), (0, 0)
-        G, N = [n for j, n in enumerate(tensors[q_index].shape) if j != dims[q_index]][:2]  # q's, unvmapped
-
-        def fold(i, t, d):
-            if i not in per_row:
-                return t
-            t = t.unsqueeze(1).expand(t.shape[0], V, *t.shape[1:]) if d is None else t.movedim(d, 1)
-            return t.reshape(G, V * N, *t.shape[3:])
-
-        outs = op(*[fold(i, t, d) for i, (t, d) in enumerate(zip(tensors, dims))], temperature)
+        folded = [fold_rows(t, d, V) if i in per_row else (t, None) for i, (t, d) in enumerate(zip(tensors, dims))]
+        N = folded[q_index][1]
+        outs = op(*[t for t, _ in folded], temperature)
         return tuple(o.unflatten(1, (V, N)) for o in outs), (1,) * len(outs)
 
     return rule
@@ -340,7 +343,7 @@ def register():
         torch.library.register_fake(_lib("sample_anchor_boxes" + suffix))(_anchor_fake)
         anchor_op = getattr(torch.ops.insloc_ops, "sample_anchor_boxes" + suffix)
         torch.library.register_vmap(_lib("sample_anchor_boxes" + suffix),
-                                    lambda info, in_dims, *args, op=anchor_op: _loop_vmap(op, info.batch_size,
+                                    lambda info, in_dims, *args, op=anchor_op: loop_vmap(op, info.batch_size,
                                                                                           in_dims, args))
 
         torch.library.register_fake(_lib("queue_infonce" + suffix))(_infonce_fake)

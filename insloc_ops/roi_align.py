@@ -71,8 +71,13 @@ def _check(features, rois, spatial_scales, sampling_ratio, levels):
             raise ValueError(f"levels must be int64, got {levels.dtype}")
         if levels.device != f0.device:
             raise ValueError(f"levels is on {levels.device} but features are on {f0.device}")
-    # Index ranges are checked where that costs no device sync (CPU tensors). On CUDA the kernels
-    # themselves never read outside the inputs: an out-of-range batch index or level gives zeros.
+
+
+def _check_index_ranges(features, rois, levels):
+    """Index ranges, where that costs no device sync (CPU tensors). On CUDA the kernels themselves never read
+    outside the inputs: an out-of-range batch index or level gives zeros. (Not for the C++ CPU kernel, which
+    checks them itself, in every mode.)"""
+    f0 = features[0]
     if f0.device.type == "cpu" and rois.shape[0] and not torch.compiler.is_compiling() and \
             not _eager.under_transform(rois, levels):  # (vmapped boxes: no data-dependent check)
         b = rois[:, 0]
@@ -106,6 +111,8 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
         raise ValueError(f"aligned must be a bool, got {aligned!r}")
     scales = [float(s) for s in spatial_scales]
     which = select("roi_align_multilevel", features[0].device, backend)
+    if which != "cpu" or features[0].shape[1] == 0:  # (the C++ kernel returns an empty output unchecked)
+        _check_index_ranges(features, rois, levels)
     # No derivative reaches the boxes (nor does one of the reference's); boxes that require grad, or that a
     # torch.func transform wraps, are handed on as constants.
     rois = rois.detach()

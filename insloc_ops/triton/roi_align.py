@@ -265,7 +265,7 @@ def _check_sizes(ph, pw, sampling_ratio, heights, widths):
 
 def _blocks(ph, pw, C):
     bins = triton.next_power_of_2(ph * pw)
-    return bins, max(1, min(triton.next_power_of_2(max(C, 1)), 4096 // bins))
+    return bins, max(1, min(triton.next_power_of_2(max(C, 1)), MAX_BINS // bins))
 
 
 def roi_align_multilevel(features, rois, levels, spatial_scales, pooled_height, pooled_width, sampling_ratio,
