@@ -443,6 +443,15 @@ def test_triton_refuses_more_than_five_levels():
         insloc_ops.roi_align_multilevel(feats, torch.zeros(1, 5), 1, [1.0] * 6, backend="triton")
 
 
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton not available")
+def test_triton_refuses_more_bins_than_a_program_holds():
+    feats = make_features(1, 1, [(4, 4)], torch.float32)
+    rois = torch.tensor([[0.0, 0, 0, 3, 3]])
+    assert insloc_ops.roi_align_multilevel(feats, rois, 64, [1.0], backend="triton").shape == (1, 1, 1, 64, 64)
+    with pytest.raises(ValueError, match="at most 4096 bins"):
+        insloc_ops.roi_align_multilevel(feats, rois, (64, 65), [1.0], backend="triton")
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: CUDA kernel and Triton on CUDA tensors (run by the device-check script)
 # ------------------------------------------------------------------------------------------------
