@@ -802,16 +802,20 @@ def splits_to_fill(sms, G, N, per_sm=4):
     return max(1, -(-(per_sm * sms) // (G * -(-N // 16))))
 
 
-@pytest.mark.parametrize("D,fewer", [(128, False), (144, True)])
-def test_infonce_backward_grid_follows_its_occupancy(emu, D, fewer, monkeypatch):
-    """The tensor-core backward sizes its default (atomic) grid for the blocks an SM holds of the kernel it
-    runs, at most 4: here the emulator's occupancy, by shared memory (D = 128: 55 KiB a block, 4 an SM;
-    D = 144: 61 KiB, 3); on a GPU the pipelined kernel's registers allow 3. Values against the reference, and
-    the split count launched (3 SMs, 1 row block: 6 splits for 4 blocks an SM, 4 of 3 tiles each for 3)."""
+@pytest.mark.parametrize("D,queue_dtype,mode,fewer", [
+    (128, None, True, False), (144, None, True, False), (128, None, "pipelined", False),
+    (144, torch.bfloat16, "pipelined", True)])
+def test_infonce_backward_grid_follows_its_occupancy(emu, D, queue_dtype, mode, fewer, monkeypatch):
+    """The pipelined tensor-core backward sizes its default (atomic) grid for the blocks an SM holds of it, at
+    most 4: here the emulator's occupancy, by shared memory (D = 128: 55 KiB a block, 4 an SM; D = 144: 61 KiB,
+    3); on a GPU its registers allow 3. The default tensor-core backward keeps the grid for 4 blocks an SM it was
+    measured with on a GPU, whatever D (fp32 D = 144 is not pipelined: over 16 chunks a thread). Values against
+    the reference, and the split count launched (3 SMs, 1 row block: 6 splits for 4 blocks an SM, 4 of 3 tiles
+    each for 3)."""
     label = "queue_infonce: grid for fewer blocks an SM"
     before = emu.notes(label)
-    with sm_count(3, monkeypatch), tensor_cores(True, monkeypatch):
-        check_infonce(emu, 2, 9, 700, D, seed=D, deterministic=False)
+    with sm_count(3, monkeypatch), tensor_cores(mode, monkeypatch):
+        check_infonce(emu, 2, 9, 700, D, queue_dtype=queue_dtype, seed=D, deterministic=False)
     assert (emu.notes(label) > before) == fewer
     assert emu.value("queue_infonce: forward splits") == k_splits(700, 64, splits_to_fill(3, 2, 9)) == 6
     want = k_splits(700, 64, splits_to_fill(3, 2, 9, 3 if fewer else 4))

@@ -631,20 +631,18 @@ void allow_shared(Kernel kernel, size_t bytes, int device, int64_t D) {
 }
 
 // The blocks an SM holds of the tensor-core backward partials kernel a call will launch, at most 4
-// (splits_to_fill's target). ptxas gives the pipelined one 138-166 registers a thread (sm_90), so an H100 holds
-// 3 of its 128-thread blocks, where a grid sized for 4 would take 1.3 waves; the default one: 4 at D = 128.
-// (The backward's split count only orders fp32 atomics, or, deterministic, is kMaxBackwardSplits.)
+// (splits_to_fill's target). Queried for the pipelined kernel only: ptxas gives it 138-166 registers a thread
+// (sm_90), so an H100 holds 3 of its 128-thread blocks, where a grid sized for 4 would take 1.3 waves. The
+// default kernel's grid stays sized for 4 blocks an SM without a query, the launch configuration measured on an
+// H200 (2026-11-27). (The backward's split count only orders fp32 atomics.)
 int tc_backward_blocks_per_sm(at::ScalarType queue_type, bool pipeline, int64_t D, bool vec, int device) {
   int n = 4;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue_type, "queue_infonce_occupancy", [&] {
-    using queue_t = scalar_t;
+    if (!pipeline_applies<scalar_t>(pipeline, D, vec)) return;
+    const auto kernel = backward_partials_tc_kernel<scalar_t, true>;
     const size_t smem = tc_backward_smem(D);
-    const auto resident = [&](auto kernel) {
-      allow_shared(kernel, smem, device, D);  // the query answers 0 above 48 KiB without it
-      return gpu::resident_blocks(kernel, kTcThreads, smem);
-    };
-    n = pipeline_applies<queue_t>(pipeline, D, vec) ? resident(backward_partials_tc_kernel<queue_t, true>)
-                                                    : resident(backward_partials_tc_kernel<queue_t, false>);
+    allow_shared(kernel, smem, device, D);  // the query answers 0 above 48 KiB without it
+    n = gpu::resident_blocks(kernel, kTcThreads, smem);
   });
   if (n < 4) INSLOC_EMU_NOTE("queue_infonce: grid for fewer blocks an SM");
   return std::min(n, 4);
@@ -727,8 +725,8 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   const auto queue_c = queue.detach().contiguous();
   const int64_t row_blocks = (N + kRows - 1) / kRows;
   const int device = q.get_device();
-  // Default: splits for about 4 blocks an SM, or as many as the kernel's occupancy allows if fewer (enough
-  // blocks to fill the GPU in one wave), atomics into one buffer.
+  // Default: splits for about 4 blocks an SM (the pipelined kernel: as many as its occupancy allows if fewer),
+  // enough blocks to fill the GPU in one wave, atomics into one buffer.
   // Deterministic: at most kMaxBackwardSplits partials, summed in order by backward_finish_kernel.
   const bool atomic = !at::globalContext().deterministicAlgorithms();
   const bool tc = use_tensor_cores(q, device);
