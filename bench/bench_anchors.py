@@ -7,7 +7,8 @@ N x A matrix), a threshold, then one torch.multinomial draw per box over its eli
 when none), as the official code does; and a stronger one, baseline_randargmax: the same IoU matrix and an
 N x A uniform random matrix (drawn on the device), argmax over the eligible anchors of all boxes at once.
 Fused: insloc_ops.sample_anchor_boxes (C++ kernel on CPU; the CUDA and Triton kernels on a GPU). Rows go
-to bench/results/anchors.csv (see --out).
+to bench/results/anchors.csv (see --out). The implementations of a shape are timed in alternation
+(bench/common.py time_interleaved).
 
     python bench/bench_anchors.py [--device cpu|cuda] [--quick] [--threads 2] [--out PATH]
 """
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import insloc_ops  # noqa: E402
-from bench.common import Recorder, peak_extra_mb, time_ms  # noqa: E402
+from bench.common import Recorder, peak_extra_mb, time_interleaved  # noqa: E402
 from bench.baselines import (detection_anchors, insloc_inputs, random_boxes,  # noqa: E402
                              sample_anchor_boxes_iou_matrix, sample_anchor_boxes_random_argmax)
 
@@ -64,18 +65,21 @@ def main():
         def randargmax():
             return sample_anchor_boxes_random_argmax(gt, anchors, 0.5, generator=g)
 
-        # A per-box baseline call takes seconds at the detection shape: one warm-up, at least 5 timed runs.
-        base = time_ms(baseline, device, reps, 1, max_seconds)
-        rec.add(name, "baseline", pass_, base, peak_extra_mb(baseline, device))
-        strong = time_ms(randargmax, device, reps, 1, max_seconds)
-        rec.add(name, "baseline_randargmax", pass_, strong, peak_extra_mb(randargmax, device), baseline_ms=base[0])
+        entries = [("baseline", baseline, None), ("baseline_randargmax", randargmax, None)]
         for backend in fused:
             def run(backend=backend):
                 return insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, generator=g, backend=backend)
 
-            timing = time_ms(run, device, reps, 3, max_seconds)
-            rec.add(name, backend, pass_, timing, peak_extra_mb(run, device), baseline_ms=base[0])
-            print(f"{'':22s} {name:18s} {backend:12s} vs baseline_randargmax: x{strong[0] / timing[0]:.2f}")
+            entries.append((backend, run, None))
+        # Timed in alternation; a per-box baseline call takes seconds at the detection shape on a CPU: one
+        # warm-up, at least 5 timed rounds.
+        timings = time_interleaved(entries, device, reps, 1, max_seconds * len(entries))
+        base, strong = timings["baseline"][0], timings["baseline_randargmax"][0]
+        for impl, fn, _ in entries:
+            rec.add(name, impl, pass_, timings[impl], peak_extra_mb(fn, device),
+                    None if impl == "baseline" else base)
+            if impl in fused:
+                print(f"{'':22s} {name:18s} {impl:12s} vs baseline_randargmax: x{strong / timings[impl][0]:.2f}")
     rec.write(args.out)
 
 

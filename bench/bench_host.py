@@ -85,7 +85,7 @@ def anchor_cases(device):
     gt, anchors = gt.to(device), anchors.to(device)
     impls = with_fused("sample_anchor_boxes", device,
                        lambda: baselines.sample_anchor_boxes_random_argmax(gt, anchors, 0.5, generator=g),
-                       lambda b: insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, seed=1, backend=b))
+                       lambda b: insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, generator=g, backend=b))
     return "sample_anchor_boxes", "4 boxes x 64 anchors", None, impls
 
 

@@ -5,7 +5,9 @@ forward, backward and both; median ms and peak extra memory; on a GPU also the a
 the floor (the queue read once forward and once backward). On CPU the fused impl is the C++ kernel:
 "cpu" is what the public API runs (for training, the one-pass kernel that returns what the backward needs,
 so "forward" -- timed under no_grad, i.e. inference -- and "backward" do not add up to "both"), and
-"cpu-twopass" is the same kernel's forward + recompute-in-backward path, for comparison.
+"cpu-twopass" is the same kernel's forward + recompute-in-backward path, for comparison. The "cpu" backward
+row has no speed-up (its queue work was done in the forward). The implementations of a shape are timed in
+alternation, pass by pass (bench/common.py time_interleaved).
 
 On a GPU, fp32 products run as IEEE fp32 in the baseline (torch's default) and as TF32x3 on tensor cores
 in the Triton kernel (about fp32 accuracy); --tf32 allows TF32 for both (torch.backends.cuda.matmul
@@ -31,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import insloc_ops  # noqa: E402
 from bench import baselines  # noqa: E402
-from bench.common import Recorder, peak_extra_mb, time_ms  # noqa: E402
+from bench.common import Recorder, environ, peak_extra_mb, time_interleaved  # noqa: E402
 
 # The rows' shapes (G, N, K, D, queue dtype) and passes, in every run without --tf32: on CUDA, pick_defaults.py
 # expects each of them for each fused backend.
@@ -109,36 +111,49 @@ def main():
         q, k, queue = make_inputs(shape, args.device)
         label = shape_name + ("/tf32" if args.tf32 else "")
         queue_bytes = queue.numel() * queue.element_size()
-        baseline_ms = {}
+        calls = {}  # impl -> (context, {pass: fn}, settings)
         for name, fn in impls(args.device).items():
-            os.environ["INSLOC_OPS_CUDA_INFONCE_TC"] = "0" if name == "cuda-cudacores" else tc_setting
-            os.environ["INSLOC_OPS_CUDA_INFONCE_PIPELINE"] = "1" if name == "cuda-pipelined" else pipeline_setting
+            env = {}
+            if name.startswith("cuda"):  # the CUDA kernels read these per call
+                env = {"INSLOC_OPS_CUDA_INFONCE_TC": "0" if name == "cuda-cudacores" else tc_setting,
+                       "INSLOC_OPS_CUDA_INFONCE_PIPELINE": "1" if name == "cuda-pipelined" else pipeline_setting}
 
-            def forward():
+            def context(env=env):
+                return environ(env)
+
+            def forward(fn=fn):
                 with torch.no_grad():
                     fn(q, k, queue, TEMPERATURE)
 
-            def both():
+            def both(fn=fn):
                 loss = fn(q, k, queue, TEMPERATURE).sum()
                 torch.autograd.grad(loss, (q, k))
 
-            loss = fn(q, k, queue, TEMPERATURE).sum()
+            with context():
+                loss = fn(q, k, queue, TEMPERATURE).sum()  # kept for the backward pass's retained graph
 
-            def backward():
+            def backward(loss=loss):
                 torch.autograd.grad(loss, (q, k), retain_graph=True)
 
-            for pass_, f in zip(PASSES, (forward, backward, both)):
-                timing = time_ms(f, args.device, reps=reps, warmup=2, max_seconds=max_s)
-                peak = peak_extra_mb(f, args.device)
-                if name == "baseline":
-                    baseline_ms[pass_] = timing[0]
-                rec.add(label, name, pass_, timing, peak, baseline_ms.get(pass_))
+            settings = " ".join(f"{key}={value}" for key, value in env.items())
+            calls[name] = (context, dict(zip(PASSES, (forward, backward, both))), settings)
+        for pass_ in PASSES:
+            timings = time_interleaved([(name, fns[pass_], context) for name, (context, fns, _) in calls.items()],
+                                       args.device, reps=reps, warmup=2, max_seconds=max_s * len(calls))
+            for name, (context, fns, settings) in calls.items():
+                timing = timings[name]
+                with context():
+                    peak = peak_extra_mb(fns[pass_], args.device)
+                # The CPU one-pass kernel does the backward's queue work in the forward: its backward alone is
+                # no comparison with the baseline's, so that row has no speed-up.
+                one_pass = pass_ == "backward" and name == "cpu"
+                rec.add(label, name, pass_, timing, peak, None if one_pass else timings["baseline"][0], settings)
                 if args.device != "cpu" and pass_ == "both":
                     floor_ms = 2 * queue_bytes / (args.peak_gbs * 1e9) * 1e3 if args.peak_gbs else None
                     print(f"    {name}: {2 * queue_bytes / timing[0] / 1e6:8.1f} GB/s achieved" + (
                         f", floor {floor_ms:.3f} ms = {floor_ms / timing[0]:.0%} of peak" if floor_ms else
                         ", fraction of peak unknown"), flush=True)
-            del loss
+        calls.clear()
     rec.write(args.out)
     print(f"rows appended to {args.out}")
 

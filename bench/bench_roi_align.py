@@ -5,9 +5,10 @@ Shapes:
              4 levels, 7x7, sampling 0. Baseline: 4 x torchvision.ops.roi_align + torch.stack.
   insloc-bf16-cl  the same as training feeds it: bf16 channels_last features under bf16 autocast, for the
              fused op and the baseline alike (torchvision's autocast wrapper computes in fp32).
-  detection  2 images 800x1344, P2-P5 200x336 .. 25x42 at 256 channels, 1024 boxes each pooled from its
-             FPN level (fpn_levels), 7x7 and 14x14, aligned. Baseline: a MultiScaleRoIAlign-equivalent loop
+  detection  2 images 800x1344, P2-P5 200x336 .. 25x42 at 256 channels, 1024 boxes in all (512 per image),
+             each pooled from its FPN level (fpn_levels), 7x7 and 14x14, aligned. Baseline: a MultiScaleRoIAlign-equivalent loop
              (per level: select the RoIs, torchvision roi_align, scatter into the output).
+The implementations of a shape are timed in alternation, pass by pass (bench/common.py time_interleaved).
 
     python bench/bench_roi_align.py [--device cpu|cuda] [--quick] [--shapes insloc,detection] [--out CSV]
 """
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import insloc_ops  # noqa: E402
 from bench import baselines  # noqa: E402
-from bench.common import Recorder, environ, peak_extra_mb, time_ms  # noqa: E402
+from bench.common import Recorder, environ, peak_extra_mb, time_interleaved  # noqa: E402
 from insloc_ops._backend import is_available  # noqa: E402
 
 OP = "roi_align_multilevel"
@@ -92,7 +93,15 @@ def deterministic_algorithms(on):
 SEPARABLE_ENV = {"INSLOC_OPS_CUDA_ROI_FORWARD": "separable", "INSLOC_OPS_CUDA_ROI_BACKWARD": "separable"}
 
 
+def settings_of(deterministic, env):
+    """The row's settings column: the deterministic flag and environment variables an implementation sets."""
+    items = (["deterministic"] if deterministic else []) + [f"{k}={v}" for k, v in (env[0] if env else {}).items()]
+    return " ".join(items)
+
+
 def bench_shape(rec, name, inp, impls, device, reps, max_seconds):
+    """Every implementation at one shape: each pass timed for all of them in alternation (time_interleaved),
+    then each one's peak memory."""
     feats = [f.detach().requires_grad_() for f in inp["features"]]
 
     def amp():  # bf16 features run under bf16 autocast, as in training (torchvision's kernel wants fp32 boxes)
@@ -100,28 +109,38 @@ def bench_shape(rec, name, inp, impls, device, reps, max_seconds):
 
     with torch.no_grad(), amp():
         grad = torch.randn_like(baseline(inp, inp["features"]))
-    base_ms = {}
+    calls = {}  # impl -> (context, {pass: fn}, settings)
     for impl, fn, deterministic, *env in impls:
-        with amp(), deterministic_algorithms(deterministic), environ(*env):
-            def fwd():
-                with torch.no_grad():
-                    return fn(inp, inp["features"])
+        def context(deterministic=deterministic, env=env):
+            stack = contextlib.ExitStack()
+            stack.enter_context(amp())
+            stack.enter_context(deterministic_algorithms(deterministic))
+            stack.enter_context(environ(*env))
+            return stack
 
-            out = fn(inp, feats)
+        with context():
+            out = fn(inp, feats)  # kept for the backward pass's retained graph
 
-            def bwd():
-                return torch.autograd.grad(out, feats, grad, retain_graph=True)
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(inp, inp["features"])
 
-            def both():
-                return torch.autograd.grad(fn(inp, feats), feats, grad)
+        def bwd(out=out):
+            return torch.autograd.grad(out, feats, grad, retain_graph=True)
 
-            for pass_, f in zip(PASSES, (fwd, bwd, both)):
-                timing = time_ms(f, device, reps=reps, warmup=2 if device == "cpu" else 5, max_seconds=max_seconds)
-                peak = peak_extra_mb(f, device)
-                if impl == "torchvision":
-                    base_ms[pass_] = timing[0]
-                rec.add(name, impl, pass_, timing, peak, base_ms.get(pass_))
-            del out
+        def both(fn=fn):
+            return torch.autograd.grad(fn(inp, feats), feats, grad)
+
+        calls[impl] = (context, dict(zip(PASSES, (fwd, bwd, both))), settings_of(deterministic, env))
+    for pass_ in PASSES:
+        timings = time_interleaved([(impl, fns[pass_], context) for impl, (context, fns, _) in calls.items()],
+                                   device, reps=reps, warmup=2 if device == "cpu" else 5,
+                                   max_seconds=max_seconds * len(calls))
+        for impl, (context, fns, settings) in calls.items():
+            with context():
+                peak = peak_extra_mb(fns[pass_], device)
+            rec.add(name, impl, pass_, timings[impl], peak, timings["torchvision"][0], settings)
+    calls.clear()
 
 
 def main():

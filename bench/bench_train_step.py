@@ -19,6 +19,8 @@ import tempfile
 
 import torch
 
+import insloc_ops
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines  # noqa: E402
 from common import Recorder, peak_extra_mb, time_ms  # noqa: E402
@@ -98,7 +100,11 @@ def measure_step(cfg, impl, backends, args, rec, device):
                 step()
             flops = counter.get_total_flops()
     name = f"{'R50' if cfg.depth == 50 else 'R18'}-{cfg.arch.upper()} b{cfg.batch_size} {cfg.image_size}px"
-    row = rec.add(name, impl, "step", timing, peak)
+    settings = ""
+    if impl == "fused":  # the backend each op ran on: the package's default for the device unless --backends named one
+        selected = insloc_ops.selected_backends(device.type)
+        settings = " ".join(f"{attr}={backends.get(op) or selected[attr]}" for op, (_, attr, _) in OPS.items())
+    row = rec.add(name, impl, "step", timing, peak, settings=settings)
     ips = cfg.batch_size / (timing[0] / 1e3)
     extra = f"{ips:.1f} img/s"
     if flops:
@@ -150,9 +156,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--impl", nargs="+", default=["baseline", "fused"], choices=["baseline", "fused"])
-    p.add_argument("--backends", default=None,
+    p.add_argument("--backends", default="",
                    help="fused backends per op, e.g. roi_align=cuda,anchors=cuda,infonce=triton "
-                        "(default: cuda/cuda/triton on a GPU, the package default on CPU)")
+                        "(default: the package's defaults for the device, insloc_ops.selected_backends; the "
+                        "rows' settings column names the backends that ran)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--no-flops", dest="flops", action="store_false")
     p.add_argument("--data-samples", type=int, default=32, help="composites timed for the data pipeline")
@@ -169,10 +176,10 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    if args.backends is None:
-        backends = {"roi_align": "cuda", "anchors": "cuda", "infonce": "triton"} if device.type == "cuda" else {}
-    else:
-        backends = dict(kv.split("=") for kv in args.backends.split(",") if kv)
+    backends = dict(kv.split("=") for kv in args.backends.split(",") if kv)
+    unknown = sorted(set(backends) - set(OPS))
+    if unknown:
+        p.error(f"--backends: unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
     rec = Recorder("train_step")
     for arch in [] if args.data_only else args.arch:
         cfg = Config(method="insloc", arch=arch, depth=args.depth, batch_size=args.batch,

@@ -9,27 +9,65 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 import torch
 
 FIELDS = ["op", "shape", "impl", "pass", "median_ms", "p20_ms", "p80_ms", "reps", "peak_extra_mb",
-          "speedup_vs_baseline", "device", "torch", "triton", "cuda", "date"]
+          "speedup_vs_baseline", "device", "torch", "triton", "cuda", "date", "torchvision", "revision", "time",
+          "settings"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cpu_model():
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _revision():
+    """The git commit of this checkout (short), with "-dirty" when tracked files differ from it; "" outside git."""
+    try:
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        if rev.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--"], timeout=10).returncode != 0
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def environment():
+    """What a row was measured on and with: device, versions (torchvision: the baselines' library), the commit,
+    the date, and the time the run started (which tells one run's rows from another's in an appended file)."""
     try:
         import triton
 
         triton_version = triton.__version__
     except Exception:
         triton_version = ""
+    try:
+        import torchvision
+
+        torchvision_version = torchvision.__version__
+    except Exception:
+        torchvision_version = ""
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
-        device = f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+        device = f"CPU {_cpu_model()} x{torch.get_num_threads()} threads"
+    now = datetime.datetime.now(datetime.timezone.utc)
     return {"device": device, "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda or "", "date": datetime.date.today().isoformat()}
+            "cuda": torch.version.cuda or "", "date": now.date().isoformat(), "torchvision": torchvision_version,
+            "revision": _revision(), "time": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def _sync(device):
@@ -37,30 +75,65 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _time_once(fn, device):
+    """Wall time of one ``fn()`` in ms: CUDA events around it on a GPU, perf_counter on a CPU."""
+    if torch.device(device).type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _summary(times):
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else times * 4
+    return statistics.median(times), q[0], q[-1], len(times)
+
+
 def time_ms(fn, device, reps=50, warmup=5, max_seconds=10.0):
-    """Median, 20th and 80th percentile wall time of ``fn()`` in ms (CUDA events on a GPU)."""
+    """Median, 20th and 80th percentile wall time of ``fn()`` in ms (CUDA events on a GPU), and the count."""
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     start_all = time.perf_counter()
-    cuda = torch.device(device).type == "cuda"
     for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(_time_once(fn, device))
         if time.perf_counter() - start_all > max_seconds and len(times) >= 5:
             break
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else times * 4
-    return statistics.median(times), q[0], q[-1], len(times)
+    return _summary(times)
+
+
+def time_interleaved(entries, device, reps=50, warmup=5, max_seconds=10.0):
+    """Times implementations of one computation in alternation, for side-by-side comparisons.
+
+    ``entries``: [(key, fn, context)], ``context`` None or a callable returning a context manager entered
+    around each call (settings an implementation needs, such as environment variables), outside the timed
+    region. Each round times every entry once, starting one entry further each round, so that a drift of the
+    machine during the run (clocks, temperature, other load) falls on all of them alike instead of on whichever
+    was timed last, and none always follows the same one. Rounds stop after ``reps``, or once ``max_seconds``
+    have passed and each entry has at least 5 times. Returns {key: (median, p20, p80, count)} as time_ms.
+    """
+    entries = [(key, fn, context or contextlib.nullcontext) for key, fn, context in entries]
+    for _, fn, context in entries:
+        with context():
+            for _ in range(warmup):
+                fn()
+            _sync(device)
+    times = {key: [] for key, _, _ in entries}
+    start_all = time.perf_counter()
+    for r in range(reps):
+        for i in range(len(entries)):
+            key, fn, context = entries[(r + i) % len(entries)]
+            with context():
+                times[key].append(_time_once(fn, device))
+        if time.perf_counter() - start_all > max_seconds and r + 1 >= 5:
+            break
+    return {key: _summary(t) for key, t in times.items()}
 
 
 def peak_extra_mb(fn, device):
@@ -100,12 +173,14 @@ class Recorder:
         self.path = path
         self.written = 0
 
-    def add(self, shape, impl, pass_, timing, peak_mb=None, baseline_ms=None):
+    def add(self, shape, impl, pass_, timing, peak_mb=None, baseline_ms=None, settings=""):
+        """One row. ``settings``: what the implementation ran with beyond its name (backends, switches)."""
         med, p20, p80, reps = timing
         row = {"op": self.op, "shape": shape, "impl": impl, "pass": pass_, "median_ms": f"{med:.4f}",
                "p20_ms": f"{p20:.4f}", "p80_ms": f"{p80:.4f}", "reps": reps,
                "peak_extra_mb": "" if peak_mb is None else f"{peak_mb:.3f}",
-               "speedup_vs_baseline": "" if baseline_ms is None else f"{baseline_ms / med:.2f}", **self.env}
+               "speedup_vs_baseline": "" if baseline_ms is None else f"{baseline_ms / med:.2f}", **self.env,
+               "settings": settings}
         self.rows.append(row)
         print(f"{self.op:22s} {shape:18s} {impl:12s} {pass_:9s} {med:10.3f} ms"
               + (f"  x{baseline_ms / med:5.2f}" if baseline_ms is not None else "")
@@ -115,12 +190,26 @@ class Recorder:
         return row
 
     def write(self, path):
-        """Appends the rows not yet written to ``path``."""
+        """Appends the rows not yet written to ``path``. A file whose columns do not start with FIELDS (an older
+        version's) is rewritten first with FIELDS, its rows kept (columns it lacks left empty, others kept at
+        the end)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        new = not os.path.exists(path)
+        fields = None
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path, newline="") as fh:
+                fields = next(csv.reader(fh), [])
+            if fields[:len(FIELDS)] != FIELDS:
+                with open(path, newline="") as fh:
+                    old_rows = list(csv.DictReader(fh))
+                fields = FIELDS + [f for f in fields if f not in FIELDS]
+                with open(path + ".tmp", "w", newline="") as fh:
+                    w = csv.DictWriter(fh, fieldnames=fields, restval="")
+                    w.writeheader()
+                    w.writerows(old_rows)
+                os.replace(path + ".tmp", path)
         with open(path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=FIELDS)
-            if new:
+            w = csv.DictWriter(fh, fieldnames=fields or FIELDS, restval="")
+            if fields is None:
                 w.writeheader()
             w.writerows(self.rows[self.written:])
         self.written = len(self.rows)

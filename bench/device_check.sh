@@ -174,6 +174,7 @@ echo "gpu tests exit $tests_rc; benchmarks exit $bench_rc"
 [[ -f "$OUT/ops.md" ]] && cat "$OUT/ops.md"
 [[ -f "$OUT/profile.log" ]] && cat "$OUT/profile.log"
 [[ -f "$OUT/host.log" ]] && cat "$OUT/host.log"
-# Which backend each op may default to on CUDA (verified by the tests above, and faster in every benchmark row).
+# Which backend each op may default to on CUDA (its tests above passed, and it beat the baseline at every shape in
+# the op's deciding pass: bench/pick_defaults.py).
 "$PY" bench/pick_defaults.py "$OUT" | tee "$OUT/defaults.md"
 exit $(( tests_rc || bench_rc ))

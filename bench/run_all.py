@@ -18,7 +18,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OP_BENCHMARKS = ["bench_roi_align.py", "bench_anchors.py", "bench_infonce.py"]
-BASELINE_IMPLS = ("baseline", "torchvision", "pytorch")
 
 
 def markdown_table(rows):

@@ -1,4 +1,5 @@
 """The benchmark scripts still run (tiny shapes): a benchmark that rots is found here, not on a GPU."""
+import contextlib
 import csv
 import glob
 import json
@@ -442,7 +443,53 @@ def test_roi_bench_bf16_channels_last_and_deterministic_backward():
     rec = Recorder(roi.OP)
     impls = [("torchvision", roi.baseline, False), ("cpp", roi.fused("cpu"), False), ("probe", probe, True)]
     roi.bench_shape(rec, "tiny-bf16-cl", inp, impls, "cpu", reps=2, max_seconds=1.0)
-    assert [(r["impl"], r["pass"]) for r in rec.rows] == [(i, p) for i, *_ in impls for p in roi.PASSES]
+    assert [(r["impl"], r["pass"]) for r in rec.rows] == [(i, p) for p in roi.PASSES for i, *_ in impls]
     assert all(r["speedup_vs_baseline"] for r in rec.rows)
     assert {p for p, _ in seen} == {"forward", "backward"} and all(on for _, on in seen)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_time_interleaved_alternates_and_enters_each_context_around_each_call():
+    from bench.common import time_interleaved
+
+    calls, inside = [], []
+
+    def entry(key):
+        @contextlib.contextmanager
+        def context():
+            inside.append(key)
+            try:
+                yield
+            finally:
+                inside.remove(key)
+
+        def fn():
+            assert inside == [key]  # its own settings, no other entry's
+            calls.append(key)
+        return key, fn, context
+
+    timings = time_interleaved([entry("a"), entry("b"), ("c", lambda: calls.append("c"), None)], "cpu", reps=6,
+                               warmup=1, max_seconds=60)
+    assert calls[:3] == ["a", "b", "c"]  # the warm-up, one call each
+    rounds = [calls[3 + 3 * r: 6 + 3 * r] for r in range(6)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]] * 2  # each round starts one further
+    assert set(timings) == {"a", "b", "c"} and all(t[3] == 6 and t[0] >= 0 for t in timings.values())
+
+
+def test_recorder_rewrites_an_older_csv_with_the_current_columns(tmp_path):
+    from bench.common import FIELDS, Recorder
+
+    path = tmp_path / "old.csv"
+    path.write_text("op,shape,impl,pass,median_ms,device,legacy\nx,s,base,forward,1.0,CPU,kept\n")
+    rec = Recorder("y", str(path))
+    rec.add("s", "fused", "forward", (0.5, 0.4, 0.6, 5), settings="FLAG=1")
+    with open(path) as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == FIELDS + ["legacy"]
+    assert (rows[0]["op"], rows[0]["median_ms"], rows[0]["legacy"], rows[0]["revision"]) == ("x", "1.0", "kept", "")
+    assert (rows[1]["op"], rows[1]["settings"], rows[1]["legacy"]) == ("y", "FLAG=1", "")
+    assert rows[1]["time"].endswith("Z") and rows[1]["torchvision"] and rows[1]["device"]
+    rec.add("s", "fused", "backward", (0.5, 0.4, 0.6, 5))  # appends under the same header
+    with open(path) as fh:
+        assert [r["pass"] for r in csv.DictReader(fh)] == ["forward", "forward", "backward"]
