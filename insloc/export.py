@@ -34,7 +34,8 @@ Formats (one file each; ``OUT`` is the ``--out`` path):
     ``backbone.fpn_output{2..5}`` (+ ``.norm`` with ``fpn_norm="bn"``: set detectron2's ``MODEL.FPN.NORM``
     to ``"BN"`` or ``"SyncBN"``, as the official transfer configs do); the FPN box head's four convs ->
     ``roi_heads.box_head.conv{1..4}`` (+ ``.norm``) and its first fc -> ``roi_heads.box_head.fc1``
-    (detectron2's 4conv1fc head). The second fc and the 128-d projection have no detectron2 counterpart and
+    (detectron2's 4conv1fc head: set ``ROI_BOX_HEAD.NUM_CONV 4``, ``NUM_FC 1``, ``NORM`` as the FPN's; its
+    default 2fc head has an ``fc1`` of the same shape and would load this one silently). The second fc and the 128-d projection have no detectron2 counterpart and
     are dropped. Image-level MoCo checkpoints (``--method moco``) export the trunk as MoCo's own converter
     does: ``stem.conv1.*``, ``res2.*`` ... ``res5.*`` without a prefix, which detectron2's matching
     heuristics place in either layout (C4: res5 into ``roi_heads.res5``); ``layout="fpn"`` / ``"c4"``
@@ -42,16 +43,18 @@ Formats (one file each; ``OUT`` is the ``--out`` path):
 
     The pickle (protocol 4) names only ``numpy.ndarray`` and ``bytearray``, so it loads writable under
     numpy 1.x and 2.x alike, and ``OUT`` must end in ``.pkl`` (detectron2 reads other names with torch.load).
-    Half-precision weights are written as float32.
 
-The momentum (key) encoder is exported only with ``include_momentum=True``: then a second file
+Every format writes half-precision weights as float32. The checkpoint may be given as a run folder or its
+``latest`` file (:func:`resolve_checkpoint`). The momentum (key) encoder is exported only with ``include_momentum=True``: then a second file
 ``OUT`` with ``-momentum`` before the suffix holds it, in the same format. Files are written atomically
 (see insloc/checkpoint.py).
 """
 import argparse
 import dataclasses
 import importlib
+import os
 import pickle
+import re
 import sys
 import warnings
 import zipfile
@@ -62,7 +65,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import LATEST, atomic_write, find_latest
 from .config import ARCHITECTURE_FIELDS, Config, with_added_fields
 
 FORMATS = ("raw", "torchvision", "torchvision-fpn", "detectron2")
@@ -173,14 +176,34 @@ def config_from_checkpoint(values, path="checkpoint"):
         raise CheckpointError(f"{path}: the 'config' entry is not an insloc Config: {e}") from e
 
 
-def load_pretrain_checkpoint(path, unsafe_load=False) -> PretrainCheckpoint:
+def _zip_magic(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def resolve_checkpoint(path):
+    """The checkpoint file ``path`` stands for: itself, or for a run folder or its ``latest`` pointer file, the
+    checkpoint ``latest`` names (else the newest by step), as ``--resume auto`` would take it."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent if path.name == LATEST and path.is_file() else None
+    if folder is None:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        return path
+    found = find_latest(str(folder))
+    if found is None:
+        raise CheckpointError(f"{path}: a folder without checkpoints (checkpoint_<step>.pt)")
+    return Path(found)
+
+
+def load_pretrain_checkpoint(path, unsafe_load=False, check_momentum=True) -> PretrainCheckpoint:
     """Reads and validates an ``insloc pretrain`` checkpoint (format: ``insloc/models/__init__.py``).
 
+    ``path``: a checkpoint file, or a run folder or its ``latest`` file (see :func:`resolve_checkpoint`).
     Loads with ``weights_only=True`` (tensors, plain containers and the numpy RNG state);
-    ``unsafe_load=True`` unpickles anything, for files you trust that hold other objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    ``unsafe_load=True`` unpickles anything, for files you trust that hold other objects.
+    ``check_momentum=False`` leaves the momentum encoder's weights unchecked (for exports without it)."""
+    path = resolve_checkpoint(path)
     safe_globals = None if unsafe_load else _numpy_globals()  # outside the try: its errors are not the file's
     try:
         ckpt = _torch_load(path, safe_globals)
@@ -190,9 +213,12 @@ def load_pretrain_checkpoint(path, unsafe_load=False) -> PretrainCheckpoint:
             raise CheckpointError(f"{path}: holds Python objects that are not loaded without trust "
                                   f"({', '.join(unsafe[:4])}); if you trust the file, pass unsafe_load=True "
                                   f"(--unsafe-load)") from e
-        kind = "truncated or corrupt" if zipfile.is_zipfile(path) or path.stat().st_size else "empty"
+        size = path.stat().st_size
+        kind = ("empty" if not size else "truncated or corrupt" if zipfile.is_zipfile(path) or _zip_magic(path)
+                else "not a torch checkpoint")
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0]) if str(e) else ""  # no terminal colours
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint: the file is {kind} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                              f"({type(e).__name__}: {first})") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not an insloc checkpoint (a {type(ckpt).__name__}, expected a dict "
                               f"with 'model' and 'config')")
@@ -201,6 +227,9 @@ def load_pretrain_checkpoint(path, unsafe_load=False) -> PretrainCheckpoint:
             found = ", ".join(map(repr, list(ckpt)[:8]))
             raise CheckpointError(f"{path}: not an insloc checkpoint: no {key!r} entry (found {found})")
     config = config_from_checkpoint(ckpt["config"], path)
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: not an insloc checkpoint: its 'model' entry is a "
+                              f"{type(ckpt['model']).__name__}, expected a state dict")
 
     model = {_strip_wrappers(k): v for k, v in ckpt["model"].items()}
     encoders = {}
@@ -214,7 +243,7 @@ def load_pretrain_checkpoint(path, unsafe_load=False) -> PretrainCheckpoint:
                                 ckpt.get("epoch"), ckpt.get("step"))
     expected = expected_encoder_shapes(config)
     _check_encoder(loaded.encoder_q, expected, path, "encoder_q", loaded.description)
-    if loaded.encoder_k:
+    if loaded.encoder_k and check_momentum:
         _check_encoder(loaded.encoder_k, expected, path, "encoder_k", loaded.description)
     return loaded
 
@@ -313,14 +342,15 @@ def _atomic_save(path, write):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, write)
     except OSError as e:  # a directory, a parent that is a file, no permission, a full disk
-        detail = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        temporary = e.filename and Path(e.filename).name.startswith(".tmp_")  # atomic_write's, not the user's
+        detail = f"{e.filename}: {e.strerror}" if e.filename and e.strerror and not temporary else e.strerror or e
         raise ExportError(f"--out (out_path) {path}: cannot write it ({detail})") from e
 
 
 def _check_request(fmt, out_path, layout):
     """What can be refused before the checkpoint is read."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
+        raise ExportError(f"--format (fmt) {fmt!r}: unknown (expected one of {', '.join(FORMATS)})")
     if layout is not None and fmt != "detectron2":
         raise ExportError(f"--layout (layout) {layout!r} applies only to --format detectron2, not {fmt}")
     if layout not in (None, "fpn", "c4"):
@@ -328,8 +358,6 @@ def _check_request(fmt, out_path, layout):
     if fmt == "detectron2" and not out_path.name.endswith(".pkl"):
         raise ExportError(f"--out (out_path) {out_path}: a detectron2 export must end in .pkl (detectron2 "
                           f"reads other names as torch checkpoints)")
-    if out_path.is_dir():
-        raise ExportError(f"--out (out_path) {out_path}: is a directory; give the file to write")
 
 
 def _check_format(ckpt, fmt, layout):
@@ -350,8 +378,13 @@ def _numpy(tensor):
     return tensor.numpy()
 
 
+def _float32(tensor):
+    """Half-precision floats (bf16, fp16, 8-bit) as float32, what the models that load an export hold."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() < 4 else tensor
+
+
 def _converted(ckpt, encoder, fmt, layout):
-    contiguous = {k: v.detach().cpu().contiguous() for k, v in encoder.items()}
+    contiguous = {k: _float32(v.detach().cpu()).contiguous() for k, v in encoder.items()}
     if fmt == "raw":
         return {"encoder": contiguous, "config": ckpt.config.to_dict(), "epoch": ckpt.epoch, "step": ckpt.step}
     if fmt == "torchvision":
@@ -377,23 +410,31 @@ def export(ckpt_path, fmt: Format, out_path, include_momentum=False, layout: Lay
     the written paths."""
     out_path = Path(out_path)
     _check_request(fmt, out_path, layout)
-    ckpt = load_pretrain_checkpoint(ckpt_path, unsafe_load)
+    ckpt_path = resolve_checkpoint(ckpt_path)
+    outputs = [out_path] + ([momentum_path(out_path)] if include_momentum else [])
+    for path in outputs:
+        if path.is_dir():
+            raise ExportError(f"--out (out_path) {path}: is a directory; give the file to write")
+        if path.exists() and os.path.samefile(path, ckpt_path):
+            raise ExportError(f"--out (out_path) {path}: is the checkpoint being exported; writing it would "
+                              f"replace the checkpoint")
+    ckpt = load_pretrain_checkpoint(ckpt_path, unsafe_load, check_momentum=include_momentum)
     _check_format(ckpt, fmt, layout)
     if ckpt.config.method != "moco":
         layout = layout or ckpt.config.arch
-    targets = [(out_path, ckpt.encoder_q)]
+    encoders = [ckpt.encoder_q]
     if include_momentum:
         if not ckpt.encoder_k:
             raise CheckpointError(f"{ckpt.path}: include_momentum was asked for but the checkpoint has no "
                                   f"encoder_k.* weights")
-        targets.append((momentum_path(out_path), ckpt.encoder_k))
-    for path, encoder in targets:
-        obj = _converted(ckpt, encoder, fmt, layout)
+        encoders.append(ckpt.encoder_k)
+    converted = [_converted(ckpt, encoder, fmt, layout) for encoder in encoders]  # both before writing either
+    for path, obj in zip(outputs, converted):
         if fmt == "detectron2":
-            _atomic_save(path, lambda f: _save_detectron2(obj, f))
+            _atomic_save(path, lambda f, obj=obj: _save_detectron2(obj, f))
         else:
-            _atomic_save(path, lambda f: torch.save(obj, f))
-    return [path for path, _ in targets]
+            _atomic_save(path, lambda f, obj=obj: torch.save(obj, f))
+    return outputs
 
 
 def load_raw_encoder(path):
@@ -412,7 +453,8 @@ def export_main(argv=None):
     parser = argparse.ArgumentParser(
         prog="insloc export", description="Export a pretraining checkpoint's query encoder for fine-tuning.",
         epilog="Formats and how to load each: see the docstring of insloc/export.py.")
-    parser.add_argument("checkpoint", help="checkpoint written by insloc pretrain")
+    parser.add_argument("checkpoint", help="checkpoint written by insloc pretrain, or a run folder (or its "
+                                           "'latest' file): the checkpoint 'latest' names")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
                         help="raw: our encoder; torchvision: resnet trunk; torchvision-fpn: BackboneWithFPN "
                              "(FPN only); detectron2: pickle for DetectionCheckpointer")
@@ -426,12 +468,13 @@ def export_main(argv=None):
                         help="unpickle arbitrary objects in the checkpoint (only for files you trust)")
     args = parser.parse_args(argv)
     try:
-        paths = export(args.checkpoint, args.fmt, args.out, args.include_momentum, args.layout, args.unsafe_load)
+        source = resolve_checkpoint(args.checkpoint)
+        paths = export(source, args.fmt, args.out, args.include_momentum, args.layout, args.unsafe_load)
     except ExportError as e:
         print(f"insloc export: error: {e}", file=sys.stderr)
         return 2
     for path in paths:
-        print(f"wrote {path} ({args.fmt})")
+        print(f"wrote {path} ({args.fmt}, from {source})")
     return 0
 
 

@@ -520,3 +520,95 @@ def test_insloc_cli_export_subcommand_reaches_the_exporter(checkpoints, tmp_path
     out = tmp_path / "tv.pth"
     assert main(["export", str(path), "--format", "torchvision", "--out", str(out)]) == 0
     assert "layer4.1.bn2.weight" in torch.load(out)
+
+
+# ---- what the export refuses or resolves ----
+
+def test_out_naming_the_checkpoint_itself_is_refused_and_the_checkpoint_kept(tmp_path, capsys):
+    ckpt, _ = make_checkpoint(R18_FPN_DEMO)
+    path = tmp_path / "checkpoint_10.pt"
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    os.link(path, tmp_path / "hardlink.pt")
+    for out in (path, tmp_path / "." / "checkpoint_10.pt", tmp_path / "hardlink.pt"):
+        with pytest.raises(ExportError, match=r"--out .*: is the checkpoint being exported"):
+            export(path, "raw", out)
+    assert export_main([str(path), "--format", "raw", "--out", str(path)]) == 2
+    assert "is the checkpoint being exported" in capsys.readouterr().err
+    # the momentum file would be the checkpoint: also refused, before anything is written
+    momentum_named = tmp_path / "a-momentum.pt"
+    torch.save(ckpt, momentum_named)
+    with pytest.raises(ExportError, match="a-momentum.pt: is the checkpoint being exported"):
+        export(momentum_named, "raw", tmp_path / "a.pt", include_momentum=True)
+    assert not (tmp_path / "a.pt").exists() and path.read_bytes() == before
+
+
+def test_a_run_folder_or_its_latest_file_exports_the_checkpoint_latest_names(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    first, enc1 = make_checkpoint(R18_FPN_DEMO, seed=1)
+    second, enc2 = make_checkpoint(R18_FPN_DEMO, seed=2)
+    torch.save(first, run / "checkpoint_20.pt")
+    torch.save(second, run / "checkpoint_10.pt")
+    (run / "latest").write_text("checkpoint_20.pt\n")
+    for source in (run, run / "latest"):
+        assert export(source, "torchvision", tmp_path / "tv.pth") == [tmp_path / "tv.pth"]
+        assert torch.equal(torch.load(tmp_path / "tv.pth")["conv1.weight"], enc1.backbone.conv1.weight)
+    assert export_main([str(run), "--format", "raw", "--out", str(tmp_path / "raw.pth")]) == 0
+    assert f"from {run / 'checkpoint_20.pt'}" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty: a folder without checkpoints"):
+        export(tmp_path / "empty", "raw", tmp_path / "x.pth")
+
+
+def test_a_model_entry_that_is_not_a_state_dict_is_named(tmp_path):
+    ckpt, _ = make_checkpoint(R18_FPN_DEMO)
+    ckpt["model"] = None
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="'model' entry is a NoneType, expected a state dict"):
+        export(tmp_path / "bad.pt", "raw", tmp_path / "x.pth")
+
+
+def test_a_text_file_is_not_a_torch_checkpoint_and_the_message_has_no_terminal_codes(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("checkpoint_20.pt\n")
+    with pytest.raises(CheckpointError, match="notes.txt: cannot be read as a torch checkpoint: the file is not a "
+                                              "torch checkpoint") as e:
+        export(tmp_path / "notes.txt", "raw", tmp_path / "x.pth")
+    assert "\x1b" not in str(e.value)
+
+
+def test_momentum_output_that_cannot_be_written_leaves_nothing_written(checkpoints, tmp_path):
+    path = checkpoints["r18_fpn"][0]
+    momentum_path(tmp_path / "x.pth").mkdir()
+    with pytest.raises(ExportError, match=r"--out .*x-momentum\.pth: is a directory"):
+        export(path, "torchvision", tmp_path / "x.pth", include_momentum=True)
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_a_damaged_momentum_encoder_blocks_only_its_own_export(tmp_path):
+    ckpt, encoder = make_checkpoint(R18_FPN_DEMO)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if "encoder_k.backbone.layer4" not in k}
+    torch.save(ckpt, tmp_path / "partial.pt")
+    export(tmp_path / "partial.pt", "torchvision", tmp_path / "tv.pth")
+    assert torch.equal(torch.load(tmp_path / "tv.pth")["conv1.weight"], encoder.backbone.conv1.weight)
+    with pytest.raises(CheckpointError, match="encoder_k"):
+        export(tmp_path / "partial.pt", "torchvision", tmp_path / "tv2.pth", include_momentum=True)
+    assert not (tmp_path / "tv2.pth").exists()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "torchvision", "torchvision-fpn"])
+def test_every_format_writes_half_precision_weights_as_float32(fmt, tmp_path):
+    ckpt, encoder = make_checkpoint(R18_FPN_DEMO)
+    ckpt["model"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "half.pt")
+    export(tmp_path / "half.pt", fmt, tmp_path / "out.pth")
+    sd = torch.load(tmp_path / "out.pth")
+    sd = sd["encoder"] if fmt == "raw" else sd
+    assert {v.dtype for v in sd.values()} == {torch.float32, torch.int64}
+    key = {"raw": "backbone.conv1.weight", "torchvision": "conv1.weight", "torchvision-fpn": "body.conv1.weight"}[fmt]
+    assert torch.equal(sd[key], encoder.backbone.conv1.weight.detach().to(torch.bfloat16).float())
+
+
+def test_an_unknown_format_is_an_export_error_naming_the_flag(checkpoints, tmp_path):
+    with pytest.raises(ExportError, match="--format .*'onnx': unknown"):
+        export(checkpoints["r18_fpn"][0], "onnx", tmp_path / "x.onnx")
