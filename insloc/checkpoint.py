@@ -145,15 +145,28 @@ def load_latest_checkpoint(out_dir):
     return None, None
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_state(device=None):
+    """The RNG states a resumed run restores. CUDA: this process's GPU only (``device``, default the current
+    one): another machine may have fewer GPUs, and shuffle-BN's permutation is rank 0's, broadcast."""
+    cuda = None
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        cuda = torch.cuda.get_rng_state(device if device is not None else torch.cuda.current_device())
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(),
+            "python": random.getstate()}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device=None):
+    """Restores rng_state()'s dict; its CUDA state goes to ``device`` (default the current GPU). A checkpoint
+    of an older version holds one CUDA state per GPU that was visible: the one of this GPU's index is taken
+    (none if that machine had fewer)."""
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        index = torch.device(device).index if device is not None else None
+        index = torch.cuda.current_device() if index is None else index
+        if isinstance(cuda, (list, tuple)):
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, index)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])

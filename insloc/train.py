@@ -59,6 +59,31 @@ def cosine_lr(step, steps_per_epoch, epochs, base_lr):
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
+def resume_position(ckpt, global_batch, epoch_samples, steps_per_epoch, path):
+    """(epoch, step_in_epoch, step, note) a resumed run starts from. A checkpoint written with another global
+    batch (batch_size x processes) or epoch length is renumbered in this run's steps: at an epoch boundary
+    always; mid-epoch when the epoch's samples are the same and the ones done are whole batches of this run
+    (global batch j is samples [j x batch, (j + 1) x batch) of the epoch's order whatever the process count),
+    else refused: continuing it would skip or repeat samples and mis-schedule the learning rate."""
+    epoch, in_epoch, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+    cfg = ckpt.get("config") or {}
+    old_batch = ckpt.get("global_batch") or cfg.get("batch_size", 0) * ckpt.get("world_size", 1) or global_batch
+    old_samples = ckpt.get("epoch_samples", epoch_samples)  # older checkpoints: assumed unchanged
+    if (old_batch, old_samples) == (global_batch, epoch_samples):
+        return epoch, in_epoch, step, ""
+    done = in_epoch * old_batch
+    if in_epoch and (old_samples != epoch_samples or done % global_batch):
+        raise UsageError(f"--resume (resume): {path} stopped mid-epoch, after {done} of {old_samples} samples at "
+                         f"a global batch of {old_batch}; this run's global batch (batch_size x processes) "
+                         f"{global_batch} and {epoch_samples} samples per epoch cannot continue that epoch where "
+                         f"it stopped: resume with a global batch of {old_batch}, or from a checkpoint written "
+                         f"at the end of an epoch")
+    in_epoch = done // global_batch
+    new_step = epoch * steps_per_epoch + in_epoch
+    return epoch, in_epoch, new_step, (f"global batch {old_batch} -> {global_batch}, {old_samples} -> "
+                                       f"{epoch_samples} samples per epoch: step {step} is step {new_step} here")
+
+
 def setup_distributed(cfg: Config):
     """(rank, world_size, device). DDP when torchrun's WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -211,11 +236,20 @@ def train(cfg: Config, *, interrupt_after_step=None):
         if mismatch:
             raise UsageError(f"--resume (resume): {resume_path} holds another model than this run builds "
                              f"({'; '.join(mismatch)}): resume with the checkpoint's values")
+    if world > 1:  # every process must continue the same checkpoint (each loads it from its own filesystem)
+        seen = [None] * world
+        dist.all_gather_object(seen, None if ckpt is None else (os.path.basename(resume_path), ckpt.get("step")))
+        if any(s != seen[0] for s in seen):
+            raise UsageError(f"--resume (resume): the processes found different checkpoints to continue ({seen}, "
+                             f"by rank): resuming a run of several machines needs --out-dir on a filesystem all "
+                             f"of them share")
     dataset = build_dataset(cfg)
     try:
         sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    position = None if ckpt is None else resume_position(ckpt, global_batch, len(dataset),
+                                                         sampler.batches_per_epoch, resume_path)
     if main:
         os.makedirs(out_dir, exist_ok=True)
         for stale in remove_stale_temporaries(out_dir):
@@ -250,11 +284,17 @@ def train(cfg: Config, *, interrupt_after_step=None):
     if ckpt is not None:
         moco.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, step_in_epoch, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-        set_rng_state(ckpt["rng"])
+        epoch, step_in_epoch, step, note = position
+        set_rng_state(ckpt["rng"], device)
         generators = ckpt["rng"]["box_generator"]
-        box_generator.set_state(generators[rank] if ckpt.get("world_size") == world else generators[0])
-        say(f"resumed from {resume_path} at epoch {epoch}, step {step}")
+        if ckpt.get("world_size") == world:
+            box_generator.set_state(generators[rank])
+        else:  # another number of processes: one seed per rank from rank 0's state (equal states would give
+            # every rank the same anchor draws)
+            first = torch.Generator()
+            first.set_state(generators[0])
+            box_generator.manual_seed(int(torch.randint(0, 2**62, (), generator=first)) + rank)
+        say(f"resumed from {resume_path} at epoch {epoch}, step {step}" + (f" ({note})" if note else ""))
     later = [p for s, p in numbered_checkpoints(out_dir) if s > step]
     if main and later:
         warnings.warn(f"{out_dir} holds checkpoints past step {step} ({os.path.basename(later[-1])} the last), "
@@ -282,7 +322,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
     say(ops_line(device, cfg.anchor_nms_iou if cfg.method == "insloc" else None, cfg.method))
 
     def checkpoint(epoch_done, in_epoch):
-        states, path = [None] * world, None
+        states, path, failure = [None] * world, None, None
         if world > 1:
             dist.all_gather_object(states, box_generator.get_state())
         else:
@@ -290,11 +330,23 @@ def train(cfg: Config, *, interrupt_after_step=None):
         if main:
             state = {"model": moco.state_dict(), "optimizer": optimizer.state_dict(), "scaler": None,
                      "epoch": epoch_done, "step_in_epoch": in_epoch, "step": step,
-                     "rng": {**rng_state(), "box_generator": states}, "config": cfg.to_dict(),
-                     "world_size": world}
-            path = save_checkpoint(state, out_dir, cfg.keep_checkpoints)
+                     "rng": {**rng_state(device), "box_generator": states}, "config": cfg.to_dict(),
+                     "world_size": world, "global_batch": global_batch, "epoch_samples": len(dataset)}
+            try:
+                path = save_checkpoint(state, out_dir, cfg.keep_checkpoints)
+            except Exception as e:
+                if world == 1:
+                    raise
+                failure = e
         if world > 1:
-            dist.barrier()  # every process leaves once the checkpoint is on disk (a restart then finds it)
+            # Every process leaves once the checkpoint is on disk (a restart then finds it), or all stop with
+            # rank 0's error rather than wait for it at a barrier.
+            outcome = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+            dist.broadcast_object_list(outcome, src=0)
+            if failure is not None:
+                raise failure
+            if outcome[0] is not None:
+                raise RuntimeError(f"rank 0 could not write the checkpoint of step {step}: {outcome[0]}")
         return path
 
     model.train()

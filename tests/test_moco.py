@@ -145,6 +145,9 @@ def _shuffle_worker(rank, world, port):
         all_ids = torch.cat(everything).sort().values
         assert torch.equal(all_ids, torch.cat([torch.arange(N) + 100 * r for r in range(world)]).float())
         assert not torch.equal(torch.cat(everything), all_ids)  # it did shuffle (fixed seeds)
+        # across processes: some rank holds another rank's images (a shuffle within each process would leave
+        # each one's BatchNorm statistics as they were, which is what shuffle-BN is there to change)
+        assert any(((g // 100) != r).any() for r, g in enumerate(everything))
         rois = rois_from_boxes(shuffled_boxes)
         assert rois[:, 0].tolist() == list(range(N))  # batch index = new local position
         features = torch.stack([got, -got], 0).unsqueeze(-1)  # [G=2, N, 1], per-image outputs

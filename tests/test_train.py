@@ -386,3 +386,95 @@ def test_values_checked_at_the_start_of_a_run_exit_as_bad_flags_before_anything_
     assert exit_info.value.code == 2 and "Traceback" not in err and "usage: insloc pretrain" in err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+# ---- resuming with another global batch (batch_size x processes) or another number of processes ----
+
+def test_resume_position_renumbers_or_refuses_a_checkpoint_of_another_global_batch():
+    from insloc.train import resume_position
+
+    ckpt = {"epoch": 1, "step_in_epoch": 2, "step": 6, "global_batch": 4, "epoch_samples": 16, "world_size": 1}
+    assert resume_position(ckpt, 4, 16, 4, "c.pt") == (1, 2, 6, "")  # same run shape: as written
+    epoch, in_epoch, step, note = resume_position(ckpt, 8, 16, 2, "c.pt")  # 8 samples done = 1 batch of 8
+    assert (epoch, in_epoch, step) == (1, 1, 3) and "step 6 is step 3 here" in note
+    assert resume_position(ckpt, 2, 16, 8, "c.pt")[:3] == (1, 4, 12)  # fewer processes: 8 samples = 4 of 2
+    with pytest.raises(UsageError, match=r"--resume .*after 8 of 16 samples at a global batch of 4.* 3 and 16"):
+        resume_position(ckpt, 3, 16, 5, "c.pt")  # 8 samples are not whole batches of 3
+    with pytest.raises(UsageError, match="stopped mid-epoch"):
+        resume_position(ckpt, 4, 20, 5, "c.pt")  # another epoch length: another order of samples
+    boundary = {**ckpt, "step_in_epoch": 0, "step": 4}
+    assert resume_position(boundary, 3, 20, 6, "c.pt")[:3] == (1, 0, 6)  # an epoch boundary: always
+    older = {k: v for k, v in ckpt.items() if k not in ("global_batch", "epoch_samples")}
+    older["config"], older["world_size"] = {"batch_size": 2}, 2  # a checkpoint of before these fields
+    assert resume_position(older, 4, 16, 4, "c.pt") == (1, 2, 6, "")
+
+
+def lrs(out_dir):
+    with open(os.path.join(out_dir, "metrics.csv")) as f:
+        return {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+
+
+def test_a_run_resumed_with_another_batch_size_continues_the_epoch_and_its_schedule(tmp_path):
+    interrupted = tiny(tmp_path, batch_size=4, samples_per_epoch=8, checkpoint_every=1)
+    train(interrupted, interrupt_after_step=1)  # 4 of epoch 1's 8 samples done
+    summary = train(tiny(tmp_path, batch_size=2, samples_per_epoch=8, resume="auto"))
+    assert summary["step"] == 8  # 4 steps of 2 an epoch: epoch 1's last 2, then epoch 2's 4
+    lr = lrs(tmp_path)
+    base = Config().lr * 2 / Config().lr_batch
+    assert sorted(lr) == [1, 3, 4, 5, 6, 7, 8]  # step 1 was the first run's (batch 4)
+    assert [lr[s] for s in (3, 4)] == pytest.approx([base] * 2, rel=1e-5) and \
+        [lr[s] for s in (5, 6, 7, 8)] == pytest.approx([base / 2] * 4, rel=1e-5)  # by epoch: epoch 2 of 2 at half
+    ckpt = load_checkpoint(find_latest(str(tmp_path)))
+    assert (ckpt["epoch"], ckpt["step"], ckpt["global_batch"], ckpt["epoch_samples"]) == (2, 8, 2, 8)
+
+
+def test_a_mid_epoch_resume_that_cannot_continue_the_epoch_is_refused_before_anything_is_written(tmp_path):
+    train(tiny(tmp_path, batch_size=4, samples_per_epoch=8, checkpoint_every=1), interrupt_after_step=1)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(UsageError, match="cannot continue that epoch"):
+        train(tiny(tmp_path, batch_size=3, samples_per_epoch=8, resume="auto"))
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_cuda_rng_state_is_this_gpus_and_an_older_checkpoints_list_is_indexed(monkeypatch):
+    from insloc import checkpoint
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([int(torch.device("cuda", device)
+                                                                                      .index)]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((int(state), device)))
+    state = checkpoint.rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([1]))  # the current GPU's only
+    checkpoint.set_rng_state(state, torch.device("cuda", 3))
+    checkpoint.set_rng_state({**state, "cuda": [torch.tensor([10]), torch.tensor([11])]})  # older: one per GPU
+    checkpoint.set_rng_state({**state, "cuda": [torch.tensor([10])]}, torch.device("cuda", 1))  # fewer GPUs then
+    assert calls == [(1, 3), (11, 1)]
+
+
+def _two_process_failed_checkpoint_worker(rank, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    insloc.train.save_checkpoint = full_disk
+    try:
+        train(tiny(os.path.join(root, "run"), batch_size=2, samples_per_epoch=8))
+        outcome = "finished"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    dist.barrier()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_rank_0_cannot_write_stops_every_process_with_its_error(tmp_path):
+    run_processes(_two_process_failed_checkpoint_worker, (free_port(), str(tmp_path)), nprocs=2, timeout_s=300)
+    assert (tmp_path / "rank0.txt").read_text() == "OSError: [Errno 28] No space left on device"
+    assert (tmp_path / "rank1.txt").read_text() == \
+        "RuntimeError: rank 0 could not write the checkpoint of step 2: OSError: [Errno 28] No space left on device"
