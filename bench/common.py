@@ -8,6 +8,7 @@ import csv
 import datetime
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -113,10 +114,11 @@ def time_interleaved(entries, device, reps=50, warmup=5, max_seconds=10.0):
 
     ``entries``: [(key, fn, context)], ``context`` None or a callable returning a context manager entered
     around each call (settings an implementation needs, such as environment variables), outside the timed
-    region. Each round times every entry once, starting one entry further each round, so that a drift of the
-    machine during the run (clocks, temperature, other load) falls on all of them alike instead of on whichever
-    was timed last, and none always follows the same one. Rounds stop after ``reps``, or once ``max_seconds``
-    have passed and each entry has at least 5 times. Returns {key: (median, p20, p80, count)} as time_ms.
+    region. Each round times every entry once, in an order shuffled per round (seeded: the same in every run),
+    so that a drift of the machine during the run (clocks, temperature, other load) falls on all of them alike
+    instead of on whichever was timed last, and none always follows the same one. Rounds stop after ``reps``, or
+    once ``max_seconds`` have passed and each entry has at least 5 times. Returns {key: (median, p20, p80, count)}
+    as time_ms.
     """
     entries = [(key, fn, context or contextlib.nullcontext) for key, fn, context in entries]
     for _, fn, context in entries:
@@ -126,9 +128,10 @@ def time_interleaved(entries, device, reps=50, warmup=5, max_seconds=10.0):
             _sync(device)
     times = {key: [] for key, _, _ in entries}
     start_all = time.perf_counter()
+    order = random.Random(0)
     for r in range(reps):
-        for i in range(len(entries)):
-            key, fn, context = entries[(r + i) % len(entries)]
+        for i in order.sample(range(len(entries)), len(entries)):
+            key, fn, context = entries[i]
             with context():
                 times[key].append(_time_once(fn, device))
         if time.perf_counter() - start_all > max_seconds and r + 1 >= 5:
@@ -202,11 +205,15 @@ class Recorder:
                 with open(path, newline="") as fh:
                     old_rows = list(csv.DictReader(fh))
                 fields = FIELDS + [f for f in fields if f not in FIELDS]
-                with open(path + ".tmp", "w", newline="") as fh:
-                    w = csv.DictWriter(fh, fieldnames=fields, restval="")
-                    w.writeheader()
-                    w.writerows(old_rows)
-                os.replace(path + ".tmp", path)
+                try:
+                    with open(path + ".tmp", "w", newline="") as fh:
+                        w = csv.DictWriter(fh, fieldnames=fields, restval="", extrasaction="ignore")
+                        w.writeheader()  # (a row longer than its header loses its unnamed cells)
+                        w.writerows(old_rows)
+                    os.replace(path + ".tmp", path)
+                finally:
+                    if os.path.exists(path + ".tmp"):
+                        os.remove(path + ".tmp")
         with open(path, "a", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=fields or FIELDS, restval="")
             if fields is None:

@@ -101,8 +101,11 @@ def _candidates(out_dir):
     numbered = numbered_checkpoints(out_dir)
     pointer, named = os.path.join(out_dir, LATEST), None
     if os.path.isfile(pointer):
-        with open(pointer) as f:
-            match = _NAME.search(f.read().strip())
+        try:
+            with open(pointer) as f:
+                match = _NAME.search(f.read(4096).strip())
+        except (OSError, UnicodeDecodeError):  # not the pointer this module writes
+            match = None
         named = int(match.group(1)) if match else None
     if named is None or named not in {s for s, _ in numbered}:
         if named is not None:

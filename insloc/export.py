@@ -181,11 +181,24 @@ def _zip_magic(path):
         return f.read(4) == b"PK\x03\x04"
 
 
+def _is_pointer(path):
+    """Whether ``path`` is a run's ``latest`` file (a line of text naming a checkpoint), not a checkpoint."""
+    if path.name != LATEST or not path.is_file() or path.stat().st_size > 4096:
+        return False
+    try:
+        return re.fullmatch(r"checkpoint_\d+\.pt", path.read_text().strip()) is not None
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+_RUN_FILE = re.compile(rf"^({LATEST}|checkpoint_\d+(\.superseded-\d+)?\.pt)$")
+
+
 def resolve_checkpoint(path):
     """The checkpoint file ``path`` stands for: itself, or for a run folder or its ``latest`` pointer file, the
     checkpoint ``latest`` names (else the newest by step), as ``--resume auto`` would take it."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent if path.name == LATEST and path.is_file() else None
+    folder = path if path.is_dir() else path.parent if _is_pointer(path) else None
     if folder is None:
         if not path.is_file():
             raise CheckpointError(f"{path}: no such checkpoint file")
@@ -418,6 +431,9 @@ def export(ckpt_path, fmt: Format, out_path, include_momentum=False, layout: Lay
         if path.exists() and os.path.samefile(path, ckpt_path):
             raise ExportError(f"--out (out_path) {path}: is the checkpoint being exported; writing it would "
                               f"replace the checkpoint")
+        if path.exists() and _RUN_FILE.match(path.name):
+            raise ExportError(f"--out (out_path) {path}: is a file of a pretraining run (a checkpoint or its "
+                              f"'latest'); give another name")
     ckpt = load_pretrain_checkpoint(ckpt_path, unsafe_load, check_momentum=include_momentum)
     _check_format(ckpt, fmt, layout)
     if ckpt.config.method != "moco":
@@ -429,11 +445,20 @@ def export(ckpt_path, fmt: Format, out_path, include_momentum=False, layout: Lay
                                   f"encoder_k.* weights")
         encoders.append(ckpt.encoder_k)
     converted = [_converted(ckpt, encoder, fmt, layout) for encoder in encoders]  # both before writing either
-    for path, obj in zip(outputs, converted):
-        if fmt == "detectron2":
-            _atomic_save(path, lambda f, obj=obj: _save_detectron2(obj, f))
-        else:
-            _atomic_save(path, lambda f, obj=obj: torch.save(obj, f))
+    new = [not path.exists() for path in outputs]
+    written = []
+    try:
+        for path, obj in zip(outputs, converted):
+            if fmt == "detectron2":
+                _atomic_save(path, lambda f, obj=obj: _save_detectron2(obj, f))
+            else:
+                _atomic_save(path, lambda f, obj=obj: torch.save(obj, f))
+            written.append(path)
+    except ExportError:
+        for path, was_new in zip(written, new):  # a first file this call created goes with the failed second
+            if was_new:
+                path.unlink(missing_ok=True)
+        raise
     return outputs
 
 

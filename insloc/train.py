@@ -60,28 +60,38 @@ def cosine_lr(step, steps_per_epoch, epochs, base_lr):
 
 
 def resume_position(ckpt, global_batch, epoch_samples, steps_per_epoch, path):
-    """(epoch, step_in_epoch, step, note) a resumed run starts from. A checkpoint written with another global
-    batch (batch_size x processes) or epoch length is renumbered in this run's steps: at an epoch boundary
+    """(epoch, step_in_epoch, step, note, renumber) a resumed run starts from. A checkpoint written with another
+    global batch (batch_size x processes) or epoch length is renumbered in this run's steps: at an epoch boundary
     always; mid-epoch when the epoch's samples are the same and the ones done are whole batches of this run
     (global batch j is samples [j x batch, (j + 1) x batch) of the epoch's order whatever the process count),
-    else refused: continuing it would skip or repeat samples and mis-schedule the learning rate."""
+    else refused: continuing it would skip or repeat samples and mis-schedule the learning rate.
+    ``renumber(step, epoch)``: a step of the checkpoint's numbering (its metrics rows) in this run's, or None
+    when the numbering is unchanged."""
     epoch, in_epoch, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
     cfg = ckpt.get("config") or {}
     old_batch = ckpt.get("global_batch") or cfg.get("batch_size", 0) * ckpt.get("world_size", 1) or global_batch
-    old_samples = ckpt.get("epoch_samples", epoch_samples)  # older checkpoints: assumed unchanged
-    if (old_batch, old_samples) == (global_batch, epoch_samples):
-        return epoch, in_epoch, step, ""
+    old_samples = ckpt.get("epoch_samples", epoch_samples)  # older checkpoints: assumed unchanged mid-epoch
+    # Older checkpoints do not record their steps per epoch: inferred from a finished epoch, if any.
+    old_per_epoch = ckpt.get("steps_per_epoch") or ((step - in_epoch) // epoch if epoch else steps_per_epoch)
     done = in_epoch * old_batch
-    if in_epoch and (old_samples != epoch_samples or done % global_batch):
-        raise UsageError(f"--resume (resume): {path} stopped mid-epoch, after {done} of {old_samples} samples at "
-                         f"a global batch of {old_batch}; this run's global batch (batch_size x processes) "
-                         f"{global_batch} and {epoch_samples} samples per epoch cannot continue that epoch where "
-                         f"it stopped: resume with a global batch of {old_batch}, or from a checkpoint written "
-                         f"at the end of an epoch")
-    in_epoch = done // global_batch
+    if in_epoch and (old_batch, old_samples) != (global_batch, epoch_samples):
+        if old_samples != epoch_samples or done % global_batch:
+            raise UsageError(f"--resume (resume): {path} stopped mid-epoch, after {done} of {old_samples} samples "
+                             f"at a global batch of {old_batch}; this run's global batch (batch_size x processes) "
+                             f"{global_batch} and {epoch_samples} samples per epoch cannot continue that epoch "
+                             f"where it stopped: resume with a global batch of {old_batch}, or from a checkpoint "
+                             f"written at the end of an epoch")
+        in_epoch = done // global_batch
     new_step = epoch * steps_per_epoch + in_epoch
+    if new_step == step:
+        return epoch, in_epoch, step, "", None
+
+    def renumber(old_step, old_epoch):
+        return old_epoch * steps_per_epoch + (old_step - old_epoch * old_per_epoch) * old_batch // global_batch
+
     return epoch, in_epoch, new_step, (f"global batch {old_batch} -> {global_batch}, {old_samples} -> "
-                                       f"{epoch_samples} samples per epoch: step {step} is step {new_step} here")
+                                       f"{epoch_samples} samples per epoch: step {step} is step {new_step} here, "
+                                       f"and so numbered in metrics.csv"), renumber
 
 
 def setup_distributed(cfg: Config):
@@ -112,7 +122,9 @@ class MetricsLog:
     """metrics.csv (one row per step, appended on resume after dropping rows past the checkpoint) and
     the progress line."""
 
-    def __init__(self, path, num_groups, resume_step, enabled):
+    def __init__(self, path, num_groups, resume_step, enabled, renumber=None):
+        """``resume_step``: the checkpoint's step, in its own numbering (rows past it are work the checkpoint
+        does not hold); ``renumber(step, epoch)``: the kept rows' steps in this run's numbering, if it differs."""
         self.path, self.enabled = path, enabled
         self.fields = ["step", "epoch", "lr", "loss"] + [f"loss_{g}" for g in range(num_groups)] + \
                       ["images_per_s", "data_wait"]
@@ -122,6 +134,9 @@ class MetricsLog:
         if resume_step > 0 and os.path.isfile(path):
             with open(path) as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            if renumber is not None:
+                for r in rows:
+                    r["step"] = renumber(int(r["step"]), int(r["epoch"]))
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, self.fields)
             writer.writeheader()
@@ -211,8 +226,6 @@ def train(cfg: Config, *, interrupt_after_step=None):
     if cfg.queue_size < global_batch:
         raise UsageError(f"--queue-size (queue_size) must be at least the global batch {global_batch} "
                          f"(batch_size x processes), got {cfg.queue_size}")
-    if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
-        raise UsageError(f"--resume (resume): no checkpoint file {cfg.resume}")
     found = numbered_checkpoints(out_dir) if main else None
     if world > 1:  # rank 0's folder decides (other nodes may not see it), and every process stops alike
         shared = [found]
@@ -222,27 +235,38 @@ def train(cfg: Config, *, interrupt_after_step=None):
         raise UsageError(f"--out-dir (out_dir): {out_dir} holds checkpoints of an earlier run (the newest "
                          f"{os.path.basename(found[-1][1])}), which a fresh run would overwrite: continue it "
                          f"with --resume auto, or choose another --out-dir")
-    ckpt, resume_path = None, None
-    try:
-        if cfg.resume == "auto":
-            ckpt, resume_path = load_latest_checkpoint(out_dir)
-        elif cfg.resume:
-            resume_path = cfg.resume
-            ckpt = load_checkpoint(resume_path)
-    except RuntimeError as e:  # unreadable
-        raise UsageError(f"--resume (resume): {e}") from e
-    if ckpt is not None:
-        mismatch = architecture_mismatch(cfg, ckpt.get("config") or {}, ARCHITECTURE_FIELDS + ("queue_size",))
-        if mismatch:
-            raise UsageError(f"--resume (resume): {resume_path} holds another model than this run builds "
-                             f"({'; '.join(mismatch)}): resume with the checkpoint's values")
+    ckpt, resume_path, problem = None, None, None
+    try:  # each process loads the checkpoint itself; a problem is raised once every process has said its own
+        if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
+            raise UsageError(f"--resume (resume): no checkpoint file {cfg.resume}")
+        try:
+            if cfg.resume == "auto":
+                ckpt, resume_path = load_latest_checkpoint(out_dir)
+            elif cfg.resume:
+                resume_path = cfg.resume
+                ckpt = load_checkpoint(resume_path)
+        except RuntimeError as e:  # unreadable
+            raise UsageError(f"--resume (resume): {e}") from e
+        if ckpt is not None:
+            mismatch = architecture_mismatch(cfg, ckpt.get("config") or {}, ARCHITECTURE_FIELDS + ("queue_size",))
+            if mismatch:
+                raise UsageError(f"--resume (resume): {resume_path} holds another model than this run builds "
+                                 f"({'; '.join(mismatch)}): resume with the checkpoint's values")
+    except UsageError as e:
+        problem = e
     if world > 1:  # every process must continue the same checkpoint (each loads it from its own filesystem)
         seen = [None] * world
-        dist.all_gather_object(seen, None if ckpt is None else (os.path.basename(resume_path), ckpt.get("step")))
-        if any(s != seen[0] for s in seen):
-            raise UsageError(f"--resume (resume): the processes found different checkpoints to continue ({seen}, "
-                             f"by rank): resuming a run of several machines needs --out-dir on a filesystem all "
-                             f"of them share")
+        mine = None if ckpt is None else (os.path.basename(resume_path), ckpt.get("step"))
+        dist.all_gather_object(seen, (str(problem) if problem else None, mine))
+        failed = [(r, text) for r, (text, _) in enumerate(seen) if text]
+        if failed:
+            raise problem or UsageError(f"{failed[0][1]} (on rank {failed[0][0]})")
+        if any(found_here != seen[0][1] for _, found_here in seen):
+            raise UsageError(f"--resume (resume): the processes found different checkpoints to continue "
+                             f"({[found_here for _, found_here in seen]}, by rank): resuming a run of several "
+                             f"machines needs --out-dir on a filesystem all of them share")
+    elif problem is not None:
+        raise problem
     dataset = build_dataset(cfg)
     try:
         sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
@@ -280,11 +304,11 @@ def train(cfg: Config, *, interrupt_after_step=None):
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
 
-    epoch, step_in_epoch, step = 0, 0, 0
+    epoch, step_in_epoch, step, renumber = 0, 0, 0, None
     if ckpt is not None:
         moco.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, step_in_epoch, step, note = position
+        epoch, step_in_epoch, step, note, renumber = position
         set_rng_state(ckpt["rng"], device)
         generators = ckpt["rng"]["box_generator"]
         if ckpt.get("world_size") == world:
@@ -295,7 +319,8 @@ def train(cfg: Config, *, interrupt_after_step=None):
             first.set_state(generators[0])
             box_generator.manual_seed(int(torch.randint(0, 2**62, (), generator=first)) + rank)
         say(f"resumed from {resume_path} at epoch {epoch}, step {step}" + (f" ({note})" if note else ""))
-    later = [p for s, p in numbered_checkpoints(out_dir) if s > step]
+    later = [p for s, p in numbered_checkpoints(out_dir) if s > step and
+             not (resume_path and os.path.abspath(p) == os.path.abspath(resume_path))]
     if main and later:
         warnings.warn(f"{out_dir} holds checkpoints past step {step} ({os.path.basename(later[-1])} the last), "
                       f"of the run before this one resumed or unreadable: none is deleted (one that this run "
@@ -312,7 +337,8 @@ def train(cfg: Config, *, interrupt_after_step=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and cuda) else contextlib.nullcontext()
 
     names = group_names(cfg, moco.num_groups)
-    log = MetricsLog(os.path.join(out_dir, "metrics.csv"), moco.num_groups, step, main)
+    log = MetricsLog(os.path.join(out_dir, "metrics.csv"), moco.num_groups, step if ckpt is None else ckpt["step"],
+                     main, None if ckpt is None else renumber)
     shuffle_state = "on" if (cfg.shuffle_bn and world > 1) else "off (one process)" if cfg.shuffle_bn else "off"
     model_name = f"arch={cfg.arch} " if cfg.method == "insloc" else ""
     say(f"insloc pretrain: method={cfg.method} {model_name}ResNet-{cfg.depth} on {device} x {world}, "
@@ -328,11 +354,12 @@ def train(cfg: Config, *, interrupt_after_step=None):
         else:
             states = [box_generator.get_state()]
         if main:
-            state = {"model": moco.state_dict(), "optimizer": optimizer.state_dict(), "scaler": None,
-                     "epoch": epoch_done, "step_in_epoch": in_epoch, "step": step,
-                     "rng": {**rng_state(device), "box_generator": states}, "config": cfg.to_dict(),
-                     "world_size": world, "global_batch": global_batch, "epoch_samples": len(dataset)}
             try:
+                state = {"model": moco.state_dict(), "optimizer": optimizer.state_dict(), "scaler": None,
+                         "epoch": epoch_done, "step_in_epoch": in_epoch, "step": step,
+                         "rng": {**rng_state(device), "box_generator": states}, "config": cfg.to_dict(),
+                         "world_size": world, "global_batch": global_batch, "epoch_samples": len(dataset),
+                         "steps_per_epoch": steps_per_epoch}
                 path = save_checkpoint(state, out_dir, cfg.keep_checkpoints)
             except Exception as e:
                 if world == 1:

@@ -3,11 +3,14 @@
 A GPU result holds for the code that ran. After a change to csrc/, this compiles each csrc/cuda/*.cu of the
 commit REV and of the work tree to a cubin for one architecture (nvcc -cubin, the build's -O3 and
 --expt-relaxed-constexpr, the same torch headers for both), disassembles them (cuobjdump -sass) and compares
-each kernel's instructions. A kernel present in both with the same instructions is the code that ran at REV.
-Names are matched after dropping the anonymous namespace's per-file hash; a kernel that gained a template
-parameter `bool = false` (mangled `Lb0E`) is matched to the kernel without it.
+each kernel's instructions. A kernel present in both with the same instructions has device code unchanged
+since REV: the same compiler makes the same machine code of it from either commit. (This is not the cubin a
+GPU ran, which was built there with that machine's torch headers and flags; the comparison shows that the
+source the kernel is compiled from has not changed in effect.)
+Names are matched after dropping the anonymous namespace's per-file hash (and its length); a kernel that
+gained a template parameter `bool = false` (mangled `Lb0E`) is matched to the kernel without it.
 
-    python tests/sass_compare.py REV [--arch 90] [--file roi_align --file infonce ...]
+    python tests/sass_compare.py REV [--arch 90a] [--file roi_align --file infonce ...]
 
 Prints one line per kernel (same / DIFF / only-new / only-old) and a summary per file; exit status 1 when a
 kernel present in both differs. nvcc comes from the toolkit setup.py would use; cuobjdump from it or from
@@ -54,11 +57,11 @@ def _include_flags():
 
 def compile_sass(nvcc, cuobjdump, tree, name, arch, workdir):
     cubin = os.path.join(workdir, name + ".cubin")
-    cmd = [nvcc, "-cubin", "-O3", "--expt-relaxed-constexpr", "-std=c++20", f"-arch=sm_{arch}",
+    cmd = [nvcc, "-cubin", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++20", f"-arch=sm_{arch}",
            "-I" + os.path.join(tree, "csrc"), *_include_flags(), "-DINSLOC_WITH_CUDA",
            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           "-D__CUDA_NO_HALF2_OPERATORS__", "-DTORCH_EXTENSION_NAME=_C", '-DINSLOC_NVCC_VERSION="x"',
-           '-DINSLOC_CUDA_ARCHS="x"', "-o", cubin, os.path.join(tree, "csrc", "cuda", name + ".cu")]
+           "-D__CUDA_NO_HALF2_OPERATORS__", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           '-DINSLOC_NVCC_VERSION="x"', '-DINSLOC_CUDA_ARCHS="x"', "-o", cubin, os.path.join(tree, "csrc", "cuda", name + ".cu")]
     subprocess.run(cmd, check=True)
     return subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True).stdout
 
@@ -69,7 +72,7 @@ def kernels(sass):
     for line in sass.splitlines():
         m = re.search(r"Function : (\S+)", line)
         if m:
-            body = out.setdefault(re.sub(r"_GLOBAL__N__\w+?_cu_\w+?_\d+", "ANON", m.group(1)), [])
+            body = out.setdefault(re.sub(r"\d*_GLOBAL__N__\w+?_cu_\w+?_\d+", "ANON", m.group(1)), [])
             continue
         m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
         if body is not None and m:
@@ -94,7 +97,8 @@ def compare(old, new):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rev", help="the commit whose kernels ran (e.g. the one a GPU result names)")
-    parser.add_argument("--arch", default="90", help="compute capability without the dot (default 90)")
+    parser.add_argument("--arch", default="90a", help="compute capability without the dot (default 90a, what "
+                                                       "an H100/H200 build targets)")
     parser.add_argument("--file", action="append", help="csrc/cuda/<FILE>.cu to compare (default: every one)")
     args = parser.parse_args()
     cuda_home = _toolkit.find_cuda_home(explicit=os.environ.get("CUDA_HOME"))

@@ -472,7 +472,8 @@ def test_time_interleaved_alternates_and_enters_each_context_around_each_call():
                                warmup=1, max_seconds=60)
     assert calls[:3] == ["a", "b", "c"]  # the warm-up, one call each
     rounds = [calls[3 + 3 * r: 6 + 3 * r] for r in range(6)]
-    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]] * 2  # each round starts one further
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every entry once a round
+    assert len({tuple(r) for r in rounds}) > 1 and len({r[0] for r in rounds}) > 1  # in orders that change
     assert set(timings) == {"a", "b", "c"} and all(t[3] == 6 and t[0] >= 0 for t in timings.values())
 
 
@@ -480,7 +481,8 @@ def test_recorder_rewrites_an_older_csv_with_the_current_columns(tmp_path):
     from bench.common import FIELDS, Recorder
 
     path = tmp_path / "old.csv"
-    path.write_text("op,shape,impl,pass,median_ms,device,legacy\nx,s,base,forward,1.0,CPU,kept\n")
+    path.write_text("op,shape,impl,pass,median_ms,device,legacy\nx,s,base,forward,1.0,CPU,kept\n"
+                    "z,s,base,forward,2.0,CPU,kept,a cell past the header\n")
     rec = Recorder("y", str(path))
     rec.add("s", "fused", "forward", (0.5, 0.4, 0.6, 5), settings="FLAG=1")
     with open(path) as fh:
@@ -488,8 +490,10 @@ def test_recorder_rewrites_an_older_csv_with_the_current_columns(tmp_path):
         rows = list(reader)
     assert reader.fieldnames == FIELDS + ["legacy"]
     assert (rows[0]["op"], rows[0]["median_ms"], rows[0]["legacy"], rows[0]["revision"]) == ("x", "1.0", "kept", "")
-    assert (rows[1]["op"], rows[1]["settings"], rows[1]["legacy"]) == ("y", "FLAG=1", "")
-    assert rows[1]["time"].endswith("Z") and rows[1]["torchvision"] and rows[1]["device"]
+    assert (rows[1]["op"], rows[1]["median_ms"]) == ("z", "2.0")
+    assert (rows[2]["op"], rows[2]["settings"], rows[2]["legacy"]) == ("y", "FLAG=1", "")
+    assert rows[2]["time"].endswith("Z") and rows[2]["torchvision"] and rows[2]["device"]
     rec.add("s", "fused", "backward", (0.5, 0.4, 0.6, 5))  # appends under the same header
     with open(path) as fh:
-        assert [r["pass"] for r in csv.DictReader(fh)] == ["forward", "forward", "backward"]
+        assert [r["pass"] for r in csv.DictReader(fh)] == ["forward", "forward", "forward", "backward"]
+    assert not os.path.exists(str(path) + ".tmp")

@@ -612,3 +612,41 @@ def test_every_format_writes_half_precision_weights_as_float32(fmt, tmp_path):
 def test_an_unknown_format_is_an_export_error_naming_the_flag(checkpoints, tmp_path):
     with pytest.raises(ExportError, match="--format .*'onnx': unknown"):
         export(checkpoints["r18_fpn"][0], "onnx", tmp_path / "x.onnx")
+
+
+def test_a_checkpoint_file_named_latest_is_exported_as_itself(tmp_path):
+    ckpt, encoder = make_checkpoint(R18_FPN_DEMO, seed=4)
+    (tmp_path / "a").mkdir()
+    torch.save(ckpt, tmp_path / "a" / "latest")
+    export(tmp_path / "a" / "latest", "torchvision", tmp_path / "tv.pth")
+    assert torch.equal(torch.load(tmp_path / "tv.pth")["conv1.weight"], encoder.backbone.conv1.weight)
+
+
+def test_out_naming_a_file_of_a_run_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt, _ = make_checkpoint(R18_FPN_DEMO)
+    torch.save(ckpt, run / "checkpoint_4.pt")
+    torch.save(ckpt, run / "checkpoint_2.pt")
+    (run / "latest").write_text("checkpoint_4.pt\n")
+    for out in (run / "latest", run / "checkpoint_2.pt"):
+        before = out.read_bytes()
+        with pytest.raises(ExportError, match="is a file of a pretraining run"):
+            export(run / "checkpoint_4.pt", "raw", out)
+        assert out.read_bytes() == before
+
+
+def test_a_failed_momentum_write_removes_the_query_file_it_created(checkpoints, tmp_path, monkeypatch):
+    import insloc.export as ex
+
+    real = ex.atomic_write
+
+    def fail_second(path, write):
+        if "momentum" in os.path.basename(path):
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(ex, "atomic_write", fail_second)
+    with pytest.raises(ExportError, match=r"x-momentum\.pth: cannot write it \(No space left on device\)"):
+        export(checkpoints["r18_fpn"][0], "torchvision", tmp_path / "x.pth", include_momentum=True)
+    assert list(tmp_path.iterdir()) == []

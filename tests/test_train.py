@@ -393,10 +393,13 @@ def test_values_checked_at_the_start_of_a_run_exit_as_bad_flags_before_anything_
 def test_resume_position_renumbers_or_refuses_a_checkpoint_of_another_global_batch():
     from insloc.train import resume_position
 
-    ckpt = {"epoch": 1, "step_in_epoch": 2, "step": 6, "global_batch": 4, "epoch_samples": 16, "world_size": 1}
-    assert resume_position(ckpt, 4, 16, 4, "c.pt") == (1, 2, 6, "")  # same run shape: as written
-    epoch, in_epoch, step, note = resume_position(ckpt, 8, 16, 2, "c.pt")  # 8 samples done = 1 batch of 8
+    ckpt = {"epoch": 1, "step_in_epoch": 2, "step": 6, "global_batch": 4, "epoch_samples": 16, "world_size": 1,
+            "steps_per_epoch": 4}
+    assert resume_position(ckpt, 4, 16, 4, "c.pt") == (1, 2, 6, "", None)  # same run shape: as written
+    epoch, in_epoch, step, note, renumber = resume_position(ckpt, 8, 16, 2, "c.pt")  # 8 done = 1 batch of 8
     assert (epoch, in_epoch, step) == (1, 1, 3) and "step 6 is step 3 here" in note
+    # the checkpoint's metrics rows (step, epoch) in the new numbering: epoch 1 was steps 1-4, now 1-2
+    assert [renumber(s, e) for s, e in ((1, 0), (2, 0), (4, 0), (5, 1), (6, 1))] == [0, 1, 2, 2, 3]
     assert resume_position(ckpt, 2, 16, 8, "c.pt")[:3] == (1, 4, 12)  # fewer processes: 8 samples = 4 of 2
     with pytest.raises(UsageError, match=r"--resume .*after 8 of 16 samples at a global batch of 4.* 3 and 16"):
         resume_position(ckpt, 3, 16, 5, "c.pt")  # 8 samples are not whole batches of 3
@@ -404,9 +407,13 @@ def test_resume_position_renumbers_or_refuses_a_checkpoint_of_another_global_bat
         resume_position(ckpt, 4, 20, 5, "c.pt")  # another epoch length: another order of samples
     boundary = {**ckpt, "step_in_epoch": 0, "step": 4}
     assert resume_position(boundary, 3, 20, 6, "c.pt")[:3] == (1, 0, 6)  # an epoch boundary: always
-    older = {k: v for k, v in ckpt.items() if k not in ("global_batch", "epoch_samples")}
+    older = {k: v for k, v in ckpt.items() if k not in ("global_batch", "epoch_samples", "steps_per_epoch")}
     older["config"], older["world_size"] = {"batch_size": 2}, 2  # a checkpoint of before these fields
-    assert resume_position(older, 4, 16, 4, "c.pt") == (1, 2, 6, "")
+    assert resume_position(older, 4, 16, 4, "c.pt") == (1, 2, 6, "", None)
+    # ... at an epoch boundary with another epoch length: renumbered (its steps per epoch from its step count)
+    older_boundary = {**older, "step_in_epoch": 0, "step": 4}
+    epoch, in_epoch, step, _, renumber = resume_position(older_boundary, 4, 32, 8, "c.pt")
+    assert (epoch, in_epoch, step) == (1, 0, 8) and renumber(4, 0) == 4
 
 
 def lrs(out_dir):
@@ -421,11 +428,20 @@ def test_a_run_resumed_with_another_batch_size_continues_the_epoch_and_its_sched
     assert summary["step"] == 8  # 4 steps of 2 an epoch: epoch 1's last 2, then epoch 2's 4
     lr = lrs(tmp_path)
     base = Config().lr * 2 / Config().lr_batch
-    assert sorted(lr) == [1, 3, 4, 5, 6, 7, 8]  # step 1 was the first run's (batch 4)
+    assert sorted(lr) == [2, 3, 4, 5, 6, 7, 8]  # the first run's step 1 (4 samples) is step 2 of batch 2
     assert [lr[s] for s in (3, 4)] == pytest.approx([base] * 2, rel=1e-5) and \
         [lr[s] for s in (5, 6, 7, 8)] == pytest.approx([base / 2] * 4, rel=1e-5)  # by epoch: epoch 2 of 2 at half
     ckpt = load_checkpoint(find_latest(str(tmp_path)))
     assert (ckpt["epoch"], ckpt["step"], ckpt["global_batch"], ckpt["epoch_samples"]) == (2, 8, 2, 8)
+
+
+def test_metrics_rows_of_the_checkpoint_are_kept_in_the_new_numbering_and_undone_ones_dropped(tmp_path):
+    # batch 4, 16 samples an epoch: 4 steps an epoch; checkpoint at step 2, a crash after step 3 (undone work)
+    train(tiny(tmp_path, batch_size=4, samples_per_epoch=16, checkpoint_every=2), interrupt_after_step=3)
+    train(tiny(tmp_path, batch_size=2, samples_per_epoch=16, epochs=1, resume="auto"))  # 8 steps an epoch
+    steps, _ = losses(tmp_path)
+    # the checkpoint's steps 1-2 (4 and 8 samples) are steps 2 and 4 now; old step 3 is gone; then 5-8
+    assert steps == [2, 4, 5, 6, 7, 8]
 
 
 def test_a_mid_epoch_resume_that_cannot_continue_the_epoch_is_refused_before_anything_is_written(tmp_path):
@@ -478,3 +494,28 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_process_with_its_error(tmp
     assert (tmp_path / "rank0.txt").read_text() == "OSError: [Errno 28] No space left on device"
     assert (tmp_path / "rank1.txt").read_text() == \
         "RuntimeError: rank 0 could not write the checkpoint of step 2: OSError: [Errno 28] No space left on device"
+
+
+def _two_process_resume_problem_worker(rank, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    # rank 1 cannot see the checkpoint rank 0 resumes from (as on another machine without a shared folder)
+    resume = os.path.join(root, "seed", "checkpoint_00000002.pt") if rank == 0 else os.path.join(root, "nope.pt")
+    try:
+        train(tiny(os.path.join(root, "run"), batch_size=2, samples_per_epoch=8, resume=resume))
+        outcome = "finished"
+    except UsageError as e:
+        outcome = str(e)
+    with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    dist.barrier()
+
+
+@pytest.mark.slow
+def test_a_resume_problem_of_one_process_stops_every_process_without_a_hang(tmp_path):
+    train(tiny(tmp_path / "seed", batch_size=4, samples_per_epoch=8, epochs=1))
+    run_processes(_two_process_resume_problem_worker, (free_port(), str(tmp_path)), nprocs=2, timeout_s=300)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == \
+            f"--resume (resume): no checkpoint file {tmp_path / 'nope.pt'}" + (" (on rank 1)" if rank == 0 else "")
