@@ -61,7 +61,8 @@ def compile_sass(nvcc, cuobjdump, tree, name, arch, workdir):
            "-I" + os.path.join(tree, "csrc"), *_include_flags(), "-DINSLOC_WITH_CUDA",
            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
            "-D__CUDA_NO_HALF2_OPERATORS__", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-           '-DINSLOC_NVCC_VERSION="x"', '-DINSLOC_CUDA_ARCHS="x"', "-o", cubin, os.path.join(tree, "csrc", "cuda", name + ".cu")]
+           '-DINSLOC_NVCC_VERSION="x"', '-DINSLOC_CUDA_ARCHS="x"', "-o", cubin,
+           os.path.join(tree, "csrc", "cuda", name + ".cu")]
     subprocess.run(cmd, check=True)
     return subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True).stdout
 
