@@ -6,8 +6,9 @@ Shapes:
   insloc-bf16-cl  the same as training feeds it: bf16 channels_last features under bf16 autocast, for the
              fused op and the baseline alike (torchvision's autocast wrapper computes in fp32).
   detection  2 images 800x1344, P2-P5 200x336 .. 25x42 at 256 channels, 1024 boxes in all (512 per image),
-             each pooled from its FPN level (fpn_levels), 7x7 and 14x14, aligned. Baseline: a MultiScaleRoIAlign-equivalent loop
-             (per level: select the RoIs, torchvision roi_align, scatter into the output).
+             each pooled from its FPN level (fpn_levels), 7x7 and 14x14, aligned. Baseline: a
+             MultiScaleRoIAlign-equivalent loop (per level: select the RoIs, torchvision roi_align, scatter
+             into the output).
 The implementations of a shape are timed in alternation, pass by pass (bench/common.py time_interleaved).
 
     python bench/bench_roi_align.py [--device cpu|cuda] [--quick] [--shapes insloc,detection] [--out CSV]

@@ -175,6 +175,7 @@ class Recorder:
         self.rows = []
         self.path = path
         self.written = 0
+        self._fields = {}  # path -> the columns of the file, once read or written
 
     def add(self, shape, impl, pass_, timing, peak_mb=None, baseline_ms=None, settings=""):
         """One row. ``settings``: what the implementation ran with beyond its name (backends, switches)."""
@@ -197,8 +198,8 @@ class Recorder:
         version's) is rewritten first with FIELDS, its rows kept (columns it lacks left empty, others kept at
         the end)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fields = None
-        if os.path.exists(path) and os.path.getsize(path) > 0:
+        fields = self._fields.get(path)  # known once this recorder has written to the file
+        if fields is None and os.path.exists(path) and os.path.getsize(path) > 0:
             with open(path, newline="") as fh:
                 fields = next(csv.reader(fh), [])
             if fields[:len(FIELDS)] != FIELDS:
@@ -219,6 +220,7 @@ class Recorder:
             if fields is None:
                 w.writeheader()
             w.writerows(self.rows[self.written:])
+        self._fields[path] = fields or FIELDS
         self.written = len(self.rows)
 
 

@@ -15,6 +15,23 @@ import torch
 
 LATEST = "latest"
 _NAME = re.compile(r"checkpoint_(\d+)\.pt$")
+_RUN_FILE = re.compile(rf"^({LATEST}|checkpoint_\d+(\.superseded-\d+)?\.pt)$")
+
+
+def is_run_file(name):
+    """Whether a file name is one a run writes: a checkpoint (or one kept aside as superseded) or `latest`."""
+    return _RUN_FILE.match(name) is not None
+
+
+def pointed_step(pointer):
+    """The step of the checkpoint a `latest` file names, or None if it is not such a file (unreadable, binary,
+    other text)."""
+    try:
+        with open(pointer) as f:
+            match = _NAME.search(f.read(4096).strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(match.group(1)) if match else None
 
 
 def _umask():
@@ -101,12 +118,7 @@ def _candidates(out_dir):
     numbered = numbered_checkpoints(out_dir)
     pointer, named = os.path.join(out_dir, LATEST), None
     if os.path.isfile(pointer):
-        try:
-            with open(pointer) as f:
-                match = _NAME.search(f.read(4096).strip())
-        except (OSError, UnicodeDecodeError):  # not the pointer this module writes
-            match = None
-        named = int(match.group(1)) if match else None
+        named = pointed_step(pointer)
     if named is None or named not in {s for s, _ in numbered}:
         if named is not None:
             warnings.warn(f"{pointer} names a checkpoint that is gone; taking the newest by step", stacklevel=3)

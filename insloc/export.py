@@ -35,9 +35,9 @@ Formats (one file each; ``OUT`` is the ``--out`` path):
     to ``"BN"`` or ``"SyncBN"``, as the official transfer configs do); the FPN box head's four convs ->
     ``roi_heads.box_head.conv{1..4}`` (+ ``.norm``) and its first fc -> ``roi_heads.box_head.fc1``
     (detectron2's 4conv1fc head: set ``ROI_BOX_HEAD.NUM_CONV 4``, ``NUM_FC 1``, ``NORM`` as the FPN's; its
-    default 2fc head has an ``fc1`` of the same shape and would load this one silently). The second fc and the 128-d projection have no detectron2 counterpart and
-    are dropped. Image-level MoCo checkpoints (``--method moco``) export the trunk as MoCo's own converter
-    does: ``stem.conv1.*``, ``res2.*`` ... ``res5.*`` without a prefix, which detectron2's matching
+    default 2fc head has an ``fc1`` of the same shape and would load this one silently). The second fc and
+    the 128-d projection have no detectron2 counterpart and are dropped. Image-level MoCo checkpoints
+    (``--method moco``) export the trunk as MoCo's own converter does: ``stem.conv1.*``, ``res2.*`` ... ``res5.*`` without a prefix, which detectron2's matching
     heuristics place in either layout (C4: res5 into ``roi_heads.res5``); ``layout="fpn"`` / ``"c4"``
     (``--layout``) writes the prefixed names of that layout instead.
 
@@ -45,8 +45,9 @@ Formats (one file each; ``OUT`` is the ``--out`` path):
     numpy 1.x and 2.x alike, and ``OUT`` must end in ``.pkl`` (detectron2 reads other names with torch.load).
 
 Every format writes half-precision weights as float32. The checkpoint may be given as a run folder or its
-``latest`` file (:func:`resolve_checkpoint`). The momentum (key) encoder is exported only with ``include_momentum=True``: then a second file
-``OUT`` with ``-momentum`` before the suffix holds it, in the same format. Files are written atomically
+``latest`` file (:func:`resolve_checkpoint`). The momentum (key) encoder is exported only with
+``include_momentum=True``: then a second file ``OUT`` with ``-momentum`` before the suffix holds it, in the
+same format. Files are written atomically
 (see insloc/checkpoint.py).
 """
 import argparse
@@ -65,7 +66,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .checkpoint import LATEST, atomic_write, find_latest
+from .checkpoint import LATEST, atomic_write, find_latest, is_run_file, pointed_step
 from .config import ARCHITECTURE_FIELDS, Config, with_added_fields
 
 FORMATS = ("raw", "torchvision", "torchvision-fpn", "detectron2")
@@ -183,15 +184,7 @@ def _zip_magic(path):
 
 def _is_pointer(path):
     """Whether ``path`` is a run's ``latest`` file (a line of text naming a checkpoint), not a checkpoint."""
-    if path.name != LATEST or not path.is_file() or path.stat().st_size > 4096:
-        return False
-    try:
-        return re.fullmatch(r"checkpoint_\d+\.pt", path.read_text().strip()) is not None
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-_RUN_FILE = re.compile(rf"^({LATEST}|checkpoint_\d+(\.superseded-\d+)?\.pt)$")
+    return path.name == LATEST and path.is_file() and path.stat().st_size <= 4096 and pointed_step(path) is not None
 
 
 def resolve_checkpoint(path):
@@ -431,7 +424,7 @@ def export(ckpt_path, fmt: Format, out_path, include_momentum=False, layout: Lay
         if path.exists() and os.path.samefile(path, ckpt_path):
             raise ExportError(f"--out (out_path) {path}: is the checkpoint being exported; writing it would "
                               f"replace the checkpoint")
-        if path.exists() and _RUN_FILE.match(path.name):
+        if path.exists() and is_run_file(path.name):
             raise ExportError(f"--out (out_path) {path}: is a file of a pretraining run (a checkpoint or its "
                               f"'latest'); give another name")
     ckpt = load_pretrain_checkpoint(ckpt_path, unsafe_load, check_momentum=include_momentum)

@@ -337,8 +337,8 @@ def train(cfg: Config, *, interrupt_after_step=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and cuda) else contextlib.nullcontext()
 
     names = group_names(cfg, moco.num_groups)
-    log = MetricsLog(os.path.join(out_dir, "metrics.csv"), moco.num_groups, step if ckpt is None else ckpt["step"],
-                     main, None if ckpt is None else renumber)
+    log = MetricsLog(os.path.join(out_dir, "metrics.csv"), moco.num_groups, ckpt["step"] if ckpt else 0, main,
+                     renumber)
     shuffle_state = "on" if (cfg.shuffle_bn and world > 1) else "off (one process)" if cfg.shuffle_bn else "off"
     model_name = f"arch={cfg.arch} " if cfg.method == "insloc" else ""
     say(f"insloc pretrain: method={cfg.method} {model_name}ResNet-{cfg.depth} on {device} x {world}, "
