@@ -37,9 +37,10 @@ Formats (one file each; ``OUT`` is the ``--out`` path):
     (detectron2's 4conv1fc head: set ``ROI_BOX_HEAD.NUM_CONV 4``, ``NUM_FC 1``, ``NORM`` as the FPN's; its
     default 2fc head has an ``fc1`` of the same shape and would load this one silently). The second fc and
     the 128-d projection have no detectron2 counterpart and are dropped. Image-level MoCo checkpoints
-    (``--method moco``) export the trunk as MoCo's own converter does: ``stem.conv1.*``, ``res2.*`` ... ``res5.*`` without a prefix, which detectron2's matching
-    heuristics place in either layout (C4: res5 into ``roi_heads.res5``); ``layout="fpn"`` / ``"c4"``
-    (``--layout``) writes the prefixed names of that layout instead.
+    (``--method moco``) export the trunk as MoCo's own converter does: ``stem.conv1.*``, ``res2.*`` ...
+    ``res5.*`` without a prefix, which detectron2's matching heuristics place in either layout (C4: res5 into
+    ``roi_heads.res5``); ``layout="fpn"`` / ``"c4"`` (``--layout``) writes the prefixed names of that layout
+    instead.
 
     The pickle (protocol 4) names only ``numpy.ndarray`` and ``bytearray``, so it loads writable under
     numpy 1.x and 2.x alike, and ``OUT`` must end in ``.pkl`` (detectron2 reads other names with torch.load).
