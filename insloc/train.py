@@ -6,6 +6,7 @@ NCCL on GPU, gloo on CPU). Every knob is a field of insloc.config.Config.
 """
 import contextlib
 import csv
+import inspect
 import math
 import os
 import random
@@ -25,6 +26,16 @@ from .config import ARCHITECTURE_FIELDS, Config, UsageError, architecture_mismat
 from .data import CopyPasteComposite, EpochSampler, TwoViewCrops, image_paths
 from .models import build_encoder
 from .moco import MoCo
+
+
+def _no_buffer_sync():
+    """DDP's argument for not broadcasting buffers at every forward: the queues stay equal on every process
+    (all enqueue the same gathered keys) and each process keeps its own BatchNorm statistics, as in MoCo.
+    Torch versions that have `forward_sync_buffers` deprecate `broadcast_buffers` (with a warning per
+    process); there buffers are synced once at start, which only copies what every process already holds."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def build_model(cfg: Config):
@@ -329,8 +340,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
 
     model = moco
     if world > 1:
-        model = DistributedDataParallel(moco, device_ids=[device.index] if cuda else None,
-                                        broadcast_buffers=False)  # queues stay equal: all enqueue the same keys
+        model = DistributedDataParallel(moco, device_ids=[device.index] if cuda else None, **_no_buffer_sync())
     if cfg.compile:
         moco.encoder_q.compile()
         moco.encoder_k.compile()  # in place: state-dict keys are unchanged

@@ -519,3 +519,24 @@ def test_a_resume_problem_of_one_process_stops_every_process_without_a_hang(tmp_
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == \
             f"--resume (resume): no checkpoint file {tmp_path / 'nope.pt'}" + (" (on rank 1)" if rank == 0 else "")
+
+
+def test_ddp_wrapping_keeps_buffers_per_process_without_a_deprecation_warning(monkeypatch):
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        module = torch.nn.BatchNorm1d(3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ddp = DistributedDataParallel(module, **insloc.train._no_buffer_sync())
+        assert not [w for w in caught if "buffers" in str(w.message)], [str(w.message) for w in caught]
+        assert ddp.require_forward_param_sync
+        # no buffer broadcast at each forward (each process keeps its own BatchNorm statistics)
+        sync = getattr(ddp, "forward_sync_buffers", None)
+        assert sync is False or (sync is None and ddp.broadcast_buffers is False)
+    finally:
+        dist.destroy_process_group()
