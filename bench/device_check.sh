@@ -20,6 +20,7 @@ set -uo pipefail
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # relative to where the script was started, not to the repository it moves to
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 step() { echo "== $* ($(( $(date +%s) - start )) s)"; }

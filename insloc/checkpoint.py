@@ -133,6 +133,27 @@ def find_latest(out_dir):
     return found[0] if found else None
 
 
+def is_pointer(path):
+    """Whether ``path`` is a run's ``latest`` file (a line of text naming a checkpoint), not a checkpoint."""
+    return os.path.basename(path) == LATEST and os.path.isfile(path) and os.path.getsize(path) <= 4096 and \
+        pointed_step(path) is not None
+
+
+def resolve_checkpoint(path):
+    """The checkpoint file ``path`` stands for: itself, or for a run folder or its ``latest`` pointer file, the
+    checkpoint ``latest`` names (else the newest by step), as ``--resume auto`` takes it. FileNotFoundError
+    where there is none."""
+    folder = path if os.path.isdir(path) else (os.path.dirname(path) or ".") if is_pointer(path) else None
+    if folder is None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint file")
+        return path
+    found = find_latest(folder)
+    if found is None:
+        raise FileNotFoundError(f"{path}: a folder without checkpoints (checkpoint_<step>.pt)")
+    return found
+
+
 def load_checkpoint(path):
     """The checkpoint dict at `path`; a file that cannot be read gives a RuntimeError naming it."""
     try:

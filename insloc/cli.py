@@ -79,13 +79,13 @@ def config_from_args(args):
     return dataclasses.replace(cfg, **overrides)
 
 
-def default_out_dir(cfg, preset):
-    """Where a run without --out-dir writes: runs/<preset> (what --resume continues), or for a fresh run, if that
-    holds checkpoints, the first of runs/<preset>-2, -3, ... that holds none (a fresh run never writes into a
-    folder of checkpoints; see train)."""
+def default_out_dir(cfg):
+    """Where a run without --out-dir writes: runs/<name> (what --resume continues; the name is the preset's
+    unless --name or the YAML file sets it), or for a fresh run, if that holds checkpoints, the first of
+    runs/<name>-2, -3, ... that holds none (a fresh run never writes into a folder of checkpoints; see train)."""
     from .checkpoint import numbered_checkpoints
 
-    base = os.path.join("runs", preset)
+    base = os.path.join("runs", cfg.name)
     path, n = base, 1
     while not cfg.resume and numbered_checkpoints(path):
         n += 1
@@ -128,7 +128,7 @@ def main(argv=None):
     from .train import train
 
     if not cfg.out_dir:
-        cfg.out_dir = default_out_dir(cfg, args.preset)
+        cfg.out_dir = default_out_dir(cfg)
     try:
         train(cfg)
     except UsageError as e:  # found at the start of the run (device, data, output folder), before any training

@@ -6,6 +6,7 @@ command-line flags. The recipe's numbers (recipe.md) are the defaults; presets c
 """
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -75,8 +76,11 @@ class Config:
     threads: int = _f(0, "CPU threads of the training process (0: torch's default); 1 avoids oversubscription "
                          "when DataLoader workers share a few cores")
     seed: int = _f(0, "seed of the model init, the data and the box augmentation")
-    out_dir: str = _f("", "output folder (default runs/<preset>)")
-    resume: str = _f("", "'auto' (newest checkpoint in out_dir, if any), a checkpoint path, or '' (fresh)")
+    name: str = _f("insloc-r50-fpn", "the run's name (a preset's name by default): without --out-dir the run "
+                                     "writes to runs/<name>")
+    out_dir: str = _f("", "output folder (default runs/<name>)")
+    resume: str = _f("", "'auto' (the checkpoint out_dir's latest file names, if any), a checkpoint "
+                        "file, a run folder or its latest file (the checkpoint latest names), or '' (fresh)")
     log_every: int = _f(10, "steps between progress lines")
     checkpoint_every: int = _f(0, "steps between checkpoints, besides the end of every epoch (0: epochs only)")
     keep_checkpoints: int = _f(2, "checkpoints kept in out_dir (the newest ones)")
@@ -128,6 +132,8 @@ class Config:
             values = getattr(self, name)
             _require(name, values, len(values) >= 1 and all(v > 0 for v in values), "one or more positive numbers")
         _require("data", self.data, self.data != "", "'builtin', a folder or a list file")
+        _require("name", self.name, self.name not in ("", ".", "..") and "/" not in self.name and
+                 os.sep not in self.name, "a folder name (not a path)")
         _require("device", self.device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                  "auto, cpu, cuda or cuda:N")
         return self
@@ -211,18 +217,19 @@ def _convert(name, hint, value, strict=False):
 
 def insloc_r50_fpn():
     """The released recipe: R50-FPN, 256x256 composites, 4 x 65,536 queues, 200 epochs, 32 per GPU."""
-    return Config(method="insloc", arch="fpn", depth=50)
+    return Config(method="insloc", arch="fpn", depth=50, name="insloc-r50-fpn")
 
 
 def insloc_r50_c4():
     """R50-C4: RoIAlign 14x14 on res4, res5 head, one queue; otherwise the recipe."""
-    return Config(method="insloc", arch="c4", depth=50)
+    return Config(method="insloc", arch="c4", depth=50, name="insloc-r50-c4")
 
 
 def moco_r50():
     """The MoCo v2 baseline on the same trainer: 224x224 RandomResizedCrop views (area 0.2-1, aspect ratio
     3/4-4/3, torchvision's default) and SGD without Nesterov, as facebookresearch/moco's main_moco.py."""
-    return Config(method="moco", depth=50, image_size=224, crop_ratio=[3 / 4, 4 / 3], nesterov=False)
+    return Config(method="moco", depth=50, image_size=224, crop_ratio=[3 / 4, 4 / 3], nesterov=False,
+                  name="moco-r50")
 
 
 def demo():
@@ -240,8 +247,8 @@ def demo():
     loss over the 6 epochs, this preset: 16.62 -> 15.40, falling throughout; with the FPN's BatchNorm it
     bottoms out at 15.62 (epoch 4) and ends at 15.95; with the official head initialisation, 15.46
     (epoch 2) and 16.28; with both, 15.84 (epoch 3) and 16.38."""
-    return Config(method="insloc", arch="fpn", depth=18, fpn_channels=64, head_fc_dim=256, head_norm="none",
-                  fpn_norm="none", head_init="torch",
+    return Config(name="demo", method="insloc", arch="fpn", depth=18, fpn_channels=64, head_fc_dim=256,
+                  head_norm="none", fpn_norm="none", head_init="torch",
                   image_size=128, paste_size=[64, 127], anchor_sizes=[16.0, 32.0, 64.0, 128.0],
                   queue_size=64, momentum=0.99, lr_batch=64, batch_size=16, epochs=6,
                   samples_per_epoch=320, decode_cache=32, num_workers=2, threads=1, log_every=5)

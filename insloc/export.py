@@ -67,7 +67,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .checkpoint import LATEST, atomic_write, find_latest, is_run_file, pointed_step
+from . import checkpoint
+from .checkpoint import atomic_write, is_run_file
 from .config import ARCHITECTURE_FIELDS, Config, with_added_fields
 
 FORMATS = ("raw", "torchvision", "torchvision-fpn", "detectron2")
@@ -183,24 +184,12 @@ def _zip_magic(path):
         return f.read(4) == b"PK\x03\x04"
 
 
-def _is_pointer(path):
-    """Whether ``path`` is a run's ``latest`` file (a line of text naming a checkpoint), not a checkpoint."""
-    return path.name == LATEST and path.is_file() and path.stat().st_size <= 4096 and pointed_step(path) is not None
-
-
 def resolve_checkpoint(path):
-    """The checkpoint file ``path`` stands for: itself, or for a run folder or its ``latest`` pointer file, the
-    checkpoint ``latest`` names (else the newest by step), as ``--resume auto`` would take it."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent if _is_pointer(path) else None
-    if folder is None:
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such checkpoint file")
-        return path
-    found = find_latest(str(folder))
-    if found is None:
-        raise CheckpointError(f"{path}: a folder without checkpoints (checkpoint_<step>.pt)")
-    return Path(found)
+    """The checkpoint file ``path`` stands for (see :func:`insloc.checkpoint.resolve_checkpoint`)."""
+    try:
+        return Path(checkpoint.resolve_checkpoint(path))
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def load_pretrain_checkpoint(path, unsafe_load=False, check_momentum=True) -> PretrainCheckpoint:

@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from insloc_ops import grid_anchors, selected_backends
 
 from .checkpoint import (load_checkpoint, load_latest_checkpoint, numbered_checkpoints, remove_stale_temporaries,
-                         rng_state, save_checkpoint, set_rng_state)
+                         resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .config import ARCHITECTURE_FIELDS, Config, UsageError, architecture_mismatch
-from .data import CopyPasteComposite, EpochSampler, TwoViewCrops, image_paths
+from .data import CopyPasteComposite, EpochSampler, ImageFiles, TwoViewCrops, image_paths
 from .models import build_encoder
 from .moco import MoCo
 
@@ -58,6 +58,11 @@ def build_dataset(cfg: Config):
         paths = image_paths(cfg.data)
     except (OSError, RuntimeError) as e:
         raise UsageError(f"--data (data): {e}") from e
+    probe, tries = ImageFiles(paths), min(16, len(paths))
+    with warnings.catch_warnings(record=True) as caught:  # the reasons go into the error, if all fail
+        warnings.simplefilter("always")
+        if all(probe.load(i) is None for i in range(tries)):
+            raise UsageError(f"--data (data): none of its first {tries} images can be read ({caught[0].message})")
     return kind(paths, cfg.image_size, cfg.crop_scale, cfg.crop_ratio, cfg.paste_size, cfg.samples_per_epoch,
                 cfg.seed, cfg.decode_cache)
 
@@ -237,27 +242,38 @@ def train(cfg: Config, *, interrupt_after_step=None):
     if cfg.queue_size < global_batch:
         raise UsageError(f"--queue-size (queue_size) must be at least the global batch {global_batch} "
                          f"(batch_size x processes), got {cfg.queue_size}")
-    found = numbered_checkpoints(out_dir) if main else None
+    try:  # INSLOC_OPS_BACKEND: a backend that does not exist, or is not available on this device
+        ops = ops_line(device, cfg.anchor_nms_iou if cfg.method == "insloc" else None, cfg.method)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(str(e)) from e  # the message names INSLOC_OPS_BACKEND
+    not_folder = main and os.path.exists(out_dir) and not os.path.isdir(out_dir)
+    found = numbered_checkpoints(out_dir) if main and not not_folder else None
     if world > 1:  # rank 0's folder decides (other nodes may not see it), and every process stops alike
-        shared = [found]
+        shared = [(found, not_folder)]
         dist.broadcast_object_list(shared, src=0)
-        found = shared[0]
+        found, not_folder = shared[0]
+    if not_folder:
+        raise UsageError(f"--out-dir (out_dir): {out_dir} is a file, not a folder")
     if not cfg.resume and found:
         raise UsageError(f"--out-dir (out_dir): {out_dir} holds checkpoints of an earlier run (the newest "
                          f"{os.path.basename(found[-1][1])}), which a fresh run would overwrite: continue it "
                          f"with --resume auto, or choose another --out-dir")
     ckpt, resume_path, problem = None, None, None
     try:  # each process loads the checkpoint itself; a problem is raised once every process has said its own
-        if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
+        if cfg.resume not in ("", "auto") and not os.path.exists(cfg.resume):
             raise UsageError(f"--resume (resume): no checkpoint file {cfg.resume}")
         try:
             if cfg.resume == "auto":
                 ckpt, resume_path = load_latest_checkpoint(out_dir)
             elif cfg.resume:
-                resume_path = cfg.resume
+                resume_path = resolve_checkpoint(cfg.resume)  # a run folder or its latest file: what latest names
                 ckpt = load_checkpoint(resume_path)
-        except RuntimeError as e:  # unreadable
+        except (RuntimeError, FileNotFoundError) as e:  # unreadable, or a folder without checkpoints
             raise UsageError(f"--resume (resume): {e}") from e
+        if ckpt is not None and (ckpt["epoch"], ckpt["step_in_epoch"]) > (cfg.epochs, 0):
+            raise UsageError(f"--epochs (epochs): {resume_path} is past the end of a run of {cfg.epochs} epochs "
+                             f"(it stopped in epoch {ckpt['epoch'] + 1}): resume with at least "
+                             f"{ckpt['epoch'] + (ckpt['step_in_epoch'] > 0)} epochs")
         if ckpt is not None:
             mismatch = architecture_mismatch(cfg, ckpt.get("config") or {}, ARCHITECTURE_FIELDS + ("queue_size",))
             if mismatch:
@@ -355,7 +371,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
         f"{len(dataset.images)} images, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"global batch {global_batch}, lr {base_lr:.4g}, queue {moco.num_groups}x{cfg.queue_size}, "
         f"shuffle-BN {shuffle_state}, bf16 {'on' if cfg.bf16 and cuda else 'off'}, out {out_dir}")
-    say(ops_line(device, cfg.anchor_nms_iou if cfg.method == "insloc" else None, cfg.method))
+    say(ops)
 
     def checkpoint(epoch_done, in_epoch):
         states, path, failure = [None] * world, None, None

@@ -381,7 +381,8 @@ def test_device_check_stops_before_the_build_without_pytest(tmp_path):
         "sys.meta_path.insert(0, Block())\n")
     out = tmp_path / "check"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(tmp_path / "block"), "SKIP_BUILD": "1"}
-    proc = subprocess.run(["bash", os.path.join(run_all.HERE, "device_check.sh"), str(out)], cwd=tmp_path, env=env,
+    # OUTDIR relative to where the script starts (it moves to the repository root)
+    proc = subprocess.run(["bash", os.path.join(run_all.HERE, "device_check.sh"), "check"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "cannot import: pytest." in proc.stdout and "WHEELS=DIR" in proc.stdout

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import math
 import os
 import re
@@ -8,6 +9,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import insloc.config
 import insloc.train
 from insloc.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
 from insloc.cli import build_parser, config_from_args, default_out_dir, main
@@ -266,12 +268,26 @@ def test_a_killed_runs_unfinished_checkpoint_file_is_removed_at_the_next_start(t
 def test_a_fresh_run_without_out_dir_never_writes_into_a_folder_of_checkpoints(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fresh = config_from_args(build_parser().parse_args(["pretrain", "--preset", "demo"]))
-    assert default_out_dir(fresh, "demo") == os.path.join("runs", "demo")
+    assert default_out_dir(fresh) == os.path.join("runs", "demo")
     save_checkpoint({"step": 2}, os.path.join("runs", "demo"))
     save_checkpoint({"step": 2}, os.path.join("runs", "demo-2"))
-    assert default_out_dir(fresh, "demo") == os.path.join("runs", "demo-3")
+    assert default_out_dir(fresh) == os.path.join("runs", "demo-3")
     resumed = config_from_args(build_parser().parse_args(["pretrain", "--preset", "demo", "--resume", "auto"]))
-    assert default_out_dir(resumed, "demo") == os.path.join("runs", "demo")
+    assert default_out_dir(resumed) == os.path.join("runs", "demo")
+
+
+def test_a_printed_config_runs_where_its_preset_would(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--preset", "demo", "--print-config"]) == 0
+    (tmp_path / "my.yaml").write_text(capsys.readouterr().out)
+    from_yaml = config_from_args(build_parser().parse_args(["pretrain", "--config", "my.yaml"]))
+    assert from_yaml.name == "demo" and default_out_dir(from_yaml) == os.path.join("runs", "demo")
+    named = config_from_args(build_parser().parse_args(["pretrain", "--preset", "demo", "--name", "r18-try"]))
+    assert default_out_dir(named) == os.path.join("runs", "r18-try")
+    assert {p().name for p in insloc.config.PRESETS.values()} == set(insloc.config.PRESETS)
+    for bad in ("", "a/b", ".."):
+        with pytest.raises(ValueError, match=r"--name \(name\) must be a folder name"):
+            dataclasses.replace(demo(), name=bad).validate()
 
 
 def test_a_checkpoint_is_never_missing_while_its_predecessor_is_kept_aside(tmp_path, monkeypatch):
@@ -540,3 +556,36 @@ def test_ddp_wrapping_keeps_buffers_per_process_without_a_deprecation_warning(mo
         assert sync is False or (sync is None and ddp.broadcast_buffers is False)
     finally:
         dist.destroy_process_group()
+
+
+def test_start_problems_are_usage_errors_before_the_output_folder_is_made(tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(UsageError, match=r"--out-dir \(out_dir\): .*afile is a file, not a folder"):
+        train(tiny(afile))
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not an image")
+    (tmp_path / "list.txt").write_text("corrupt.jpg\n")
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match=r"--data \(data\): none of its first 1 images can be read .*corrupt.jpg"):
+        train(tiny(out, data=str(tmp_path / "list.txt")))
+    for backend, message in [("gpu", "INSLOC_OPS_BACKEND must be one of"), ("cuda", "INSLOC_OPS_BACKEND='cuda' is "
+                                                                                   "not available")]:
+        monkeypatch.setenv("INSLOC_OPS_BACKEND", backend)
+        with pytest.raises(UsageError, match=message):
+            train(tiny(out, device="cpu"))
+    assert not out.exists()
+
+
+def test_resume_takes_a_run_folder_or_its_latest_file_and_refuses_fewer_epochs_than_done(tmp_path):
+    train(tiny(tmp_path, epochs=2))  # checkpoints at steps 2 and 4 (epochs 1 and 2 done)
+    for where in (tmp_path, tmp_path / "latest"):
+        summary = train(tiny(tmp_path / "next", epochs=3, resume=str(where), keep_checkpoints=9))
+        assert summary["step"] == 6 and os.path.isfile(tmp_path / "next" / "checkpoint_00000006.pt")
+        os.remove(tmp_path / "next" / "checkpoint_00000006.pt")
+    with pytest.raises(UsageError, match="--epochs \\(epochs\\): .*past the end of a run of 1 epochs .*at least 2"):
+        train(tiny(tmp_path, epochs=1, resume="auto"))
+    assert train(tiny(tmp_path, epochs=2, resume="auto"))["step"] == 4  # a finished run: nothing left to do
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="--resume \\(resume\\): .*a folder without checkpoints"):
+        train(tiny(tmp_path / "other", resume=str(tmp_path / "empty")))
