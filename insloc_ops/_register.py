@@ -12,7 +12,23 @@ def _lib(name):
     return f"insloc_ops::{name}"
 
 
+def _one_device(op, **tensors):
+    """A fake kernel allocates on its first tensor's device: a call that mixes devices (which only a direct
+    torch.ops call with meta tensors reaches here) is an error, as in the real kernels."""
+    named = []
+    for name, v in tensors.items():
+        if isinstance(v, (list, tuple)):
+            named += [(f"{name}[{i}]", t) for i, t in enumerate(v)]
+        elif v is not None:
+            named.append((name, v))
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+
+
 def _roi_align_fake(features, rois, levels, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned):
+    _one_device("roi_align_multilevel", features=features, rois=rois, levels=levels)
     B, C = features[0].shape[:2]
     R = rois.shape[0]
     if levels is None:
@@ -22,6 +38,7 @@ def _roi_align_fake(features, rois, levels, spatial_scales, pooled_height, poole
 
 def _roi_align_backward_fake(grad, rois, levels, spatial_scales, sampling_ratio, aligned, batch_size, channels,
                              heights, widths, channels_last):
+    _one_device("roi_align_multilevel_backward", grad=grad, rois=rois, levels=levels)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return [grad.new_empty((batch_size, channels, h, w)).contiguous(memory_format=fmt)
             for h, w in zip(heights, widths)]
@@ -144,6 +161,7 @@ def _roi_align_backward_vmap(op):
 
 
 def _anchor_fake(gt_boxes, anchors, iou_threshold, seed):
+    _one_device("sample_anchor_boxes", gt_boxes=gt_boxes, anchors=anchors)
     N = gt_boxes.shape[0]
     return gt_boxes.new_empty((N,), dtype=torch.int64), gt_boxes.new_empty((N,), dtype=torch.float32)
 
@@ -153,11 +171,13 @@ def _acc_dtype(t):
 
 
 def _infonce_fake(q, k, queue, temperature):
+    _one_device("queue_infonce", q=q, k=k, queue=queue)
     G, N = q.shape[:2]
     return q.new_empty((G, N), dtype=_acc_dtype(q)), q.new_empty((G, N), dtype=_acc_dtype(q))
 
 
 def _infonce_backward_fake(grad_loss, q, k, queue, lse, temperature):
+    _one_device("queue_infonce_backward", grad_loss=grad_loss, q=q, k=k, queue=queue, lse=lse)
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -261,12 +281,14 @@ def _infonce_setup(suffix):
 
 
 def _onepass_fake(q, k, queue, temperature):
+    _one_device("queue_infonce_onepass", q=q, k=k, queue=queue)
     G, N, D = q.shape
     acc = _acc_dtype(q)
     return q.new_empty((G, N), dtype=acc), q.new_empty((G, N), dtype=acc), q.new_empty((G, N, D), dtype=acc)
 
 
 def _onepass_backward_fake(grad_loss, q, k, lse, neg_mean, temperature):
+    _one_device("queue_infonce_onepass_backward", grad_loss=grad_loss, q=q, k=k, lse=lse, neg_mean=neg_mean)
     return torch.empty_like(q), torch.empty_like(k)
 
 

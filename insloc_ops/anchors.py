@@ -4,7 +4,7 @@ from numbers import Real
 
 import torch
 
-from . import reference
+from . import _eager, reference
 from ._backend import select
 
 
@@ -57,7 +57,8 @@ def _draw_seed(generator):
 
 def _check_box_values(name, boxes):
     # Needs a host sync, so only on CPU and in eager mode; the C++ CPU kernel checks again.
-    if boxes.device.type != "cpu" or boxes.shape[0] == 0 or torch.compiler.is_compiling():
+    if boxes.device.type != "cpu" or boxes.shape[0] == 0 or torch.compiler.is_compiling() or \
+            _eager.under_transform(boxes):  # (vmapped boxes: no data-dependent check)
         return
     if not bool(torch.isfinite(boxes.to(torch.float32)).all()):  # the kernels compute in float32
         raise ValueError(f"{name} must be finite (after conversion to float32)")
@@ -92,7 +93,7 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, *, nms_iou=None, g
     _check_boxes("anchors", anchors)
     if anchors.device != gt_boxes.device:
         raise ValueError(f"anchors is on {anchors.device} but gt_boxes is on {gt_boxes.device}")
-    if not isinstance(iou_threshold, Real) or not math.isfinite(iou_threshold):
+    if not isinstance(iou_threshold, Real) or not -math.inf < iou_threshold < math.inf:  # (traceable: compile)
         raise ValueError(f"iou_threshold must be a finite number, got {iou_threshold!r}")
     if nms_iou is not None and (not isinstance(nms_iou, Real) or not 0.0 <= nms_iou <= 1.0):
         raise ValueError(f"nms_iou must be None or a number in [0, 1], got {nms_iou!r}")

@@ -31,8 +31,8 @@ def _check(q, k, queue, temperature):
         raise ValueError(f"queue must have q's G={q.shape[0]} groups, got {queue.shape[0]}")
     if k.device != q.device or queue.device != q.device:
         raise ValueError(f"q, k and queue must be on one device, got {q.device}, {k.device}, {queue.device}")
-    if not isinstance(temperature, Real) or isinstance(temperature, bool) or not math.isfinite(temperature) or \
-            temperature <= 0:
+    if not isinstance(temperature, Real) or isinstance(temperature, bool) or not 0 < temperature < math.inf:
+        # (compares, not math.isfinite: torch.compile traces a changing float as a symbol, which only compares)
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
 
 

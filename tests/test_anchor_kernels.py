@@ -322,9 +322,14 @@ def test_bad_inputs_raise_naming_the_argument(gt, anchors, kwargs, match, backen
     (torch.ones(1, 3), torch.ones(2, 4), "gt_boxes must be \\[N, 4\\]"),
     (torch.ones(1, 4), torch.ones(0, 4), "anchors must not be empty"),
 ])
-def test_cpu_op_checks_its_inputs(gt, anchors, match):
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_a_direct_op_call_checks_its_inputs(gt, anchors, match, backend):
+    if backend not in cpu_backends():
+        pytest.skip(f"{backend} kernel not available")
+    op = torch.ops.insloc_ops.sample_anchor_boxes_triton if backend == "triton" else \
+        torch.ops.insloc_ops.sample_anchor_boxes
     with pytest.raises(ValueError, match=match):
-        torch.ops.insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, 0)
+        op(gt, anchors, 0.5, 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -488,3 +488,37 @@ def test_reference_backend_compiles_fullgraph():
     k, queue = torch.randn(4, 8), torch.randn(10, 8)
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(q, k, queue), step(q, k, queue))
+
+
+def test_fullgraph_compile_takes_a_float_argument_that_changes_between_calls():
+    # The second value of a float makes torch.compile trace it as a symbol: the argument checks must trace too.
+    torch._dynamo.reset()
+    q, k, queue = torch.randn(4, 8), torch.randn(4, 8), torch.randn(20, 8)
+    feats, rois = [torch.randn(1, 2, 8, 8), torch.randn(1, 2, 4, 4)], torch.tensor([[0.0, 0, 0, 6, 6]])
+    gt, anchors = torch.tensor([[0.0, 0, 50, 50]]), insloc_ops.grid_anchors(4, 16, [32.0, 64.0], [1.0])
+    calls = {
+        "temperature": lambda t: insloc_ops.queue_infonce(q, k, queue, t),
+        "spatial_scales": lambda s: insloc_ops.roi_align_multilevel(feats, rois, 2, [1.0, s]),
+        "iou_threshold": lambda t: insloc_ops.sample_anchor_boxes(gt, anchors, t, seed=3),
+    }
+    for name, call in calls.items():
+        compiled = torch.compile(call, fullgraph=True, backend="eager")
+        for value in (0.5, 0.25, 0.4):
+            want, got = call(value), compiled(value)
+            for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+                torch.testing.assert_close(g, w, msg=f"{name}={value}")
+
+
+def test_a_direct_op_call_mixing_meta_and_cpu_tensors_is_an_error():
+    # Such a call reaches the fake kernels, which would allocate an uninitialised CPU result.
+    ops, meta = torch.ops.insloc_ops, torch.device("meta")
+    q = torch.randn(1, 2, 4)
+    with pytest.raises(RuntimeError, match="sample_anchor_boxes: anchors is on meta but gt_boxes is on cpu"):
+        ops.sample_anchor_boxes(torch.ones(2, 4), torch.ones(3, 4, device=meta), 0.5, 0)
+    with pytest.raises(RuntimeError, match=r"roi_align_multilevel: rois is on meta but features\[0\] is on cpu"):
+        ops.roi_align_multilevel([torch.ones(1, 2, 4, 4)], torch.ones(1, 5, device=meta), None, [1.0], 2, 2, 0, True)
+    with pytest.raises(RuntimeError, match="queue_infonce: queue is on meta but q is on cpu"):
+        ops.queue_infonce(q, q, torch.randn(1, 3, 4, device=meta), 0.2)
+    with pytest.raises(RuntimeError, match="queue_infonce_backward: lse is on meta"):
+        ops.queue_infonce_backward(torch.ones(1, 2), q, q, torch.randn(1, 3, 4), torch.ones(1, 2, device=meta), 0.2)
+    assert ops.queue_infonce(q.to(meta), q.to(meta), torch.randn(1, 3, 4, device=meta), 0.2)[0].shape == (1, 2)

@@ -459,3 +459,8 @@ def test_raw_anchor_op_vmaps_by_a_loop(name):
     assert len(got) == len(want[0])
     for i, g in enumerate(got):
         assert torch.equal(g, torch.stack([w[i] for w in want]))
+    # and through the Python API, whose eager box checks step aside for vmapped boxes
+    got = torch.func.vmap(lambda g: insloc_ops.sample_anchor_boxes(g, anchors, 0.3, seed=7))(gt)
+    want = [insloc_ops.sample_anchor_boxes(g, anchors, 0.3, seed=7) for g in gt]
+    for i, g in enumerate(got):
+        assert torch.equal(g, torch.stack([w[i] for w in want]))

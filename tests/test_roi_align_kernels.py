@@ -727,3 +727,38 @@ def test_triton_kernels_compile_for_sm90_with_exact_geometry():
     for name in ("_forward_kernel", "_backward_kernel"):
         counts = dict(zip(*[iter(next(line for line in lines if line.startswith(name)).split()[1:])] * 2))
         assert counts["fma"] == "0" and counts["div_full"] == "0" and int(counts["div_rn"]) > 0, stdout
+
+
+def _bad_calls():
+    """(description, forward or backward, arguments, message) of direct op calls the Python API would refuse."""
+    f0, rois = torch.zeros(2, 3, 8, 8), torch.tensor([[1.0, 0, 0, 8, 8]])
+    two_rois = torch.tensor([[0.0, 0, 0, 8, 8], [1.0, 0, 0, 8, 8]])
+    fwd = lambda feats, r=rois, sr=0, levels=None: (feats, r, levels, [1.0, 0.5], 2, 2, sr, True)  # noqa: E731
+    bwd = lambda grad, r=two_rois, B=2, C=3, sizes=([8, 4], [8, 4]), levels=None: (  # noqa: E731
+        grad, r, levels, [1.0, 0.5], 0, True, B, C, *sizes, False)
+    return [
+        ("a level of a smaller batch", "fwd", fwd([f0, torch.zeros(1, 3, 4, 4)]), r"features\[1\]"),
+        ("a level of fewer channels", "fwd", fwd([f0, torch.zeros(2, 2, 4, 4)]), r"features\[1\]"),
+        ("a level of another dtype", "fwd", fwd([f0, torch.zeros(2, 3, 4, 4, dtype=torch.float64)]), "dtype"),
+        ("a 3-D level", "fwd", fwd([f0, torch.zeros(2, 3, 4)]), r"features\[1\]"),
+        ("integer rois", "fwd", fwd([f0, torch.zeros(2, 3, 4, 4)], r=rois.long()), "rois"),
+        ("a huge sampling ratio", "fwd", fwd([f0, torch.zeros(2, 3, 4, 4)], sr=2**31 - 1), "sampling_ratio"),
+        ("a grad for fewer RoIs", "bwd", bwd(torch.zeros(2, 1, 3, 2, 2)), "grad"),
+        ("a grad for fewer levels", "bwd", bwd(torch.zeros(1, 2, 3, 2, 2)), "grad"),
+        ("a grad of fewer channels", "bwd", bwd(torch.zeros(2, 2, 2, 2, 2)), "grad"),
+        ("a per-level grad without levels", "bwd", bwd(torch.zeros(2, 3, 2, 2)), "grad"),
+        ("widths shorter than heights", "bwd", bwd(torch.zeros(2, 2, 3, 2, 2), sizes=([8, 4], [8])), "widths"),
+    ]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
+def test_a_direct_op_call_checks_its_arguments(case, backend):
+    # torch.ops calls skip the Python API's checks: each backend's op must refuse what it cannot read within bounds
+    _, which, args, match = case
+    op = OP if which == "fwd" else OP_BWD
+    if backend == "triton":
+        op = torch.ops.insloc_ops.roi_align_multilevel_triton if which == "fwd" else \
+            torch.ops.insloc_ops.roi_align_multilevel_backward_triton
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        op(*args)

@@ -97,9 +97,9 @@ def _finalize_kernel(gt_ptr, anchor_ptr, packed_ptr, index_ptr, iou_ptr, N, BLOC
 
 
 def _check(gt_boxes, anchors, iou_threshold):
-    for name, t in (("gt_boxes", gt_boxes), ("anchors", anchors)):
+    for name, rows, t in (("gt_boxes", "N", gt_boxes), ("anchors", "A", anchors)):
         if t.dim() != 2 or t.shape[1] != 4:
-            raise ValueError(f"{name} must be [M, 4], got {tuple(t.shape)}")
+            raise ValueError(f"{name} must be [{rows}, 4], got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
     if anchors.device != gt_boxes.device:
@@ -110,6 +110,13 @@ def _check(gt_boxes, anchors, iou_threshold):
         raise ValueError("anchors must not be empty when gt_boxes is not")
     if not math.isfinite(float(iou_threshold)):
         raise ValueError(f"iou_threshold must be finite, got {iou_threshold}")
+    if gt_boxes.device.type == "cpu":  # as the C++ CPU op (on a GPU that check would wait for the device)
+        for name, t in (("gt_boxes", gt_boxes), ("anchors", anchors)):
+            t = t.float()
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} must be finite (after conversion to float32)")
+            if bool((t[:, 2:] < t[:, :2]).any()):
+                raise ValueError(f"{name} must satisfy x2 >= x1 and y2 >= y1")
 
 
 def _kernel_threshold(iou_threshold):

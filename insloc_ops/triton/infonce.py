@@ -163,8 +163,10 @@ def _dot_dtype(q, queue):
     allows TF32 for matmuls (tf32_matmuls_allowed), otherwise "tf32x3" (each operand split into a TF32
     high and low part, three TF32 products: about fp32 accuracy). An "ieee" fp32 dot would run on CUDA
     cores, where the ~6 GFLOP of an InsLoc step's loss (forward and backward) take longer than reading the
-    queue twice. The interpreter (CPU) computes "ieee" dots."""
-    if q.dtype in (torch.float16, torch.bfloat16) and queue.dtype == q.dtype:
+    queue twice. The interpreter (CPU) computes "ieee" dots, bfloat16 ones with fp32 operands: Triton 3.8's
+    interpreter multiplies a bfloat16 dot's bit patterns instead of its values (triton-lang/triton#11584)."""
+    if q.dtype in (torch.float16, torch.bfloat16) and queue.dtype == q.dtype and \
+            (q.dtype == torch.float16 or q.is_cuda):
         return (tl.float16 if q.dtype == torch.float16 else tl.bfloat16), "ieee"
     if not q.is_cuda:
         return tl.float32, "ieee"
@@ -204,13 +206,23 @@ def _geometry(q, queue):
     return G, N, K, D, block_n, block_d, n_blocks, splits, per_split
 
 
-def _check(q, k, queue, temperature):
+def _check(q, k, queue, temperature, rows=()):
+    """As the C++ ops check a direct torch.ops call; ``rows``: the backward's (name, tensor) of shape [G, N]."""
     if not (temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     if q.dim() != 3 or k.shape != q.shape or queue.dim() != 3 or queue.shape[0] != q.shape[0] \
             or queue.shape[2] != q.shape[2]:
         raise ValueError(f"q, k must be [G, N, D] and queue [G, K, D], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(queue.shape)}")
+    if not (q.is_floating_point() and k.dtype == q.dtype and queue.is_floating_point()):
+        raise ValueError(f"q, k must be floating point of one dtype and queue floating point, got {q.dtype}, "
+                         f"{k.dtype}, {queue.dtype}")
+    for name, t in (("k", k), ("queue", queue)) + tuple(rows):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    for name, t in rows:
+        if tuple(t.shape) != tuple(q.shape[:2]):
+            raise ValueError(f"{name} must be [G, N] = {list(q.shape[:2])}, got {list(t.shape)}")
 
 
 def _launch_dtype(t):
@@ -246,7 +258,7 @@ def queue_infonce(q, k, queue, temperature):
 
 
 def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
-    _check(q, k, queue, temperature)
+    _check(q, k, queue, temperature, (("grad_loss", grad_loss), ("lse", lse)))
     G, N, K, D, block_n, block_d, n_blocks, splits, per_split = _geometry(q, queue)
     if q.numel() == 0:
         return torch.empty_like(q), torch.empty_like(k)

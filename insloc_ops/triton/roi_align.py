@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from . import register_kernel
+from .. import reference
 
 MAX_LEVELS = 5
 MAX_ADAPTIVE_GRID = tl.constexpr(65536)  # insloc_ops.reference.MAX_ADAPTIVE_GRID
@@ -235,10 +236,15 @@ def _common(rois, levels, num_levels, spatial_scales, heights, widths, device, d
     if len(spatial_scales) != num_levels:
         raise ValueError(f"roi_align_multilevel: spatial_scales has {len(spatial_scales)} entries but there are "
                          f"{num_levels} levels")
-    if rois.dim() != 2 or rois.shape[1] != 5:
-        raise ValueError(f"roi_align_multilevel: rois must be [R, 5], got {tuple(rois.shape)}")
-    if levels is not None and (levels.dim() != 1 or levels.shape[0] != rois.shape[0] or levels.dtype != torch.int64):
-        raise ValueError(f"roi_align_multilevel: levels must be int64 [R], got {levels.dtype} {tuple(levels.shape)}")
+    if rois.dim() != 2 or rois.shape[1] != 5 or not rois.is_floating_point():
+        raise ValueError(f"roi_align_multilevel: rois must be a floating-point [R, 5], got {rois.dtype} "
+                         f"{tuple(rois.shape)}")
+    if rois.device != device:
+        raise ValueError(f"roi_align_multilevel: rois is on {rois.device}, the features (or grad) on {device}")
+    if levels is not None and (levels.dim() != 1 or levels.shape[0] != rois.shape[0] or levels.dtype != torch.int64
+                               or levels.device != device):
+        raise ValueError(f"roi_align_multilevel: levels must be int64 [R] on rois' device, got {levels.dtype} "
+                         f"{tuple(levels.shape)} on {levels.device}")
     gdt = _geometry_dtype(dtype)
     r = rois.to(device=device, dtype=gdt).contiguous()
     lv = levels.contiguous() if levels is not None else r  # unused when levels is None
@@ -255,8 +261,9 @@ def _check_sizes(ph, pw, sampling_ratio, heights, widths):
     if not (0 < ph and 0 < pw and ph * pw <= MAX_BINS):
         raise ValueError(f"roi_align_multilevel (Triton): output_size must be positive with at most {MAX_BINS} "
                          f"bins, got {ph} x {pw}; use the C++ backend for more")
-    if not -2**31 <= sampling_ratio <= 2**31 - 1:
-        raise ValueError(f"roi_align_multilevel: sampling_ratio must fit in 32 bits, got {sampling_ratio}")
+    if not -2**31 <= sampling_ratio <= reference.MAX_ADAPTIVE_GRID:
+        raise ValueError(f"roi_align_multilevel: sampling_ratio must be at most {reference.MAX_ADAPTIVE_GRID} "
+                         f"(<= 0: adaptive) and fit in 32 bits, got {sampling_ratio}")
     for l, (h, w) in enumerate(zip(heights, widths)):
         if not (0 <= h and 0 <= w and h * w < 2**31):
             raise ValueError(f"roi_align_multilevel (Triton): level {l} is {h} x {w} pixels; a level must be "
@@ -275,6 +282,12 @@ def roi_align_multilevel(features, rois, levels, spatial_scales, pooled_height, 
     if L == 0:
         raise ValueError("roi_align_multilevel: features must not be empty")
     f0 = features[0]
+    for l, f in enumerate(features):  # as the C++ ops check a direct torch.ops call (the Python API did already)
+        if f.dim() != 4 or f.shape[:2] != f0.shape[:2] or f.dtype != f0.dtype or f.device != f0.device or \
+                not f.is_floating_point():
+            raise ValueError(f"roi_align_multilevel: features[{l}] must be floating [B, C, H, W] with the B, C, dtype and "
+                             f"device of features[0] {tuple(f0.shape)} {f0.dtype} {f0.device}, got "
+                             f"{tuple(f.shape)} {f.dtype} {f.device}")
     channels_last = f0.dim() == 4 and not f0.is_contiguous() and f0.is_contiguous(memory_format=torch.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     feats = [f.contiguous(memory_format=fmt) for f in features]
@@ -309,9 +322,16 @@ def roi_align_multilevel_backward(grad, rois, levels, spatial_scales, sampling_r
         import warnings
 
         warnings.warn(msg)
+    if len(widths) != L or batch_size < 0 or channels < 0:
+        raise ValueError(f"roi_align_multilevel_backward: heights and widths must have one entry per level and "
+                         f"batch_size, channels be >= 0, got {list(heights)}, {list(widths)}, {batch_size}, {channels}")
     r, lv, sizes, scales = _common(rois, levels, L, spatial_scales, heights, widths, grad.device, grad.dtype)
     R = r.shape[0]
     B, C = int(batch_size), int(channels)
+    want = (R, C) if levels is not None else (L, R, C)
+    if grad.dim() != len(want) + 2 or tuple(grad.shape[:-2]) != want:
+        raise ValueError(f"roi_align_multilevel_backward: grad must be [{', '.join(map(str, want))}, ph, pw], got "
+                         f"{tuple(grad.shape)}")
     ph, pw = grad.shape[-2:]
     _check_sizes(ph, pw, sampling_ratio, heights, widths)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
