@@ -60,10 +60,7 @@ def _check_box_values(name, boxes):
     if boxes.device.type != "cpu" or boxes.shape[0] == 0 or torch.compiler.is_compiling() or \
             _eager.under_transform(boxes):  # (vmapped boxes: no data-dependent check)
         return
-    if not bool(torch.isfinite(boxes.to(torch.float32)).all()):  # the kernels compute in float32
-        raise ValueError(f"{name} must be finite (after conversion to float32)")
-    if not bool(((boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])).all()):
-        raise ValueError(f"{name} must satisfy x2 >= x1 and y2 >= y1")
+    reference.check_box_values(name, boxes)
 
 
 def sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, *, nms_iou=None, generator=None, seed=None,

@@ -227,6 +227,15 @@ def random_keys(seed, num_boxes, num_anchors, device=None):
     return _anchor_keys(seed, n[:, None], a[None, :])  # [N, A]
 
 
+def check_box_values(name, boxes):
+    """The kernels' condition on boxes (as the C++ CPU kernel checks it): finite in float32, x2 >= x1, y2 >= y1.
+    A host sync: for CPU tensors."""
+    if not bool(torch.isfinite(boxes.to(torch.float32)).all()):  # the kernels compute in float32
+        raise ValueError(f"{name} must be finite (after conversion to float32)")
+    if not bool(((boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])).all()):
+        raise ValueError(f"{name} must satisfy x2 >= x1 and y2 >= y1")
+
+
 def sample_anchor_boxes(gt_boxes, anchors, iou_threshold, seed):
     """Per box, the eligible anchor (IoU > threshold) with the largest random key, else the highest-IoU
     anchor (lowest index on ties). Returns (anchor index int64 [N], iou float32 [N])."""

@@ -111,12 +111,8 @@ def _check(gt_boxes, anchors, iou_threshold):
     if not math.isfinite(float(iou_threshold)):
         raise ValueError(f"iou_threshold must be finite, got {iou_threshold}")
     if gt_boxes.device.type == "cpu":  # as the C++ CPU op (on a GPU that check would wait for the device)
-        for name, t in (("gt_boxes", gt_boxes), ("anchors", anchors)):
-            t = t.float()
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} must be finite (after conversion to float32)")
-            if bool((t[:, 2:] < t[:, :2]).any()):
-                raise ValueError(f"{name} must satisfy x2 >= x1 and y2 >= y1")
+        reference.check_box_values("gt_boxes", gt_boxes)
+        reference.check_box_values("anchors", anchors)
 
 
 def _kernel_threshold(iou_threshold):

@@ -285,10 +285,10 @@ def roi_align_multilevel(features, rois, levels, spatial_scales, pooled_height, 
     for l, f in enumerate(features):  # as the C++ ops check a direct torch.ops call (the Python API did already)
         if f.dim() != 4 or f.shape[:2] != f0.shape[:2] or f.dtype != f0.dtype or f.device != f0.device or \
                 not f.is_floating_point():
-            raise ValueError(f"roi_align_multilevel: features[{l}] must be floating [B, C, H, W] with the B, C, dtype and "
-                             f"device of features[0] {tuple(f0.shape)} {f0.dtype} {f0.device}, got "
+            raise ValueError(f"roi_align_multilevel: features[{l}] must be floating [B, C, H, W] with the B, C, "
+                             f"dtype and device of features[0] {tuple(f0.shape)} {f0.dtype} {f0.device}, got "
                              f"{tuple(f.shape)} {f.dtype} {f.device}")
-    channels_last = f0.dim() == 4 and not f0.is_contiguous() and f0.is_contiguous(memory_format=torch.channels_last)
+    channels_last = not f0.is_contiguous() and f0.is_contiguous(memory_format=torch.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     feats = [f.contiguous(memory_format=fmt) for f in features]
     B, C = f0.shape[:2]
