@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from insloc_ops.infonce import MIN_TEMPERATURE
+
 
 def _f(default, help, **kw):
     if isinstance(default, (list, dict)):
@@ -116,7 +118,8 @@ class Config:
             _require(name, getattr(self, name), getattr(self, name) >= 0, "0 or more")
         _require("momentum", self.momentum, 0 <= self.momentum <= 1, "in [0, 1]")
         _require("sgd_momentum", self.sgd_momentum, 0 <= self.sgd_momentum < 1, "in [0, 1)")
-        _require("temperature", self.temperature, self.temperature > 0, "positive")
+        _require("temperature", self.temperature, MIN_TEMPERATURE <= self.temperature < math.inf,
+                 f"a finite number >= {MIN_TEMPERATURE}")
         _require("anchor_iou", self.anchor_iou, 0 <= self.anchor_iou < 1, "in [0, 1)")
         if self.anchor_nms_iou is not None:
             _require("anchor_nms_iou", self.anchor_nms_iou, 0 <= self.anchor_nms_iou <= 1, "in [0, 1] or none")

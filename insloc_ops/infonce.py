@@ -9,6 +9,9 @@ from ._backend import select
 from . import _eager
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The smallest temperature: the kernels scale by 1 / temperature in float32, which must stay finite
+# (csrc/common/infonce_args.h has the same bound).
+MIN_TEMPERATURE = 1e-38
 
 
 def _check(q, k, queue, temperature):
@@ -31,9 +34,11 @@ def _check(q, k, queue, temperature):
         raise ValueError(f"queue must have q's G={q.shape[0]} groups, got {queue.shape[0]}")
     if k.device != q.device or queue.device != q.device:
         raise ValueError(f"q, k and queue must be on one device, got {q.device}, {k.device}, {queue.device}")
-    if not isinstance(temperature, Real) or isinstance(temperature, bool) or not 0 < temperature < math.inf:
+    if not isinstance(temperature, Real) or isinstance(temperature, bool) or \
+            not MIN_TEMPERATURE <= temperature < math.inf:
         # (compares, not math.isfinite: torch.compile traces a changing float as a symbol, which only compares)
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE} (1 / temperature must be a "
+                         f"finite float32), got {temperature!r}")
 
 
 def queue_infonce(q, k, queue, temperature, *, reduction="mean", backend=None):
@@ -80,6 +85,33 @@ def queue_infonce(q, k, queue, temperature, *, reduction="mean", backend=None):
     return loss if grouped else loss.squeeze(0)
 
 
+def _may_self_overlap(t):
+    """False when no two elements of t share memory: sorted by stride, each dimension steps past the whole
+    extent of the smaller ones (every dense or sliced layout); True otherwise (then it may overlap)."""
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    extent = 0  # elements spanned by the dimensions so far, minus one
+    for st, n in dims:
+        if st <= extent:
+            return True
+        extent += st * (n - 1)
+    return False
+
+
+def _may_share_memory(a, b):
+    """True when a and b lie in one storage with intersecting byte ranges."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device or \
+            a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        lo = t.storage_offset() * t.element_size()
+        last = sum(st * (n - 1) for st, n in zip(t.stride(), t.shape))
+        return lo, lo + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def enqueue_(queue, keys, ptr):
     """Writes ``keys`` ([N, D] or [G, N, D]) into the ring buffer ``queue`` ([K, D] or [G, K, D]) in
     place, starting at row ``ptr`` and wrapping around; returns the new pointer ``(ptr + N) % K`` (an int,
@@ -99,6 +131,11 @@ def enqueue_(queue, keys, ptr):
                          f"{keys.dtype}")
     if any(st == 0 and n > 1 for st, n in zip(queue.stride(), queue.shape)):
         raise ValueError("queue must not be an expanded view (a stride of 0): its rows would share memory")
+    if _may_self_overlap(queue):
+        raise ValueError(f"queue's elements must not overlap in memory, got strides {tuple(queue.stride())} for "
+                         f"shape {tuple(queue.shape)}")
+    if _may_share_memory(queue, keys):
+        raise ValueError("keys must not share memory with queue (pass a copy: keys.clone())")
     if torch.is_tensor(ptr):
         if ptr.dim() != 0 or ptr.dtype != torch.int64:
             raise ValueError(f"ptr must be an int or a 0-dim int64 tensor, got {ptr!r}")

@@ -91,6 +91,7 @@ def test_sample_anchor_boxes_rejects_bad_input_naming_the_argument(kwargs, match
     (dict(temperature=-0.2), "temperature"),
     (dict(temperature=float("inf")), "temperature"),
     (dict(temperature=True), "temperature"),
+    (dict(temperature=1e-50), "temperature"),  # positive, but 1 / T overflows float32
     (dict(reduction="sum"), "reduction"),
 ])
 def test_queue_infonce_rejects_bad_input_naming_the_argument(kwargs, match):
@@ -112,12 +113,27 @@ def test_queue_infonce_rejects_bad_input_naming_the_argument(kwargs, match):
     (dict(queue=torch.zeros(5, 8, dtype=torch.bool)), "queue"),
     (dict(keys=torch.randn(3, 8, dtype=torch.complex64)), "keys"),
     (dict(queue=torch.zeros(1, 8).expand(5, 8)), "queue"),
+    (dict(queue=torch.zeros(48).as_strided((5, 8), (4, 1))), "queue"),  # rows overlap by half
 ])
 def test_enqueue_rejects_bad_input_naming_the_argument(kwargs, match):
     args = dict(queue=torch.zeros(5, 8), keys=torch.randn(3, 8), ptr=0)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         insloc_ops.enqueue_(**args)
+
+
+def test_enqueue_refuses_keys_sharing_the_queues_memory_and_takes_disjoint_views():
+    buf = torch.arange(64.0).reshape(8, 8)
+    with pytest.raises(ValueError, match="keys must not share memory"):
+        insloc_ops.enqueue_(buf[:5], buf[3:6], 0)  # keys are rows 3..5 of the queue itself
+    before = buf.clone()
+    assert insloc_ops.enqueue_(buf[:5], buf[5:7], 4) == 1  # rows 5, 6 of the buffer: no overlap
+    assert torch.equal(buf[4], before[5]) and torch.equal(buf[0], before[6])
+    assert torch.equal(buf[1:4], before[1:4]) and torch.equal(buf[5:], before[5:])
+    # a queue sliced by columns is a valid strided layout
+    queue = torch.zeros(5, 16)[:, ::2]
+    assert insloc_ops.enqueue_(queue, torch.ones(2, 8), 4) == 1
+    assert queue[4].eq(1).all() and queue[0].eq(1).all() and queue[1:4].eq(0).all()
 
 
 @pytest.mark.parametrize("kwargs, match", [

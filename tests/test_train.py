@@ -324,6 +324,7 @@ def test_an_unreadable_newest_checkpoint_is_named_and_the_one_before_used(tmp_pa
     ("image_size", 16, "--paste-size .* image_size"),
     ("epochs", 1.5, "--epochs .* an integer"),
     ("temperature", 0.0, "--temperature"),
+    ("temperature", float("inf"), "--temperature"),
     ("anchor_nms_iou", 2.0, "--anchor-nms-iou"),
     ("arch", "c5", "--arch"),
 ])

@@ -9,15 +9,20 @@
 
 namespace insloc {
 
-// q, k: [G, N, D], floating point, one dtype; temperature positive and finite. `op` prefixes the messages.
+// The smallest temperature: the kernels scale by 1 / temperature in float32, which must stay finite.
+constexpr double kMinTemperature = 1e-38;
+
+// q, k: [G, N, D], floating point, one dtype; temperature finite and at least kMinTemperature. `op`
+// prefixes the messages.
 inline void check_infonce_qk(const char* op, const at::Tensor& q, const at::Tensor& k, double temperature) {
   TORCH_CHECK(q.dim() == 3, op, ": q must be [G, N, D], got ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), op, ": k must have q's shape ", q.sizes(), ", got ", k.sizes());
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q must be floating point, got ", q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k must have q's dtype ", q.scalar_type(), ", got ",
               k.scalar_type());
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
-              ": temperature must be a positive finite number, got ", temperature);
+  TORCH_CHECK(std::isfinite(temperature) && temperature >= kMinTemperature, op,
+              ": temperature must be a finite number >= 1e-38 (1 / temperature must be a finite float32), got ",
+              temperature);
 }
 
 // queue: [G, K, D] with q's G and D, floating point.

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import register_kernel
+from ..infonce import MIN_TEMPERATURE
 
 BLOCK_K = 64
 
@@ -210,8 +211,9 @@ def _geometry(q, queue):
 
 def _check(q, k, queue, temperature, rows=()):
     """As the C++ ops check a direct torch.ops call; ``rows``: the backward's (name, tensor) of shape [G, N]."""
-    if not (temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if not (MIN_TEMPERATURE <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE} (1 / temperature must be a "
+                         f"finite float32), got {temperature!r}")
     if q.dim() != 3 or k.shape != q.shape or queue.dim() != 3 or queue.shape[0] != q.shape[0] \
             or queue.shape[2] != q.shape[2]:
         raise ValueError(f"q, k must be [G, N, D] and queue [G, K, D], got {tuple(q.shape)}, "
