@@ -79,14 +79,15 @@ def _has_kernel(qualname, key):
 
 
 @torch.compiler.assume_constant_result
-def _cuda_arch_ok():
-    """False when a GPU is visible that none of the compiled architectures runs on (its launches would
-    fail with "no kernel image is available"); True without a GPU, where nothing can be launched."""
+def _cuda_arch_ok(index=None):
+    """False when GPU ``index`` (None: the current one) is one none of the compiled architectures runs on
+    (its launches would fail with "no kernel image is available"); True without a GPU, where nothing can be
+    launched."""
     if not torch.cuda.is_available():
         return True
     from ._build import cuda_kernels_run_on
 
-    return cuda_kernels_run_on(torch.cuda.get_device_capability())
+    return cuda_kernels_run_on(torch.cuda.get_device_capability(index))
 
 
 def _triton_interpreted():
@@ -121,14 +122,15 @@ def _triton_interpreter_ok():
     return found is not None and found >= MIN_INTERPRETER_TRITON
 
 
-def is_available(op, backend, device_type):
-    """Whether ``backend`` can run ``op`` on tensors of ``device_type`` ("cpu" or "cuda") here."""
+def is_available(op, backend, device_type, index=None):
+    """Whether ``backend`` can run ``op`` on tensors of ``device_type`` ("cpu" or "cuda") here; on GPU ``index``
+    (None: the current one), which matters on a machine with GPUs of several kinds."""
     if backend == "reference":
         return True
     if backend == "cpu":
         return device_type == "cpu" and _has_kernel(f"insloc_ops::{op}", "CPU")
     if backend == "cuda":
-        return device_type == "cuda" and _has_kernel(f"insloc_ops::{op}", "CUDA") and _cuda_arch_ok()
+        return device_type == "cuda" and _has_kernel(f"insloc_ops::{op}", "CUDA") and _cuda_arch_ok(index)
     if backend == "triton":
         if device_type == "cpu" and not _triton_interpreted():
             return False
@@ -140,22 +142,23 @@ def is_available(op, backend, device_type):
 
 def select(op, device, backend=None):
     """Names the backend that runs ``op`` for tensors on ``device``; raises if the one asked for can't."""
-    device_type = torch.device(device).type
+    device = torch.device(device)
+    device_type, index = device.type, device.index
     source = "backend"
     if backend is None:
         backend = os.environ.get("INSLOC_OPS_BACKEND") or None
         source = "INSLOC_OPS_BACKEND"
     if backend is None:
         choice = _default_for(op, device)
-        return choice if is_available(op, choice, device_type) else "reference"
+        return choice if is_available(op, choice, device_type, index) else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
-    if not is_available(op, backend, device_type):
+    if not is_available(op, backend, device_type, index):
         why = ""
         if backend == "cuda" and device_type == "cuda" and _has_kernel(f"insloc_ops::{op}", "CUDA"):
             from ._build import cuda_archs
 
-            major, minor = torch.cuda.get_device_capability()
+            major, minor = torch.cuda.get_device_capability(index)
             why = (f": the CUDA kernels were compiled for {';'.join(cuda_archs())}, which cannot run on this GPU "
                    f"(compute capability {major}.{minor}); reinstall with TORCH_CUDA_ARCH_LIST={major}.{minor}")
         if (backend == "triton" and device_type == "cpu" and _triton_interpreted()
@@ -166,7 +169,7 @@ def select(op, device, backend=None):
                    "compiled kernels on a GPU are not affected)")
         raise RuntimeError(
             f"{source}={backend!r} is not available for {op} on {device_type} tensors here{why} "
-            f"(available: {[b for b in BACKENDS if is_available(op, b, device_type)]}); "
+            f"(available: {[b for b in BACKENDS if is_available(op, b, device_type, index)]}); "
             "see insloc_ops.build_info()"
         )
     return backend

@@ -178,7 +178,7 @@ def _infonce_fake(q, k, queue, temperature):
 
 def _infonce_backward_fake(grad_loss, q, k, queue, lse, temperature):
     _one_device("queue_infonce_backward", grad_loss=grad_loss, q=q, k=k, queue=queue, lse=lse)
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)  # contiguous, as every kernel returns them
 
 
 def differentiated_further(*tensors, autograd=True):
@@ -289,7 +289,7 @@ def _onepass_fake(q, k, queue, temperature):
 
 def _onepass_backward_fake(grad_loss, q, k, lse, neg_mean, temperature):
     _one_device("queue_infonce_onepass_backward", grad_loss=grad_loss, q=q, k=k, lse=lse, neg_mean=neg_mean)
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)  # contiguous, as the kernel returns them
 
 
 def _onepass_setup_context(ctx, inputs, output):

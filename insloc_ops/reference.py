@@ -90,8 +90,13 @@ def _roi_align_one_level(feature, rois, output_size, spatial_scale, sampling_rat
     Wy = Wy.to(compute_dt)
     Wx = Wx.to(compute_dt)
     out = f.new_zeros(R, C, ph, pw)
-    batch = r[:, 0].to(torch.int64)
+    # As the kernels (csrc/common roi_batch): a batch index outside [0, B), NaN included, pools zeros (the
+    # public function refuses one on CPU tensors; on CUDA that check would cost a device sync).
+    named = (r[:, 0] >= 0) & (r[:, 0] < B)
+    batch = torch.where(named, r[:, 0], -1).to(torch.int64)
     for b in torch.unique(batch).tolist():
+        if b < 0:
+            continue
         idx = (batch == b).nonzero().squeeze(1)
         t = torch.einsum("chw,rqw->rchq", f[b], Wx[idx])  # [Rb, C, H, pw]
         out = out.index_copy(0, idx, torch.einsum("rph,rchq->rcpq", Wy[idx], t))  # [Rb, C, ph, pw]

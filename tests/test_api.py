@@ -373,6 +373,16 @@ def test_a_gpu_the_kernels_were_not_built_for_gets_a_clear_error(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # an L4 / RTX 4090
         _build.cuda_kernels_run_on.cache_clear()
         assert _backend.is_available("roi_align_multilevel", "cuda", "cuda")
+        # A machine with an H100 as GPU 0 and a T4 as GPU 1: each tensor's own GPU decides.
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None: (7, 5) if torch.device("cuda", 0 if device is None else device)
+                            .index == 1 else (9, 0))
+        _build.cuda_kernels_run_on.cache_clear()
+        assert _backend.is_available("roi_align_multilevel", "cuda", "cuda", 0)
+        assert not _backend.is_available("roi_align_multilevel", "cuda", "cuda", 1)
+        assert _backend.select("roi_align_multilevel", "cuda:0", "cuda") == "cuda"
+        with pytest.raises(RuntimeError, match=r"compute capability 7\.5"):
+            _backend.select("roi_align_multilevel", "cuda:1", "cuda")
     finally:
         _build.cuda_kernels_run_on.cache_clear()
 

@@ -266,6 +266,18 @@ def test_bad_temperature_is_an_error_naming_it(temperature):
             torch.ops.insloc_ops.queue_infonce_triton(q, k, queue, temperature)
 
 
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")
+def test_triton_refuses_more_rows_than_its_grid_takes():
+    # 65,535 blocks of 64 rows in the grid's second dimension (a GPU's limit, checked before any launch);
+    # expanded views: no memory
+    q = torch.zeros(1, 1, 16).expand(1, 65535 * 64 + 1, 16)
+    queue = torch.zeros(1, 8, 16)
+    with pytest.raises(ValueError, match="N = 4194241 rows"):
+        torch.ops.insloc_ops.queue_infonce_triton(q, q, queue, 0.2)
+    with pytest.raises(ValueError, match="N = 4194241 rows"):
+        torch.ops.insloc_ops.queue_infonce_backward_triton(q[..., 0], q, q, queue, q[..., 0], 0.2)
+
+
 def test_bad_shapes_are_errors_naming_the_argument():
     q, k, queue = make_inputs(2, 3, 10, 4)
     with pytest.raises(RuntimeError, match="queue"):
@@ -350,6 +362,26 @@ def test_opcheck_cpp_op():
     _, lse, neg_mean = torch.ops.insloc_ops.queue_infonce_onepass(q.detach(), k.detach(), queue, 0.2)
     torch.library.opcheck(torch.ops.insloc_ops.queue_infonce_onepass_backward.default,
                           (torch.rand(2, 3), q.detach(), k.detach(), lse, neg_mean, 0.2))
+
+
+@pytest.mark.parametrize("N", [3, 0])
+def test_backward_fakes_give_the_kernels_contiguous_gradients_for_a_permuted_q(N):
+    # q dense but permuted ([N, G, D] transposed): every kernel returns dq, dk contiguous, and so must the fake
+    # kernels, or inductor asserts (or reads) the wrong strides.
+    q, k, queue = make_inputs(2, N, 40, 8)
+    q, k = q.transpose(0, 1).contiguous().transpose(0, 1), k.transpose(0, 1).contiguous().transpose(0, 1)
+    assert N == 0 or not q.is_contiguous()  # (an empty tensor counts as contiguous whatever its strides)
+    lse = torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.2)[1]
+    grad = torch.rand(2, N)
+    cases = [(torch.ops.insloc_ops.queue_infonce_backward.default, (grad, q, k, queue, lse, 0.2))]
+    _, lse1, neg_mean = torch.ops.insloc_ops.queue_infonce_onepass(q, k, queue, 0.2)
+    cases.append((torch.ops.insloc_ops.queue_infonce_onepass_backward.default, (grad, q, k, lse1, neg_mean, 0.2)))
+    if "triton" in CPU_BACKENDS:
+        cases.append((torch.ops.insloc_ops.queue_infonce_backward_triton.default, (grad, q, k, queue, lse, 0.2)))
+    for op, args in cases:
+        dq, dk = op(*args)
+        assert dq.is_contiguous() and dk.is_contiguous(), op
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")

@@ -101,6 +101,21 @@ def test_reference_roi_align_nan_box_gives_zeros():
     assert (out[:, 2].flatten(1).abs().sum(1) > 0).all()
 
 
+def test_reference_roi_align_batch_index_outside_the_batch_gives_zeros():
+    # As the kernels on CUDA (the reference is a CUDA backend too; the range check is the CPU public API's):
+    # -1, B, -0.5 (truncation would make it image 0), NaN name no image; 1.5 names image 1.
+    feats = _features()
+    box = [4.0, 8.0, 60.0, 50.0]
+    rois = torch.tensor([[b] + box for b in (-1.0, 2.0, -0.5, float("nan"), 1.5, 0.0)], dtype=torch.float64)
+    out = reference.roi_align_multilevel(feats, rois, (3, 3), SCALES, 0, True)
+    assert (out[:, :4] == 0).all()
+    expected = reference.roi_align_multilevel(feats, torch.tensor([[1.0] + box, [0.0] + box],
+                                                                  dtype=torch.float64), (3, 3), SCALES, 0, True)
+    assert torch.equal(out[:, 4:], expected) and (expected.abs().sum() > 0)
+    out.sum().backward()
+    assert all(torch.isfinite(f.grad).all() for f in feats)
+
+
 def test_fpn_levels_matches_torchvision_level_mapper():
     from torchvision.ops.poolers import LevelMapper
 

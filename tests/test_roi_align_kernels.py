@@ -762,3 +762,16 @@ def test_a_direct_op_call_checks_its_arguments(case, backend):
             torch.ops.insloc_ops.roi_align_multilevel_backward_triton
     with pytest.raises((RuntimeError, ValueError), match=match):
         op(*args)
+
+
+def test_triton_level_tables_are_made_once_per_value():
+    # Making them copies from host memory, which waits for the stream on a GPU: once per value, not per call.
+    tr = pytest.importorskip("insloc_ops.triton.roi_align")
+    cpu = torch.device("cpu")
+    a = tr._level_tables(((8, 8), (4, 4)), (0.25, 0.125), torch.float32, cpu)
+    b = tr._level_tables(((8, 8), (4, 4)), (0.25, 0.125), torch.float32, cpu)
+    assert a[0] is b[0] and a[1] is b[1]
+    assert a[0].tolist() == [[8, 8], [4, 4]] and a[0].dtype == torch.int32 and a[1].tolist() == [0.25, 0.125]
+    c = tr._level_tables(((8, 8), (4, 4)), (0.25, 0.5), torch.float32, cpu)
+    d = tr._level_tables(((8, 8), (4, 4)), (0.25, 0.125), torch.float64, cpu)
+    assert c[1].tolist() == [0.25, 0.5] and d[1].dtype == torch.float64 and d[1] is not a[1]

@@ -39,6 +39,8 @@ inline void check_infonce_args(const at::Tensor& q, const at::Tensor& k, const a
 inline void check_infonce_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == q.size(0) && t.size(1) == q.size(1), op, ": ", name,
               " must be [G, N] = [", q.size(0), ", ", q.size(1), "], got ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
+              t.device());
 }
 
 // fp64 inputs accumulate in fp64, everything else in fp32.

@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -216,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cpu(const at::Tensor& 
   const Geometry geo(q, queue);
   check_infonce_rows("queue_infonce_backward", "grad_loss", grad_loss, q);
   check_infonce_rows("queue_infonce_backward", "lse", lse, q);
-  if (q.numel() == 0) return {at::empty_like(q), at::empty_like(k)};
+  if (q.numel() == 0) return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options())};
   const auto qa = q.detach().to(acc).contiguous();  // [G, N, D]; detached: out= ops below refuse grad
   const auto ka = k.detach().to(acc).contiguous();
   const auto ga = grad_loss.to(acc).contiguous();  // [G, N]
@@ -270,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_onepass_backward_cpu(const at::
   const int64_t G = q.size(0), N = q.size(1), D = q.size(2);
   TORCH_CHECK(neg_mean.sizes() == q.sizes(), op, ": neg_mean must be [G, N, D] = ", q.sizes(), ", got ",
               neg_mean.sizes());
-  if (q.numel() == 0) return {at::empty_like(q), at::empty_like(k)};
+  if (q.numel() == 0) return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options())};
   const auto acc = infonce_acc_type(q);
   const auto qa = q.detach().to(acc).contiguous();
   const auto ka = k.detach().to(acc).contiguous();

@@ -22,7 +22,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include <cmath>
 #include <cstdint>
@@ -598,16 +597,19 @@ size_t tc_forward_smem(int64_t D) { return sizeof(float) * ((kTcRows + kTcTile) 
 size_t tc_backward_smem(int64_t D) { return tc_forward_smem(D) + sizeof(float) * kTcRows * (D + kTcPad); }
 
 // Whether the tensor-core kernels run: fp32 accumulation (not fp64), D a positive multiple of 16 whose
-// tiles fit in shared memory, a GPU of sm_80 or newer, and INSLOC_OPS_CUDA_INFONCE_TC not "0" (read at
-// every call; "1" or unset: where supported).
+// tiles fit in shared memory, a GPU of sm_80 or newer running code built for sm_80 or newer, and
+// INSLOC_OPS_CUDA_INFONCE_TC not "0" (read at every call; "1" or unset: where supported).
 bool use_tensor_cores(const at::Tensor& q, int device) {
   const char* env = std::getenv("INSLOC_OPS_CUDA_INFONCE_TC");
   TORCH_CHECK(env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
               "INSLOC_OPS_CUDA_INFONCE_TC must be 0 or 1, got '", env, "'");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const int64_t D = q.size(2);
+  // The kernel's own architecture too: a build with only pre-sm_80 PTX for this GPU (say TORCH_CUDA_ARCH_LIST
+  // "7.5+PTX" on an H100) JIT-compiles their empty bodies.
   return infonce_acc_type(q) == at::kFloat && D > 0 && D % 16 == 0 && gpu::compute_capability_major(device) >= 8 &&
-         tc_backward_smem(D) <= gpu::max_shared_per_block_optin(device);
+         tc_backward_smem(D) <= gpu::max_shared_per_block_optin(device) &&
+         gpu::kernel_arch(backward_partials_tc_kernel<float, false>) >= 80;
 }
 
 // Whether the tensor-core kernels may read t in 16-byte chunks (a view can start anywhere in its storage).
@@ -716,7 +718,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   const int64_t G = q.size(0), N = q.size(1), D = q.size(2), K = queue.size(1);
   check_infonce_rows("queue_infonce_backward", "grad_loss", grad_loss, q);
   check_infonce_rows("queue_infonce_backward", "lse", lse, q);
-  if (q.numel() == 0) return {at::empty_like(q), at::empty_like(k)};
+  if (q.numel() == 0) return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options())};
   const auto acc = infonce_acc_type(q);
   const auto qa = q.detach().to(acc).contiguous();  // [G, N, D]
   const auto ka = k.detach().to(acc).contiguous();

@@ -42,6 +42,11 @@ template <typename Kernel>
 void allow_dynamic_shared(Kernel kernel, size_t bytes) {
   ::insloc_emu::allow_dynamic_shared(reinterpret_cast<const void*>(kernel), bytes);
 }
+// The virtual architecture the kernel's code on this device was compiled from (here: the emulated GPU's).
+template <typename Kernel>
+int kernel_arch(Kernel /*kernel*/) {
+  return compute_capability_major(0) * 10;
+}
 // Blocks of the kernel an SM holds at once: here by threads (2048 an SM) and shared memory (228 KiB) alone.
 template <typename Kernel>
 int resident_blocks(Kernel /*kernel*/, int threads, size_t shared_bytes) {
@@ -134,6 +139,27 @@ int resident_blocks(Kernel kernel, int threads, size_t shared_bytes) {
   const std::lock_guard<std::mutex> lock(mutex);
   cache.emplace(key, n);
   return n;
+}
+// The virtual architecture (e.g. 90 for compute_90) the code the current device runs for this kernel was
+// compiled from: below the GPU's own when the build has only older PTX for it, JIT-compiled by the driver.
+// Cached per (kernel, device).
+template <typename Kernel>
+int kernel_arch(Kernel kernel) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = cache.find(key);
+    if (found != cache.end()) return found->second;
+  }
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, attributes.ptxVersion);
+  return attributes.ptxVersion;
 }
 // out[0 .. 16 / sizeof(T)) = p[0 .. 16 / sizeof(T)) as one 16-byte load through the read-only path; p must be
 // 16-byte aligned (a GPU faults otherwise), out 16-byte aligned registers.

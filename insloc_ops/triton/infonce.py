@@ -194,12 +194,18 @@ def tf32_matmuls_allowed():
         return False
 
 
+MAX_GRID_Y = 65535
+
+
 def _geometry(q, queue):
     G, N, D = q.shape
     K = queue.shape[1]
     block_n = max(16, min(64, triton.next_power_of_2(max(N, 1))))
     block_d = max(16, triton.next_power_of_2(D))
     n_blocks = triton.cdiv(N, block_n)
+    if n_blocks > MAX_GRID_Y:  # the grid's second dimension (a GPU's limit; kept on CPU tensors alike)
+        raise ValueError(f"queue_infonce (Triton): N = {N} rows is more than the grid takes ({MAX_GRID_Y} blocks "
+                         f"of {block_n}); split the batch")
     # Enough programs to fill the GPU (N = 32 gives one N block per group), each a whole number of tiles.
     target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     tiles = max(1, triton.cdiv(K, BLOCK_K))
@@ -265,7 +271,7 @@ def queue_infonce_backward(grad_loss, q, k, queue, lse, temperature):
     _check(q, k, queue, temperature, (("grad_loss", grad_loss), ("lse", lse)))
     G, N, K, D, block_n, block_d, n_blocks, splits, per_split = _geometry(q, queue)
     if q.numel() == 0:
-        return torch.empty_like(q), torch.empty_like(k)
+        return q.new_empty(q.shape), k.new_empty(k.shape)
     q_c, queue_c = _launch_dtype(q.detach()).contiguous(), _launch_dtype(queue.detach()).contiguous()
     lse32 = lse.detach().float().contiguous()  # G x N
     grad = grad_loss.detach().contiguous()  # G x N; the kernels scale it by 1 / T

@@ -248,9 +248,26 @@ def _common(rois, levels, num_levels, spatial_scales, heights, widths, device, d
     gdt = _geometry_dtype(dtype)
     r = rois.to(device=device, dtype=gdt).contiguous()
     lv = levels.contiguous() if levels is not None else r  # unused when levels is None
-    sizes = torch.tensor([[h, w] for h, w in zip(heights, widths)], dtype=torch.int32, device=device)
-    scales = torch.tensor(list(spatial_scales), dtype=gdt, device=device)
+    sizes, scales = _level_tables(tuple(zip(map(int, heights), map(int, widths))),
+                                  tuple(map(float, spatial_scales)), gdt, device)
     return r, lv, sizes, scales
+
+
+_LEVEL_TABLES = {}  # (sizes, scales, dtype, device) -> the two tensors the kernels read them from
+
+
+def _level_tables(sizes, scales, gdt, device):
+    """The levels' [L, 2] sizes and [L] scales as tensors on ``device``, made once per value: making them
+    copies from host memory, which on a GPU waits for the stream's queued work (a host sync per call). The
+    kernels only read them."""
+    key = (sizes, scales, gdt, device)
+    found = _LEVEL_TABLES.get(key)
+    if found is None:
+        if len(_LEVEL_TABLES) >= 256:  # bounded: a program that varies its level sizes call after call
+            _LEVEL_TABLES.clear()
+        found = _LEVEL_TABLES[key] = (torch.tensor(sizes, dtype=torch.int32, device=device),
+                                      torch.tensor(scales, dtype=gdt, device=device))
+    return found
 
 
 MAX_BINS = 4096  # a program holds all of a RoI's bins
