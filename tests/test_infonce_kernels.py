@@ -666,6 +666,18 @@ def test_triton_reads_every_tf32_setting(setting):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["grad_loss", "lse"])
+def test_gpu_backward_refuses_rows_on_another_device(name):
+    # A direct call: the dispatcher picks the CUDA kernel, which would read a CPU pointer on the GPU.
+    q, k, queue = make_inputs(2, 3, 100, 8, device="cuda")
+    args = dict(grad_loss=torch.ones(2, 3, device="cuda"), q=q, k=k, queue=queue,
+                lse=torch.ops.insloc_ops.queue_infonce(q, k, queue, 0.2)[1])
+    args[name] = args[name].cpu()
+    with pytest.raises(RuntimeError, match=f"{name} must be on q's device"):
+        torch.ops.insloc_ops.queue_infonce_backward(*args.values(), 0.2)
+
+
+@pytest.mark.gpu
 def test_gpu_enqueue_wraps_around():
     queue = torch.zeros(2, 10, 3, device="cuda")
     keys = torch.randn(2, 4, 3, device="cuda")
