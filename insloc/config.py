@@ -118,6 +118,7 @@ class Config:
             _require(name, getattr(self, name), getattr(self, name) >= 0, "0 or more")
         _require("momentum", self.momentum, 0 <= self.momentum <= 1, "in [0, 1]")
         _require("sgd_momentum", self.sgd_momentum, 0 <= self.sgd_momentum < 1, "in [0, 1)")
+        _require("seed", self.seed, 0 <= self.seed < 2**31, "in [0, 2**31)")
         _require("temperature", self.temperature, MIN_TEMPERATURE <= self.temperature < math.inf,
                  f"a finite number >= {MIN_TEMPERATURE}")
         _require("anchor_iou", self.anchor_iou, 0 <= self.anchor_iou < 1, "in [0, 1)")

@@ -42,6 +42,18 @@ def test_folder_source_is_recursive_and_list_file_paths_are_relative_to_it(image
         image_paths(str(image_folder / "missing"))
 
 
+def test_folder_source_skips_hidden_files_and_lists_a_folder_reached_twice_once(image_folder):
+    # macOS copies leave '._name' metadata beside each image; they sort first and do not decode
+    (image_folder / "._good0.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+    (image_folder / ".cache").mkdir()
+    Image.new("RGB", (64, 64)).save(image_folder / ".cache" / "thumb.png")
+    (image_folder / "sub" / "up").symlink_to(image_folder, target_is_directory=True)  # a loop
+    (image_folder / "again").symlink_to(image_folder / "sub", target_is_directory=True)  # a second way in
+    paths = image_paths(str(image_folder))
+    assert sorted(os.path.realpath(p) for p in paths) == sorted(
+        os.path.realpath(image_folder / n) for n in ("good0.png", "good1.png", "sub/good2.png"))
+
+
 def test_paste_size_keeps_aspect_and_fits_the_target():
     g = torch.Generator().manual_seed(0)
     for _ in range(200):

@@ -325,6 +325,7 @@ def test_an_unreadable_newest_checkpoint_is_named_and_the_one_before_used(tmp_pa
     ("epochs", 1.5, "--epochs .* an integer"),
     ("temperature", 0.0, "--temperature"),
     ("temperature", float("inf"), "--temperature"),
+    ("seed", -1, r"--seed \(seed\) must be in \[0, 2\*\*31\)"),
     ("anchor_nms_iou", 2.0, "--anchor-nms-iou"),
     ("arch", "c5", "--arch"),
 ])
@@ -387,6 +388,7 @@ def test_demo_setting_learns_loss_falls_once_the_queue_is_full(tmp_path):
     (["--samples-per-epoch", "4"], r"raise --samples-per-epoch"),
     (["--data", "/nonexistent/images"], r"--data \(data\): data source '/nonexistent/images'"),
     (["--data", "EMPTY"], r"--data \(data\): no images found"),
+    (["--data", "BINARY"], r"--data \(data\): data source .*image.jpg' is a file but not a UTF-8 text file"),
     (["--resume", "/nonexistent.pt"], r"--resume \(resume\): no checkpoint file /nonexistent.pt"),
 ])
 def test_values_checked_at_the_start_of_a_run_exit_as_bad_flags_before_anything_is_written(tmp_path, capsys,
@@ -394,7 +396,9 @@ def test_values_checked_at_the_start_of_a_run_exit_as_bad_flags_before_anything_
     if flags[0] == "--device" and torch.cuda.is_available():
         pytest.skip("checks the message on a machine without a GPU")
     (tmp_path / "empty").mkdir()
-    flags = [str(tmp_path / "empty") if f == "EMPTY" else f for f in flags]
+    (tmp_path / "image.jpg").write_bytes(b"\xff\xd8\xff\xe0 one image file, not a list of them")
+    flags = [str(tmp_path / "empty") if f == "EMPTY" else str(tmp_path / "image.jpg") if f == "BINARY" else f
+             for f in flags]
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "--preset", "demo", "--batch-size", "8", "--samples-per-epoch", "16",

@@ -32,11 +32,19 @@ def builtin_image_paths():
 
 
 def folder_image_paths(folder):
-    """Every image file under `folder`, recursively, sorted."""
-    paths = []
+    """Every image file under `folder`, recursively, sorted. Hidden files and folders (names starting with
+    '.', such as the '._x.JPEG' metadata files macOS leaves beside each image) are skipped, and a folder
+    reached twice through symbolic links (a loop, or two links to one folder) is listed once."""
+    paths, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()
-        paths += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        paths += [os.path.join(root, f) for f in sorted(files)
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
     return paths
 
 
@@ -44,8 +52,12 @@ def list_file_image_paths(list_file):
     """One path per line (blank lines and '#' comments skipped); relative paths are taken relative to
     the list file's folder."""
     base = os.path.dirname(os.path.abspath(list_file))
-    with open(list_file) as f:
-        lines = [line.strip() for line in f]
+    try:
+        with open(list_file, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except UnicodeDecodeError as e:
+        raise RuntimeError(f"data source {list_file!r} is a file but not a UTF-8 text file listing image paths "
+                           f"(a folder of images or such a list is expected): {e}") from e
     return [os.path.join(base, p) for p in lines if p and not p.startswith("#")]
 
 
