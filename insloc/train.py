@@ -23,7 +23,8 @@ from insloc_ops import grid_anchors, selected_backends
 from .checkpoint import (load_checkpoint, load_latest_checkpoint, numbered_checkpoints, remove_stale_temporaries,
                          resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .config import ARCHITECTURE_FIELDS, Config, UsageError, architecture_mismatch
-from .data import CopyPasteComposite, EpochSampler, ImageFiles, TwoViewCrops, image_paths
+from .data import CopyPasteComposite, EpochSampler, ImageFiles, TwoViewCrops, image_paths, normalize
+from .data.sources import listing_fingerprint
 from .models import build_encoder
 from .moco import MoCo
 
@@ -65,6 +66,22 @@ def build_dataset(cfg: Config):
             raise UsageError(f"--data (data): none of its first {tries} images can be read ({caught[0].message})")
     return kind(paths, cfg.image_size, cfg.crop_scale, cfg.crop_ratio, cfg.paste_size, cfg.samples_per_epoch,
                 cfg.seed, cfg.decode_cache)
+
+
+def gather_outcomes(problem, value, world):
+    """Every process's `value`, by rank, once every process has reached this point: a problem (UsageError)
+    of any process is raised in all of them (naming the rank it came from), so that they stop alike rather
+    than some waiting forever in the next collective. One process: raises `problem`, else gives [value]."""
+    if world == 1:
+        if problem is not None:
+            raise problem
+        return [value]
+    seen = [None] * world
+    dist.all_gather_object(seen, (str(problem) if problem else None, value))
+    failed = [(rank, text) for rank, (text, _) in enumerate(seen) if text]
+    if failed:
+        raise problem or UsageError(f"{failed[0][1]} (on rank {failed[0][0]})")
+    return [value for _, value in seen]
 
 
 def cosine_lr(step, steps_per_epoch, epochs, base_lr):
@@ -281,20 +298,29 @@ def train(cfg: Config, *, interrupt_after_step=None):
                                  f"({'; '.join(mismatch)}): resume with the checkpoint's values")
     except UsageError as e:
         problem = e
-    if world > 1:  # every process must continue the same checkpoint (each loads it from its own filesystem)
-        seen = [None] * world
-        mine = None if ckpt is None else (os.path.basename(resume_path), ckpt.get("step"))
-        dist.all_gather_object(seen, (str(problem) if problem else None, mine))
-        failed = [(r, text) for r, (text, _) in enumerate(seen) if text]
-        if failed:
-            raise problem or UsageError(f"{failed[0][1]} (on rank {failed[0][0]})")
-        if any(found_here != seen[0][1] for _, found_here in seen):
-            raise UsageError(f"--resume (resume): the processes found different checkpoints to continue "
-                             f"({[found_here for _, found_here in seen]}, by rank): resuming a run of several "
-                             f"machines needs --out-dir on a filesystem all of them share")
-    elif problem is not None:
-        raise problem
-    dataset = build_dataset(cfg)
+    # every process must continue the same checkpoint (each loads it from its own filesystem)
+    found_by_rank = gather_outcomes(problem, None if ckpt is None else (os.path.basename(resume_path),
+                                                                        ckpt.get("step")), world)
+    if any(found_here != found_by_rank[0] for found_here in found_by_rank):
+        raise UsageError(f"--resume (resume): the processes found different checkpoints to continue "
+                         f"({found_by_rank}, by rank): resuming a run of several "
+                         f"machines needs --out-dir on a filesystem all of them share")
+    # Every process lists the images itself; the samplers split one epoch of len(dataset) samples between
+    # them, so different listings (a file missing from one machine's copy) would give the processes different
+    # numbers of steps: the ones with fewer would leave the others waiting forever in a collective.
+    dataset, listing, problem = None, None, None
+    try:
+        dataset = build_dataset(cfg)
+        if world > 1:
+            listing = (len(dataset.images), listing_fingerprint(dataset.images.paths, cfg.data))
+    except UsageError as e:
+        problem = e
+    listings = gather_outcomes(problem, listing, world)
+    if any(listed != listings[0] for listed in listings):
+        counts = [count for count, _ in listings]
+        raise UsageError(f"--data (data): the processes list different images ({counts} images, by rank"
+                         f"{'; the same number, other files' if len(set(counts)) == 1 else ''}): every process "
+                         f"must see the same files at the same place (one shared folder, or identical copies)")
     try:
         sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world)
     except ValueError as e:
@@ -415,8 +441,8 @@ def train(cfg: Config, *, interrupt_after_step=None):
             lr = cosine_lr(step, steps_per_epoch, cfg.epochs, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            im_q = batch["im_q"].to(device, non_blocking=True)  # [N, 3, S, S]
-            im_k = batch["im_k"].to(device, non_blocking=True)  # [N, 3, S, S]
+            im_q = normalize(batch["im_q"].to(device, non_blocking=True))  # [N, 3, S, S] uint8 -> float32
+            im_k = normalize(batch["im_k"].to(device, non_blocking=True))  # [N, 3, S, S]
             if cfg.channels_last and cuda:
                 im_q, im_k = im_q.contiguous(memory_format=torch.channels_last), \
                     im_k.contiguous(memory_format=torch.channels_last)

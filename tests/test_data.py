@@ -78,6 +78,7 @@ def test_composite_boxes_lie_inside_the_canvas_within_the_recipe_size_bounds():
     for i in range(24):
         sample = ds[(0, i)]
         assert sample["im_q"].shape == sample["im_k"].shape == (3, 256, 256)
+        assert sample["im_q"].dtype == sample["im_k"].dtype == torch.uint8  # a quarter of float32's bytes
         for box in (sample["boxes_q"], sample["boxes_k"]):
             x1, y1, x2, y2 = box.tolist()
             w, h = x2 - x1, y2 - y1
@@ -101,13 +102,25 @@ def test_augment_flips_the_box_with_the_image():
     flipped = 0
     for seed in range(12):
         out, out_box = moco_v2_augment(Image.fromarray(image), box, torch.Generator().manual_seed(seed))
-        pixels = (out * STD + MEAN).mean(0)  # [64, 96] back on 0..255
+        pixels = out.float().mean(0)  # [64, 96] 0..255
         mask = pixels > (pixels.max() + pixels.min()) / 2
         ys, xs = mask.nonzero(as_tuple=True)
         found = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
         assert found == out_box.tolist()
         flipped += out_box[0].item() == 96 - 45
     assert 0 < flipped < 12
+
+
+def test_normalize_is_the_recipe_normalisation_in_float32():
+    from insloc.data import normalize
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    out = normalize(images)
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    assert torch.equal(out, (images.float() - MEAN) / STD)  # as the workers computed it before
+    mean, std = torch.tensor([123.675, 116.28, 103.53], dtype=torch.float64), torch.tensor([58.395, 57.12, 57.375],
+                                                                                        dtype=torch.float64)
+    assert torch.allclose(out[:, :, 0, 0].double(), (images[:, :, 0, 0].double() - mean) / std, atol=1e-5, rtol=0)
+    assert torch.equal(normalize(images[1]), out[1])  # one image as a batch
 
 
 def test_unreadable_images_are_skipped_and_counted(image_folder):
@@ -120,7 +133,7 @@ def test_unreadable_images_are_skipped_and_counted(image_folder):
         warnings.simplefilter("always")
         samples = [ds[(0, i)] for i in range(20)]
     assert sum(s["unreadable"] for s in samples) >= 2
-    assert all(s["im_q"].shape == (3, 64, 64) and torch.isfinite(s["im_q"]).all() for s in samples)
+    assert all(s["im_q"].shape == (3, 64, 64) and s["im_q"].dtype == torch.uint8 for s in samples)
     assert ds.images.unreadable == {paths.index(str(image_folder / "corrupt.jpg")),
                                     paths.index(str(image_folder / "empty.png"))}
     assert any("skipping unreadable image" in str(w.message) for w in caught)
@@ -155,3 +168,83 @@ def test_epoch_sampler_shards_are_disjoint_equal_and_resume_mid_epoch():
     assert all(e == 5 for e, _ in full)
     sampler.set_epoch(6)
     assert [i for _, i in sampler] != [i for _, i in full]
+
+
+def test_path_list_gives_back_every_path_and_survives_pickling():
+    import pickle
+
+    from insloc.data.sources import PathList
+    paths = ["/data/a.jpg", "/data/ünïcode/ß.png", "rel/x.JPEG", "/d/" + "n" * 300 + ".png"]
+    listed = PathList(paths)
+    assert len(listed) == 4 and list(listed) == paths
+    assert listed[-1] == paths[-1] and listed[np.int64(1)] == paths[1]
+    for bad in (4, -5):
+        with pytest.raises(IndexError, match="out of range for 4 paths"):
+            listed[bad]
+    assert list(pickle.loads(pickle.dumps(listed))) == paths  # spawned workers get it pickled
+    assert len(PathList([])) == 0 and list(PathList([])) == []
+    # the paths live in two numpy arrays (no per-path Python objects for workers to un-share)
+    assert listed.data.dtype == np.uint8 and listed.offsets.tolist()[-1] == len(listed.data)
+
+
+def test_wide_images_are_scaled_to_8_bits_not_clipped_white(tmp_path):
+    from insloc.data.composite import ImageFiles, to_rgb
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "g16.png")  # a 16-bit grayscale PNG
+    Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "unit.tif")  # float 0..1
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "i32.tif")  # 32-bit int holding 16-bit values
+    Image.fromarray((ramp / 257).astype(np.int32)).save(tmp_path / "i8.tif")  # 32-bit int holding 0..255
+    Image.fromarray((ramp / 65535 * 2000 - 1000).astype(np.float32)).save(tmp_path / "hu.tif")  # any range
+    expected = np.rint(ramp / 257)
+    images = ImageFiles([str(tmp_path / n) for n in ("g16.png", "unit.tif", "i32.tif", "i8.tif", "hu.tif")])
+    with Image.open(tmp_path / "g16.png") as f:
+        assert f.mode.startswith("I;16") and np.asarray(f.convert("RGB")).mean() > 250  # what Pillow alone does
+    for i in range(len(images)):
+        rgb = np.asarray(images.load(i)).astype(np.float64)
+        assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+        assert np.abs(rgb[..., 0] - expected).max() <= 1.0, images.paths[i]
+    # non-finite values are black; a constant image does not divide by zero
+    nan = np.full((8, 8), np.nan, np.float32)
+    nan[0, 0], nan[0, 1], nan[0, 2] = -5.0, 5.0, np.inf
+    out = np.asarray(to_rgb(Image.fromarray(nan)))[..., 0]
+    assert out[0, 0] == 0 and out[0, 1] == 255 and out[0, 2] == 0 and (out[1:] == 0).all()
+    assert (np.asarray(to_rgb(Image.fromarray(np.full((4, 4), 70000, np.int32)))) == 0).all()
+    # 8-bit modes are untouched
+    rgb8 = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    assert (np.asarray(to_rgb(Image.fromarray(rgb8))) == rgb8).all()
+
+
+def test_listing_fingerprint_agrees_for_copies_and_differs_for_other_files(image_folder, tmp_path_factory):
+    import shutil
+
+    from insloc.data.sources import listing_fingerprint
+    copy = tmp_path_factory.mktemp("node2") / "data"
+    shutil.copytree(image_folder, copy)
+
+    def fingerprint(source):
+        return listing_fingerprint(image_paths(str(source)), str(source))
+    assert fingerprint(image_folder) == fingerprint(copy)  # the same files under another root
+    (copy / "sub" / "good2.png").rename(copy / "sub" / "other.png")
+    assert fingerprint(image_folder) != fingerprint(copy)
+    # a list file: its entries as written (relative ones resolve in each copy's folder)
+    for root in (image_folder, copy):
+        (root / "list.txt").write_text(f"good0.png\n{image_folder / 'good1.png'}\n")
+    assert fingerprint(image_folder / "list.txt") == fingerprint(copy / "list.txt")
+    (copy / "list.txt").write_text("good0.png\n")
+    assert fingerprint(image_folder / "list.txt") != fingerprint(copy / "list.txt")
+    assert listing_fingerprint(builtin_image_paths(), "builtin") == \
+        listing_fingerprint(["/elsewhere/" + os.path.basename(p) for p in builtin_image_paths()], "builtin")
+
+
+def test_a_folder_that_cannot_be_read_is_left_out_with_a_warning(image_folder, monkeypatch):
+    scandir = os.scandir
+
+    def no_entry(path="."):  # as a folder without read permission does (the tests may run as root)
+        if os.path.basename(os.fspath(path)) == "sub":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", no_entry)
+    with pytest.warns(UserWarning, match=r"1 folder\(s\) could not be read and are left out \(first: "
+                                         r"\[Errno 13\] Permission denied: '.*sub'\)"):
+        paths = image_paths(str(image_folder))
+    assert [os.path.relpath(p, image_folder) for p in paths] == ["good0.png", "good1.png"]

@@ -4,10 +4,12 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from PIL import Image
 
 import insloc.config
 import insloc.train
@@ -540,6 +542,47 @@ def test_a_resume_problem_of_one_process_stops_every_process_without_a_hang(tmp_
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == \
             f"--resume (resume): no checkpoint file {tmp_path / 'nope.pt'}" + (" (on rank 1)" if rank == 0 else "")
+
+
+def _two_process_data_worker(rank, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    outcomes = []
+    # each process lists its own copy of the data (node-local disks): rank 1's copy lacks a file, then
+    # has another in its place, then is not there at all
+    for copy in ("full", "short", "renamed", "absent"):
+        data = os.path.join(root, "full" if rank == 0 else copy)
+        try:
+            train(tiny(os.path.join(root, f"run_{copy}"), batch_size=2, samples_per_epoch=0, epochs=1, data=data))
+            outcomes.append("finished")
+        except UsageError as e:
+            outcomes.append(str(e))
+    with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(outcomes))
+    dist.barrier()
+
+
+@pytest.mark.slow
+def test_processes_that_list_different_images_stop_together_naming_the_flag(tmp_path):
+    rng = np.random.default_rng(0)
+    # 8 images make 2 steps of 2 x 2 an epoch, 4 make 1: rank 0 would wait forever for rank 1's second step
+    for name, files in (("full", "abcdefgh"), ("short", "abcd"), ("renamed", "abcdefgi")):
+        (tmp_path / name).mkdir()
+        for f in files:
+            Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(tmp_path / name / f"{f}.png")
+    run_processes(_two_process_data_worker, (free_port(), str(tmp_path)), nprocs=2, timeout_s=300)
+    for rank in (0, 1):
+        full, short, renamed, absent = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        assert full == "finished"  # the same images on both
+        assert short == "--data (data): the processes list different images ([8, 4] images, by rank): every " \
+            "process must see the same files at the same place (one shared folder, or identical copies)"
+        assert renamed == "--data (data): the processes list different images ([8, 8] images, by rank; the " \
+            "same number, other files): every process must see the same files at the same place (one shared " \
+            "folder, or identical copies)"
+        assert absent.startswith("--data (data): data source") and "is not 'builtin', a folder or a list file" in \
+            absent and absent.endswith(" (on rank 1)" if rank == 0 else "list file")
+    assert (tmp_path / "run_full" / "metrics.csv").exists()
 
 
 def test_ddp_wrapping_keeps_buffers_per_process_without_a_deprecation_warning(monkeypatch):

@@ -37,18 +37,32 @@ def color_jitter(image, g, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1
 
 def moco_v2_augment(image, box, g):
     """image: RGB PIL image; box [4] xyxy pixels or None.
-    ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur sigma in [0.1, 2] p=0.5, hflip p=0.5,
-    then normalisation. Returns (image [3, H, W] normalised, box [4] or None)."""
+    ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur sigma in [0.1, 2] p=0.5, hflip p=0.5.
+    Returns (image [3, H, W] uint8, box [4] or None); `normalize` makes the network's input of it."""
     if chance(g, 0.8):
         image = color_jitter(image, g)
     if chance(g, 0.2):
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     if chance(g, 0.5):
         image = image.filter(ImageFilter.GaussianBlur(radius=uniform(g, 0.1, 2.0)))  # MoCo v2's blur
-    image = TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=False)  # [3, H, W], 0..255
+    image = TF.pil_to_tensor(image)  # [3, H, W] uint8
     if chance(g, 0.5):
         image = TF.horizontal_flip(image)  # [3, H, W]
         if box is not None:
             W = image.shape[-1]
             box = torch.stack([W - box[2], box[1], W - box[0], box[3]])  # [4]
-    return (image - MEAN) / STD, box
+    return image, box
+
+
+_NORMALIZE_CONSTANTS = {}
+
+
+def normalize(images):
+    """The samples' uint8 RGB images [..., 3, H, W] normalised to float32, where they are: the trainer does
+    it after the copy to the GPU, so workers, shared memory and the host-to-device copy move a quarter of the
+    bytes of float32 batches (the values are those of normalising in the workers: the same float32 ops)."""
+    key = images.device
+    if key not in _NORMALIZE_CONSTANTS:  # made once per device (a copy from pageable memory waits for the GPU)
+        _NORMALIZE_CONSTANTS[key] = (MEAN.to(key), STD.to(key))
+    mean, std = _NORMALIZE_CONSTANTS[key]
+    return (images.to(torch.float32) - mean) / std

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .augment import moco_v2_augment
+from .sources import PathList
 
 
 def sample_generator(seed, epoch, index):
@@ -54,12 +55,40 @@ def paste_size(g, crop_w, crop_h, size_range, canvas):
             min(max(int(crop_h * factor + 0.5), 1), canvas))
 
 
+def to_rgb(image):
+    """An 8-bit RGB copy of a decoded image. Pillow's convert("RGB") clips 16-bit, 32-bit integer and float
+    images at 255 (a 16-bit grayscale PNG comes out white), so those are scaled to 0..255 first: 16-bit by
+    its range (/257); integer and float by the range their values fit (0..1 floats, 0..255, 0..65535), else
+    stretched from their minimum to their maximum (non-finite values black)."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        gray = np.asarray(image).astype(np.float32) / 257.0
+    elif mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        finite = np.isfinite(values)
+        lo, hi = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
+        if mode == "F" and lo >= 0 and hi <= 1:
+            scale, offset = 255.0, 0.0
+        elif lo >= 0 and hi <= 255:
+            scale, offset = 1.0, 0.0
+        elif lo >= 0 and hi <= 65535:
+            scale, offset = 1 / 257.0, 0.0
+        else:
+            scale, offset = 255.0 / max(hi - lo, 1e-12), lo
+        gray = np.where(finite, (values - offset) * scale, 0.0)
+    else:
+        return image.convert("RGB")
+    gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
 class ImageFiles:
     """Decodes images by index to RGB PIL images; an unreadable file gives None (counted and warned about
-    once per process), so the caller draws another. Keeps up to `cache` decoded images."""
+    once per process), so the caller draws another. Keeps up to `cache` decoded images. The paths are kept
+    in a PathList (shared by forked workers rather than copied page by page)."""
 
     def __init__(self, paths, cache=0):
-        self.paths, self.cache = list(paths), cache
+        self.paths, self.cache = paths if isinstance(paths, PathList) else PathList(paths), cache
         self.decoded, self.unreadable = {}, set()
 
     def __len__(self):
@@ -72,7 +101,7 @@ class ImageFiles:
             return None
         try:
             with Image.open(self.paths[index]) as f:
-                image = f.convert("RGB")
+                image = to_rgb(f)
             if min(image.size) < 2:
                 raise ValueError(f"image is {image.size[0]}x{image.size[1]}")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -99,7 +128,8 @@ class CopyPasteComposite(Dataset):
     rectangular overwrite) at a random place on a background resized to `image_size`, independently for
     the query and the key view, each view with its own random background; then MoCo v2's augmentations.
 
-    Item: im_q, im_k [3, S, S] normalised; boxes_q, boxes_k [4] xyxy pixels; unreadable (images skipped)."""
+    Item: im_q, im_k [3, S, S] uint8 (augment.normalize makes the network's input); boxes_q, boxes_k [4] xyxy
+    pixels; unreadable (images skipped)."""
 
     def __init__(self, paths, image_size=256, crop_scale=(0.2, 1.0), crop_ratio=(0.5, 2.0),
                  paste_size=(128, 255), samples_per_epoch=0, seed=0, decode_cache=0):
