@@ -90,8 +90,11 @@ def save_checkpoint(state, out_dir, keep=2):
             n += 1
         try:  # a second name for the old file; `path` itself names a complete checkpoint throughout
             os.link(path, aside)
-        except OSError:  # a filesystem without hard links
-            shutil.copy2(path, aside)
+        except OSError:  # a filesystem without hard links: a copy, complete or none (a full disk)
+            def copy(f):
+                with open(path, "rb") as source:
+                    shutil.copyfileobj(source, f, 1 << 20)
+            atomic_write(aside, copy)
         warnings.warn(f"kept the checkpoint this one replaces as {aside}", stacklevel=2)
     atomic_write(path, lambda f: torch.save(state, f))
     atomic_write(os.path.join(out_dir, LATEST), lambda f: f.write(os.path.basename(path).encode() + b"\n"))

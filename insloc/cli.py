@@ -80,14 +80,21 @@ def config_from_args(args):
 
 
 def default_out_dir(cfg):
-    """Where a run without --out-dir writes: runs/<name> (what --resume continues; the name is the preset's
-    unless --name or the YAML file sets it), or for a fresh run, if that holds checkpoints, the first of
-    runs/<name>-2, -3, ... that holds none (a fresh run never writes into a folder of checkpoints; see train)."""
-    from .checkpoint import numbered_checkpoints
+    """Where a run without --out-dir writes: runs/<name> (what --resume auto continues; the name is the
+    preset's unless --name or the YAML file sets it); for --resume with a run folder, its latest file or one of
+    its checkpoint_<step>.pt, that run's folder (it continues there); for a fresh run, or one resumed from a
+    file of another name (a copy), if runs/<name> holds checkpoints, the first of runs/<name>-2, -3, ... that
+    holds none (a fresh run never writes into a folder of checkpoints; see train)."""
+    from .checkpoint import is_run_file, numbered_checkpoints
 
+    if cfg.resume not in ("", "auto"):
+        if os.path.isdir(cfg.resume):
+            return cfg.resume
+        if is_run_file(os.path.basename(cfg.resume)):
+            return os.path.dirname(cfg.resume) or "."
     base = os.path.join("runs", cfg.name)
     path, n = base, 1
-    while not cfg.resume and numbered_checkpoints(path):
+    while cfg.resume != "auto" and numbered_checkpoints(path):
         n += 1
         path = f"{base}-{n}"
     return path

@@ -80,7 +80,8 @@ class Config:
     seed: int = _f(0, "seed of the model init, the data and the box augmentation")
     name: str = _f("insloc-r50-fpn", "the run's name (a preset's name by default): without --out-dir the run "
                                      "writes to runs/<name>")
-    out_dir: str = _f("", "output folder (default runs/<name>)")
+    out_dir: str = _f("", "output folder (default runs/<name>; with --resume of a run's folder or file, that "
+                          "run's folder)")
     resume: str = _f("", "'auto' (the checkpoint out_dir's latest file names, if any), a checkpoint "
                         "file, a run folder or its latest file (the checkpoint latest names), or '' (fresh)")
     log_every: int = _f(10, "steps between progress lines")
@@ -150,6 +151,18 @@ ARCHITECTURE_FIELDS = ("method", "arch", "depth", "fpn_channels", "head_fc_dim",
 # Architecture fields added after checkpoints were written without them: the value those checkpoints were
 # trained with (the FPN neck had no norm before fpn_norm existed).
 ADDED_FIELDS = {"head_norm": "bn", "fpn_norm": "none"}
+
+
+def architecture_fields(method, arch):
+    """The ARCHITECTURE_FIELDS that shape the encoder of `method` and `arch` (build_encoder's arguments):
+    MoCo's global encoder has no FPN or RoI head, C4's no FPN; an unknown method or arch gives them all."""
+    if method == "moco":
+        return ("method", "depth", "dim")
+    if method == "insloc" and arch == "c4":
+        return ("method", "arch", "depth", "dim", "c4_roi_size")
+    if method == "insloc" and arch == "fpn":
+        return tuple(f for f in ARCHITECTURE_FIELDS if f != "c4_roi_size")
+    return ARCHITECTURE_FIELDS
 
 
 def with_added_fields(values):

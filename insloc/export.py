@@ -34,7 +34,8 @@ Formats (one file each; ``OUT`` is the ``--out`` path):
     ``backbone.fpn_output{2..5}`` (+ ``.norm`` with ``fpn_norm="bn"``: set detectron2's ``MODEL.FPN.NORM``
     to ``"BN"`` or ``"SyncBN"``, as the official transfer configs do); the FPN box head's four convs ->
     ``roi_heads.box_head.conv{1..4}`` (+ ``.norm``) and its first fc -> ``roi_heads.box_head.fc1``
-    (detectron2's 4conv1fc head: set ``ROI_BOX_HEAD.NUM_CONV 4``, ``NUM_FC 1``, ``NORM`` as the FPN's; its
+    (detectron2's 4conv1fc head: set ``ROI_BOX_HEAD.NUM_CONV 4``, ``NUM_FC 1``, ``NORM`` ``"SyncBN"`` for
+    ``head_norm="bn"``, ``""`` for ``"none"`` (convs with biases instead of ``.norm``); its
     default 2fc head has an ``fc1`` of the same shape and would load this one silently). The second fc and
     the 128-d projection have no detectron2 counterpart and are dropped. Image-level MoCo checkpoints
     (``--method moco``) export the trunk as MoCo's own converter does: ``stem.conv1.*``, ``res2.*`` ...
@@ -176,7 +177,14 @@ def config_from_checkpoint(values, path="checkpoint"):
     try:
         return Config.from_dict({k: v for k, v in values.items() if k in known})
     except (TypeError, ValueError) as e:
+        first = e
+    try:  # a value this version does not accept (a newer trainer's choice) in a field the weights do not depend on
+        cfg = Config.from_dict({k: values[k] for k in ARCHITECTURE_FIELDS})
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the 'config' entry is not an insloc Config: {e}") from e
+    warnings.warn(f"{path}: the 'config' entry's fields besides the architecture are not all valid here ({first}); "
+                  f"converting with the architecture fields only")
+    return cfg
 
 
 def _zip_magic(path):
@@ -333,11 +341,27 @@ def _save_detectron2(obj, f):
     _PortablePickler(f, protocol=4).dump(obj)  # protocol 4: any Python 3 reads it, and >4 GiB arrays fit
 
 
+def _filesystem_error(e):
+    """The OSError behind a failed write: `e` itself, or the one torch.save's C++ writer turned into a
+    RuntimeError ("enforce fail at inline_container.cc ... unexpected pos", raised while handling the OSError of
+    the file object's write); None for a RuntimeError that did not come from the file."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _atomic_save(path, write):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, write)
-    except OSError as e:  # a directory, a parent that is a file, no permission, a full disk
+    except (OSError, RuntimeError) as error:  # a directory, a parent that is a file, no permission, a full disk
+        e = _filesystem_error(error)
+        if e is None:
+            raise
         temporary = e.filename and Path(e.filename).name.startswith(".tmp_")  # atomic_write's, not the user's
         detail = f"{e.filename}: {e.strerror}" if e.filename and e.strerror and not temporary else e.strerror or e
         raise ExportError(f"--out (out_path) {path}: cannot write it ({detail})") from e
@@ -437,7 +461,7 @@ def export(ckpt_path, fmt: Format, out_path, include_momentum=False, layout: Lay
             else:
                 _atomic_save(path, lambda f, obj=obj: torch.save(obj, f))
             written.append(path)
-    except ExportError:
+    except BaseException:  # ExportError, or anything else (an interrupt) between the two files
         for path, was_new in zip(written, new):  # a first file this call created goes with the failed second
             if was_new:
                 path.unlink(missing_ok=True)

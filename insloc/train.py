@@ -22,7 +22,7 @@ from insloc_ops import grid_anchors, selected_backends
 
 from .checkpoint import (load_checkpoint, load_latest_checkpoint, numbered_checkpoints, remove_stale_temporaries,
                          resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from .config import ARCHITECTURE_FIELDS, Config, UsageError, architecture_mismatch
+from .config import Config, UsageError, architecture_fields, architecture_mismatch
 from .data import CopyPasteComposite, EpochSampler, ImageFiles, TwoViewCrops, image_paths, normalize
 from .data.sources import listing_fingerprint
 from .models import build_encoder
@@ -66,6 +66,14 @@ def build_dataset(cfg: Config):
             raise UsageError(f"--data (data): none of its first {tries} images can be read ({caught[0].message})")
     return kind(paths, cfg.image_size, cfg.crop_scale, cfg.crop_ratio, cfg.paste_size, cfg.samples_per_epoch,
                 cfg.seed, cfg.decode_cache)
+
+
+# What a resumed run reads from a checkpoint (an exported file has the model's weights only).
+TRAINING_STATE = ("model", "optimizer", "epoch", "step_in_epoch", "step", "rng")
+
+
+def _same_folder(path, folder):
+    return os.path.realpath(os.path.dirname(path) or ".") == os.path.realpath(folder)
 
 
 def gather_outcomes(problem, value, world):
@@ -287,12 +295,23 @@ def train(cfg: Config, *, interrupt_after_step=None):
                 ckpt = load_checkpoint(resume_path)
         except (RuntimeError, FileNotFoundError) as e:  # unreadable, or a folder without checkpoints
             raise UsageError(f"--resume (resume): {e}") from e
+        lacking = [k for k in TRAINING_STATE if ckpt is not None and not (isinstance(ckpt, dict) and k in ckpt)]
+        if lacking:  # e.g. an `insloc export` output, or another program's weights
+            raise UsageError(f"--resume (resume): {resume_path} is not a checkpoint of insloc pretrain (it has no "
+                             f"{', '.join(repr(k) for k in lacking)}): resume from a run's checkpoint_<step>.pt, "
+                             f"its folder or its latest file")
+        if cfg.resume not in ("", "auto") and found and not _same_folder(resume_path, out_dir):
+            raise UsageError(f"--out-dir (out_dir): {out_dir} holds checkpoints of another run than "
+                             f"{resume_path} (the newest {os.path.basename(found[-1][1])}), which continuing "
+                             f"there would mix with and prune: continue in that checkpoint's folder "
+                             f"(--out-dir {os.path.dirname(resume_path) or '.'}) or in a new folder")
         if ckpt is not None and (ckpt["epoch"], ckpt["step_in_epoch"]) > (cfg.epochs, 0):
             raise UsageError(f"--epochs (epochs): {resume_path} is past the end of a run of {cfg.epochs} epochs "
                              f"(it stopped in epoch {ckpt['epoch'] + 1}): resume with at least "
                              f"{ckpt['epoch'] + (ckpt['step_in_epoch'] > 0)} epochs")
         if ckpt is not None:
-            mismatch = architecture_mismatch(cfg, ckpt.get("config") or {}, ARCHITECTURE_FIELDS + ("queue_size",))
+            mismatch = architecture_mismatch(cfg, ckpt.get("config") or {},
+                                             architecture_fields(cfg.method, cfg.arch) + ("queue_size",))
             if mismatch:
                 raise UsageError(f"--resume (resume): {resume_path} holds another model than this run builds "
                                  f"({'; '.join(mismatch)}): resume with the checkpoint's values")

@@ -622,6 +622,45 @@ def test_a_checkpoint_file_named_latest_is_exported_as_itself(tmp_path):
     assert torch.equal(torch.load(tmp_path / "tv.pth")["conv1.weight"], encoder.backbone.conv1.weight)
 
 
+def test_a_file_size_limit_mid_write_is_an_error_naming_the_flag_in_every_format(checkpoints, tmp_path):
+    # torch.save's C++ writer turns the file's OSError into a RuntimeError ("enforce fail at
+    # inline_container.cc"); a real limit, in a child process (a full disk behaves alike: ENOSPC)
+    import subprocess
+    import sys
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "from insloc.export import export_main\n"
+        "sys.exit(export_main(sys.argv[1:]))\n")
+    for fmt, name in (("raw", "x.pt"), ("torchvision", "x.pth"), ("detectron2", "x.pkl")):
+        out = tmp_path / fmt / name
+        args = [str(checkpoints["r18_fpn"][0]), "--format", fmt, "--out", str(out)]
+        args += ["--include-momentum"] if fmt != "detectron2" else []
+        done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"--out (out_path) {out}: cannot write it (File too large)" in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        assert list((tmp_path / fmt).iterdir()) == []  # no partial file, no temporary
+
+
+def test_a_config_value_this_version_does_not_take_outside_the_architecture_only_warns(tmp_path):
+    ckpt, encoder = make_checkpoint(R18_FPN_DEMO)
+    ckpt["config"]["head_init"] = "kaiming_uniform"  # as a newer trainer might write
+    torch.save(ckpt, tmp_path / "newer.pt")
+    with pytest.warns(UserWarning, match=r"--head-init \(head_init\) must be one of .*converting with the "
+                                         r"architecture fields only"):
+        export(tmp_path / "newer.pt", "raw", tmp_path / "raw.pt")
+    restored, cfg = load_raw_encoder(tmp_path / "raw.pt")
+    assert cfg.fpn_channels == R18_FPN_DEMO.fpn_channels
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value)
+    ckpt["config"]["arch"] = "c5"  # an architecture field still has to be right
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"not an insloc Config: --arch \(arch\)"):
+        export(tmp_path / "bad.pt", "raw", tmp_path / "raw2.pt")
+
+
 def test_out_naming_a_file_of_a_run_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

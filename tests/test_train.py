@@ -3,6 +3,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -198,6 +199,19 @@ def test_resuming_into_another_architecture_is_refused_naming_the_flag(tmp_path)
     assert summary["step"] == 4
 
 
+def test_fields_that_do_not_shape_the_encoder_do_not_block_a_resume(tmp_path):
+    # a C4 run written before fpn_norm existed (so 'none' by ADDED_FIELDS) resumes under today's default 'bn'
+    train(tiny(tmp_path, arch="c4", epochs=1, fpn_norm="none"))
+    saved = load_checkpoint(find_latest(str(tmp_path)))
+    del saved["config"]["fpn_norm"]
+    saved["config"]["fpn_channels"] = 999
+    torch.save(saved, tmp_path / "checkpoint_00000002.pt")
+    assert train(tiny(tmp_path, arch="c4", epochs=2, resume="auto"))["step"] == 4
+    with pytest.raises(UsageError, match=r"--c4-roi-size \(c4_roi_size\): 14 in the checkpoint, 7 here"):
+        train(tiny(tmp_path, arch="c4", epochs=3, c4_roi_size=7, resume="auto"))
+    assert insloc.config.architecture_fields("moco", "fpn") == ("method", "depth", "dim")
+
+
 def test_an_interrupt_at_the_end_of_an_epoch_stops_there(tmp_path):
     summary = train(tiny(tmp_path), interrupt_after_step=2)  # 2 steps per epoch
     assert summary == {"step": 2, "interrupted": True, "out_dir": str(tmp_path)}
@@ -277,6 +291,41 @@ def test_a_fresh_run_without_out_dir_never_writes_into_a_folder_of_checkpoints(t
     resumed = config_from_args(build_parser().parse_args(["pretrain", "--preset", "demo", "--resume", "auto"]))
     assert default_out_dir(resumed) == os.path.join("runs", "demo")
 
+    def resuming(path):
+        return default_out_dir(config_from_args(build_parser().parse_args(["pretrain", "--preset", "demo",
+                                                                           "--resume", path])))
+    # a run's folder, its latest file or one of its checkpoints: that run continues where it is (it went to
+    # runs/demo, another run's folder, and pruned its checkpoints)
+    other = os.path.join("runs", "demo-2")
+    assert resuming(other) == other
+    assert resuming(os.path.join(other, "latest")) == other
+    assert resuming(os.path.join(other, "checkpoint_00000002.pt")) == other
+    # a file of another name (a copy, a download) starts a folder of its own, as a fresh run does
+    shutil.copy(os.path.join(other, "checkpoint_00000002.pt"), "copy.pt")
+    assert resuming("copy.pt") == os.path.join("runs", "demo-3")
+
+
+def test_resuming_into_a_folder_of_another_runs_checkpoints_or_from_an_export_is_refused(tmp_path):
+    from insloc.export import export
+    train(tiny(tmp_path / "a", epochs=1))  # checkpoint_2
+    train(tiny(tmp_path / "b", epochs=1))
+    before = sorted(os.listdir(tmp_path / "a"))
+    with pytest.raises(UsageError, match=r"--out-dir \(out_dir\): .*a holds checkpoints of another run than "
+                                         r".*b.checkpoint_00000002.pt .*continue in that checkpoint's folder"):
+        train(tiny(tmp_path / "a", epochs=2, resume=str(tmp_path / "b")))
+    assert sorted(os.listdir(tmp_path / "a")) == before
+    # into its own folder, or an empty one, it continues
+    assert train(tiny(tmp_path / "b", epochs=2, resume=str(tmp_path / "b" / "latest")))["step"] == 4
+    assert train(tiny(tmp_path / "c", epochs=2, resume=str(tmp_path / "a")))["step"] == 4
+    export(tmp_path / "a", "raw", tmp_path / "raw.pt")
+    export(tmp_path / "a", "torchvision", tmp_path / "tv.pth")
+    for exported, lacking in (("raw.pt", "'model', 'optimizer', 'step_in_epoch', 'rng'"),
+                              ("tv.pth", "'model', 'optimizer', 'epoch', 'step_in_epoch', 'step', 'rng'")):
+        with pytest.raises(UsageError, match=rf"--resume \(resume\): .*{exported} is not a checkpoint of insloc "
+                                             rf"pretrain \(it has no {lacking}\)"):
+            train(tiny(tmp_path / "d", epochs=2, resume=str(tmp_path / exported)))
+    assert not (tmp_path / "d").exists()
+
 
 def test_a_printed_config_runs_where_its_preset_would(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -290,6 +339,29 @@ def test_a_printed_config_runs_where_its_preset_would(tmp_path, monkeypatch, cap
     for bad in ("", "a/b", ".."):
         with pytest.raises(ValueError, match=r"--name \(name\) must be a folder name"):
             dataclasses.replace(demo(), name=bad).validate()
+
+
+def test_without_hard_links_a_full_disk_leaves_no_partial_copy_of_the_kept_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint({"step": 8, "run": "old", "pad": torch.zeros(1 << 18)}, str(tmp_path))
+
+    def no_link(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    def half_then_full(source, target, length=0):
+        target.write(source.read(1000))
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(shutil, "copyfileobj", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint({"step": 8, "run": "new"}, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_00000008.pt", "latest"]  # no partial superseded-1
+    assert load_checkpoint(str(tmp_path / "checkpoint_00000008.pt"))["run"] == "old"
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "link", no_link)
+    with pytest.warns(UserWarning, match="superseded-1"):
+        save_checkpoint({"step": 8, "run": "new"}, str(tmp_path))
+    assert load_checkpoint(str(tmp_path / "checkpoint_00000008.superseded-1.pt"))["run"] == "old"
+    assert load_checkpoint(str(tmp_path / "checkpoint_00000008.pt"))["run"] == "new"
 
 
 def test_a_checkpoint_is_never_missing_while_its_predecessor_is_kept_aside(tmp_path, monkeypatch):
