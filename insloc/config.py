@@ -46,7 +46,7 @@ class Config:
     shuffle_bn: bool = _f(True, "shuffle key images and boxes across processes (needs DDP)")
     # data: the copy-paste composite
     data: str = _f("builtin", "image source: 'builtin' (photos shipped in scikit-image/scikit-learn), "
-                              "a folder (searched recursively) or a .txt file with one image path per line")
+                              "a folder (searched recursively) or a UTF-8 text file with one image path per line")
     image_size: int = _f(256, "canvas side (backgrounds are resized to it)")
     crop_scale: list[float] = _f([0.2, 1.0], "foreground crop area fraction range")
     crop_ratio: list[float] = _f([0.5, 2.0], "foreground crop aspect ratio range (log-uniform)")
@@ -261,7 +261,7 @@ def demo():
     recipe's BN head (or GroupNorm) the query and key embeddings collapse within ~50 steps (mean key
     cosine -> 1.0, loss -> log(K+1)) and the loss rises; without it the keys spread out and the loss
     falls. Split-batch BN (emulated shuffle-BN) and m = 0.999 did not prevent the collapse. Epoch-mean
-    loss over the 6 epochs, this preset: 16.62 -> 15.40, falling throughout; with the FPN's BatchNorm it
+    loss over the 6 epochs, this preset: 16.62 -> 15.50, falling throughout; with the FPN's BatchNorm it
     bottoms out at 15.62 (epoch 4) and ends at 15.95; with the official head initialisation, 15.46
     (epoch 2) and 16.28; with both, 15.84 (epoch 3) and 16.38."""
     return Config(name="demo", method="insloc", arch="fpn", depth=18, fpn_channels=64, head_fc_dim=256,

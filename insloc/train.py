@@ -72,6 +72,12 @@ def build_dataset(cfg: Config):
 TRAINING_STATE = ("model", "optimizer", "epoch", "step_in_epoch", "step", "rng")
 
 
+def _progress(ckpt):
+    epoch, in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+    return f"it stopped in epoch {epoch + 1}, after {in_epoch} of its steps" if in_epoch else \
+        f"it completed {epoch} epoch{'s' if epoch != 1 else ''}"
+
+
 def _same_folder(path, folder):
     return os.path.realpath(os.path.dirname(path) or ".") == os.path.realpath(folder)
 
@@ -307,7 +313,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
                              f"(--out-dir {os.path.dirname(resume_path) or '.'}) or in a new folder")
         if ckpt is not None and (ckpt["epoch"], ckpt["step_in_epoch"]) > (cfg.epochs, 0):
             raise UsageError(f"--epochs (epochs): {resume_path} is past the end of a run of {cfg.epochs} epochs "
-                             f"(it stopped in epoch {ckpt['epoch'] + 1}): resume with at least "
+                             f"({_progress(ckpt)}): resume with at least "
                              f"{ckpt['epoch'] + (ckpt['step_in_epoch'] > 0)} epochs")
         if ckpt is not None:
             mismatch = architecture_mismatch(cfg, ckpt.get("config") or {},
@@ -533,7 +539,7 @@ def train(cfg: Config, *, interrupt_after_step=None):
         plot_losses(log.path, os.path.join(out_dir, "loss.png"), names)
         say(f"wrote {os.path.join(out_dir, 'loss.png')}")
     means = summary.get("epoch_mean_loss") or {}
-    trend = " -> ".join(f"{m:.3f}" for m in means.values())
+    trend = " -> ".join(f"{m:.3f}" for m in means.values()) or "none (the queue never filled)"
     say(f"done: {step} steps in {_fmt_time(summary['wall_s'])}; mean loss per epoch (once the queue is full) "
         f"{trend}; outputs in {out_dir}")
     if world > 1:

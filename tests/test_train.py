@@ -703,7 +703,8 @@ def test_resume_takes_a_run_folder_or_its_latest_file_and_refuses_fewer_epochs_t
         summary = train(tiny(tmp_path / "next", epochs=3, resume=str(where), keep_checkpoints=9))
         assert summary["step"] == 6 and os.path.isfile(tmp_path / "next" / "checkpoint_00000006.pt")
         os.remove(tmp_path / "next" / "checkpoint_00000006.pt")
-    with pytest.raises(UsageError, match="--epochs \\(epochs\\): .*past the end of a run of 1 epochs .*at least 2"):
+    with pytest.raises(UsageError, match="--epochs \\(epochs\\): .*past the end of a run of 1 epochs \\(it completed 2 "
+                                         "epochs\\): resume with at least 2"):
         train(tiny(tmp_path, epochs=1, resume="auto"))
     assert train(tiny(tmp_path, epochs=2, resume="auto"))["step"] == 4  # a finished run: nothing left to do
     (tmp_path / "empty").mkdir()

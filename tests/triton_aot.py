@@ -8,8 +8,8 @@ and constexprs are read off the arguments, and `triton.compile` takes it to a cu
 cannot reach (tf32x3 and tf32 dots, the atomic and deterministic backward modes) are added by flipping those constexprs.
 
 Run without TRITON_INTERPRET: `python tests/triton_aot.py [--full] [ARCH ...]` (default sm_90). Prints one
-JSON line per compile. The default set covers every dtype, layout and mode at least once (70 compiles per
-arch, about 2 minutes on 2 cores); --full takes the whole product (about 3 times as many).
+JSON line per compile. The default set covers every dtype, layout and mode at least once (76 compiles per
+arch, about 2 minutes on 2 cores); --full takes the whole product (218).
 """
 import itertools
 import json
