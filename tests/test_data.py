@@ -224,6 +224,7 @@ def test_listing_fingerprint_agrees_for_copies_and_differs_for_other_files(image
     def fingerprint(source):
         return listing_fingerprint(image_paths(str(source)), str(source))
     assert fingerprint(image_folder) == fingerprint(copy)  # the same files under another root
+    assert fingerprint(str(copy) + os.sep) == fingerprint(copy)
     (copy / "sub" / "good2.png").rename(copy / "sub" / "other.png")
     assert fingerprint(image_folder) != fingerprint(copy)
     # a list file: its entries as written (relative ones resolve in each copy's folder)
@@ -248,3 +249,19 @@ def test_a_folder_that_cannot_be_read_is_left_out_with_a_warning(image_folder, m
                                          r"\[Errno 13\] Permission denied: '.*sub'\)"):
         paths = image_paths(str(image_folder))
     assert [os.path.relpath(p, image_folder) for p in paths] == ["good0.png", "good1.png"]
+
+
+def test_path_list_digest_skips_a_common_prefix_as_relative_paths_would():
+    import hashlib
+
+    from insloc.data.sources import PathList
+    rel = ["a.png", "sub/b.JPEG", "x", "ß/c.png"]
+    for root in ("/data/train/", "/mnt/other/place/"):
+        listed = PathList([root + r for r in rel])
+        expected = hashlib.sha1("".join(rel).encode())
+        expected.update(np.array([len(r.encode()) for r in rel], "<i8").tobytes())
+        assert listed.digest(len(root)) == expected.hexdigest()
+    assert PathList(["/d/ab", "/d/c"]).digest(3) != PathList(["/d/a", "/d/bc"]).digest(3)  # lengths count
+    assert PathList([]).digest(5) == PathList([]).digest(0)
+    with pytest.raises(ValueError, match="shorter than the 9 bytes"):
+        PathList(["/d/a"]).digest(9)

@@ -91,14 +91,16 @@ def image_paths(source):
 def listing_fingerprint(paths, source):
     """A digest of the listing as every process should see it: a folder's images by their paths relative to
     it, a list file's entries as written, the built-in photographs by name. Copies of one dataset on several
-    machines agree (wherever they are mounted); a folder with a file missing, extra or renamed does not."""
+    machines agree (wherever they are mounted); a folder with a file missing, extra or renamed does not.
+    Under a second for ImageNet's 1.28M paths (a folder's are hashed as one byte array)."""
+    digest = hashlib.sha1()
     if source == "builtin":
-        names = (os.path.basename(p) for p in paths)
-    elif os.path.isdir(source):
-        names = (os.path.relpath(p, source) for p in paths)
+        names = [os.path.basename(p) for p in paths]
+    elif os.path.isdir(source):  # os.walk's paths all start with the folder as given, then a separator
+        prefix = os.fsencode(source)
+        return PathList.of(paths).digest(len(prefix) + (not prefix.endswith(os.sep.encode())))
     else:
         names = _list_file_entries(source)
-    digest = hashlib.sha1()
     for name in names:
         digest.update(os.fsencode(name) + b"\0")
     return digest.hexdigest()
@@ -116,8 +118,27 @@ class PathList:
         np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
         self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
 
+    @classmethod
+    def of(cls, paths):
+        return paths if isinstance(paths, cls) else cls(paths)
+
     def __len__(self):
         return len(self.offsets) - 1
+
+    def digest(self, skip=0):
+        """sha1 hex digest of the paths without their first `skip` bytes (a common prefix), and their lengths."""
+        starts, lengths = self.offsets[:-1], np.diff(self.offsets)
+        if len(self) and lengths.min() < skip:
+            raise ValueError(f"a path is shorter than the {skip} bytes to skip")
+        keep = np.ones(len(self.data), dtype=bool)
+        if skip and len(self):
+            edges = np.zeros(len(self.data) + 1, dtype=np.int8)  # +1 at each start, -1 skip bytes later
+            np.add.at(edges, starts, 1)
+            np.add.at(edges, starts + skip, -1)
+            keep = np.cumsum(edges[:-1], dtype=np.int8) == 0
+        digest = hashlib.sha1(self.data[keep].tobytes())
+        digest.update((lengths - skip).astype("<i8").tobytes())
+        return digest.hexdigest()
 
     def __getitem__(self, index):
         n = len(self)
