@@ -53,7 +53,7 @@ def main():
     reps, max_seconds = (10, 3.0) if args.quick else (50, 15.0)
     available = insloc_ops.available_backends()["sample_anchor_boxes"][device.type]
     fused = [b for b in (("cpu",) if device.type == "cpu" else ("cuda", "triton")) if b in available]
-    rec = Recorder("sample_anchor_boxes", path=args.out)
+    rec = Recorder("sample_anchor_boxes", path=args.out, device=args.device)
     (pass_,) = PASSES
     for name, gt, anchors in shapes(device):
         g = torch.Generator().manual_seed(1)

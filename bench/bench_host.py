@@ -53,7 +53,7 @@ def with_fused(op, device, baseline, fused):
     for b in BACKENDS:
         if b == "triton" and torch.device(device).type == "cpu":
             continue  # only through TRITON_INTERPRET=1 (the tests' setting): an interpreter's time, not host cost
-        if insloc_ops._backend.is_available(op, b, device):
+        if insloc_ops._backend.is_available(op, b, torch.device(device).type, torch.device(device).index):
             impls[b] = (lambda b: lambda: fused(b))(b)
     return impls
 
@@ -103,7 +103,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     for make in (roi_cases, infonce_cases, anchor_cases):
         op, shape, grad_inputs, impls = make(args.device)
-        rec = Recorder(op, args.out)
+        rec = Recorder(op, args.out, device=args.device)
         passes = {"forward": False} if grad_inputs is None else {"forward": False, "fwd+bwd": True}
         for pass_, backward in passes.items():
             base = None

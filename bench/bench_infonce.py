@@ -65,17 +65,18 @@ def make_inputs(shape, device):
 
 
 def impls(device):
+    device = torch.device(device)  # "cuda:1" is a CUDA device too
     out = {"baseline": materialised}
-    fused = ["cpu"] if device == "cpu" else ["triton", "cuda"]
+    fused = ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
     for backend in fused:
-        if insloc_ops._backend.is_available("queue_infonce", backend, device):
+        if insloc_ops._backend.is_available("queue_infonce", backend, device.type, device.index):
             out[backend] = (lambda b: lambda q, k, queue, t: insloc_ops.queue_infonce(q, k, queue, t, backend=b))(
                 backend)
     if "cuda" in out:  # the CUDA C++ kernels on CUDA cores (timed with INSLOC_OPS_CUDA_INFONCE_TC=0)
         out["cuda-cudacores"] = out["cuda"]
         # ... and with register-prefetched queue tiles (INSLOC_OPS_CUDA_INFONCE_PIPELINE=1; opt-in until measured)
         out["cuda-pipelined"] = out["cuda"]
-    if device == "cpu" and "cpu" in out:
+    if device.type == "cpu" and "cpu" in out:
         out["cpu-twopass"] = lambda q, k, queue, t: torch.ops.insloc_ops.queue_infonce(q, k, queue, t)[0].mean(-1)
     return out
 
@@ -91,22 +92,23 @@ def main():
                         help="allow TF32 for fp32 products (baseline matmuls and Triton dots alike)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "infonce.csv"))
     args = parser.parse_args()
-    if args.device == "cpu":
+    on_cpu = torch.device(args.device).type == "cpu"
+    if on_cpu:
         torch.set_num_threads(args.threads)
     reps, max_s = (5, 5.0) if args.quick else (30, 20.0)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    if args.device != "cpu":
+    if not on_cpu:
         print(f"fp32 products: baseline {'TF32' if args.tf32 else 'IEEE fp32'}, Triton "
               f"{'TF32' if args.tf32 else 'TF32x3'}, CUDA C++ TF32x3 (WMMA; cuda-cudacores: fp32 on CUDA "
               f"cores)", flush=True)
-    if args.device != "cpu" and args.peak_gbs is None:
+    if not on_cpu and args.peak_gbs is None:
         gpu = torch.cuda.get_device_name(args.device)
         args.peak_gbs = peak_gbs(gpu)
         print(f"peak bandwidth of {gpu}: " + (f"{args.peak_gbs:.0f} GB/s" if args.peak_gbs else
                                                "unknown, so no fraction of peak (pass --peak-gbs)"), flush=True)
     tc_setting = os.environ.get("INSLOC_OPS_CUDA_INFONCE_TC", "1")
     pipeline_setting = os.environ.get("INSLOC_OPS_CUDA_INFONCE_PIPELINE", "0")
-    rec = Recorder("queue_infonce", path=args.out)
+    rec = Recorder("queue_infonce", path=args.out, device=args.device)
     for shape_name, shape in SHAPES.items():
         q, k, queue = make_inputs(shape, args.device)
         label = shape_name + ("/tf32" if args.tf32 else "")
@@ -148,7 +150,7 @@ def main():
                 # no comparison with the baseline's, so that row has no speed-up.
                 one_pass = pass_ == "backward" and name == "cpu"
                 rec.add(label, name, pass_, timing, peak, None if one_pass else timings["baseline"][0], settings)
-                if args.device != "cpu" and pass_ == "both":
+                if not on_cpu and pass_ == "both":
                     floor_ms = 2 * queue_bytes / (args.peak_gbs * 1e9) * 1e3 if args.peak_gbs else None
                     print(f"    {name}: {2 * queue_bytes / timing[0] / 1e6:8.1f} GB/s achieved" + (
                         f", floor {floor_ms:.3f} ms = {floor_ms / timing[0]:.0%} of peak" if floor_ms else

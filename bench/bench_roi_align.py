@@ -92,11 +92,16 @@ def deterministic_algorithms(on):
 
 # Environment that selects the CUDA kernel's separable forward and backward (csrc/cuda/roi_align.cu).
 SEPARABLE_ENV = {"INSLOC_OPS_CUDA_ROI_FORWARD": "separable", "INSLOC_OPS_CUDA_ROI_BACKWARD": "separable"}
+# Every CUDA row runs with these unset unless it sets them (a value exported in the shell would otherwise change
+# the kernel a row names without its settings column saying so).
+CUDA_ROI_ENV = {"INSLOC_OPS_CUDA_ROI_FORWARD": None, "INSLOC_OPS_CUDA_ROI_BACKWARD": None,
+                "INSLOC_OPS_CUDA_ROI_CHANNELS": None}
 
 
 def settings_of(deterministic, env):
     """The row's settings column: the deterministic flag and environment variables an implementation sets."""
-    items = (["deterministic"] if deterministic else []) + [f"{k}={v}" for k, v in (env[0] if env else {}).items()]
+    items = (["deterministic"] if deterministic else []) + [f"{k}={v}" for k, v in (env[0] if env else {}).items()
+                                                             if v is not None]
     return " ".join(items)
 
 
@@ -165,16 +170,20 @@ def main():
     if device == "cpu":
         impls.append(("cpp", fused("cpu"), False))
     else:
-        impls += [(b, fused(b), False) for b in ("cuda", "triton") if is_available(OP, b, "cuda")]
-        if is_available(OP, "cuda", "cuda"):
-            impls.append(("cuda-determ", fused("cuda"), True))
+        index = torch.device(args.device).index
+        if is_available(OP, "cuda", "cuda", index):
+            impls.append(("cuda", fused("cuda"), False, CUDA_ROI_ENV))
+        if is_available(OP, "triton", "cuda", index):
+            impls.append(("triton", fused("triton"), False))
+        if is_available(OP, "cuda", "cuda", index):
+            impls.append(("cuda-determ", fused("cuda"), True, CUDA_ROI_ENV))
             # The CUDA kernels with one channel per thread (torchvision's layout of the work), for comparison.
-            impls.append(("cuda-1ch", fused("cuda"), False, {"INSLOC_OPS_CUDA_ROI_CHANNELS": "1"}))
+            impls.append(("cuda-1ch", fused("cuda"), False, {**CUDA_ROI_ENV, "INSLOC_OPS_CUDA_ROI_CHANNELS": "1"}))
             # The separable kernels (tabulated per-axis weights, one read or atomic per footprint pixel): opt-in
             # until measured here.
-            impls.append(("cuda-separable", fused("cuda"), False, SEPARABLE_ENV))
-            impls.append(("cuda-separable-determ", fused("cuda"), True, SEPARABLE_ENV))
-    rec = Recorder(OP, path=args.out)
+            impls.append(("cuda-separable", fused("cuda"), False, {**CUDA_ROI_ENV, **SEPARABLE_ENV}))
+            impls.append(("cuda-separable-determ", fused("cuda"), True, {**CUDA_ROI_ENV, **SEPARABLE_ENV}))
+    rec = Recorder(OP, path=args.out, device=args.device)
     for name, make_inputs in SHAPES.items():
         if any(name.startswith(prefix) for prefix in args.shapes.split(",")):
             bench_shape(rec, name, make_inputs(device), impls, device, reps, max_seconds)

@@ -31,7 +31,8 @@ from insloc.config import Config  # noqa: E402
 from insloc.train import build_dataset, build_model  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets (SXM parts).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# dense bf16 peaks by device-name fragment, the more specific first (an H100 PCIe or NVL is also an "H100")
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 OPS = {  # where the model looks the ops up, and the baseline that replaces each
     "roi_align": (encoders, "roi_align_multilevel", baselines.roi_align_torchvision),
@@ -92,13 +93,13 @@ def measure_step(cfg, impl, backends, args, rec, device):
     with implementations(impl, backends):
         timing = time_ms(step, device, reps=args.steps, warmup=args.warmup, max_seconds=args.max_seconds)
         peak = peak_extra_mb(step, device) if cuda else None
-        flops = None
-        if args.flops:
-            from torch.utils.flop_counter import FlopCounterMode
+    flops = None
+    if args.flops:  # counted on the baseline's ops for both rows: FlopCounterMode does not see the custom ops
+        from torch.utils.flop_counter import FlopCounterMode
 
-            with FlopCounterMode(display=False) as counter:
-                step()
-            flops = counter.get_total_flops()
+        with implementations("baseline", backends), FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
     name = f"{'R50' if cfg.depth == 50 else 'R18'}-{cfg.arch.upper()} b{cfg.batch_size} {cfg.image_size}px"
     settings = ""
     if impl == "fused":  # the backend each op ran on: the package's default for the device unless --backends named one
@@ -109,11 +110,12 @@ def measure_step(cfg, impl, backends, args, rec, device):
     extra = f"{ips:.1f} img/s"
     if flops:
         tflops = flops / (timing[0] / 1e3) / 1e12
-        peak_tf = next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
+        peak_tf = next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and args.bf16  # a bf16 peak: bf16 runs only
+                        and k in torch.cuda.get_device_name(device)), None)
         extra += f", {tflops:.1f} TFLOP/s" + (f", MFU {100 * tflops / peak_tf:.1f}%" if peak_tf else "")
     row["shape"] = f"{name} ({extra})"
     print("   ", extra, flush=True)
-    return timing[0]
+    return timing[0], row
 
 
 def imagenet_like_folder(folder, long_side=500, quality=90):
@@ -170,24 +172,26 @@ def main(argv=None):
     p.add_argument("--data-only", action="store_true", help="time the data pipeline only, no training step")
     p.add_argument("--out", default=None, help="CSV to append rows to")
     p.add_argument("--quick", action="store_true", help="5 steps, 1 warm-up")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: every core)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 5, 1
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
     backends = dict(kv.split("=") for kv in args.backends.split(",") if kv)
     unknown = sorted(set(backends) - set(OPS))
     if unknown:
         p.error(f"--backends: unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
-    rec = Recorder("train_step")
+    rec = Recorder("train_step", device=args.device)
     for arch in [] if args.data_only else args.arch:
         cfg = Config(method="insloc", arch=arch, depth=args.depth, batch_size=args.batch,
                      image_size=args.image_size, queue_size=args.queue)
-        times = {impl: measure_step(cfg, impl, backends, args, rec, device) for impl in args.impl}
-        if "baseline" in times and "fused" in times:
-            rec.rows[-1]["speedup_vs_baseline"] = f"{times['baseline'] / times['fused']:.2f}"
-            print(f"    fused step x{times['baseline'] / times['fused']:.2f} vs baseline", flush=True)
+        measured = {impl: measure_step(cfg, impl, backends, args, rec, device) for impl in args.impl}
+        if "baseline" in measured and "fused" in measured:  # on the fused row, whatever the order of --impl
+            speedup = measured["baseline"][0] / measured["fused"][0]
+            measured["fused"][1]["speedup_vs_baseline"] = f"{speedup:.2f}"
+            print(f"    fused step x{speedup:.2f} vs baseline", flush=True)
         if args.out:  # each architecture's rows as soon as they are complete: a stopped run keeps them
             rec.write(args.out)
     if args.measure_data or args.data_only:

@@ -46,9 +46,11 @@ def _revision():
         return ""
 
 
-def environment():
-    """What a row was measured on and with: device, versions (torchvision: the baselines' library), the commit,
-    the date, and the time the run started (which tells one run's rows from another's in an appended file)."""
+def environment(device=None):
+    """What a row was measured on and with: the device the benchmark ran on (``device``: a GPU's name, a CPU's
+    model and threads; None: the first GPU if there is one), versions (torchvision: the baselines' library;
+    cuda empty for a CPU row), the commit, the date, and the time the run started (which tells one run's rows
+    from another's in an appended file)."""
     try:
         import triton
 
@@ -61,13 +63,17 @@ def environment():
         torchvision_version = torchvision.__version__
     except Exception:
         torchvision_version = ""
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        name = torch.cuda.get_device_name(device)
     else:
-        device = f"CPU {_cpu_model()} x{torch.get_num_threads()} threads"
+        name = f"{device.type.upper()} {_cpu_model()} x{torch.get_num_threads()} threads"
     now = datetime.datetime.now(datetime.timezone.utc)
-    return {"device": device, "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda or "", "date": now.date().isoformat(), "torchvision": torchvision_version,
+    return {"device": name, "torch": torch.__version__, "triton": triton_version,
+            "cuda": (torch.version.cuda or "") if on_gpu else "", "date": now.date().isoformat(), "torchvision": torchvision_version,
             "revision": _revision(), "time": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
@@ -169,9 +175,9 @@ class Recorder:
     """Collects rows, prints a compact table and writes them to CSV (appending). Given ``path``, each row
     is appended as it is measured, so a benchmark stopped part-way keeps what it measured."""
 
-    def __init__(self, op, path=None):
+    def __init__(self, op, path=None, device=None):
         self.op = op
-        self.env = environment()
+        self.env = environment(device)
         self.rows = []
         self.path = path
         self.written = 0
@@ -226,9 +232,14 @@ class Recorder:
 
 @contextlib.contextmanager
 def environ(changes=None):
-    """os.environ updated with ``changes`` for the block (the CUDA kernels read their settings per call)."""
+    """os.environ updated with ``changes`` for the block (the CUDA kernels read their settings per call); a value
+    None removes the variable for the block."""
     before = {k: os.environ.get(k) for k in changes or {}}
-    os.environ.update(changes or {})
+    for k, v in (changes or {}).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:

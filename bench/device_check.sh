@@ -127,8 +127,15 @@ wait
 # other exit status (stopped at the limit, interrupted, crashed). The processes of opt-in settings' tests
 # (MODULE.settings) are listed but leave it alone, as they decide no default (bench/pick_defaults.py).
 tests_rc=0
-for rc_file in "$OUT"/gpu_tests/*.rc; do
+rc_files=("$OUT"/gpu_tests/*.rc)
+if [[ ! -e "${rc_files[0]}" ]]; then  # the glob stayed a pattern: no test process ran at all
+  echo "no GPU test process ran (no gpu-marked test module selected?)"
+  tests_rc=2
+  rc_files=()
+fi
+for rc_file in "${rc_files[@]}"; do
   rc=$(<"$rc_file")
+  [[ "$rc" =~ ^[0-9]+$ ]] || rc=2  # an unreadable or empty status counts as a failure
   echo "$(basename "$rc_file" .rc): exit $rc, $(tail -n 1 "${rc_file%.rc}.txt")"
   [[ "$rc_file" == *.settings.rc ]] && continue
   case "$rc" in
@@ -141,6 +148,8 @@ grep -h -E "^(FAILED|ERROR) " "$OUT"/gpu_tests/*.txt | head -n 20
 if [[ -f "$OUT/memcheck.rc" ]]; then
   summary=$(grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.txt" | tail -n 2 | tr '\n' ' ')
   echo "memcheck: exit $(<"$OUT/memcheck.rc"), $summary"
+  # 99: memcheck found an error (--error-exitcode): a failure; other statuses (refused, stopped) only inform
+  [[ "$(<"$OUT/memcheck.rc")" == 99 ]] && (( tests_rc <= 1 )) && tests_rc=99
 fi
 
 step "op benchmarks"

@@ -12,10 +12,12 @@ module and selection in TEST_SELECTIONS: its JUnit XML and exit status), ops.csv
 - the op's benchmark ended by itself ("ok" in bench_status.json), wrote every row a full run on CUDA writes
   (each shape and pass listed by the benchmark module's SHAPES and PASSES) for the backend and the baseline,
   and the backend's median is below the baseline's at every shape in the op's deciding pass (the one training
-  runs: forward+backward; forward for the anchor op). Rows of the other passes (forward or backward alone)
-  where it is slower are listed beside the verdict; they do not disqualify it.
+  runs: forward+backward; forward for the anchor op), beyond the spread at one shape at least (its 80th
+  percentile below the baseline's 20th), each of those rows timed at least MIN_REPS times. Rows of the other
+  passes (forward or backward alone) where it is slower are listed beside the verdict; they do not disqualify it.
 Among those, the highest geometric-mean speed-up of the op's deciding pass (fused forward+backward; forward for
-the anchor op) wins, otherwise the reference stays. Prints a markdown table and the proposed `DEFAULTS["cuda"]`
+the anchor op) wins, unless the current default qualifies within TIE of it (then it stays); otherwise the
+reference stays. Prints a markdown table and the proposed `DEFAULTS["cuda"]`
 entries with the rows they rest on; it does not edit `insloc_ops/_backend.py`: a person copies the result there
 and into BENCHMARKS.md. Then a table of the benchmarks' variants of a backend (impls named BACKEND-SETTING, such as
 cuda-separable) against that backend's own rows, which informs and decides nothing.
@@ -55,6 +57,10 @@ TEST_SELECTIONS = {
     "common": (f"((cuda and triton) or (not cuda and not triton)) and {_NOT_SETTINGS}", GPU_BACKENDS),
     "settings": (" or ".join(SETTING_WORDS), ()),
 }
+# A deciding row needs this many repetitions on both sides (a --quick run's 5 decide nothing), and two qualifying
+# backends whose geometric-mean speed-ups are within TIE of each other leave the current default in place.
+MIN_REPS = 10
+TIE = 1.05
 FINISHED = ("0", "1", "5")  # pytest's exit status: all passed, some failed, no test selected
 
 
@@ -128,12 +134,17 @@ def read_test_runs(outdir):
 
 
 def read_bench(path):
-    """{(op, impl, shape, pass): (median ms, device)} from ops.csv (the raw medians, not the rounded ratios)."""
+    """{(op, impl, shape, pass): (median ms, device, p20 ms, p80 ms, repetitions)} from ops.csv (the raw medians,
+    not the rounded ratios). A file without the percentiles gives the median for both; without the repetitions,
+    None (not checked)."""
     rows = {}
     with open(path) as fh:
         for r in csv.DictReader(fh):
             if r.get("median_ms"):
-                rows[(r["op"], r["impl"], r["shape"], r["pass"])] = (float(r["median_ms"]), r.get("device", ""))
+                med = float(r["median_ms"])
+                rows[(r["op"], r["impl"], r["shape"], r["pass"])] = (
+                    med, r.get("device", ""), float(r.get("p20_ms") or med), float(r.get("p80_ms") or med),
+                    int(r["reps"]) if r.get("reps") else None)
     return rows
 
 
@@ -161,7 +172,7 @@ def decide(tests, unfinished, bench, status):
     op_modules = {m for *_, m in OPS.values()}
     for op, (bench_file, base_impl, deciding, module) in OPS.items():
         expected = expected_rows(op)
-        best, best_score = "reference", None
+        best, scores = "reference", {}
         for backend in GPU_BACKENDS:
             # Its op's tests and those of modules that are no op's own (they concern every op).
             mods = sorted({m for m, b in [*tests, *unfinished]
@@ -183,14 +194,32 @@ def decide(tests, unfinished, bench, status):
             slower = [(s, p) for s, p in have if bench[(op, backend, s, p)][0] >= bench[(op, base_impl, s, p)][0]]
             if any(p == deciding for _, p in slower):
                 why.append("not faster at " + ", ".join(f"{s} {p}" for s, p in slower if p == deciding))
+            decisive = [(s, p) for s, p in have if p == deciding]
+            few = [f"{s} {p}" for s, p in decisive for impl in (backend, base_impl)
+                   if (bench[(op, impl, s, p)][4] or MIN_REPS) < MIN_REPS]
+            if few:
+                why.append(f"fewer than {MIN_REPS} repetitions at " + ", ".join(dict.fromkeys(few)) + " (--quick?)")
+            # Faster beyond the noise somewhere: its 80th percentile below the baseline's 20th at one shape at
+            # least (medians a hair apart at every shape, within the spread, are a tie, not a win).
+            if decisive and not any(bench[(op, backend, s, p)][3] < bench[(op, base_impl, s, p)][2]
+                                    for s, p in decisive):
+                why.append("faster beyond the spread (p80 below the baseline's p20) at no shape")
             # Slower rows of the other passes (forward or backward alone) are reported, not disqualifying.
             elsewhere = [f"{s} {p}" for s, p in slower if p != deciding]
             rows = [(s, p, bench[(op, base_impl, s, p)][0] / bench[(op, backend, s, p)][0],
-                     *bench[(op, backend, s, p)]) for s, p in have if p == deciding]
+                     *bench[(op, backend, s, p)][:2]) for s, p in have if p == deciding]
             score = math.exp(sum(math.log(r[2]) for r in rows) / len(rows)) if rows else None
-            if not why and (best_score is None or score > best_score):
-                best, best_score = backend, score
+            if not why:
+                scores[backend] = score
             table.append((op, backend, t, rows, why, elsewhere))
+        if scores:
+            best = max(scores, key=scores.get)
+            # Backends within TIE of each other: the current default stays (one run's medians decide no switch).
+            from insloc_ops._backend import DEFAULTS
+
+            current = DEFAULTS["cuda"].get(op)
+            if current in scores and scores[current] * TIE >= scores[best]:
+                best = current
         chosen[op] = best
     return table, chosen
 
@@ -218,7 +247,7 @@ def variants(bench):
     """[(op, variant, shape, pass, backend ms, variant ms)]: the benchmarks' settings of a backend's kernels
     (impls named BACKEND-SETTING, e.g. cuda-separable, cuda-pipelined), beside the backend's own row."""
     out = []
-    for (op, impl, shape, pass_), (ms, _) in sorted(bench.items()):
+    for (op, impl, shape, pass_), (ms, *_) in sorted(bench.items()):
         backend = impl.split("-")[0]
         # A deterministic setting (NAME-determ) against the backend's deterministic row.
         base = f"{backend}-determ" if impl.endswith("-determ") and impl != f"{backend}-determ" else backend

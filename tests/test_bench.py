@@ -105,10 +105,11 @@ def full_rows(speedups):
     return rows
 
 
-def write_gpu_results(out, cases, rows, status=None, exits=None):
+def write_gpu_results(out, cases, rows, status=None, exits=None, spread=None):
     """OUT as device_check.sh leaves it: gpu_tests/MODULE.SELECTION.{xml,rc} (each case in the selection its name
     puts it in; exit 0 unless ``exits`` says otherwise), ops.csv (speed-ups rounded as bench/common.py writes them)
-    and bench_status.json (every benchmark "ok" unless ``status`` says otherwise)."""
+    and bench_status.json (every benchmark "ok" unless ``status`` says otherwise). ``spread(op, shape, impl, pass,
+    ms)``: the row's (p20, p80, reps) columns (absent: no such columns, as in older files)."""
     bodies = {"passed": "", "failed": '<failure message="x">x</failure>', "skipped": '<skipped message="s"/>',
               "error": '<error message="x"/>'}
     selection_of = {tuple(bs): sel for sel, (_, bs) in pick_defaults.TEST_SELECTIONS.items()}
@@ -125,12 +126,15 @@ def write_gpu_results(out, cases, rows, status=None, exits=None):
         (out / "gpu_tests" / f"{module}.{sel}.rc").write_text((exits or {}).get((module, sel), "0") + "\n")
     base = {(op, shape, pass_): ms for op, shape, impl, pass_, ms in rows if impl == BASE_IMPL[op]}
     with open(out / "ops.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, ["op", "shape", "impl", "pass", "median_ms", "speedup_vs_baseline", "device"])
+        w = csv.DictWriter(fh, ["op", "shape", "impl", "pass", "median_ms", "speedup_vs_baseline", "device"]
+                           + (["p20_ms", "p80_ms", "reps"] if spread else []))
         w.writeheader()
         for op, shape, impl, pass_, ms in rows:
-            w.writerow({"op": op, "shape": shape, "impl": impl, "pass": pass_, "median_ms": f"{ms:.4f}",
-                        "speedup_vs_baseline": f"{base.get((op, shape, pass_), 0) / ms:.2f}",
-                        "device": "NVIDIA H100"})
+            row = {"op": op, "shape": shape, "impl": impl, "pass": pass_, "median_ms": f"{ms:.4f}",
+                   "speedup_vs_baseline": f"{base.get((op, shape, pass_), 0) / ms:.2f}", "device": "NVIDIA H100"}
+            if spread:
+                row.update(zip(("p20_ms", "p80_ms", "reps"), spread(op, shape, impl, pass_, ms)))
+            w.writerow(row)
     status = {**{name: "ok" for name, *_ in pick_defaults.OPS.values()}, **(status or {})}
     (out / "bench_status.json").write_text(json.dumps(status))
 
@@ -244,6 +248,26 @@ def test_pick_defaults_compares_raw_medians_not_rounded_ratios(tmp_path, capsys)
     # The reason names the deciding-pass row alone; the other pass's slower row is listed apart.
     assert ("no: not faster at moco/bfloat16 both (not faster at moco/float32 backward: not the deciding pass)"
             in out)
+
+
+def test_pick_defaults_wants_a_win_beyond_the_spread_enough_repetitions_and_keeps_a_tied_default(tmp_path, capsys):
+    # Every fused median 0.1 % below the baseline's, within a wide spread: a tie, no default.
+    noise = {(op, b): 1.001 for op in pick_defaults.OPS for b in pick_defaults.GPU_BACKENDS}
+    write_gpu_results(tmp_path, PASSING, full_rows(noise), spread=lambda *r: (0.7 * r[-1], 1.4 * r[-1], 50))
+    chosen, out = picked(tmp_path, capsys)
+    assert set(chosen.values()) == {"reference"}
+    assert "faster beyond the spread (p80 below the baseline's p20) at no shape" in out
+    # A clear win, but timed 5 times (a --quick run): decides nothing.
+    write_gpu_results(tmp_path, PASSING, full_rows(ALL_FASTER), spread=lambda *r: (0.99 * r[-1], 1.01 * r[-1], 5))
+    chosen, out = picked(tmp_path, capsys)
+    assert set(chosen.values()) == {"reference"} and "fewer than 10 repetitions at insloc fwd+bwd" in out
+    # triton 3 % ahead of cuda (the current default), both clear wins: cuda stays; 20 % ahead: triton.
+    tight = lambda *r: (0.99 * r[-1], 1.01 * r[-1], 30)  # noqa: E731
+    for lead, winner in ((1.03, "cuda"), (1.2, "triton")):
+        speed = {**ALL_FASTER, **{(op, "triton"): 2.0 * lead for op in pick_defaults.OPS}}
+        write_gpu_results(tmp_path, PASSING, full_rows(speed), spread=tight)
+        chosen, _ = picked(tmp_path, capsys)
+        assert set(chosen.values()) == {winner}, (lead, chosen)
 
 
 def test_pick_defaults_other_passes_are_reported_not_deciding(tmp_path, capsys):
@@ -498,3 +522,21 @@ def test_recorder_rewrites_an_older_csv_with_the_current_columns(tmp_path):
     with open(path) as fh:
         assert [r["pass"] for r in csv.DictReader(fh)] == ["forward", "forward", "forward", "backward"]
     assert not os.path.exists(str(path) + ".tmp")
+
+
+def test_rows_name_the_device_the_benchmark_ran_on_and_indexed_devices_keep_their_backends(monkeypatch):
+    import bench.bench_host as host
+    import bench.bench_infonce as infonce
+    from bench import common
+    # a CPU run on a machine with a GPU: the CPU's row, without the CUDA version
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"NVIDIA H200 #{torch.device(device).index}")
+    cpu = common.environment("cpu")
+    assert cpu["device"].startswith("CPU ") and cpu["device"].endswith(" threads") and cpu["cuda"] == ""
+    gpu = common.environment("cuda:1")
+    assert gpu["device"] == "NVIDIA H200 #1" and gpu["cuda"] == (torch.version.cuda or "")
+    assert common.Recorder("x", device="cpu").env["device"] == cpu["device"]
+    monkeypatch.undo()
+    # "cpu:0" is a CPU device: its fused backends are not dropped
+    assert "cpu" in infonce.impls("cpu:0") and "cpu" in infonce.impls("cpu")
+    assert "cpu" in host.with_fused("queue_infonce", "cpu:0", lambda: None, lambda b: None)
