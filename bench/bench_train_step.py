@@ -23,7 +23,7 @@ import insloc_ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines  # noqa: E402
-from common import Recorder, peak_extra_mb, time_ms  # noqa: E402
+from common import Recorder, peak_extra_mb, time_interleaved, time_ms  # noqa: E402
 
 import insloc.models.encoders as encoders  # noqa: E402
 import insloc.moco as moco_module  # noqa: E402
@@ -67,7 +67,9 @@ def synthetic_batch(n, size, device, generator):
     return im(), boxes(), im(), boxes()
 
 
-def measure_step(cfg, impl, backends, args, rec, device):
+def make_step(cfg, args, device):
+    """One training step of a fresh model on a fixed synthetic batch (the ops it calls are looked up when it runs,
+    so implementations() around a call decides which run)."""
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     cuda = device.type == "cuda"
@@ -89,33 +91,47 @@ def measure_step(cfg, impl, backends, args, rec, device):
         losses.sum().backward()
         opt.step()
         model.dequeue_and_enqueue(keys)
+    return step
 
-    with implementations(impl, backends):
-        timing = time_ms(step, device, reps=args.steps, warmup=args.warmup, max_seconds=args.max_seconds)
-        peak = peak_extra_mb(step, device) if cuda else None
+
+def measure_steps(cfg, impls, backends, args, rec, device):
+    """The step of each implementation (its own model), timed in alternation (time_interleaved: a drift of the
+    machine falls on all of them alike), then each one's peak memory. Returns {impl: (median ms, row)}."""
+    cuda = device.type == "cuda"
+    steps = {impl: make_step(cfg, args, device) for impl in impls}
+    timings = time_interleaved([(impl, steps[impl], functools.partial(implementations, impl, backends))
+                                for impl in impls], device, reps=args.steps, warmup=args.warmup,
+                               max_seconds=args.max_seconds * len(impls))
     flops = None
-    if args.flops:  # counted on the baseline's ops for both rows: FlopCounterMode does not see the custom ops
+    if args.flops:  # counted on the baseline's ops for every row: FlopCounterMode does not see the custom ops
         from torch.utils.flop_counter import FlopCounterMode
 
         with implementations("baseline", backends), FlopCounterMode(display=False) as counter:
-            step()
+            steps[impls[0]]()
         flops = counter.get_total_flops()
     name = f"{'R50' if cfg.depth == 50 else 'R18'}-{cfg.arch.upper()} b{cfg.batch_size} {cfg.image_size}px"
-    settings = ""
-    if impl == "fused":  # the backend each op ran on: the package's default for the device unless --backends named one
-        selected = insloc_ops.selected_backends(device.type)
-        settings = " ".join(f"{attr}={backends.get(op) or selected[attr]}" for op, (_, attr, _) in OPS.items())
-    row = rec.add(name, impl, "step", timing, peak, settings=settings)
-    ips = cfg.batch_size / (timing[0] / 1e3)
-    extra = f"{ips:.1f} img/s"
-    if flops:
-        tflops = flops / (timing[0] / 1e3) / 1e12
-        peak_tf = next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and args.bf16  # a bf16 peak: bf16 runs only
-                        and k in torch.cuda.get_device_name(device)), None)
-        extra += f", {tflops:.1f} TFLOP/s" + (f", MFU {100 * tflops / peak_tf:.1f}%" if peak_tf else "")
-    row["shape"] = f"{name} ({extra})"
-    print("   ", extra, flush=True)
-    return timing[0], row
+    out = {}
+    for impl in impls:
+        with implementations(impl, backends):
+            peak = peak_extra_mb(steps[impl], device) if cuda else None
+        timing = timings[impl]
+        settings = ""
+        if impl == "fused":  # the backend each op ran on: the package's default unless --backends named one
+            selected = insloc_ops.selected_backends(device.type)
+            settings = " ".join(f"{attr}={backends.get(op) or selected[attr]}" for op, (_, attr, _) in OPS.items())
+        row = rec.add(name, impl, "step", timing, peak, settings=settings)
+        ips = cfg.batch_size / (timing[0] / 1e3)
+        extra = f"{ips:.1f} img/s"
+        if flops:
+            tflops = flops / (timing[0] / 1e3) / 1e12
+            peak_tf = next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and args.bf16  # a bf16 peak: bf16 only
+                            and k in torch.cuda.get_device_name(device)), None)
+            extra += f", {flops / 1e9:.2f} GFLOP a step, {tflops:.1f} TFLOP/s" + (
+                f", MFU {100 * tflops / peak_tf:.1f}%" if peak_tf else "")
+        row["shape"] = f"{name} ({extra})"
+        print("   ", impl, extra, flush=True)
+        out[impl] = (timing[0], row)
+    return out
 
 
 def imagenet_like_folder(folder, long_side=500, quality=90):
@@ -187,7 +203,7 @@ def main(argv=None):
     for arch in [] if args.data_only else args.arch:
         cfg = Config(method="insloc", arch=arch, depth=args.depth, batch_size=args.batch,
                      image_size=args.image_size, queue_size=args.queue)
-        measured = {impl: measure_step(cfg, impl, backends, args, rec, device) for impl in args.impl}
+        measured = measure_steps(cfg, list(dict.fromkeys(args.impl)), backends, args, rec, device)
         if "baseline" in measured and "fused" in measured:  # on the fused row, whatever the order of --impl
             speedup = measured["baseline"][0] / measured["fused"][0]
             measured["fused"][1]["speedup_vs_baseline"] = f"{speedup:.2f}"

@@ -540,3 +540,20 @@ def test_rows_name_the_device_the_benchmark_ran_on_and_indexed_devices_keep_thei
     # "cpu:0" is a CPU device: its fused backends are not dropped
     assert "cpu" in infonce.impls("cpu:0") and "cpu" in infonce.impls("cpu")
     assert "cpu" in host.with_fused("queue_infonce", "cpu:0", lambda: None, lambda b: None)
+
+
+def test_training_step_benchmark_times_both_implementations_in_one_run(tmp_path, capsys):
+    import bench.bench_train_step as step
+    out = tmp_path / "train.csv"
+    step.main(["--device", "cpu", "--threads", "1", "--arch", "c4", "--depth", "18", "--batch", "2",
+               "--image-size", "64", "--queue", "64", "--steps", "3", "--warmup", "1", "--no-data",
+               "--impl", "fused", "baseline", "--out", str(out)])
+    with open(out) as fh:
+        rows = {r["impl"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"fused", "baseline"} and all(int(r["reps"]) == 3 for r in rows.values())
+    # the speed-up sits on the fused row whatever the order of --impl; both rows count the same FLOPs
+    assert rows["baseline"]["speedup_vs_baseline"] == "" and float(rows["fused"]["speedup_vs_baseline"]) > 0
+    assert rows["fused"]["settings"] == "roi_align_multilevel=cpu sample_anchor_boxes=cpu queue_infonce=cpu"
+    flops = dict(re.findall(r"(fused|baseline) [\d.]+ img/s, ([\d.]+) GFLOP a step", capsys.readouterr().out))
+    assert set(flops) == {"fused", "baseline"} and flops["fused"] == flops["baseline"] and float(flops["fused"]) > 0
+    assert all(r["device"].startswith("CPU ") and r["cuda"] == "" for r in rows.values())
