@@ -171,11 +171,12 @@ def main():
         impls.append(("cpp", fused("cpu"), False))
     else:
         index = torch.device(args.device).index
-        if is_available(OP, "cuda", "cuda", index):
+        has_cuda = is_available(OP, "cuda", "cuda", index)
+        if has_cuda:
             impls.append(("cuda", fused("cuda"), False, CUDA_ROI_ENV))
         if is_available(OP, "triton", "cuda", index):
             impls.append(("triton", fused("triton"), False))
-        if is_available(OP, "cuda", "cuda", index):
+        if has_cuda:
             impls.append(("cuda-determ", fused("cuda"), True, CUDA_ROI_ENV))
             # The CUDA kernels with one channel per thread (torchvision's layout of the work), for comparison.
             impls.append(("cuda-1ch", fused("cuda"), False, {**CUDA_ROI_ENV, "INSLOC_OPS_CUDA_ROI_CHANNELS": "1"}))

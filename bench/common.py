@@ -73,7 +73,8 @@ def environment(device=None):
         name = f"{device.type.upper()} {_cpu_model()} x{torch.get_num_threads()} threads"
     now = datetime.datetime.now(datetime.timezone.utc)
     return {"device": name, "torch": torch.__version__, "triton": triton_version,
-            "cuda": (torch.version.cuda or "") if on_gpu else "", "date": now.date().isoformat(), "torchvision": torchvision_version,
+            "cuda": (torch.version.cuda or "") if on_gpu else "", "date": now.date().isoformat(),
+            "torchvision": torchvision_version,
             "revision": _revision(), "time": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 

@@ -168,6 +168,8 @@ def expected_rows(op):
 def decide(tests, unfinished, bench, status):
     """[(op, backend, tests, [(shape, pass, speed-up, median ms, device)] of the deciding pass, [why not],
     [slower rows of the other passes])] and {op: chosen backend}."""
+    from insloc_ops._backend import DEFAULTS  # the current defaults (a tie keeps them)
+
     table, chosen = [], {}
     op_modules = {m for *_, m in OPS.values()}
     for op, (bench_file, base_impl, deciding, module) in OPS.items():
@@ -215,8 +217,6 @@ def decide(tests, unfinished, bench, status):
         if scores:
             best = max(scores, key=scores.get)
             # Backends within TIE of each other: the current default stays (one run's medians decide no switch).
-            from insloc_ops._backend import DEFAULTS
-
             current = DEFAULTS["cuda"].get(op)
             if current in scores and scores[current] * TIE >= scores[best]:
                 best = current

@@ -466,11 +466,12 @@ def train(cfg: Config, *, interrupt_after_step=None):
             lr = cosine_lr(step, steps_per_epoch, cfg.epochs, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            im_q = normalize(batch["im_q"].to(device, non_blocking=True))  # [N, 3, S, S] uint8 -> float32
-            im_k = normalize(batch["im_k"].to(device, non_blocking=True))  # [N, 3, S, S]
-            if cfg.channels_last and cuda:
+            im_q = batch["im_q"].to(device, non_blocking=True)  # [N, 3, S, S] uint8
+            im_k = batch["im_k"].to(device, non_blocking=True)  # [N, 3, S, S] uint8
+            if cfg.channels_last and cuda:  # on the uint8 images: normalize keeps the layout, no float32 copy
                 im_q, im_k = im_q.contiguous(memory_format=torch.channels_last), \
                     im_k.contiguous(memory_format=torch.channels_last)
+            im_q, im_k = normalize(im_q), normalize(im_k)  # float32
             boxes_q = batch["boxes_q"].to(device, non_blocking=True)  # [N, 4]
             boxes_k = batch["boxes_k"].to(device, non_blocking=True)  # [N, 4]
             skipped_images += int(batch["unreadable"].sum())

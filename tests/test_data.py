@@ -121,6 +121,9 @@ def test_normalize_is_the_recipe_normalisation_in_float32():
                                                                                         dtype=torch.float64)
     assert torch.allclose(out[:, :, 0, 0].double(), (images[:, :, 0, 0].double() - mean) / std, atol=1e-5, rtol=0)
     assert torch.equal(normalize(images[1]), out[1])  # one image as a batch
+    # the trainer makes the uint8 batch channels_last first: normalize keeps that layout
+    channels_last = normalize(images.contiguous(memory_format=torch.channels_last))
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and torch.equal(channels_last, out)
 
 
 def test_unreadable_images_are_skipped_and_counted(image_folder):

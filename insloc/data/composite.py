@@ -88,7 +88,7 @@ class ImageFiles:
     in a PathList (shared by forked workers rather than copied page by page)."""
 
     def __init__(self, paths, cache=0):
-        self.paths, self.cache = paths if isinstance(paths, PathList) else PathList(paths), cache
+        self.paths, self.cache = PathList.of(paths), cache
         self.decoded, self.unreadable = {}, set()
 
     def __len__(self):
