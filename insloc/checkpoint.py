@@ -40,9 +40,26 @@ def _umask():
     return mask
 
 
+def sync_folder(folder):
+    """Makes the folder's entries (a rename, a new file) durable: without it a power loss can undo a rename
+    that an unlink made after it outlives (the old checkpoint deleted, the new one's name lost). A no-op where
+    a folder cannot be opened or synced (Windows, some network filesystems)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write):
-    """Calls write(f) on a temporary file next to path, syncs it to disk and renames it to path: a reader
-    sees the old file or the complete new one. The file gets the mode open() would give it."""
+    """Calls write(f) on a temporary file next to path, syncs it to disk, renames it to path and syncs the
+    folder: a reader sees the old file or the complete new one, also after a power loss. The file gets the
+    mode open() would give it."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
     try:
@@ -56,6 +73,7 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    sync_folder(folder)
 
 
 def remove_stale_temporaries(out_dir, min_age_s=300):

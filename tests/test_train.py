@@ -119,6 +119,22 @@ def test_checkpoints_are_atomic_and_latest_points_at_the_newest(tmp_path):
     assert find_latest(str(tmp_path / "nothing")) is None
 
 
+def test_the_folder_is_synced_after_each_rename_and_before_old_checkpoints_go(tmp_path, monkeypatch):
+    import stat
+    events, real_fsync, real_replace, real_remove = [], os.fsync, os.replace, os.remove
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        ("fsync-folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))),
+                                                     real_replace(a, b)))
+    monkeypatch.setattr(os, "remove", lambda p: (events.append(("remove", os.path.basename(p))), real_remove(p)))
+    save_checkpoint({"step": 1}, str(tmp_path), keep=1)
+    events.clear()
+    save_checkpoint({"step": 2}, str(tmp_path), keep=1)
+    assert events == ["fsync-file", ("replace", "checkpoint_00000002.pt"), "fsync-folder",
+                      "fsync-file", ("replace", "latest"), "fsync-folder",
+                      ("remove", "checkpoint_00000001.pt")]
+
+
 def test_checkpoints_get_the_mode_the_umask_gives(tmp_path):
     previous = os.umask(0o027)
     try:
