@@ -13,6 +13,7 @@ anchor sampler. Rows (milliseconds per call) go to --out, in the op benchmarks' 
 """
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -29,22 +30,30 @@ from bench.common import Recorder  # noqa: E402
 BACKENDS = ("cpu", "cuda", "triton")
 
 
-def host_ms(fn, device, calls=100, batches=15, warmup=20):
-    """(median, p20, p80, batches) of the wall time per call over batches of ``calls`` calls; the device is
-    synced between batches, outside the timed part."""
-    for _ in range(warmup):
-        fn()
+def host_ms(fns, device, calls=100, batches=15, warmup=20):
+    """{key: (median, p20, p80, batches)} of the wall time per call of each ``fns[key]`` over batches of
+    ``calls`` calls. The implementations' batches are timed in alternation, in an order shuffled per round
+    (seeded), as bench.common.time_interleaved does, so that a drift of the machine falls on all of them
+    alike; the device is synced between batches, outside the timed part."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    sync()
-    per_call = []
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-        per_call.append((time.perf_counter() - t0) * 1e3 / calls)
         sync()
-    q = statistics.quantiles(per_call, n=5)
-    return statistics.median(per_call), q[0], q[-1], batches
+    keys, per_call, order = list(fns), {key: [] for key in fns}, random.Random(0)
+    for _ in range(batches):
+        for i in order.sample(range(len(keys)), len(keys)):
+            fn = fns[keys[i]]
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            per_call[keys[i]].append((time.perf_counter() - t0) * 1e3 / calls)
+            sync()
+    summary = {}
+    for key, times in per_call.items():
+        q = statistics.quantiles(times, n=5)
+        summary[key] = (statistics.median(times), q[0], q[-1], batches)
+    return summary
 
 
 def with_fused(op, device, baseline, fused):
@@ -106,7 +115,7 @@ def main(argv=None):
         rec = Recorder(op, args.out, device=args.device)
         passes = {"forward": False} if grad_inputs is None else {"forward": False, "fwd+bwd": True}
         for pass_, backward in passes.items():
-            base = None
+            calls_of = {}
             for impl, fn in impls.items():
                 if backward:
                     def call(fn=fn):
@@ -115,11 +124,11 @@ def main(argv=None):
                     def call(fn=fn):
                         with torch.no_grad():
                             return fn()
-                timing = host_ms(call, args.device, calls, batches)
-                if impl == "baseline":
-                    base = timing[0]
-                rec.add(shape, impl, pass_, timing, baseline_ms=None if impl == "baseline" else base)
-
+                calls_of[impl] = call
+            timings = host_ms(calls_of, args.device, calls, batches)
+            for impl, timing in timings.items():
+                rec.add(shape, impl, pass_, timing,
+                        baseline_ms=None if impl == "baseline" else timings["baseline"][0])
 
 if __name__ == "__main__":
     main()

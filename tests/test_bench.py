@@ -430,6 +430,18 @@ def test_host_benchmark_rows_for_every_op_and_pass(tmp_path):
     assert all(r["speedup_vs_baseline"] for r in rows if r["impl"] != "baseline")
 
 
+def test_host_benchmark_times_the_implementations_in_alternation():
+    import bench.bench_host as host
+
+    seen = []
+    timings = host.host_ms({k: (lambda k=k: seen.append(k)) for k in "abc"}, "cpu", calls=2, batches=6, warmup=1)
+    assert seen[:3] == ["a", "b", "c"]  # warm-up, once each
+    rounds = [seen[3 + 6 * r:3 + 6 * (r + 1)] for r in range(6)]  # a round: each implementation's batch of 2
+    assert all(sorted(r[::2]) == ["a", "b", "c"] and r[::2] == r[1::2] for r in rounds)
+    assert len({tuple(r[::2]) for r in rounds}) > 1  # the order is shuffled, not always a, b, c
+    assert set(timings) == {"a", "b", "c"} and all(t[3] == 6 and t[0] > 0 for t in timings.values())
+
+
 def test_infonce_peak_bandwidth_from_the_device_name():
     import bench.bench_infonce as infonce
 
