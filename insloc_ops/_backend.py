@@ -91,7 +91,9 @@ def _cuda_arch_ok(index=None):
 
 
 def _triton_interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from .triton import interpreted  # as the kernels were defined, not TRITON_INTERPRET now
+
+    return interpreted()
 
 
 # Triton's interpreter before 3.7 cannot take a loop bound computed from tl.program_id (its `range` gets

@@ -52,7 +52,7 @@ def _check_boxes(name, boxes):
 def _draw_seed(generator):
     # One 63-bit seed per call from a CPU generator: no device sync, and the same generator state gives
     # the same seed, hence the same anchors, on every backend.
-    return int(torch.randint(0, 2**63 - 1, (), generator=generator, dtype=torch.int64))
+    return torch.randint(0, 2**63 - 1, (), generator=generator, dtype=torch.int64).item()  # (traceable by export)
 
 
 def _check_box_values(name, boxes):

@@ -134,7 +134,7 @@ def enqueue_(queue, keys, ptr):
     if _may_self_overlap(queue):
         raise ValueError(f"queue's elements must not overlap in memory, got strides {tuple(queue.stride())} for "
                          f"shape {tuple(queue.shape)}")
-    if _may_share_memory(queue, keys):
+    if not torch.compiler.is_compiling() and _may_share_memory(queue, keys):  # (a tracer has no storage address)
         raise ValueError("keys must not share memory with queue (pass a copy: keys.clone())")
     if torch.is_tensor(ptr):
         if ptr.dim() != 0 or ptr.dtype != torch.int64:

@@ -56,13 +56,13 @@ def _axis_weights(start, bin_size, grid, pooled, size):
     return W
 
 
-def _roi_align_one_level(feature, rois, output_size, spatial_scale, sampling_ratio, aligned):
-    """torchvision.ops.roi_align semantics for one level; differentiable w.r.t. ``feature``."""
-    B, C, H, Wd = feature.shape
+def _level_weights(rois, size, output_size, spatial_scale, sampling_ratio, aligned, gdt):
+    """(Wy [R, ph, H], Wx [R, pw, W], batch [R] int64) of one level of height and width ``size``: pooling
+    RoI r is ``Wy[r] @ feature[batch[r]] @ Wx[r]^T``; batch is -1 where the RoI names no image of the level's
+    B = size[0] (it pools zeros)."""
+    B, H, Wd = size
     ph, pw = output_size
     R = rois.shape[0]
-    gdt = _geometry_dtype(feature.dtype)
-    out_dt = feature.dtype
     r = rois.to(gdt)
     offset = 0.5 if aligned else 0.0
     scale = torch.tensor(spatial_scale, dtype=gdt, device=r.device)
@@ -85,22 +85,54 @@ def _roi_align_one_level(feature, rois, output_size, spatial_scale, sampling_rat
         grid_w = _adaptive_grid(roi_w / pw)
     Wy = _axis_weights(y1, bin_h, grid_h, ph, H)  # [R, ph, H]
     Wx = _axis_weights(x1, bin_w, grid_w, pw, Wd)  # [R, pw, W]
-    compute_dt = torch.float64 if feature.dtype == torch.float64 else torch.float32
-    f = feature.to(compute_dt)
-    Wy = Wy.to(compute_dt)
-    Wx = Wx.to(compute_dt)
-    out = f.new_zeros(R, C, ph, pw)
     # As the kernels (csrc/common roi_batch): a batch index outside [0, B), NaN included, pools zeros (the
     # public function refuses one on CPU tensors; on CUDA that check would cost a device sync).
     named = (r[:, 0] >= 0) & (r[:, 0] < B)
     batch = torch.where(named, r[:, 0], -1).to(torch.int64)
+    return Wy, Wx, batch
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _roi_align_one_level(feature, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """torchvision.ops.roi_align semantics for one level; differentiable w.r.t. ``feature``."""
+    B, C, H, Wd = feature.shape
+    ph, pw = output_size
+    R = rois.shape[0]
+    Wy, Wx, batch = _level_weights(rois, (B, H, Wd), output_size, spatial_scale, sampling_ratio, aligned,
+                                   _geometry_dtype(feature.dtype))
+    compute_dt = _compute_dtype(feature.dtype)
+    f = feature.to(compute_dt)
+    Wy = Wy.to(compute_dt)
+    Wx = Wx.to(compute_dt)
+    out = f.new_zeros(R, C, ph, pw)
     for b in torch.unique(batch).tolist():
         if b < 0:
             continue
         idx = (batch == b).nonzero().squeeze(1)
         t = torch.einsum("chw,rqw->rchq", f[b], Wx[idx])  # [Rb, C, H, pw]
         out = out.index_copy(0, idx, torch.einsum("rph,rchq->rcpq", Wy[idx], t))  # [Rb, C, ph, pw]
-    return out.to(out_dt)
+    return out.to(feature.dtype)
+
+
+def _roi_align_one_level_backward(grad, rois, shape, spatial_scale, sampling_ratio, aligned):
+    """The gradient of _roi_align_one_level with respect to its [B, C, H, W] feature, from the output's
+    ``grad`` [R, C, ph, pw] (RoIAlign is linear in the feature: the feature's values are not needed)."""
+    B, C, H, Wd = shape
+    Wy, Wx, batch = _level_weights(rois, (B, H, Wd), tuple(grad.shape[-2:]), spatial_scale, sampling_ratio,
+                                   aligned, _geometry_dtype(grad.dtype))
+    compute_dt = _compute_dtype(grad.dtype)
+    g, Wy, Wx = grad.to(compute_dt), Wy.to(compute_dt), Wx.to(compute_dt)
+    out = g.new_zeros(B, C, H, Wd)
+    for b in torch.unique(batch).tolist():
+        if b < 0:
+            continue
+        idx = (batch == b).nonzero().squeeze(1)
+        t = torch.einsum("rcpq,rqw->rcpw", g[idx], Wx[idx])  # [Rb, C, ph, W]
+        out[b] = torch.einsum("rph,rcpw->chw", Wy[idx], t)
+    return out.to(grad.dtype)
 
 
 # An adaptive grid larger than this per axis is clamped (only boxes over ~458k feature pixels per bin
@@ -135,6 +167,19 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
     return _tied_to_every_level(out, features)
 
 
+def roi_align_multilevel_backward(grad, rois, levels, spatial_scales, sampling_ratio, aligned, shapes):
+    """The features' gradients (one per level, of the [B, C, H, W] ``shapes``) from the gradient of
+    roi_align_multilevel's output; the same arithmetic as autograd through it."""
+    if levels is None:
+        return [_roi_align_one_level_backward(grad[lvl], rois, shape, s, sampling_ratio, aligned)
+                for lvl, (shape, s) in enumerate(zip(shapes, spatial_scales))]
+    grads = []
+    for lvl, (shape, s) in enumerate(zip(shapes, spatial_scales)):
+        idx = (levels == lvl).nonzero().squeeze(1)
+        grads.append(_roi_align_one_level_backward(grad[idx], rois[idx], shape, s, sampling_ratio, aligned))
+    return grads
+
+
 def _tied_to_every_level(out, features):
     """``out`` tied to every level through an empty slice (no values, a zero gradient), so that each level gets
     a gradient, zeros where no box reads it, as from the fused backends: with no boxes (or none on a level)
@@ -152,6 +197,7 @@ def fpn_levels(rois, canonical_size=224, canonical_level=4, min_level=2, max_lev
     """Zero-based FPN level of each box: floor(k0 + log2(sqrt(area) / s0) + 1e-6) clamped to
     [min_level, max_level], minus min_level (torchvision's LevelMapper). ``rois`` is [R, 5] or [R, 4]."""
     b = rois[:, -4:]
+    b = b if b.dtype in (torch.float32, torch.float64) else b.float()  # as torchvision's box_area (fp16 overflows)
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     s = torch.sqrt(area)
     lvl = torch.floor(canonical_level + torch.log2(s / canonical_size) + 1e-6)

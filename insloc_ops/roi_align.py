@@ -8,7 +8,7 @@ import torch
 
 from . import reference
 from ._backend import select
-from . import _eager
+from . import _eager, _traceable
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -117,6 +117,9 @@ def roi_align_multilevel(features, rois, output_size, spatial_scales, sampling_r
     # torch.func transform wraps, are handed on as constants.
     rois = rois.detach()
     if which == "reference":
+        if torch.compiler.is_compiling():  # one opaque op: a tracer cannot follow the reference (see _traceable)
+            return _traceable.roi_align_multilevel(features, rois, levels, scales, oh, ow, sampling_ratio,
+                                                   bool(aligned))
         return reference.roi_align_multilevel(features, rois, (oh, ow), scales, sampling_ratio, aligned, levels)
     suffix = "_triton" if which == "triton" else ""
     if _eager.use_eager_autograd(*features) or _eager.under_transform(rois, levels):

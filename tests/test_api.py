@@ -1,6 +1,8 @@
 """The public API: argument validation (errors name the argument), backend selection, build info,
 empty inputs, and the registrations every op needs (schemas, fake kernels, autograd)."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -535,6 +537,21 @@ def test_fullgraph_compile_takes_a_float_argument_that_changes_between_calls():
                 torch.testing.assert_close(g, w, msg=f"{name}={value}")
 
 
+def test_a_bad_argument_under_compile_carries_the_message_that_names_it():
+    # What the README says a user sees: with fullgraph, dynamo's Unsupported with our message in it; without,
+    # the eager call's ValueError.
+    torch._dynamo.reset()
+    q, k, queue = torch.randn(4, 8), torch.randn(4, 8), torch.randn(20, 8)
+
+    def call(t):
+        return insloc_ops.queue_infonce(q, k, queue, t)
+
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="temperature must be a finite number"):
+        torch.compile(call, fullgraph=True, backend="eager")(-1.0)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        torch.compile(call, backend="eager")(-1.0)
+
+
 def test_a_direct_op_call_mixing_meta_and_cpu_tensors_is_an_error():
     # Such a call reaches the fake kernels, which would allocate an uninitialised CPU result.
     ops, meta = torch.ops.insloc_ops, torch.device("meta")
@@ -548,3 +565,122 @@ def test_a_direct_op_call_mixing_meta_and_cpu_tensors_is_an_error():
     with pytest.raises(RuntimeError, match="queue_infonce_backward: lse is on meta"):
         ops.queue_infonce_backward(torch.ones(1, 2), q, q, torch.randn(1, 3, 4), torch.ones(1, 2, device=meta), 0.2)
     assert ops.queue_infonce(q.to(meta), q.to(meta), torch.randn(1, 3, 4, device=meta), 0.2)[0].shape == (1, 2)
+
+
+def test_reference_roi_align_traces_as_one_op_under_fullgraph_compile_and_export():
+    # The reference reads its sample grid's size and the images from the boxes' values: traced, it is one
+    # opaque op (insloc_ops/_traceable.py) whose forward and backward are the eager reference's.
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    scales = [1 / 4, 1 / 8, 1 / 16]
+    feats = [torch.randn(2, 3, s, s, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+             for s in (16, 8, 4)]
+    rois = torch.tensor([[0, 1., 2., 30., 40.], [1, 5., 5., 20., 25.], [1, 0., 0., 63., 63.]])
+    levels = torch.tensor([0, 2, 0])  # no box on level 1: its gradient is zeros
+    for kwargs in ({}, {"levels": levels}, {"sampling_ratio": 2, "aligned": False}):
+        def call(a, b, c, r, kwargs=kwargs):
+            return insloc_ops.roi_align_multilevel([a, b, c], r, (2, 3), scales, backend="reference", **kwargs)
+
+        want = call(*feats, rois)
+        got = torch.compile(call, fullgraph=True, backend="eager")(*feats, rois)
+        torch.testing.assert_close(got, want)
+        weights = torch.randn(want.shape, generator=g)
+        want_grads = torch.autograd.grad((want * weights).sum(), feats)
+        got_grads = torch.autograd.grad((got * weights).sum(), feats)
+        for w, gg in zip(want_grads, got_grads):
+            torch.testing.assert_close(gg, w)
+            assert gg.is_contiguous(memory_format=torch.channels_last)
+        if "levels" in kwargs:
+            assert got_grads[1].abs().sum() == 0 and got_grads[0].abs().sum() > 0
+    empty = torch.compile(lambda a, b, c, r: insloc_ops.roi_align_multilevel([a, b, c], r, 2, scales,
+                                                                           backend="reference"), fullgraph=True,
+                          backend="eager")(*feats, rois[:0])
+    assert empty.shape == (3, 0, 3, 2, 2)
+
+    class Pool(torch.nn.Module):
+        def forward(self, a, b, c, r):
+            return insloc_ops.roi_align_multilevel([a, b, c], r, 2, scales, backend="reference")
+
+    plain = [f.detach() for f in feats]
+    exported = torch.export.export(Pool(), (*plain, rois))
+    assert "insloc_ops.roi_align_multilevel_reference" in exported.graph_module.code
+    torch.testing.assert_close(exported.module()(*plain, rois), Pool()(*plain, rois))
+    ops = torch.ops.insloc_ops
+    torch.library.opcheck(ops.roi_align_multilevel_reference, (feats, rois, None, scales, 2, 2, 0, True))
+    grad = torch.randn(3, 3, 3, 2, 2, generator=g)
+    torch.library.opcheck(ops.roi_align_multilevel_backward_reference,
+                          (grad, rois, None, scales, 0, True, 2, 3, [16, 8, 4], [16, 8, 4], True))
+
+
+def test_enqueue_traces_under_fullgraph_compile_and_export():
+    torch._dynamo.reset()
+
+    def push(queue, keys, ptr):
+        return insloc_ops.enqueue_(queue, keys, ptr)
+
+    keys = torch.randn(3, 2)
+    want, got = torch.zeros(5, 2), torch.zeros(5, 2)
+    want_ptr = push(want, keys, torch.tensor(4))
+    got_ptr = torch.compile(push, fullgraph=True, backend="eager")(got, keys, torch.tensor(4))
+    assert torch.equal(got, want) and int(got_ptr) == int(want_ptr) == 2
+
+    class Queue(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("queue", torch.zeros(5, 2))
+            self.register_buffer("ptr", torch.tensor(4))
+
+        def forward(self, k):
+            self.ptr.copy_(insloc_ops.enqueue_(self.queue, k, self.ptr))
+            return self.queue.sum()
+
+    exported = torch.export.export(Queue(), (keys,)).module()
+    exported(keys)
+    assert torch.equal(exported.queue, want) and int(exported.ptr) == 2
+
+
+def test_fpn_levels_of_16bit_boxes_match_torchvision():
+    tv_poolers = pytest.importorskip("torchvision.ops.poolers")
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(2000, 2, generator=g) * 600
+    boxes = torch.cat([xy, xy + torch.rand(2000, 2, generator=g) * 700 + 1], 1)
+    mapper = tv_poolers.LevelMapper(2, 5)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        b = boxes.to(dtype)
+        assert torch.equal(insloc_ops.fpn_levels(b), mapper([b]).to(torch.int64)), dtype
+    assert insloc_ops.fpn_levels(torch.tensor([[0., 0., 387., 306.]]).half()).item() == 2  # area 118422 > 65504
+
+
+def test_sample_anchor_boxes_without_a_seed_exports():
+    class Jitter(torch.nn.Module):
+        def forward(self, gt, anchors):
+            return insloc_ops.sample_anchor_boxes(gt, anchors, 0.5)
+
+    gt, anchors = torch.tensor([[0.0, 0, 50, 50]]), insloc_ops.grid_anchors(4, 16, [32.0, 64.0], [1.0])
+    exported = torch.export.export(Jitter(), (gt, anchors)).module()
+    boxes, index, iou = exported(gt, anchors)
+    assert boxes.shape == (1, 4) and torch.equal(boxes[0], anchors[index[0]]) and iou[0] > 0.5
+
+
+def test_triton_on_cpu_follows_how_the_kernels_were_defined_not_the_variable_now():
+    pytest.importorskip("triton")
+    script = """
+import os, torch, insloc_ops
+os.environ["TRITON_INTERPRET"] = "1"  # after the import: the kernels were compiled ones
+print("triton" in insloc_ops.available_backends()["queue_infonce"]["cpu"])
+try:
+    insloc_ops.queue_infonce(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4), 0.2, backend="triton")
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "False" and "backend='triton' is not available for queue_infonce on cpu" in lines[1], out.stdout
+    if insloc_ops.available_backends()["queue_infonce"]["cpu"].count("triton"):  # interpreted kernels here
+        os.environ["TRITON_INTERPRET"] = "0"
+        try:
+            assert "triton" in insloc_ops.available_backends()["queue_infonce"]["cpu"]
+        finally:
+            os.environ["TRITON_INTERPRET"] = "1"

@@ -3,23 +3,51 @@ op for CPU (run by the Triton interpreter, TRITON_INTERPRET=1) and CUDA tensors.
 import functools
 import importlib
 import importlib.util
+import os
 
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 KERNEL_MODULES = ("roi_align", "anchors", "infonce")
+_interpreted = None  # set by register(): whether the kernels were made for the interpreter
 
 
 def register():
+    global _interpreted
     if not HAS_TRITON:
         return []
     loaded = []
     for name in KERNEL_MODULES:
         if importlib.util.find_spec(f"{__name__}.{name}") is None:
             continue
-        importlib.import_module(f"{__name__}.{name}").register()
+        module = importlib.import_module(f"{__name__}.{name}")
+        module.register()
         loaded.append(name)
+        if _interpreted is None:
+            _interpreted = _made_for_interpreter(module)
     return loaded
+
+
+def _made_for_interpreter(module):
+    """Whether the module's kernels are the interpreter's (None if it has none). Triton decides when a kernel
+    is defined, from TRITON_INTERPRET at that moment; setting or clearing the variable later changes nothing."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return None
+    kinds = {isinstance(v, InterpretedFunction) for v in vars(module).values()
+             if isinstance(v, (InterpretedFunction, JITFunction))}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def interpreted():
+    """Whether the Triton kernels run in the interpreter (on CPU tensors) rather than compiled (on GPUs): as
+    they were defined when insloc_ops was imported; before that (or if that cannot be told), TRITON_INTERPRET
+    now."""
+    if _interpreted is not None:
+        return _interpreted
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def tensor_device(args):

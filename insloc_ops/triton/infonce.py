@@ -13,13 +13,12 @@ fp32 dots run on tensor cores as TF32x3 (about fp32 accuracy), or TF32 where tor
 says); they are cast before the launch, since fp64 tiles staged in shared memory would need more of it
 than an A100 has (tests/triton_aot.py measures every variant's shared memory against sm_80 and sm_90).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import register_kernel
+from . import interpreted, register_kernel
 from ..infonce import MIN_TEMPERATURE
 
 BLOCK_K = 64
@@ -169,7 +168,7 @@ def _dot_dtype(q, queue):
     queue twice. The interpreter (CPU) computes "ieee" dots, bfloat16 ones with fp32 operands: Triton 3.8's
     interpreter multiplies a bfloat16 dot's bit patterns instead of its values (triton-lang/triton#11584)."""
     if q.dtype in (torch.float16, torch.bfloat16) and queue.dtype == q.dtype and \
-            (q.dtype == torch.float16 or q.is_cuda or os.environ.get("TRITON_INTERPRET") != "1"):
+            (q.dtype == torch.float16 or q.is_cuda or not interpreted()):
         return (tl.float16 if q.dtype == torch.float16 else tl.bfloat16), "ieee"
     if not q.is_cuda:
         return tl.float32, "ieee"
