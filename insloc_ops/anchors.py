@@ -90,15 +90,19 @@ def sample_anchor_boxes(gt_boxes, anchors, iou_threshold=0.5, *, nms_iou=None, g
     _check_boxes("anchors", anchors)
     if anchors.device != gt_boxes.device:
         raise ValueError(f"anchors is on {anchors.device} but gt_boxes is on {gt_boxes.device}")
-    if not isinstance(iou_threshold, Real) or not -math.inf < iou_threshold < math.inf:  # (traceable: compile)
+    if not isinstance(iou_threshold, Real) or isinstance(iou_threshold, bool) or \
+            not -math.inf < iou_threshold < math.inf:  # (traceable: compile)
         raise ValueError(f"iou_threshold must be a finite number, got {iou_threshold!r}")
-    if nms_iou is not None and (not isinstance(nms_iou, Real) or not 0.0 <= nms_iou <= 1.0):
+    if nms_iou is not None and (not isinstance(nms_iou, Real) or isinstance(nms_iou, bool) or
+                                not 0.0 <= nms_iou <= 1.0):
         raise ValueError(f"nms_iou must be None or a number in [0, 1], got {nms_iou!r}")
     if gt_boxes.shape[0] and anchors.shape[0] == 0:
         raise ValueError("anchors must not be empty when gt_boxes is not")
     _check_box_values("gt_boxes", gt_boxes)
     _check_box_values("anchors", anchors)
     if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be None or a CPU torch.Generator, got {generator!r}")
         if torch.compiler.is_compiling():  # before touching the generator: older dynamo cannot read its device
             if seed is None:
                 raise ValueError("a torch.Generator cannot be traced by torch.compile: pass seed= (drawn from the "

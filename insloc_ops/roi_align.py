@@ -57,7 +57,7 @@ def _check(features, rois, spatial_scales, sampling_ratio, levels):
         raise ValueError(f"spatial_scales must be a sequence of {len(features)} floats (one per level), got "
                          f"{spatial_scales!r}")
     for s in spatial_scales:
-        if not isinstance(s, Real) or not 0 < s < math.inf:  # (traceable for a symbolic float under compile)
+        if not isinstance(s, Real) or isinstance(s, bool) or not 0 < s < math.inf:  # (traceable: compile)
             raise ValueError(f"spatial_scales must be positive finite numbers, got {spatial_scales!r}")
     if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool) or \
             not -2**31 <= sampling_ratio <= reference.MAX_ADAPTIVE_GRID:  # the kernels take a 32-bit int

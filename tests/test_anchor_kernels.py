@@ -304,6 +304,9 @@ def test_nms_iou_falls_back_to_argmax():
     (torch.zeros(1, 4), torch.zeros(0, 4), {}, "anchors must not be empty"),
     (torch.zeros(1, 4), torch.zeros(1, 4), {"iou_threshold": float("nan")}, "iou_threshold must be a finite"),
     (torch.zeros(1, 4), torch.zeros(1, 4), {"nms_iou": 1.5}, "nms_iou must be None or a number in \\[0, 1\\]"),
+    (torch.zeros(1, 4), torch.zeros(1, 4), {"iou_threshold": True}, "iou_threshold must be a finite"),
+    (torch.zeros(1, 4), torch.zeros(1, 4), {"nms_iou": True}, "nms_iou must be None or a number"),
+    (torch.zeros(1, 4), torch.zeros(1, 4), {"generator": 3}, "generator must be None or a CPU torch.Generator"),
     (torch.zeros(1, 4), torch.zeros(1, 4), {"seed": 2**63}, "seed must be an int"),
     (torch.zeros(1, 4), torch.zeros(1, 4), {"seed": 1.5}, "seed must be an int"),
 ])

@@ -37,6 +37,7 @@ ROIS = torch.tensor([[0, 1.0, 2.0, 30.0, 40.0], [1, 5.0, 5.0, 20.0, 25.0]])
     (dict(rois=torch.tensor([[-1.0, 0, 0, 4, 4]])), "batch index"),
     (dict(spatial_scales=[0.25]), "spatial_scales"),
     (dict(spatial_scales=[0.25, -1.0]), "spatial_scales"),
+    (dict(spatial_scales=[0.25, True]), "spatial_scales"),
     (dict(output_size=0), "output_size"),
     (dict(output_size=(7, -1)), "output_size"),
     (dict(output_size="7"), "output_size"),
