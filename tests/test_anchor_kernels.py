@@ -134,6 +134,23 @@ def test_thresholds_match_reference(backend, threshold):
     assert_matches_reference(backend, gt, anchors, threshold, 17)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_a_threshold_near_one_is_taken_as_given(backend):
+    # Anchors of IoU 1, 0.992 and 0.5 with the box: above 0.995 only the first is eligible, so every seed
+    # picks it; above 0.99 the first two are, and the seeds pick both.
+    if backend not in ["reference"] + cpu_backends():
+        pytest.skip(f"{backend} backend not available here")
+    gt = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
+    anchors = torch.tensor([[0.0, 0.0, 100.0, 100.0], [0.0, 0.0, 100.0, 99.2], [0.0, 0.0, 100.0, 50.0]])
+    for threshold, eligible in ((0.995, {0}), (0.99, {0, 1})):
+        picks = {int(insloc_ops.sample_anchor_boxes(gt, anchors, threshold, seed=s, backend=backend)[1])
+                 for s in range(24)}
+        assert picks == eligible, (threshold, picks)
+    for nms_iou in (0.0, 1.0):  # the ends of nms_iou's range are allowed
+        _, index, iou = insloc_ops.sample_anchor_boxes(gt, anchors, 0.5, nms_iou=nms_iou, seed=3)
+        assert iou[0] > 0.5 and int(index) in (0, 1)
+
+
 def test_cpu_one_box_split_across_threads_matches_reference():
     # N = 1 with many anchors takes the (box, anchor range) tiling with a cross-tile merge.
     g = torch.Generator().manual_seed(5)

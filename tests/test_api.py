@@ -58,8 +58,9 @@ ROIS = torch.tensor([[0, 1.0, 2.0, 30.0, 40.0], [1, 5.0, 5.0, 20.0, 25.0]])
     (dict(levels=torch.tensor([0])), "levels"),
     (dict(levels=torch.tensor([0.0, 1.0])), "levels"),
 ])
-def test_roi_align_rejects_bad_input_naming_the_argument(kwargs, match):
-    args = dict(features=_feats(), rois=ROIS, output_size=7, spatial_scales=SCALES)
+@pytest.mark.parametrize("backend", [None, "reference"])  # the C++ kernel (default) checks ranges itself too
+def test_roi_align_rejects_bad_input_naming_the_argument(kwargs, match, backend):
+    args = dict(features=_feats(), rois=ROIS, output_size=7, spatial_scales=SCALES, backend=backend)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         insloc_ops.roi_align_multilevel(**args)

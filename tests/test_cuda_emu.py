@@ -691,6 +691,25 @@ def test_infonce_matches_the_oracles(emu, shape, temperature, tc, monkeypatch):
         check_infonce(emu, *shape, temperature=temperature)
 
 
+@pytest.mark.parametrize("case", ["all", "first"])
+@pytest.mark.parametrize("tc", **TC_MODES)
+def test_infonce_negatives_that_overflow_to_minus_inf_add_nothing(emu, case, tc, monkeypatch):
+    # One -inf logit first in a lane's stream made its partial log-sum-exp NaN (lse_add of -inf to the empty
+    # (-inf, 0)), and with it the row's loss; it adds exp(-inf) = 0.
+    q, k, queue = infonce_tests.overflow_inputs(case)
+    with tensor_cores(tc, monkeypatch), poisoned_outputs():
+        loss, lse = emu.queue_infonce(q, k, queue, 0.2)
+    q2, k2 = q.double().requires_grad_(), k.double().requires_grad_()
+    want, _ = reference.queue_infonce(q2, k2, queue.double(), 0.2)
+    torch.testing.assert_close(loss, want.detach().float(), rtol=1e-5, atol=1e-5)
+    g = torch.rand(want.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (want * g).sum().backward()
+    with tensor_cores(tc, monkeypatch):
+        dq, dk = emu_infonce_backward(emu, True, g.float(), q, k, queue, lse, 0.2)
+    torch.testing.assert_close(dq, q2.grad.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dk, k2.grad.float(), rtol=1e-4, atol=1e-5)
+
+
 def infonce_run(emu, q, k, queue, temperature, g):
     loss, lse = emu.queue_infonce(q, k, queue, temperature)
     with poisoned_outputs():  # deterministic backward: bitwise repeatable

@@ -153,6 +153,31 @@ def test_public_api_trains_with_the_one_pass_kernel_and_infers_with_the_forward_
     assert "queue_infonce" in names and "queue_infonce_onepass" not in names
 
 
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("wants", ["q and k", "q", "k"])
+def test_public_api_values_and_gradients_of_every_autograd_path(backend, wants):
+    # Through insloc_ops.queue_infonce as the trainer calls it: on "cpu", q requiring grad takes the one-pass
+    # kernel's autograd, k alone the two-pass one (each its own backward formula).
+    G, N, K, D = (2, 5, 600, 16) if backend != "triton" else (2, 3, 70, 8)
+    q, k, queue = make_inputs(G, N, K, D)
+    q1, k1 = q.clone().requires_grad_("q" in wants), k.clone().requires_grad_("k" in wants)
+    q2, k2 = q.double().requires_grad_("q" in wants), k.double().requires_grad_("k" in wants)
+    loss = insloc_ops.queue_infonce(q1, k1, queue, 0.2, backend=backend)  # reduction="mean": [G]
+    want = cross_entropy_oracle(q2, k2, queue.double(), 0.2).mean(-1)
+    assert loss.shape == (G,)
+    torch.testing.assert_close(loss, want.float(), rtol=1e-5, atol=1e-5)
+    weights = torch.tensor([0.3, 1.7])
+    (loss * weights).sum().backward()
+    (want * weights.double()).sum().backward()
+    for got, exact, wanted in ((q1.grad, q2.grad, "q" in wants), (k1.grad, k2.grad, "k" in wants)):
+        if wanted:
+            torch.testing.assert_close(got, exact.float(), rtol=1e-4, atol=1e-5)
+        else:
+            assert got is None
+    none = insloc_ops.queue_infonce(q, k, queue, 0.2, reduction="none", backend=backend)
+    torch.testing.assert_close(loss.detach(), none.mean(-1), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("queue_dtype", [torch.bfloat16, torch.float16])
 def test_cpu_kernel_low_precision_queue_with_fp32_queries(path, queue_dtype):
@@ -249,6 +274,35 @@ def test_non_finite_input_gives_non_finite_loss(backend, nan_row):
         if requires_grad:
             loss[0, 0].backward()  # no crash; the clean row keeps a finite gradient
             assert torch.isfinite(q1.grad[0, 0]).all()
+
+
+def overflow_inputs(case, N=3, K=1100, D=16):
+    """Finite fp32 inputs (grouped, G = 1) whose scaled negative logits overflow to -inf in float32, which
+    exp turns into 0 as exactly as in float64: "all" every negative of every row (loss 0), "first" the
+    queue's first row only, for every query (the rest finite). K = 1100: several K splits on the CPU."""
+    gen = torch.Generator().manual_seed(5)
+    if case == "all":
+        q, k, queue = torch.zeros(1, N, D), torch.zeros(1, N, D), torch.zeros(1, K, D)
+        q[..., 0], k[..., 0], queue[..., 0] = 1e20, 1.0, -1e20  # q.k / T = 5e20; q.queue_j = -1e40 -> -inf
+        return q, k, queue
+    base = F.normalize(torch.randn(D, generator=gen), dim=0)
+    q = F.normalize(base + 0.3 * torch.randn(1, N, D, generator=gen), dim=-1)  # all close to base
+    k = F.normalize(q + 0.5 * torch.randn(1, N, D, generator=gen), dim=-1)
+    queue = F.normalize(torch.randn(1, K, D, generator=gen), dim=-1)
+    queue[0, 0] = -3e38 * base  # q.queue_0 ~ -2.7e38, finite; / 0.2 overflows
+    assert bool(((q[0] @ queue[0, 0]) / 0.2 == float("-inf")).all())
+    return q, k, queue
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("case", ["all", "first"])
+def test_negatives_that_overflow_to_minus_inf_add_nothing(backend, case):
+    # A logit of -inf adds exp(-inf) = 0: the loss stays finite and equals the float64 oracle's (once, the
+    # C++ and Triton kernels' partial log-sum-exps turned a block of -inf logits into NaN).
+    q, k, queue = overflow_inputs(case)
+    check_against_oracles(backend, q, k, queue, 0.2)
+    loss = insloc_ops.queue_infonce(q, k, queue, 0.2, reduction="none", backend=backend)
+    assert torch.isfinite(loss).all() and (case != "all" or bool((loss == 0).all()))
 
 
 # 1e-50: positive and finite, but the kernels scale by 1 / T in float32, where it overflows
@@ -444,6 +498,29 @@ def test_triton_interpreter_16_bit_inputs(dtype):
     for shape in [(2, 5, 150, 16), (0, 3, 70, 24)]:
         q, k, queue = make_inputs(*shape, dtype=dtype)
         check_against_oracles("triton", q, k, queue, 0.2)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton interpreter not available")
+def test_triton_16_bit_backward_takes_a_large_gradient_scale():
+    # g / T > 65504 (a loss scaled for fp16 training, or a tiny temperature): the dq dot's 16-bit operand
+    # must not be p * g / T, which overflowed to inf where p > 65504 T / g, while dq itself is finite. Here
+    # g = 8192, T = 0.1 and each query's hardest negative is itself (p ~ 0.9).
+    gen = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(1, 2, 16, generator=gen), dim=-1)
+    k = F.normalize(q + 0.7 * torch.randn(1, 2, 16, generator=gen), dim=-1)
+    queue = F.normalize(torch.randn(1, 8, 16, generator=gen), dim=-1)
+    queue[0, :2] = q[0]
+    q, k, queue = q.half(), k.half(), queue.half()
+    grads = {}
+    for backend in ("triton", "cpu", "reference"):
+        q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+        (insloc_ops.queue_infonce(q1, k1, queue, 0.1, reduction="none", backend=backend) * 8192).sum().backward()
+        grads[backend] = (q1.grad.float(), k1.grad.float())
+    for got, want in zip(grads["triton"], grads["cpu"]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    torch.testing.assert_close(grads["cpu"][0], grads["reference"][0], rtol=2e-2, atol=20.0)
 
 
 @pytest.mark.triton

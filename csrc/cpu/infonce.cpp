@@ -156,7 +156,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, cons
             }
             part_m[slot] = m_new;
           }
-          for (int64_t j = 0; j < nk; ++j) row[j] = row[j] * inv_t - m_new;
+          // With every logit so far -inf (overflowed), shift by 0: exp(-inf - -inf) would be NaN, exp(-inf) is 0.
+          const acc_t shift = m_new == neg_inf<acc_t>() ? acc_t(0) : m_new;
+          for (int64_t j = 0; j < nk; ++j) row[j] = row[j] * inv_t - shift;
         }
         logits.exp_();  // the bulk of the exps: ATen's vectorised exp on the L2-resident block
         for (int64_t r = 0; r < nr; ++r) {

@@ -40,6 +40,9 @@ def _program(q_ptr, N, D, stride_qg, stride_qn,
     return g, split, rows, cols, row_ok, col_ok, q
 
 
+P_SCALE = tl.constexpr(32768.0)
+
+
 @triton.jit
 def _logits(q, queue_ptr, g, k0, k_end, cols, col_ok, scale, stride_kg, stride_kk,
             BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -66,7 +69,9 @@ def _forward_partials(q_ptr, queue_ptr, m_ptr, s_ptr, N, K, D, per_split, splits
                                     BLOCK_K, DOT_DTYPE, PRECISION)  # logits [BLOCK_N, BLOCK_K]
         logits = tl.where(k_ok[None, :], logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
+        # While every logit is -inf (overflowed), shift by 0: exp(-inf - -inf) would be NaN, exp(-inf) is 0.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
         m = m_new
     out = (g.to(tl.int64) * N + rows) * splits + split  # (64-bit offsets: any size that fits in memory)
     tl.store(m_ptr + out, m, mask=row_ok)
@@ -88,9 +93,12 @@ def _backward_dq(q_ptr, queue_ptr, lse_ptr, grad_ptr, dq_ptr, N, K, D, per_split
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ok, neg, logits = _logits(q, queue_ptr, g, k0, k_end, cols, col_ok, scale, stride_kg, stride_kk,
                                     BLOCK_K, DOT_DTYPE, PRECISION)
-        p = tl.exp(logits - lse[:, None]) * coef[:, None]
+        # p in [0, 1] times 2^15: in the normal range of a 16-bit dot operand down to p ~ 2e-9, and no
+        # overflow (p * g / T, the scaled form, overflows fp16 once g / T > 65504, e.g. under loss scaling).
+        p = tl.exp(logits - lse[:, None]) * P_SCALE
         p = tl.where(k_ok[None, :], p, 0.0)
         acc += tl.dot(p.to(DOT_DTYPE), neg, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+    acc = acc * (coef * (1.0 / P_SCALE))[:, None]  # (an exact power of two, then g_i / T once per row)
     out = dq_ptr + split.to(tl.int64) * stride_split + row_offs[:, None] * D + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if ATOMIC:
@@ -125,6 +133,7 @@ def _forward_combine(q_ptr, k_ptr, m_ptr, s_ptr, loss_ptr, lse_ptr, rows, D, spl
     m = tl.load(m_ptr + s_offs, mask=s_mask, other=float("-inf"))
     s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
     top = tl.maximum(tl.max(m, 1), pos)
+    top = tl.where(top == float("-inf"), 0.0, top)  # every logit -inf: lse -inf, not NaN
     total = tl.sum(s * tl.exp(m - top[:, None]), 1) + tl.exp(pos - top)
     lse = top + tl.log(total)
     tl.store(lse_ptr + r, lse, mask=r_ok)
