@@ -396,7 +396,7 @@ def enqueue_(queue, keys, ptr):
     """Writes keys [.., N, D] into the ring buffer queue [.., K, D] at ptr, wrapping; returns (ptr + N) % K."""
     K, N = queue.shape[-2], keys.shape[-2]
     if N == 0:
-        return ptr
+        return ptr.clone() if torch.is_tensor(ptr) else ptr  # a new tensor, as for N > 0: no alias of the caller's
     device = queue.device
     base = ptr.to(device) if torch.is_tensor(ptr) else ptr
     idx = (base + torch.arange(N, device=device)) % K  # [N]

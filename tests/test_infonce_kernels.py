@@ -398,6 +398,10 @@ def test_enqueue_wraps_around(ptr_as_tensor):
     # After 35 writes, row j holds the step that last wrote it: writes 28..34 (step 4) hit rows 8, 9, 0..4.
     expected = torch.tensor([4, 4, 4, 4, 4, 3, 3, 3, 4, 4], dtype=torch.float32)
     torch.testing.assert_close(flat[:, 0], expected)
+    # No keys: the same pointer, as a new tensor (not the caller's, which it may update in place).
+    ptr = torch.tensor(3)
+    same = insloc_ops.enqueue_(flat, flat[:0].clone(), ptr)
+    assert int(same) == 3 and same is not ptr and same.data_ptr() != ptr.data_ptr()
 
 
 def test_enqueue_rejects_a_batch_larger_than_the_queue():
