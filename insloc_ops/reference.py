@@ -92,6 +92,13 @@ def _level_weights(rois, size, output_size, spatial_scale, sampling_ratio, align
     return Wy, Wx, batch
 
 
+def _by_image(batch):
+    """(b, the indices of the RoIs on image b) for each image the RoIs name (-1 names none)."""
+    for b in torch.unique(batch).tolist():
+        if b >= 0:
+            yield b, (batch == b).nonzero().squeeze(1)
+
+
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -108,10 +115,7 @@ def _roi_align_one_level(feature, rois, output_size, spatial_scale, sampling_rat
     Wy = Wy.to(compute_dt)
     Wx = Wx.to(compute_dt)
     out = f.new_zeros(R, C, ph, pw)
-    for b in torch.unique(batch).tolist():
-        if b < 0:
-            continue
-        idx = (batch == b).nonzero().squeeze(1)
+    for b, idx in _by_image(batch):
         t = torch.einsum("chw,rqw->rchq", f[b], Wx[idx])  # [Rb, C, H, pw]
         out = out.index_copy(0, idx, torch.einsum("rph,rchq->rcpq", Wy[idx], t))  # [Rb, C, ph, pw]
     return out.to(feature.dtype)
@@ -126,10 +130,7 @@ def _roi_align_one_level_backward(grad, rois, shape, spatial_scale, sampling_rat
     compute_dt = _compute_dtype(grad.dtype)
     g, Wy, Wx = grad.to(compute_dt), Wy.to(compute_dt), Wx.to(compute_dt)
     out = g.new_zeros(B, C, H, Wd)
-    for b in torch.unique(batch).tolist():
-        if b < 0:
-            continue
-        idx = (batch == b).nonzero().squeeze(1)
+    for b, idx in _by_image(batch):
         t = torch.einsum("rcpq,rqw->rcpw", g[idx], Wx[idx])  # [Rb, C, ph, W]
         out[b] = torch.einsum("rph,rcpw->chw", Wy[idx], t)
     return out.to(grad.dtype)
