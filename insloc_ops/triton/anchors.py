@@ -45,33 +45,34 @@ def _box_iou(bx1, by1, bx2, by2, barea, ax1, ay1, ax2, ay2, aarea):
 def _sample_anchor_kernel(gt_ptr, anchor_ptr, packed_ptr, N, A, threshold, seed_key, span,
                           BLOCK: tl.constexpr):
     n = tl.program_id(0)
+    n64 = n.to(tl.int64)  # 64-bit offsets: 4 n and N + n pass 2^31 for N >= 2^29 boxes
     begin = tl.program_id(1) * span
     end = tl.minimum(begin + span, A)
-    bx1 = tl.load(gt_ptr + n * 4)
-    by1 = tl.load(gt_ptr + n * 4 + 1)
-    bx2 = tl.load(gt_ptr + n * 4 + 2)
-    by2 = tl.load(gt_ptr + n * 4 + 3)
+    bx1 = tl.load(gt_ptr + n64 * 4)
+    by1 = tl.load(gt_ptr + n64 * 4 + 1)
+    bx2 = tl.load(gt_ptr + n64 * 4 + 2)
+    by2 = tl.load(gt_ptr + n64 * 4 + 3)
     barea = (bx2 - bx1) * (by2 - by1)
     box_key = _mix32(n.to(tl.uint32) ^ seed_key.to(tl.uint32))
     pick = tl.zeros([BLOCK], dtype=tl.int64)
     best = tl.zeros([BLOCK], dtype=tl.int64)
     for start in range(begin, end, BLOCK):
-        idx = start + tl.arange(0, BLOCK)  # [BLOCK]
+        idx = tl.arange(0, BLOCK).to(tl.int64) + start  # [BLOCK]; int32 would wrap past 2^31 - BLOCK anchors
         mask = idx < end
-        p = anchor_ptr + idx.to(tl.int64) * 4
+        p = anchor_ptr + idx * 4
         ax1 = tl.load(p, mask=mask, other=0.0)
         ay1 = tl.load(p + 1, mask=mask, other=0.0)
         ax2 = tl.load(p + 2, mask=mask, other=0.0)
         ay2 = tl.load(p + 3, mask=mask, other=0.0)
         aarea = (ax2 - ax1) * (ay2 - ay1)
         iou = _box_iou(bx1, by1, bx2, by2, barea, ax1, ay1, ax2, ay2, aarea)  # [BLOCK]
-        low = 0x7FFFFFFF - idx.to(tl.int64)
+        low = 0x7FFFFFFF - idx
         iou_bits = iou.to(tl.int32, bitcast=True).to(tl.int64)
         best = tl.maximum(best, tl.where(mask, (iou_bits << 31) | low, 0))
         key = _mix32(idx.to(tl.uint32) ^ box_key).to(tl.int64)
         pick = tl.maximum(pick, tl.where(mask & (iou > threshold), (key << 31) | low, 0))
-    tl.atomic_max(packed_ptr + n, tl.max(pick, axis=0))
-    tl.atomic_max(packed_ptr + N + n, tl.max(best, axis=0))
+    tl.atomic_max(packed_ptr + n64, tl.max(pick, axis=0))
+    tl.atomic_max(packed_ptr + N + n64, tl.max(best, axis=0))
 
 
 @triton.jit
