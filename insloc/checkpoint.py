@@ -2,7 +2,9 @@
 ``latest`` (a one-line text file, also replaced atomically) names the newest; older ones are deleted
 only after a newer one is complete. The dict format is documented in insloc/models/__init__.py."""
 import glob
+import importlib
 import os
+import pickle
 import random
 import re
 import shutil
@@ -175,11 +177,39 @@ def resolve_checkpoint(path):
     return found
 
 
-def load_checkpoint(path):
-    """The checkpoint dict at `path`; a file that cannot be read gives a RuntimeError naming it."""
+def numpy_rng_globals():
+    """What torch.load(weights_only=True) must allow besides tensors and plain values to read a checkpoint:
+    the numpy RNG state's array and dtype."""
+    # numpy RNG state in the checkpoint's "rng" entry: plain arrays, safe to allow. numpy 2 pickles them with
+    # numpy._core.multiarray._reconstruct, numpy 1.x with numpy.core.multiarray._reconstruct: allow both
+    # names, so a checkpoint written under either loads under either. Imported by name: numpy 1.26's
+    # numpy._core has no multiarray attribute, and numpy 2's numpy.core warns.
     try:
-        # weights_only=False: the dict holds RNG states (numpy, python) besides tensors; only load your own files
-        return torch.load(path, map_location="cpu", weights_only=False)
+        reconstruct = importlib.import_module("numpy._core.multiarray")._reconstruct
+    except ImportError:  # numpy < 1.26
+        reconstruct = importlib.import_module("numpy.core.multiarray")._reconstruct
+    names = [(reconstruct, f"{module}._reconstruct") for module in ("numpy._core.multiarray", "numpy.core.multiarray")]
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)]
+    return [*names, np.ndarray, np.dtype, *dtypes]
+
+
+def load_checkpoint(path):
+    """The checkpoint dict at `path`, read with weights_only=True (tensors, plain values and the numpy RNG
+    state: unpickling runs no code the file names); a file that cannot be read, or holds other objects, gives
+    a RuntimeError naming it."""
+    try:
+        with torch.serialization.safe_globals(numpy_rng_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            unsafe = []
+        if unsafe:  # (torch's own message runs to a page)
+            raise RuntimeError(f"cannot read checkpoint {path}: it holds Python objects other than tensors, plain "
+                               f"values and numpy's RNG state ({', '.join(unsafe[:4])}), which are not unpickled "
+                               "(a checkpoint of insloc pretrain holds none)") from e
+        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     except Exception as e:
         raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
 

@@ -54,7 +54,6 @@ same format. Files are written atomically
 """
 import argparse
 import dataclasses
-import importlib
 import os
 import pickle
 import re
@@ -100,20 +99,6 @@ class PretrainCheckpoint:
     def description(self):
         arch = "" if self.config.method == "moco" else f" arch={self.config.arch}"
         return f"method={self.config.method}{arch} ResNet-{self.config.depth}"
-
-
-def _numpy_globals():
-    # numpy RNG state in the checkpoint's "rng" entry: plain arrays, safe to allow. numpy 2 pickles them with
-    # numpy._core.multiarray._reconstruct, numpy 1.x with numpy.core.multiarray._reconstruct: allow both
-    # names, so a checkpoint written under either loads under either. Imported by name: numpy 1.26's
-    # numpy._core has no multiarray attribute, and numpy 2's numpy.core warns.
-    try:
-        reconstruct = importlib.import_module("numpy._core.multiarray")._reconstruct
-    except ImportError:  # numpy < 1.26
-        reconstruct = importlib.import_module("numpy.core.multiarray")._reconstruct
-    names = [(reconstruct, f"{module}._reconstruct") for module in ("numpy._core.multiarray", "numpy.core.multiarray")]
-    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)]
-    return [*names, np.ndarray, np.dtype, *dtypes]
 
 
 def _torch_load(path, safe_globals):
@@ -208,7 +193,7 @@ def load_pretrain_checkpoint(path, unsafe_load=False, check_momentum=True) -> Pr
     ``unsafe_load=True`` unpickles anything, for files you trust that hold other objects.
     ``check_momentum=False`` leaves the momentum encoder's weights unchecked (for exports without it)."""
     path = resolve_checkpoint(path)
-    safe_globals = None if unsafe_load else _numpy_globals()  # outside the try: its errors are not the file's
+    safe_globals = None if unsafe_load else checkpoint.numpy_rng_globals()  # outside the try: its errors are not the file's
     try:
         ckpt = _torch_load(path, safe_globals)
     except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, BadZipFile... for bad bytes

@@ -689,3 +689,25 @@ def test_a_failed_momentum_write_removes_the_query_file_it_created(checkpoints, 
     with pytest.raises(ExportError, match=r"x-momentum\.pth: cannot write it \(No space left on device\)"):
         export(checkpoints["r18_fpn"][0], "torchvision", tmp_path / "x.pth", include_momentum=True)
     assert list(tmp_path.iterdir()) == []
+
+
+class _RunsCode:
+    """Unpickling it would call a function the file names."""
+    called = []
+
+    def __reduce__(self):
+        return (_RunsCode.called.append, ("unpickled",))
+
+
+def test_resume_reads_a_checkpoint_without_running_code_it_names(tmp_path):
+    from insloc.checkpoint import load_checkpoint, rng_state
+
+    good = tmp_path / "checkpoint_00000001.pt"
+    torch.save({"step": 1, "rng": rng_state(), "model": {"w": torch.ones(2)}}, good)
+    loaded = load_checkpoint(good)  # tensors, plain values and the numpy RNG state load
+    assert loaded["step"] == 1 and isinstance(loaded["rng"]["numpy"][1], np.ndarray)
+    bad = tmp_path / "checkpoint_00000002.pt"
+    torch.save({"step": 2, "payload": _RunsCode()}, bad)
+    with pytest.raises(RuntimeError, match=f"cannot read checkpoint {bad}: it holds Python objects .*(getattr|append)"):
+        load_checkpoint(bad)
+    assert _RunsCode.called == []
