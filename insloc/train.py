@@ -142,9 +142,12 @@ def resume_position(ckpt, global_batch, epoch_samples, steps_per_epoch, path):
 
 
 def setup_distributed(cfg: Config):
-    """(rank, world_size, device). DDP when torchrun's WORLD_SIZE > 1."""
+    """(rank, world_size, device). DDP when torchrun's WORLD_SIZE > 1; otherwise one process, rank 0, whatever
+    RANK or LOCAL_RANK the shell holds (a rank other than 0 would write no checkpoint)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = 0, 0
+    if world > 1:
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
