@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from insloc.data import CopyPasteComposite, EpochSampler, TwoViewCrops, image_paths, moco_v2_augment
 from insloc.data.augment import MEAN, STD
@@ -88,6 +89,43 @@ def test_composite_boxes_lie_inside_the_canvas_within_the_recipe_size_bounds():
         assert sample["unreadable"] == 0
 
 
+COLOURS = [(230, 20, 20), (20, 200, 40), (30, 40, 220), (240, 220, 30), (200, 40, 210)]
+
+
+def test_both_views_paste_a_crop_of_the_foreground_exactly_inside_their_boxes(tmp_path, monkeypatch):
+    # Solid-colour images and no pixel augmentation: inside each view's box every pixel is the colour of the
+    # foreground image (index % len), outside it the colour of one background image. A paste at another
+    # place than the box (x and y swapped) or a view cut from another image's foreground shows here.
+    import insloc.data.composite as composite
+    monkeypatch.setattr(composite, "moco_v2_augment", lambda image, box, g: (TF.pil_to_tensor(image), box))
+    for i, colour in enumerate(COLOURS):
+        Image.new("RGB", (90 + 30 * i, 150 - 20 * i), colour).save(tmp_path / f"c{i}.png")
+    paths = image_paths(str(tmp_path))
+    ds = CopyPasteComposite(paths, image_size=64, paste_size=(24, 63), samples_per_epoch=12)
+    palette = torch.tensor(COLOURS, dtype=torch.uint8)  # [5, 3]
+    located, own_backgrounds = 0, 0
+    for index in range(12):
+        sample = ds[(0, index)]
+        fg = palette[index % len(paths)].view(3, 1, 1)
+        backgrounds = []
+        for im, box in ((sample["im_q"], sample["boxes_q"]), (sample["im_k"], sample["boxes_k"])):
+            x1, y1, x2, y2 = (int(v) for v in box.tolist())
+            inside = torch.zeros(64, 64, dtype=torch.bool)
+            inside[y1:y2, x1:x2] = True
+            assert (im[:, inside] == fg.view(3, 1)).all(), (index, box)
+            outside = im[:, ~inside]  # [3, P]: one background colour
+            assert outside.shape[1] > 0 and (outside == outside[:, :1]).all()
+            assert (palette == outside[:, 0]).all(1).any()
+            backgrounds.append(outside[:, 0])
+            if not torch.equal(outside[:, 0], fg.flatten()):  # a background other than the foreground:
+                assert torch.equal((im == fg).all(0), inside)  # the foreground's pixels are the box exactly
+                located += 1
+        assert not torch.equal(sample["boxes_q"], sample["boxes_k"])
+        own_backgrounds += not torch.equal(*backgrounds)
+    assert located >= 12  # most views have another image behind them
+    assert own_backgrounds >= 6  # each view draws its own background
+
+
 def test_a_sample_is_a_function_of_seed_epoch_and_index():
     ds = CopyPasteComposite(builtin_image_paths()[:4], image_size=64, paste_size=(32, 63))
     a, b, c = ds[(3, 1)], ds[(3, 1)], ds[(4, 1)]
@@ -109,6 +147,21 @@ def test_augment_flips_the_box_with_the_image():
         assert found == out_box.tolist()
         flipped += out_box[0].item() == 96 - 45
     assert 0 < flipped < 12
+
+
+def test_augment_draws_with_the_recipe_probabilities_and_ranges(monkeypatch):
+    # recipe.md: ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur sigma in [0.1, 2.0] p=0.5, flip p=0.5
+    import insloc.data.augment as augment
+    chances, ranges = [], []
+    real_uniform = augment.uniform
+    monkeypatch.setattr(augment, "chance", lambda g, p: chances.append(p) or True)  # every branch taken
+    monkeypatch.setattr(augment, "uniform", lambda g, lo, hi: ranges.append((lo, hi)) or real_uniform(g, lo, hi))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8))
+    out, box = moco_v2_augment(image, torch.tensor([2.0, 3.0, 10.0, 12.0]), torch.Generator().manual_seed(0))
+    assert chances == [0.8, 0.2, 0.5, 0.5]
+    assert [x for r in ranges for x in r] == pytest.approx([0.6, 1.4] * 3 + [-0.1, 0.1, 0.1, 2.0])
+    assert box.tolist() == [14.0, 3.0, 22.0, 12.0] and out.shape == (3, 16, 24)
+    assert (out[0] == out[1]).all() and (out[1] == out[2]).all()  # grayscale
 
 
 def test_normalize_is_the_recipe_normalisation_in_float32():

@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -9,7 +10,7 @@ from insloc.config import Config
 from insloc.models import FPNEncoder
 from insloc.moco import MoCo, batch_shuffle_ddp, batch_unshuffle_ddp, rois_from_boxes
 from insloc.train import build_model
-from insloc_ops import sample_anchor_boxes
+from insloc_ops import grid_anchors, reference, sample_anchor_boxes
 
 from conftest import free_port, run_processes
 
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**kw):
-    return Config(depth=18, fpn_channels=16, head_fc_dim=32, dim=8, image_size=64, paste_size=[24, 63],
-                  anchor_sizes=[16.0, 32.0, 64.0], queue_size=16, **kw)
+    base = dict(depth=18, fpn_channels=16, head_fc_dim=32, dim=8, image_size=64, paste_size=[24, 63],
+                anchor_sizes=[16.0, 32.0, 64.0], queue_size=16)
+    return Config(**{**base, **kw})
 
 
 def test_rois_from_boxes_numbers_boxes_by_image():
@@ -127,6 +129,66 @@ def test_one_step_updates_query_weights_key_weights_and_queue(method, arch, grou
                                0.5 * k0 + 0.5 * moco.encoder_q.backbone.conv1.weight)
 
 
+def test_initial_queue_rows_are_unit_keys():
+    # negatives that are not unit vectors would scale the first steps' logits (the keys are L2-normalised)
+    torch.manual_seed(0)
+    moco = build_model(tiny_config())
+    assert moco.queue.shape == (4, 16, 8)
+    torch.testing.assert_close(moco.queue.norm(dim=2), torch.ones(4, 16))
+    assert moco.queue.std() > 0.1  # random directions, not a constant
+
+
+def test_build_model_carries_the_configs_moco_and_anchor_settings():
+    # numbers of the config that build_model dropped (a default in its place) would go unnoticed in a run
+    cfg = tiny_config(momentum=0.75, temperature=0.13, anchor_iou=0.7, anchor_stride=32, anchor_sizes=[24.0, 48.0],
+                      anchor_ratios=[0.5, 1.0, 2.0], queue_size=12, dim=6, shuffle_bn=False)
+    moco = build_model(cfg)
+    assert (moco.momentum, moco.temperature, moco.anchor_iou, moco.shuffle_bn) == (0.75, 0.13, 0.7, False)
+    assert moco.queue.shape == (4, 12, 6) and moco.jittered_groups == (3,) and moco.anchor_nms_iou is None
+    assert moco.anchors.shape == (2 * 2 * 2 * 3, 4)  # 64 / 32 = 2x2 grid, 2 sizes x 3 ratios
+    torch.testing.assert_close(moco.anchors, grid_anchors(2, 32, [24.0, 48.0], [0.5, 1.0, 2.0]))
+    # the jitter keeps only anchors above the configured IoU
+    boxes = torch.tensor([[8.0, 4.0, 40.0, 36.0], [14.0, 10.0, 60.0, 58.0], [0.0, 16.0, 48.0, 40.0]])
+    moco = build_model(tiny_config(anchor_iou=0.3))
+    rois = moco.query_rois(boxes, torch.Generator().manual_seed(0))
+    assert moco.anchor_iou == 0.3 and (box_iou(rois[3, :, 1:], boxes).diagonal() > 0.3).all()
+
+
+@pytest.mark.parametrize("arch", ["fpn", "c4"])
+def test_forward_keys_are_the_updated_key_encoder_on_the_key_view_and_losses_the_queue_infonce(arch):
+    # Different views and boxes for query and key, and a query encoder away from the key encoder: keys made
+    # from the query's image or boxes, or by the key encoder before its momentum update, or losses at another
+    # temperature or with q and k swapped, all give other numbers.
+    torch.manual_seed(0)
+    moco = build_model(tiny_config(arch=arch, momentum=0.5, temperature=0.13))
+    with torch.no_grad():
+        for p in moco.encoder_q.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    N = 3
+    im_q, im_k = torch.randn(N, 3, 64, 64), torch.randn(N, 3, 64, 64)
+    boxes_q = torch.tensor([[3.0, 5.0, 40.0, 33.0], [10.0, 0.0, 60.0, 64.0], [8.0, 8.0, 56.0, 56.0]])
+    boxes_k = torch.tensor([[20.0, 16.0, 64.0, 50.0], [0.0, 20.0, 48.0, 44.0], [4.0, 2.0, 36.0, 60.0]])
+    queue0 = moco.queue.clone()
+    key_encoder = copy.deepcopy(moco.encoder_k)
+    stale_key_encoder = copy.deepcopy(moco.encoder_k)
+    query_encoder = copy.deepcopy(moco.encoder_q)
+    with torch.no_grad():
+        for k, q in zip(key_encoder.parameters(), moco.encoder_q.parameters()):
+            k.mul_(0.5).add_(q, alpha=0.5)  # the momentum update, before the key forward
+        want_k = key_encoder(im_k, rois_from_boxes(boxes_k))  # [G, N, D]
+        q = query_encoder(im_q, moco.query_rois(boxes_q, torch.Generator().manual_seed(4)))  # [G, N, D]
+        want_losses = reference.queue_infonce(q, want_k, queue0, 0.13)[0].mean(1)  # [G]
+        others = [key_encoder(im_q, rois_from_boxes(boxes_k)), key_encoder(im_k, rois_from_boxes(boxes_q)),
+                  stale_key_encoder(im_k, rois_from_boxes(boxes_k))]
+    losses, keys = moco(im_q, boxes_q, im_k, boxes_k, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(keys, want_k)
+    torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-5)
+    for other in others:  # the test can tell these apart
+        assert (other - want_k).abs().max() > 1e-3
+    assert (reference.queue_infonce(q, want_k, queue0, 0.2)[0].mean(1) - want_losses).abs().min() > 1e-2
+    assert (reference.queue_infonce(want_k, q, queue0, 0.13)[0].mean(1) - want_losses).abs().min() > 1e-3
+
+
 def _shuffle_worker(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -167,6 +229,37 @@ def _shuffle_worker(rank, world, port):
 
 def test_shuffle_bn_round_trips_images_and_boxes_across_two_gloo_processes():
     run_processes(_shuffle_worker, (2, free_port()), nprocs=2, timeout_s=300)
+
+
+def _shuffled_forward_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)  # the same model on both ranks
+        moco = build_model(tiny_config(momentum=1.0))  # m = 1: the forward leaves the key encoder as it is
+        moco.encoder_k.eval()  # BN on running statistics: a key does not depend on the images beside it
+        g = torch.Generator().manual_seed(10 + rank)  # each rank its own images and boxes
+        N = 3
+        im_q, im_k = torch.randn(N, 3, 64, 64, generator=g), torch.randn(N, 3, 64, 64, generator=g)
+        xy = torch.randint(0, 24, (N, 2), generator=g).float()
+        boxes_q = torch.cat([xy, xy + 36.0], 1)
+        boxes_k = torch.cat([xy.flip(1), xy.flip(1) + 40.0], 1)
+        torch.manual_seed(7)  # rank 0's permutation is broadcast: the same on both ranks here
+        shuffled_losses, shuffled_keys = moco(im_q, boxes_q, im_k, boxes_k, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(7)
+        assert not torch.equal(torch.randperm(world * N), torch.arange(world * N))  # it did shuffle
+        moco.shuffle_bn = False
+        losses, keys = moco(im_q, boxes_q, im_k, boxes_k, generator=torch.Generator().manual_seed(1))
+        # each key comes back to the rank and position of its image (and was pooled with its own box)
+        torch.testing.assert_close(shuffled_keys, keys)
+        torch.testing.assert_close(shuffled_losses, losses)
+    finally:
+        dist.barrier()  # both ranks leave together (see _shuffle_worker)
+
+
+def test_shuffle_bn_forward_gives_each_rank_the_keys_of_its_own_images_across_two_gloo_processes():
+    run_processes(_shuffled_forward_worker, (2, free_port()), nprocs=2, timeout_s=300)
 
 
 # The trainer's CUDA-only settings (bf16 autocast, channels_last, torch.compile), exercised on the CPU:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torchvision
+from torch.nn import functional as F
 
 from insloc.models import C4Encoder, FPNEncoder, GlobalEncoder
 
@@ -109,3 +110,80 @@ def test_fpn_encoder_backpropagates_into_backbone():
     enc(torch.randn(2, 3, 64, 64), ROIS)[:, :, 0].sum().backward()
     assert enc.backbone.conv1.weight.grad.abs().sum() > 0
     assert enc.neck.lateral_convs[0].weight.grad.abs().sum() > 0
+
+
+
+def _head_inputs(enc, images, rois):
+    """(the encoder's embeddings, what its head was given: the pooled RoIs [R, C, s, s])."""
+    seen = []
+    handle = enc.head.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        z = enc(images, rois)
+    finally:
+        handle.remove()
+    return z, seen[0]
+
+
+def test_fpn_encoder_pools_p2_to_p5_as_torchvision_roi_align_at_strides_4_to_32_aligned_adaptive():
+    # recipe.md: every box from all four levels, RoIAlign 7x7, sampling_ratio 0 (adaptive), aligned=True. A
+    # wrong stride, aligned=False or a fixed sampling ratio pools other features: the boxes are large on P2
+    # (3 samples per bin adaptively) and small on P5 (1 sample).
+    torch.manual_seed(0)
+    enc = FPNEncoder(18, fpn_channels=16, fc_dim=32, dim=8).eval()
+    images = torch.randn(2, 3, 64, 64)
+    strides = (4, 8, 16, 32)
+    with torch.no_grad():
+        feats = enc.neck(enc.backbone(images))  # P2..P5
+        assert [f.shape[-1] for f in feats] == [16, 8, 4, 2]
+        z, pooled = _head_inputs(enc, images, ROIS)
+        want = torch.cat([torchvision.ops.roi_align(f, ROIS, 7, spatial_scale=1.0 / s, sampling_ratio=0, aligned=True)
+                          for f, s in zip(feats, strides)])  # [4 * 3, 16, 7, 7], level-major
+        torch.testing.assert_close(pooled, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z, F.normalize(enc.head(want), dim=1).view(4, 3, 8))
+        # per-level boxes: level l pools its own boxes at its own stride
+        per_level = ROIS.repeat(4, 1, 1)
+        per_level[:, 0, 1:] = torch.tensor([[2.0, 2.0, 60.0, 62.0], [8.0, 8.0, 24.0, 30.0],
+                                            [5.0, 9.0, 51.0, 33.0], [0.0, 10.0, 40.0, 64.0]])
+        pooled = _head_inputs(enc, images, per_level)[1]
+        want = torch.cat([torchvision.ops.roi_align(f, per_level[l], 7, spatial_scale=1.0 / s, sampling_ratio=0,
+                                                    aligned=True) for l, (f, s) in enumerate(zip(feats, strides))])
+        torch.testing.assert_close(pooled, want, rtol=1e-5, atol=1e-5)
+        # the comparison can tell: other geometry pools other features
+        for level, scale, ratio, aligned in ((3, 1 / 16, 0, True), (3, 1 / 32, 2, True), (0, 1 / 4, 2, True),
+                                             (3, 1 / 32, 0, False)):
+            other = torchvision.ops.roi_align(feats[level], per_level[level], 7, scale, ratio, aligned)
+            assert (other - want[3 * level: 3 * level + 3]).abs().max() > 1e-2
+
+
+def test_c4_encoder_pools_res4_as_torchvision_roi_align_14x14_at_stride_16_aligned_adaptive():
+    torch.manual_seed(0)
+    enc = C4Encoder(18, dim=8).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        res4 = enc.backbone(images)[-1]  # [2, 256, 4, 4]
+        assert res4.shape == (2, 256, 4, 4)
+        z, pooled = _head_inputs(enc, images, ROIS)
+        want = torchvision.ops.roi_align(res4, ROIS, 14, spatial_scale=1.0 / 16, sampling_ratio=0, aligned=True)
+        torch.testing.assert_close(pooled, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z, F.normalize(enc.head(want), dim=1)[None])
+        for scale, ratio, aligned in ((1 / 32, 0, True), (1 / 16, 2, True), (1 / 16, 0, False)):
+            assert (torchvision.ops.roi_align(res4, ROIS, 14, scale, ratio, aligned) - want).abs().max() > 1e-2
+
+
+def test_fpn_head_is_four_conv_blocks_then_fc_relu_fc_relu_projection():
+    # recipe.md: 4 x [3x3 conv, BN, ReLU] -> flatten -> fc 1024 -> ReLU -> fc 1024 -> ReLU -> fc 128
+    torch.manual_seed(0)
+    head = FPNEncoder(18, fpn_channels=8, fc_dim=32, dim=8).head.eval()
+    x = torch.randn(5, 8, 7, 7)
+    with torch.no_grad():
+        h = x
+        for block in head.convs:
+            conv, norm, relu = block
+            assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3)
+            assert isinstance(norm, torch.nn.BatchNorm2d) and isinstance(relu, torch.nn.ReLU)
+            h = torch.relu(norm(conv(h)))
+        h = torch.relu(head.fc1(h.flatten(1)))
+        assert (head.fc2(h) < 0).any()  # so a missing ReLU after fc2 changes the output
+        want = head.fc3(torch.relu(head.fc2(h)))
+        assert len(head.convs) == 4
+        torch.testing.assert_close(head(x), want)

@@ -177,6 +177,116 @@ def test_cli_flags_override_yaml_which_overrides_the_preset(tmp_path):
         build_parser().parse_args(["pretrain", "--anchor-nms-iou", "high"])
 
 
+def test_the_recipe_preset_holds_every_number_of_recipe_md():
+    # /work/shared/docs/recipe.md is the spec: a default changed by mistake would train another recipe silently
+    cfg = insloc.config.insloc_r50_fpn()
+    assert cfg == Config(name="insloc-r50-fpn")  # the recipe is the defaults
+    # pretext data
+    assert (cfg.image_size, cfg.crop_scale, cfg.crop_ratio, cfg.paste_size) == (256, [0.2, 1.0], [0.5, 2.0], [128, 255])
+    # box augmentation: one stride-16 grid, 4 sizes x 5 ratios (5,120 anchors on 256 x 256), IoU > 0.5, uniform pick
+    assert (cfg.anchor_stride, cfg.anchor_sizes, cfg.anchor_ratios) == (16, [32.0, 64.0, 128.0, 256.0],
+                                                                         [0.5, 0.75, 1.0, 1.5, 2.0])
+    assert (cfg.anchor_iou, cfg.anchor_nms_iou) == (0.5, None)
+    # R50-FPN: FPN 256, RoIAlign 7x7, fc 1024, D 128, BatchNorm (not SyncBN), the official head
+    assert (cfg.method, cfg.arch, cfg.depth, cfg.fpn_channels, cfg.fpn_roi_size, cfg.head_fc_dim, cfg.dim) == \
+        ("insloc", "fpn", 50, 256, 7, 1024, 128)
+    assert (cfg.head_norm, cfg.fpn_norm, cfg.head_init) == ("bn", "bn", "official")
+    # R50-C4: RoIAlign 14x14 on res4
+    assert insloc.config.insloc_r50_c4().c4_roi_size == 14 and insloc.config.insloc_r50_c4().arch == "c4"
+    # MoCo: K 65,536, m 0.999, T 0.2, shuffle-BN
+    assert (cfg.queue_size, cfg.momentum, cfg.temperature, cfg.shuffle_bn) == (65536, 0.999, 0.2, True)
+    # SGD lr 0.03 per 256, 32 per GPU, momentum 0.9, weight decay 1e-4, Nesterov, 200 epochs
+    assert (cfg.lr, cfg.lr_batch, cfg.batch_size, cfg.sgd_momentum, cfg.weight_decay, cfg.nesterov, cfg.epochs) == \
+        (0.03, 256, 32, 0.9, 1e-4, True, 200)
+    from insloc_ops import grid_anchors
+    anchors = grid_anchors(math.ceil(cfg.image_size / cfg.anchor_stride), cfg.anchor_stride, cfg.anchor_sizes,
+                           cfg.anchor_ratios)
+    assert anchors.shape == (5120, 4)
+    model = insloc.train.build_model(dataclasses.replace(cfg, depth=18, queue_size=8))
+    assert model.jittered_groups == (3,) and model.num_groups == 4  # P5 only pools the augmented box
+
+
+def test_a_training_step_descends_the_sum_of_the_level_losses_with_the_configured_sgd(tmp_path, monkeypatch):
+    # The optimizer must see the gradient of the levels' losses summed (weights 1), not their mean, and use
+    # the configured SGD (weight decay, momentum, Nesterov) at the cosine schedule's learning rate.
+    from insloc.moco import MoCo
+    real_forward, wanted, seen = MoCo.forward, [], []
+
+    def forward(self, *args, **kw):
+        out = real_forward(self, *args, **kw)
+        params = list(self.encoder_q.parameters())
+        wanted.append(torch.autograd.grad(out[0].sum(), params, retain_graph=True, allow_unused=True))
+        return out
+
+    class RecordingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            group, = self.param_groups
+            seen.append(([None if p.grad is None else p.grad.clone() for p in group["params"]], group["lr"]))
+            return super().step(closure)
+
+    monkeypatch.setattr(MoCo, "forward", forward)
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    cfg = tiny(tmp_path, samples_per_epoch=2, epochs=2, weight_decay=3e-4, sgd_momentum=0.8, lr=0.05, lr_batch=4)
+    assert train(cfg)["step"] == 2
+    assert len(wanted) == len(seen) == 2
+    for want, (got, _) in zip(wanted, seen):
+        assert sum(g is not None for g in got) > 10
+        for w, g in zip(want, got):
+            assert (w is None) == (g is None)
+            if g is not None:
+                torch.testing.assert_close(g, w)
+    assert [lr for _, lr in seen] == pytest.approx([0.025, 0.0125])  # 0.05 x 2 / 4, then cosine at epoch 1 of 2
+    group = load_checkpoint(find_latest(str(tmp_path)))["optimizer"]["param_groups"][0]
+    assert (group["weight_decay"], group["momentum"], group["nesterov"]) == (3e-4, 0.8, True)
+    assert group["lr"] == pytest.approx(0.0125)
+
+
+def test_the_trainer_feeds_the_samples_views_and_boxes_and_each_rank_draws_its_own_anchors(tmp_path, monkeypatch):
+    # The first step's forward gets the sampler's first batch: im_q/boxes_q and im_k/boxes_k of each sample
+    # (not the query's boxes for the key), the official anchor choice made from the query's boxes, and a box
+    # generator seeded per rank (equal seeds would give every process the same anchor draws).
+    from insloc.data import EpochSampler, normalize
+    from insloc.moco import MoCo, rois_from_boxes
+    from torchvision.ops import box_iou
+    real_forward, calls = MoCo.forward, []
+
+    def forward(self, im_q, boxes_q, im_k, boxes_k, generator=None, rois_q=None):
+        calls.append(dict(im_q=im_q.clone(), boxes_q=boxes_q.clone(), im_k=im_k.clone(), boxes_k=boxes_k.clone(),
+                          rois_q=rois_q.clone(), seed=generator.initial_seed()))
+        return real_forward(self, im_q, boxes_q, im_k, boxes_k, generator=generator, rois_q=rois_q)
+
+    monkeypatch.setattr(MoCo, "forward", forward)
+    cfg = tiny(tmp_path / "rank0", anchor_nms_iou=0.7)
+    train(cfg, interrupt_after_step=1)
+    first = calls[0]
+    dataset = insloc.train.build_dataset(cfg)
+    samples = [dataset[key] for key in list(EpochSampler(len(dataset), 2, cfg.seed))[:2]]
+    for name in ("boxes_q", "boxes_k"):
+        assert torch.equal(first[name], torch.stack([s[name] for s in samples]))
+    for name in ("im_q", "im_k"):
+        assert torch.equal(first[name], normalize(torch.stack([s[name] for s in samples])))
+    assert not torch.equal(first["boxes_q"], first["boxes_k"])
+    rois = first["rois_q"]  # [4, 2, 5]: P2-P4 the query's boxes, P5 an anchor around each of them
+    for level in range(3):
+        assert torch.equal(rois[level], rois_from_boxes(first["boxes_q"]))
+    assert (box_iou(rois[3, :, 1:], first["boxes_q"]).diagonal() > 0.5).all()
+    # The second process's seeds: rank 1 of a world of one (it writes nothing, as a rank other than 0).
+    monkeypatch.setattr(insloc.train, "setup_distributed", lambda cfg: (1, 1, torch.device("cpu")))
+    train(tiny(tmp_path / "rank1", anchor_nms_iou=0.7), interrupt_after_step=1)
+    assert calls[-1]["seed"] != first["seed"]
+
+
+def test_a_rank_left_in_the_environment_of_a_one_process_run_is_ignored(tmp_path, monkeypatch):
+    # RANK=3 without WORLD_SIZE (a cluster shell, a leftover export) made the run rank 3 of one process, which
+    # writes no checkpoint and no log.
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert insloc.train.setup_distributed(tiny(tmp_path, device="cpu"))[:2] == (0, 1)
+    train(tiny(tmp_path, epochs=1))
+    assert find_latest(str(tmp_path)) is not None
+
+
 def _two_process_resume_worker(rank, port, root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
