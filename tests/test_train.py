@@ -177,8 +177,8 @@ def test_cli_flags_override_yaml_which_overrides_the_preset(tmp_path):
         build_parser().parse_args(["pretrain", "--anchor-nms-iou", "high"])
 
 
-def test_the_recipe_preset_holds_every_number_of_recipe_md():
-    # /work/shared/docs/recipe.md is the spec: a default changed by mistake would train another recipe silently
+def test_the_recipe_preset_holds_every_number_of_the_recipe():
+    # the recipe (the official code's numbers) is the spec: a default changed by mistake would train another recipe
     cfg = insloc.config.insloc_r50_fpn()
     assert cfg == Config(name="insloc-r50-fpn")  # the recipe is the defaults
     # pretext data
