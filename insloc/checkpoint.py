@@ -193,6 +193,14 @@ def numpy_rng_globals():
     return [*names, np.ndarray, np.dtype, *dtypes]
 
 
+def unsafe_globals(path):
+    """The globals a file names that torch.load(weights_only=True) does not load ([] if it cannot tell)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return []
+
+
 def load_checkpoint(path):
     """The checkpoint dict at `path`, read with weights_only=True (tensors, plain values and the numpy RNG
     state: unpickling runs no code the file names); a file that cannot be read, or holds other objects, gives
@@ -200,17 +208,12 @@ def load_checkpoint(path):
     try:
         with torch.serialization.safe_globals(numpy_rng_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:
-            unsafe = []
+    except Exception as e:
+        unsafe = unsafe_globals(path) if isinstance(e, pickle.UnpicklingError) else []
         if unsafe:  # (torch's own message runs to a page)
             raise RuntimeError(f"cannot read checkpoint {path}: it holds Python objects other than tensors, plain "
                                f"values and numpy's RNG state ({', '.join(unsafe[:4])}), which are not unpickled "
                                "(a checkpoint of insloc pretrain holds none)") from e
-        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    except Exception as e:
         raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
 
 

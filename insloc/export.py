@@ -108,13 +108,6 @@ def _torch_load(path, safe_globals):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _unsafe_globals(path):
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        return []
-
-
 def _strip_wrappers(name):
     # DDP ("module.") and torch.compile ("_orig_mod.") wrappers add name segments; the weights are the same
     return ".".join(part for part in name.split(".") if part not in ("module", "_orig_mod"))
@@ -197,7 +190,7 @@ def load_pretrain_checkpoint(path, unsafe_load=False, check_momentum=True) -> Pr
     try:
         ckpt = _torch_load(path, safe_globals)
     except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, BadZipFile... for bad bytes
-        unsafe = [] if unsafe_load else _unsafe_globals(path)
+        unsafe = [] if unsafe_load else checkpoint.unsafe_globals(path)
         if unsafe:
             raise CheckpointError(f"{path}: holds Python objects that are not loaded without trust "
                                   f"({', '.join(unsafe[:4])}); if you trust the file, pass unsafe_load=True "
