@@ -119,7 +119,6 @@ def measure_steps(cfg, impls, backends, args, rec, device):
         if impl == "fused":  # the backend each op ran on: the package's default unless --backends named one
             selected = insloc_ops.selected_backends(device.type)
             settings = " ".join(f"{attr}={backends.get(op) or selected[attr]}" for op, (_, attr, _) in OPS.items())
-        row = rec.add(name, impl, "step", timing, peak, settings=settings)
         ips = cfg.batch_size / (timing[0] / 1e3)
         extra = f"{ips:.1f} img/s"
         if flops:
@@ -128,7 +127,9 @@ def measure_steps(cfg, impls, backends, args, rec, device):
                             and k in torch.cuda.get_device_name(device)), None)
             extra += f", {flops / 1e9:.2f} GFLOP a step, {tflops:.1f} TFLOP/s" + (
                 f", MFU {100 * tflops / peak_tf:.1f}%" if peak_tf else "")
-        row["shape"] = f"{name} ({extra})"
+        # The shape cell names the shape alone (the same on every implementation's row, so rows join on it); the
+        # throughput goes first in the settings cell, before the backends the fused step ran on.
+        row = rec.add(name, impl, "step", timing, peak, settings="; ".join(s for s in (extra, settings) if s))
         print("   ", impl, extra, flush=True)
         out[impl] = (timing[0], row)
     return out
