@@ -20,6 +20,7 @@ import argparse
 import glob
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -51,6 +52,13 @@ class AnnotatedImage:
     boxes: torch.Tensor  # [N, 4] float32 xyxy pixels
 
 
+def _wheel_version(path):
+    """The version of a wheel file name as a sortable tuple (1.10.0 after 1.9.2; a part with letters, as in
+    2.0.0rc1, sorts by its leading digits)."""
+    version = Path(path).name.split("-")[1]
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split("."))
+
+
 def find_deepforest_wheel(cache_dir=DEFAULT_CACHE, download=True):
     """The deepforest wheel in cache_dir, downloaded there (no dependencies, not installed) if absent."""
     cache_dir = Path(cache_dir)
@@ -63,7 +71,7 @@ def find_deepforest_wheel(cache_dir=DEFAULT_CACHE, download=True):
     if not found:
         raise FileNotFoundError(f"no deepforest wheel in {cache_dir} (run: pip download --no-deps deepforest "
                                 f"-d {cache_dir})")
-    return Path(found[-1])
+    return Path(max(found, key=_wheel_version))
 
 
 def read_voc_boxes(xml_text):
@@ -152,10 +160,12 @@ def read_initialisation(spec, depth=18, fpn_channels=256, fpn_norm=True):
     return Initialisation(Path(spec).name, export_depth, width, sd, has_fpn, norm)
 
 
-def build_detector(init: Initialisation, num_classes=2, size=320, light=False):
+def build_detector(init: Initialisation, num_classes=2, size=320, light=False, head_seed=None):
     """Faster R-CNN on a ResNet-FPN (P2-P5 + max-pooled P6, as fasterrcnn_resnet50_fpn), trainable
     BatchNorm everywhere and no frozen stages (the recipe's transfer setting), weights from ``init``.
-    ``light``: fewer proposals and sampled RoIs, for CPU runs."""
+    ``light``: fewer proposals and sampled RoIs, for CPU runs. ``head_seed``: the global RNG is seeded with it
+    after the backbone is built, so the RPN and box heads (and the RNG that training draws from) are the same
+    for every initialisation of one FPN width, whatever the backbone drew (its depth, its FPN norm)."""
     trunk = getattr(torchvision.models, f"resnet{init.depth}")()
     widths = [64 * 2 ** i * (4 if init.depth == 50 else 1) for i in range(4)]
     norm = torch.nn.BatchNorm2d if init.fpn_norm else None
@@ -166,6 +176,8 @@ def build_detector(init: Initialisation, num_classes=2, size=320, light=False):
         target.load_state_dict(init.state_dict, strict=True)
     budget = dict(rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500, rpn_pre_nms_top_n_test=500,
                   rpn_post_nms_top_n_test=300, box_batch_size_per_image=128) if light else {}
+    if head_seed is not None:
+        torch.manual_seed(head_seed)
     return FasterRCNN(backbone, num_classes=num_classes, min_size=size, max_size=size, **budget)
 
 
@@ -254,8 +266,9 @@ def main(argv=None):
     rows = []
     for spec in args.init:
         init = read_initialisation(spec, args.depth, args.fpn_channels, args.fpn_norm == "bn")
-        torch.manual_seed(args.seed)  # the same random heads for every initialisation
-        model = build_detector(init, size=args.tile, light=not gpu)
+        torch.manual_seed(args.seed)  # the random backbone of 'random'
+        # the same random heads for every initialisation of one FPN width
+        model = build_detector(init, size=args.tile, light=not gpu, head_seed=args.seed)
         print(f"{init.name}: ResNet-{init.depth} FPN {init.fpn_channels}{' BN' if init.fpn_norm else ''}, "
               f"{'trunk + FPN' if init.has_fpn else 'trunk' if init.state_dict else 'nothing'} pretrained")
         start = time.perf_counter()

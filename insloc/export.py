@@ -36,7 +36,9 @@ Formats (one file each; ``OUT`` is the ``--out`` path):
     ``roi_heads.box_head.conv{1..4}`` (+ ``.norm``) and its first fc -> ``roi_heads.box_head.fc1``
     (detectron2's 4conv1fc head: set ``ROI_BOX_HEAD.NUM_CONV 4``, ``NUM_FC 1``, ``NORM`` ``"SyncBN"`` for
     ``head_norm="bn"``, ``""`` for ``"none"`` (convs with biases instead of ``.norm``); its
-    default 2fc head has an ``fc1`` of the same shape and would load this one silently). The second fc and
+    default 2fc head has an ``fc1`` of the same shape and would load this one silently; the official InsLoc
+    FPN configs use ``FastRCNNConvFCHeadExtraNorm``, registered by their ``train_net.py``: the same head plus a
+    norm after fc1's ReLU that starts untrained, into which this export loads the same). The second fc and
     the 128-d projection have no detectron2 counterpart and are dropped. Image-level MoCo checkpoints
     (``--method moco``) export the trunk as MoCo's own converter does: ``stem.conv1.*``, ``res2.*`` ...
     ``res5.*`` without a prefix, which detectron2's matching heuristics place in either layout (C4: res5 into
@@ -367,6 +369,12 @@ def _check_format(ckpt, fmt, layout):
     if fmt == "detectron2" and layout is not None and ckpt.config.method != "moco" and layout != ckpt.config.arch:
         raise CheckpointError(f"{ckpt.path}: a {ckpt.description} checkpoint cannot be exported in the "
                               f"detectron2 {layout} layout (only image-level MoCo trunks fit either)")
+    c4_head = ckpt.config.arch == "c4" if ckpt.config.method != "moco" else layout != "fpn"
+    if fmt == "detectron2" and ckpt.config.depth < 50 and c4_head:
+        # detectron2 builds a C4 model's res5 (roi_heads.res5) of bottleneck blocks at every depth: basic blocks
+        # are not loaded there (matching_heuristics skips what does not fit, with a warning in its log).
+        warnings.warn(f"{ckpt.path}: a ResNet-{ckpt.config.depth} res5 does not fit detectron2's C4 RoI head "
+                      f"(bottleneck blocks at every depth): only the stem and res2-res4 will load into a C4 model")
 
 
 def _numpy(tensor):

@@ -1,6 +1,8 @@
 import os
 import pickle
+import re
 import zipfile
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from insloc.config import Config
 from insloc.export import CheckpointError, ExportError, export, export_main, load_raw_encoder, momentum_path
 from random_checkpoints import (R18_FPN_DEMO, R50_C4, R50_FPN, R50_FPN_NO_NORM, R50_MOCO, make_checkpoint,
                                 write_checkpoint)
@@ -251,6 +254,52 @@ def test_detectron2_export_values_come_from_the_right_weights(checkpoints, tmp_p
                                   c4_encoder.head.res5[0].conv2.weight.detach().numpy())
 
 
+def our_name_of_detectron2(name):
+    """The encoder key a detectron2 key comes from, written from detectron2's naming rather than from the
+    exporter's table: the stem, res2..res5 (C4: roi_heads.res5 is our head's res5), bottleneck or basic blocks
+    (convN.norm is bnN, shortcut is downsample), the FPN's laterals and outputs with their norms, the box head."""
+    rules = [
+        (r"(?:backbone\.bottom_up\.|backbone\.)?stem\.conv1\.weight", "backbone.conv1.weight"),
+        (r"(?:backbone\.bottom_up\.|backbone\.)?stem\.conv1\.norm\.(\w+)", r"backbone.bn1.\1"),
+        (r"roi_heads\.res5\.(.*)", r"head.res5.\1"),
+        (r"(?:backbone\.bottom_up\.|backbone\.)?res(\d)\.(.*)", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}"),
+        (r"backbone\.fpn_(lateral|output)(\d)\.(weight|bias)", lambda m: f"neck.{m[1]}_convs.{int(m[2]) - 2}.{m[3]}"),
+        (r"backbone\.fpn_(lateral|output)(\d)\.norm\.(\w+)", lambda m: f"neck.{m[1]}_norms.{int(m[2]) - 2}.{m[3]}"),
+        (r"roi_heads\.box_head\.conv(\d)\.(weight|bias)", lambda m: f"head.convs.{int(m[1]) - 1}.0.{m[2]}"),
+        (r"roi_heads\.box_head\.conv(\d)\.norm\.(\w+)", lambda m: f"head.convs.{int(m[1]) - 1}.1.{m[2]}"),
+        (r"roi_heads\.box_head\.fc1\.(\w+)", r"head.fc1.\1"),
+    ]
+    for pattern, replacement in rules:
+        m = re.fullmatch(pattern, name)
+        if m:
+            ours = m.expand(replacement) if isinstance(replacement, str) else replacement(m)
+            break
+    else:
+        raise AssertionError(f"no rule for {name}")
+    if ours.startswith(("backbone.layer", "head.res5.")):  # inside a block
+        ours = re.sub(r"\.conv(\d)\.norm\.", r".bn\1.", ours)
+        ours = ours.replace(".shortcut.norm.", ".downsample.1.").replace(".shortcut.weight", ".downsample.0.weight")
+    return ours
+
+
+@pytest.mark.parametrize("name", ["r50_fpn", "r50_c4", "r18_fpn", "r50_moco"])
+def test_every_detectron2_value_comes_from_its_weight(name, checkpoints, tmp_path):
+    # Each exported array equals the encoder weight that detectron2's name designates, and no two names share
+    # one (two weights of the same shape swapped, e.g. bn1 and bn2 of a basic block, fail here).
+    path, encoder = checkpoints[name]
+    export(path, "detectron2", tmp_path / "d2.pkl")
+    model = load_detectron2(tmp_path / "d2.pkl")
+    sd = encoder.state_dict()
+    ours = {k: our_name_of_detectron2(k) for k in model}
+    assert len(set(ours.values())) == len(ours)
+    wrong = [k for k, v in model.items() if not np.array_equal(v, sd[ours[k]].numpy())]
+    assert wrong == []
+    # every encoder weight a detector has is exported: all but the projection (the FPN head's fc2 and fc3, the
+    # MLP after C4's res5 or MoCo's pooled trunk)
+    left = sorted(set(sd) - set(ours.values()))
+    assert left and all(k.startswith(("head.fc2.", "head.fc3.", "head.mlp.")) for k in left), left
+
+
 def test_detectron2_export_of_a_moco_trunk_has_moco_converters_unprefixed_names(checkpoints, tmp_path):
     # facebookresearch/moco detection/convert-pretrain-to-detectron2.py: stem.conv1.*, res2..res5.*, which
     # detectron2's matching heuristics place in an FPN (backbone.bottom_up.*) or a C4 (res5 in roi_heads) model
@@ -281,6 +330,20 @@ def test_detectron2_export_of_a_moco_trunk_in_a_layout_asked_for(layout, expecte
 def test_detectron2_layout_other_than_the_insloc_arch_is_refused(checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="cannot be exported in the detectron2 fpn layout"):
         export(checkpoints["r50_c4"][0], "detectron2", tmp_path / "d2.pkl", layout="fpn")
+
+
+def test_detectron2_export_of_a_resnet18_res5_for_a_c4_head_warns(checkpoints, tmp_path):
+    # detectron2's C4 RoI head (roi_heads.res5) is made of bottleneck blocks at every depth
+    write_checkpoint(tmp_path / "r18c4.pt", Config(method="insloc", arch="c4", depth=18))
+    write_checkpoint(tmp_path / "r18moco.pt", Config(method="moco", depth=18))
+    for path, layout in (("r18c4.pt", None), ("r18moco.pt", "c4"), ("r18moco.pt", None)):
+        with pytest.warns(UserWarning, match="ResNet-18 res5 does not fit detectron2's C4 RoI head"):
+            export(tmp_path / path, "detectron2", tmp_path / "d2.pkl", layout=layout)
+    with warnings.catch_warnings():  # an FPN model holds basic blocks; R50's res5 fits the C4 head
+        warnings.simplefilter("error")
+        export(checkpoints["r18_fpn"][0], "detectron2", tmp_path / "d2.pkl")
+        export(tmp_path / "r18moco.pt", "detectron2", tmp_path / "d2.pkl", layout="fpn")
+        export(checkpoints["r50_c4"][0], "detectron2", tmp_path / "d2.pkl")
 
 
 def test_detectron2_pickle_names_only_numpy_ndarray_and_loads_writable_arrays(checkpoints, tmp_path):

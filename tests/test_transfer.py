@@ -148,6 +148,29 @@ def test_initialisation_from_an_export_puts_its_weights_in_the_detector(demo_exp
         td.read_initialisation(str(folder / "other.pth"))
 
 
+def test_every_initialisation_gets_the_same_random_heads(demo_exports):
+    # A random R18 with BatchNorm after the FPN convs and an export without (its convs draw biases): the backbones
+    # draw different amounts of random numbers, the heads built after head_seed are equal all the same.
+    folder, _ = demo_exports
+    detectors = []
+    for init in (td.read_initialisation("random", fpn_channels=64, fpn_norm=True),
+                 td.read_initialisation(str(folder / "fpn.pth"))):
+        torch.manual_seed(1)
+        detectors.append(td.build_detector(init, size=64, light=True, head_seed=0))
+    assert detectors[0].backbone.fpn.layer_blocks[0][0].bias is None
+    assert detectors[1].backbone.fpn.layer_blocks[0][0].bias is not None
+    heads = [{k: v for k, v in d.state_dict().items() if not k.startswith("backbone.")} for d in detectors]
+    assert list(heads[0]) == list(heads[1]) and any(k.startswith("rpn.") for k in heads[0])
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
+def test_the_newest_cached_wheel_is_chosen_by_version(tmp_path):
+    for name in ("deepforest-1.9.2-py3-none-any.whl", "deepforest-1.10.0-py3-none-any.whl",
+                 "deepforest-1.10.0rc1-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    assert td.find_deepforest_wheel(tmp_path, download=False).name == "deepforest-1.10.0-py3-none-any.whl"
+
+
 def test_a_few_fine_tuning_steps_run_on_cpu_and_evaluate(demo_exports):
     folder, _ = demo_exports
     torch.manual_seed(0)
