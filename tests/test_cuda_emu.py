@@ -913,11 +913,46 @@ def test_infonce_empty_batch(emu):
     assert dq.shape == dk.shape == (2, 0, 8)
 
 
+def blocked_notes(emu):
+    return [emu.notes(f"queue_infonce: {p} blocked") for p in ("forward", "backward")]
+
+
+@pytest.mark.parametrize("dtype, D, K, blocked", [
+    (torch.float32, 896, 70, []), (torch.float32, 1024, 70, ["backward"]),
+    (torch.float32, 1200, 4000, ["forward", "backward"]), (torch.float64, 512, 70, ["backward"])])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_infonce_feature_dims_past_shared_memory_take_the_blocked_path(emu, dtype, D, K, blocked, deterministic):
+    # The CUDA-core kernels hold rows of D in shared memory (227 KiB a block here, as on an H100): fp32 fits
+    # D <= 1199 forward and <= 899 backward, fp64 593 and 445; past that the partials come from matmuls over
+    # chunks of the queue (D = 1200, K = 4000: 3 chunks). D = 1024 was a RuntimeError in the backward, after a
+    # forward that had worked. (Tensor cores on, the default: they fit only below these D.)
+    before = blocked_notes(emu)
+    check_infonce(emu, 2, 5, K, D, dtype, seed=5, deterministic=deterministic)
+    ran = [a - b for a, b in zip(blocked_notes(emu), before)]
+    assert ran == [int(p in blocked) for p in ("forward", "backward")]
+
+
+@pytest.mark.parametrize("case", ["all", "first"])
+def test_infonce_blocked_path_overflow_to_minus_inf_adds_nothing(emu, case):
+    # the inputs of the kernels' test, padded with zero features to D = 1200 (the same dot products)
+    q, k, queue = (torch.nn.functional.pad(t, (0, 1200 - 16)) for t in infonce_tests.overflow_inputs(case, K=300))
+    with poisoned_outputs():
+        loss, lse = emu.queue_infonce(q, k, queue, 0.2)
+    q2, k2 = q.double().requires_grad_(), k.double().requires_grad_()
+    want, _ = reference.queue_infonce(q2, k2, queue.double(), 0.2)
+    torch.testing.assert_close(loss, want.detach().float(), rtol=1e-5, atol=1e-5)
+    (want * 0.5).sum().backward()
+    dq, dk = emu_infonce_backward(emu, True, torch.full_like(loss, 0.5), q, k, queue, lse, 0.2)
+    torch.testing.assert_close(dq, q2.grad.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dk, k2.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("D", [8, 1200])  # 1200: the blocked path
 @pytest.mark.parametrize("nan_row", [0, 7, 40])
-def test_infonce_non_finite_input_gives_non_finite_loss(emu, nan_row):
+def test_infonce_non_finite_input_gives_non_finite_loss(emu, nan_row, D):
     # nan_row 0 and 7 were the bug this test found: a NaN logit that a thread met before any finite one
     # was dropped by the merge of partial log-sum-exps, so the CUDA kernel returned a finite loss.
-    q, k, queue = infonce_tests.make_inputs(2, 3, 50, 8)
+    q, k, queue = infonce_tests.make_inputs(2, 3, 50, D)
     q[0, 1, 2] = float("nan")
     k[0, 2, 0] = float("inf")  # positive logit +-inf: loss NaN or inf
     queue[1, nan_row, 3] = float("nan")  # poisons every row of group 1

@@ -23,11 +23,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "common/infonce.h"
 #include "common/infonce_args.h"
@@ -620,6 +622,70 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qu
   TORCH_CHECK(gpu::on_device(q) && k.device() == q.device() && queue.device() == q.device(),
               "queue_infonce: q, k and queue must be on one CUDA device");
   TORCH_CHECK(q.size(1) <= int64_t(65535) * kRows, "queue_infonce: N too large for the CUDA kernel's grid");
+  // The backward's finish kernel has a block per row (forward too: a training step fails before its backward)
+  TORCH_CHECK(q.size(0) * q.size(1) <= int64_t(2147483647), "queue_infonce: G * N = ", q.size(0) * q.size(1),
+              " rows, more than the CUDA kernels' grid (2^31 - 1)");
+}
+
+// ---- The blocked path: feature dims past the CUDA-core kernels' shared memory ----
+// The CUDA-core kernels keep whole rows of D in shared memory: on an H100/H200 (227 KiB a block) fp32 fits up to
+// D = 1199 forward and 899 backward, fp64 up to 593 and 445. Past that (where the tensor-core kernels do not
+// apply either) the partials come from batched matmuls over chunks of the queue instead, in the same form:
+// (max, sum of exp) per chunk forward, sum_j g_i / T p_ij queue_j backward, which the same combine and finish
+// kernels complete. Memory stays bounded (blocked_chunk), whatever K.
+size_t core_forward_smem(int64_t D, size_t acc_size) {
+  return acc_size * (size_t(kRows + kTile) * size_t(D + 1) + 2 * kThreads);
+}
+size_t core_backward_smem(int64_t D, size_t acc_size) {
+  return acc_size * (size_t(kRows + kTile) * size_t(D + 1) + size_t(kRows) * size_t(D) + kRows * (kTile + 1));
+}
+bool use_blocked(bool tc, size_t smem, int device) { return !tc && smem > gpu::max_shared_per_block_optin(device); }
+
+// Queue rows a chunk: the chunk's logits [G, N, C] and its copy in the accumulation type [G, C, D] hold at most
+// 2^22 elements each (16 MiB in fp32).
+int64_t blocked_chunk(int64_t G, int64_t N, int64_t D) {
+  const int64_t per_row = G * std::max<int64_t>(std::max(N, D), 1);
+  return std::max<int64_t>(1, std::min<int64_t>(4096, (int64_t(1) << 22) / per_row));
+}
+
+// Queue rows [k0, k0 + n) in the accumulation type, [G, n, D], and their scaled logits q.queue_j / T, [G, N, n].
+std::pair<at::Tensor, at::Tensor> blocked_logits(const at::Tensor& qa, const at::Tensor& queue_c, int64_t k0,
+                                                 int64_t n, double inv_t) {
+  auto chunk = queue_c.narrow(1, k0, n).to(qa.scalar_type());
+  auto logits = qa.bmm(chunk.transpose(1, 2)).mul_(inv_t);
+  return {chunk, logits};
+}
+
+// part_m, part_s [G, N, splits]: chunk c's max and sum of exp(x - max), the kernels' partials. A logit equal to
+// its chunk's max counts 1 (also an infinite max: a chunk of -inf logits is (-inf, n), which the merge skips as
+// it skips the kernels' (-inf, 0)); a NaN logit makes both NaN.
+void forward_partials_blocked(const at::Tensor& qa, const at::Tensor& queue_c, at::Tensor& part_m,
+                              at::Tensor& part_s, int64_t chunk_rows, double inv_t) {
+  const int64_t K = queue_c.size(1);
+  if (K == 0) {  // one empty split
+    part_m.fill_(-INFINITY);
+    part_s.zero_();
+    return;
+  }
+  for (int64_t c = 0, k0 = 0; k0 < K; ++c, k0 += chunk_rows) {
+    const auto logits = blocked_logits(qa, queue_c, k0, std::min(chunk_rows, K - k0), inv_t).second;
+    const auto m = logits.amax(-1, /*keepdim=*/true);
+    const auto e = logits.sub(m).exp_().masked_fill_(logits.eq(m), 1);
+    part_m.select(2, c).copy_(m.squeeze(-1));
+    part_s.select(2, c).copy_(e.sum(-1));
+  }
+}
+
+// dq_sum [G, N, D] (zeroed) += sum_j (g_i / T) exp(x_ij - lse_i) queue_j, chunk by chunk in order.
+void backward_partials_blocked(const at::Tensor& qa, const at::Tensor& queue_c, const at::Tensor& la,
+                               const at::Tensor& ga, at::Tensor dq_sum, int64_t chunk_rows, double inv_t) {
+  const int64_t K = queue_c.size(1);
+  const auto coef = ga.mul(inv_t).unsqueeze(-1);  // [G, N, 1]
+  const auto lse = la.unsqueeze(-1);
+  for (int64_t k0 = 0; k0 < K; k0 += chunk_rows) {
+    auto [chunk, logits] = blocked_logits(qa, queue_c, k0, std::min(chunk_rows, K - k0), inv_t);
+    dq_sum.baddbmm_(logits.sub_(lse).exp_().mul_(coef), chunk);
+  }
 }
 
 // The kernels launched with dynamic shared memory keep all of it there (no static __shared__ arrays), so
@@ -666,19 +732,26 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
   const int device = q.get_device();
   const bool tc = use_tensor_cores(q, device);
   const bool pipeline = pipeline_requested();
+  const bool blocked = use_blocked(tc, core_forward_smem(D, qa.element_size()), device);
+  const int64_t chunk_rows = blocked_chunk(G, N, D);
   int64_t splits, per_split;
   // 4 blocks an SM: every forward kernel fits 4 on sm_90 (ptxas: at most 125 registers a thread), and the split
   // count sets the order in which the partials merge, which the pipelined kernels keep bitwise the default's.
-  split_k<int64_t>(K, tc ? kTcTile : kTile, splits_to_fill(device, G, row_blocks), splits, per_split);
+  if (blocked)
+    splits = std::max<int64_t>(1, (K + chunk_rows - 1) / chunk_rows), per_split = chunk_rows;
+  else
+    split_k<int64_t>(K, tc ? kTcTile : kTile, splits_to_fill(device, G, row_blocks), splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
   INSLOC_EMU_VALUE("queue_infonce: forward splits", splits);
+  if (blocked) INSLOC_EMU_NOTE("queue_infonce: forward blocked");
   auto part_m = at::empty({G, N, splits}, qa.options());
   auto part_s = at::empty({G, N, splits}, qa.options());
   auto stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_cuda", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "queue_infonce_cuda_queue", [&] {
+    if (blocked) forward_partials_blocked(qa, queue_c, part_m, part_s, chunk_rows, static_cast<double>(inv_t));
+    else AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "queue_infonce_cuda_queue", [&] {
       using queue_t = scalar_t;
       if constexpr (std::is_same<acc_t, float>::value) {
         if (tc) {
@@ -733,23 +806,29 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
   const bool atomic = !at::globalContext().deterministicAlgorithms();
   const bool tc = use_tensor_cores(q, device);
   const bool pipeline = pipeline_requested();
+  // blocked: one sum, its chunks added in order (deterministic in either mode)
+  const bool blocked = use_blocked(tc, core_backward_smem(D, qa.element_size()), device);
   const int per_sm =
       tc && atomic ? tc_backward_blocks_per_sm(queue.scalar_type(), pipeline, D, aligned16(queue_c), device) : 4;
   const int64_t max_splits = atomic ? splits_to_fill(device, G, row_blocks, per_sm) : kMaxBackwardSplits;
   int64_t splits, per_split;
-  split_k<int64_t>(K, tc ? kTcTile : kTile, max_splits, splits, per_split);
+  split_k<int64_t>(K, tc ? kTcTile : kTile, blocked ? 1 : max_splits, splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
   INSLOC_EMU_VALUE("queue_infonce: backward splits", splits);
-  const int64_t slots = atomic ? 1 : splits;
+  if (blocked) INSLOC_EMU_NOTE("queue_infonce: backward blocked");
+  const int64_t slots = atomic || blocked ? 1 : splits;
   auto dq_part = at::empty({slots, G, N, D}, qa.options());  // every slot written when K > 0 and !atomic
-  if (atomic || K == 0) dq_part.zero_();
+  if (atomic || blocked || K == 0) dq_part.zero_();
   auto dqa = at::empty({G, N, D}, qa.options());
   auto dka = at::empty({G, N, D}, qa.options());
   auto stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_backward_cuda", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
-    if (K > 0) {
+    if (K > 0 && blocked) {
+      backward_partials_blocked(qa, queue_c, la, ga, dq_part.select(0, 0), blocked_chunk(G, N, D),
+                                static_cast<double>(inv_t));
+    } else if (K > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "queue_infonce_backward_queue",
                                       [&] {
         using queue_t = scalar_t;
@@ -777,7 +856,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
       });
     }
     const int64_t rows = G * N;
-    INSLOC_LAUNCH(static_cast<unsigned>(rows), 128, 0, stream, backward_finish_kernel<acc_t>)(
+    INSLOC_LAUNCH(static_cast<unsigned>(rows), 128, 0, stream, backward_finish_kernel<acc_t>)(  // rows < 2^31
         qa.data_ptr<acc_t>(), ka.data_ptr<acc_t>(), ga.data_ptr<acc_t>(), la.data_ptr<acc_t>(),
         dq_part.data_ptr<acc_t>(), dqa.data_ptr<acc_t>(), dka.data_ptr<acc_t>(), rows, D, slots, inv_t);
     INSLOC_LAUNCH_CHECK();
