@@ -686,3 +686,61 @@ except RuntimeError as e:
             assert "triton" in insloc_ops.available_backends()["queue_infonce"]["cpu"]
         finally:
             os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _package_copy(tmp_path):
+    """The Python files of insloc_ops in tmp_path (no compiled extension)."""
+    import shutil
+
+    src = os.path.dirname(insloc_ops.__file__)
+    shutil.copytree(src, tmp_path / "insloc_ops", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return tmp_path / "insloc_ops"
+
+
+@pytest.mark.parametrize("extension", ["absent", "broken"])
+def test_an_extension_that_is_there_and_does_not_load_is_said(tmp_path, extension):
+    # A build for another torch fails at import; without a word every op ran the reference. Not built at all
+    # (a pure-Python install) stays silent.
+    package = _package_copy(tmp_path)
+    if extension == "broken":
+        (package / "_C.abi3.so").write_bytes(b"not a shared object")
+    code = ("import sys, warnings; warnings.simplefilter('error', RuntimeWarning)\n"
+            # an editable install's finder would find the repository's _C for the copy's missing one
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]\n"
+            "try:\n    import insloc_ops\nexcept RuntimeWarning as w:\n    print('WARNED', w)\n"
+            "else:\n    print('LOADED', insloc_ops.build_info()['extension_loaded'])")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if extension == "broken":
+        assert out.stdout.startswith("WARNED insloc_ops: the compiled extension did not load (ImportError")
+        assert "pip install --no-build-isolation -e ." in out.stdout
+    else:
+        assert out.stdout.strip() == "LOADED False"
+
+
+def test_the_source_distribution_holds_every_file_the_build_needs(tmp_path):
+    # Without a MANIFEST.in the sdist lacked csrc's headers (and its .cu files unless the machine making it
+    # built CUDA): building from it failed at the first #include.
+    import tarfile
+
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # from a copy without the build's leftovers: an egg-info's SOURCES.txt would list the files again
+    src = tmp_path / "src"
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", "*.egg-info", "build", "dist", "runs",
+                                                             "__pycache__", "*.so", ".pytest_cache"))
+    env = {**os.environ, "INSLOC_OPS_CUDA": "0"}
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=src, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (tarball,) = tmp_path.glob("insloc-*.tar.gz")
+    with tarfile.open(tarball) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    needed = {os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(os.path.join(root, "csrc"))
+              for f in files if f.endswith((".h", ".cpp", ".cu"))}
+    assert needed and sorted(needed - names) == []
+    assert {"setup.py", "pyproject.toml", "insloc_ops/_toolkit.py", "insloc_ops/triton/infonce.py"} <= names
+    assert not any(n.endswith(".so") for n in names)
