@@ -192,6 +192,16 @@ def test_pick_defaults_needs_passing_tests_and_a_win_at_every_shape(tmp_path, ca
     assert "- roi_align_multilevel / cuda: tests.test_roi_align_kernels" in out
 
 
+def test_pick_defaults_needs_a_passed_test_that_names_the_backend(tmp_path, capsys):
+    # The InfoNCE test naming cuda skipped: a passed test of every backend (naming none) does not qualify cuda.
+    cases = [c if c != PASSING[5] else (Q, c[1], "skipped") for c in PASSING] + [
+        (Q, "test_gpu_enqueue_wraps_around", "passed")]
+    write_gpu_results(tmp_path, cases, full_rows({**ALL_FASTER, ("queue_infonce", "cuda"): 3.0}))
+    chosen, out = picked(tmp_path, capsys)
+    assert chosen["queue_infonce"] == "triton"  # the faster cuda one has no test of its own that passed
+    assert "no test_infonce_kernels test naming cuda passed" in out
+
+
 def test_pick_defaults_unfinished_test_processes(tmp_path, capsys):
     write_gpu_results(tmp_path, PASSING, full_rows(ALL_FASTER))
     assert set(picked(tmp_path, capsys)[0].values()) <= set(pick_defaults.GPU_BACKENDS)
