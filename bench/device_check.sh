@@ -13,6 +13,9 @@
 # SANITIZE_S (memcheck, with SANITIZE=1, 90 s). A step gets the smaller of its own limit and what is left
 # before the deadline (less 20 s for the summary); a stopped step keeps what it wrote, and pick_defaults.py
 # lets no backend qualify from unfinished tests or benchmarks.
+# ARCHIVE=FILE.tgz: OUTDIR packed into one file, refreshed at every step and when the script ends (also when
+# stopped by SIGTERM or SIGINT), for a machine that hands back only a few files: the gpu tests alone write
+# three files per test process.
 # A dry run of the script's plumbing without a GPU (tests/test_bench.py does this): SKIP_BUILD=1 uses the installed
 # build, BENCH_DEVICE=cpu benchmarks on the CPU, QUICK=1 passes --quick to the benchmarks.
 set -uo pipefail
@@ -21,9 +24,19 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # relative to where the script was started, not to the repository it moves to
+[[ -n "${ARCHIVE:-}" ]] && ARCHIVE=$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")  # (the same)
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-step() { echo "== $* ($(( $(date +%s) - start )) s)"; }
+archive() {
+  [[ -n "${ARCHIVE:-}" ]] || return 0
+  tar czf "$ARCHIVE.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" 2>/dev/null && mv -f "$ARCHIVE.part" "$ARCHIVE"
+}
+if [[ -n "${ARCHIVE:-}" ]]; then
+  trap archive EXIT
+  trap 'exit 143' TERM
+  trap 'exit 130' INT
+fi
+step() { archive; echo "== $* ($(( $(date +%s) - start )) s)"; }
 DEADLINE_S=${DEADLINE_S:-420}
 # budget LIMIT: LIMIT, or the seconds left before the deadline less 20, whichever is smaller (at least 1).
 budget() {
@@ -80,6 +93,28 @@ else
 fi
 "$PY" -c "import insloc_ops, json
 print(json.dumps(insloc_ops.build_info())); print(json.dumps(insloc_ops.available_backends()))" | tee -a "$OUT/env.txt"
+if [[ "$BENCH_DEVICE" == cuda ]]; then
+  # The CUDA kernels must be usable here, or the gpu tests of every CUDA kernel skip and the run tells nothing of
+  # them: stop now (exit 4), with the reason, and keep the time for a rebuild.
+  why=$("$PY" -c "
+import torch, insloc_ops
+info = insloc_ops.build_info()
+if not info['extension_loaded']:
+    print('the extension did not load:', info['extension_error'])
+elif not info['cuda_kernels_compiled']:
+    print('the extension was built without CUDA kernels')
+elif not torch.cuda.is_available():
+    print('torch sees no CUDA device')
+elif 'cuda' not in insloc_ops.available_backends()['roi_align_multilevel'].get('cuda', []):
+    print('the CUDA kernels were not built for this GPU (compute capability %d.%d; built for %s)'
+          % (*torch.cuda.get_device_capability(), ';'.join(info['cuda_archs'])))
+" 2>&1)
+  if [[ -n "$why" ]]; then
+    echo "PRE-FLIGHT FAILED: the CUDA kernels cannot run here: $why"
+    echo "(BENCH_DEVICE=cpu runs the script's CPU dry run instead)"
+    exit 4
+  fi
+fi
 
 step "gpu tests"
 # A CUDA error is sticky: once a kernel faults, every later CUDA call in that process fails. So the gpu tests run

@@ -407,6 +407,24 @@ def test_device_check_dry_run_without_a_gpu(tmp_path):
     assert proc.stdout.rstrip().endswith(defaults.rstrip().splitlines()[-1])
 
 
+def test_device_check_stops_when_the_cuda_kernels_cannot_run_and_archives_its_folder(tmp_path):
+    # On a machine whose CUDA kernels cannot run (here: no GPU) the gpu tests would all skip: it stops after the
+    # build with the reason; ARCHIVE packs what it wrote into one file.
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "SKIP_BUILD": "1",
+           "ARCHIVE": "check.tgz"}  # relative to where the script starts
+    proc = subprocess.run(["bash", os.path.join(run_all.HERE, "device_check.sh"), "check"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "PRE-FLIGHT FAILED: the CUDA kernels cannot run here: torch sees no CUDA device" in proc.stdout
+    assert "== gpu tests" not in proc.stdout and not (tmp_path / "check" / "gpu_tests").exists()
+    import tarfile
+
+    with tarfile.open(tmp_path / "check.tgz") as tar:
+        assert {"check/env.txt"} <= set(tar.getnames())
+        env_txt = tar.extractfile("check/env.txt").read().decode()
+    assert '"extension_loaded": true' in env_txt  # written before the check, archived at the exit
+
+
 def test_device_check_stops_before_the_build_without_pytest(tmp_path):
     # A sitecustomize that hides pytest, as on an image without it: the script stops at once, naming WHEELS=DIR.
     (tmp_path / "block").mkdir()
