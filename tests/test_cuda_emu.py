@@ -930,6 +930,28 @@ def test_infonce_feature_dims_past_shared_memory_take_the_blocked_path(emu, dtyp
     check_infonce(emu, 2, 5, K, D, dtype, seed=5, deterministic=deterministic)
     ran = [a - b for a, b in zip(blocked_notes(emu), before)]
     assert ran == [int(p in blocked) for p in ("forward", "backward")]
+    if "forward" in blocked:  # one running partial per row, however many chunks: memory does not grow with K
+        assert emu.value("queue_infonce: forward splits") == 1
+
+
+def test_infonce_blocked_path_ignores_autocast_and_merges_inf_across_chunks(emu):
+    # Its matmuls run in fp32 under an autocast region too (they went through autocast: bf16 products); two +inf
+    # logits in different chunks give +inf, as in one chunk and as the reference (not exp(inf - inf) = NaN).
+    q, k, queue = infonce_tests.make_inputs(1, 3, 5000, 1200, seed=8)  # 3 chunks of the queue
+    loss, lse = emu.queue_infonce(q, k, queue, 0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_loss, auto_lse = emu.queue_infonce(q, k, queue, 0.2)
+    assert torch.equal(auto_loss, loss) and torch.equal(auto_lse, lse)
+    g = torch.ones_like(loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_grads = emu.queue_infonce_backward(g, q, k, queue, lse, 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(auto_grads, emu.queue_infonce_backward(g, q, k, queue, lse, 0.2)))
+    queue[0, 10, 0] = queue[0, 4900, 0] = float("inf")  # q[..., 0] > 0 in row 0 of make_inputs? checked below
+    inf_rows = q[0, :, 0] > 0
+    loss, _ = emu.queue_infonce(q, k, queue, 0.2)
+    want, _ = reference.queue_infonce(q, k, queue, 0.2)
+    assert inf_rows.any() and torch.equal(loss[0, inf_rows], want[0, inf_rows])
+    assert (loss[0, inf_rows] == float("inf")).all()
 
 
 @pytest.mark.parametrize("case", ["all", "first"])

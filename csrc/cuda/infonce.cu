@@ -22,6 +22,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cmath>
@@ -630,9 +632,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qu
 // ---- The blocked path: feature dims past the CUDA-core kernels' shared memory ----
 // The CUDA-core kernels keep whole rows of D in shared memory: on an H100/H200 (227 KiB a block) fp32 fits up to
 // D = 1199 forward and 899 backward, fp64 up to 593 and 445. Past that (where the tensor-core kernels do not
-// apply either) the partials come from batched matmuls over chunks of the queue instead, in the same form:
-// (max, sum of exp) per chunk forward, sum_j g_i / T p_ij queue_j backward, which the same combine and finish
-// kernels complete. Memory stays bounded (blocked_chunk), whatever K.
+// apply either) the partials come from batched matmuls over chunks of the queue instead, in the kernels' form:
+// one (max, sum of exp) per row forward, sum_j g_i / T p_ij queue_j backward, which the same combine and finish
+// kernels complete. Memory stays bounded (blocked_chunk), whatever K. The matmuls run in the accumulation type
+// whatever autocast says (BlockedGuard); as torch's own, they follow torch.backends.cuda.matmul.allow_tf32 and
+// need CUBLAS_WORKSPACE_CONFIG under torch.use_deterministic_algorithms.
 size_t core_forward_smem(int64_t D, size_t acc_size) {
   return acc_size * (size_t(kRows + kTile) * size_t(D + 1) + 2 * kThreads);
 }
@@ -640,6 +644,12 @@ size_t core_backward_smem(int64_t D, size_t acc_size) {
   return acc_size * (size_t(kRows + kTile) * size_t(D + 1) + size_t(kRows) * size_t(D) + kRows * (kTile + 1));
 }
 bool use_blocked(bool tc, size_t smem, int device) { return !tc && smem > gpu::max_shared_per_block_optin(device); }
+
+// Autocast off for the blocked path's ATen calls (the op itself is below the autocast keys only when called
+// through the dispatcher's autocast fallthrough, which leaves them on for the ops it calls).
+struct BlockedGuard {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
 
 // Queue rows a chunk: the chunk's logits [G, N, C] and its copy in the accumulation type [G, C, D] hold at most
 // 2^22 elements each (16 MiB in fp32).
@@ -656,29 +666,34 @@ std::pair<at::Tensor, at::Tensor> blocked_logits(const at::Tensor& qa, const at:
   return {chunk, logits};
 }
 
-// part_m, part_s [G, N, splits]: chunk c's max and sum of exp(x - max), the kernels' partials. A logit equal to
-// its chunk's max counts 1 (also an infinite max: a chunk of -inf logits is (-inf, n), which the merge skips as
-// it skips the kernels' (-inf, 0)); a NaN logit makes both NaN.
+// exp(a - b), 1 where a equals b (also where both are infinite: exp(inf - inf) would be NaN); NaN stays NaN.
+at::Tensor exp_from(const at::Tensor& a, const at::Tensor& b) { return a.sub(b).exp_().masked_fill_(a.eq(b), 1); }
+
+// part_m, part_s [G, N, 1]: every logit of the row merged chunk by chunk into one running (max, sum of exp
+// (x - max)), the form of the kernels' partials. A logit equal to the max counts 1, also an infinite one: logits
+// that are all -inf give (-inf, n), which the combine's merge skips as it skips the kernels' (-inf, 0), and
+// +inf ones give +inf, as the reference does. A NaN logit makes both NaN.
 void forward_partials_blocked(const at::Tensor& qa, const at::Tensor& queue_c, at::Tensor& part_m,
                               at::Tensor& part_s, int64_t chunk_rows, double inv_t) {
+  const BlockedGuard guard;
   const int64_t K = queue_c.size(1);
-  if (K == 0) {  // one empty split
-    part_m.fill_(-INFINITY);
-    part_s.zero_();
-    return;
-  }
-  for (int64_t c = 0, k0 = 0; k0 < K; ++c, k0 += chunk_rows) {
+  auto m = part_m.select(2, 0).fill_(-INFINITY);
+  auto s = part_s.select(2, 0).zero_();
+  for (int64_t k0 = 0; k0 < K; k0 += chunk_rows) {
     const auto logits = blocked_logits(qa, queue_c, k0, std::min(chunk_rows, K - k0), inv_t).second;
-    const auto m = logits.amax(-1, /*keepdim=*/true);
-    const auto e = logits.sub(m).exp_().masked_fill_(logits.eq(m), 1);
-    part_m.select(2, c).copy_(m.squeeze(-1));
-    part_s.select(2, c).copy_(e.sum(-1));
+    const auto m2 = logits.amax(-1, /*keepdim=*/true);
+    const auto s2 = exp_from(logits, m2).sum(-1);
+    const auto m1 = m2.squeeze(-1);
+    const auto top = m.maximum(m1);
+    s.mul_(exp_from(m, top)).add_(s2.mul(exp_from(m1, top)));
+    m.copy_(top);
   }
 }
 
 // dq_sum [G, N, D] (zeroed) += sum_j (g_i / T) exp(x_ij - lse_i) queue_j, chunk by chunk in order.
 void backward_partials_blocked(const at::Tensor& qa, const at::Tensor& queue_c, const at::Tensor& la,
                                const at::Tensor& ga, at::Tensor dq_sum, int64_t chunk_rows, double inv_t) {
+  const BlockedGuard guard;
   const int64_t K = queue_c.size(1);
   const auto coef = ga.mul(inv_t).unsqueeze(-1);  // [G, N, 1]
   const auto lse = la.unsqueeze(-1);
@@ -738,7 +753,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
   // 4 blocks an SM: every forward kernel fits 4 on sm_90 (ptxas: at most 125 registers a thread), and the split
   // count sets the order in which the partials merge, which the pipelined kernels keep bitwise the default's.
   if (blocked)
-    splits = std::max<int64_t>(1, (K + chunk_rows - 1) / chunk_rows), per_split = chunk_rows;
+    splits = 1, per_split = K;  // one running partial
   else
     split_k<int64_t>(K, tc ? kTcTile : kTile, splits_to_fill(device, G, row_blocks), splits, per_split);
   TORCH_CHECK(splits <= 2147483647 && G <= 65535, "queue_infonce: too many groups for the CUDA grid");
