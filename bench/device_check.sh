@@ -24,12 +24,17 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # relative to where the script was started, not to the repository it moves to
-[[ -n "${ARCHIVE:-}" ]] && ARCHIVE=$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")  # (the same)
+if [[ -n "${ARCHIVE:-}" ]]; then  # (the same)
+  mkdir -p "$(dirname "$ARCHIVE")"
+  ARCHIVE=$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")
+fi
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 archive() {
   [[ -n "${ARCHIVE:-}" ]] || return 0
-  tar czf "$ARCHIVE.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" 2>/dev/null && mv -f "$ARCHIVE.part" "$ARCHIVE"
+  # (an ARCHIVE inside OUTDIR leaves itself out)
+  tar czf "$ARCHIVE.part" --exclude="$(basename "$ARCHIVE")*" -C "$(dirname "$OUT")" "$(basename "$OUT")" \
+    2>/dev/null && mv -f "$ARCHIVE.part" "$ARCHIVE"
 }
 if [[ -n "${ARCHIVE:-}" ]]; then
   trap archive EXIT
@@ -108,7 +113,7 @@ elif not torch.cuda.is_available():
 elif 'cuda' not in insloc_ops.available_backends()['roi_align_multilevel'].get('cuda', []):
     print('the CUDA kernels were not built for this GPU (compute capability %d.%d; built for %s)'
           % (*torch.cuda.get_device_capability(), ';'.join(info['cuda_archs'])))
-" 2>&1)
+" 2>"$OUT/preflight.err") || why="the check itself failed: $(tail -n 3 "$OUT/preflight.err")"
   if [[ -n "$why" ]]; then
     echo "PRE-FLIGHT FAILED: the CUDA kernels cannot run here: $why"
     echo "(BENCH_DEVICE=cpu runs the script's CPU dry run instead)"

@@ -53,10 +53,12 @@ class AnnotatedImage:
 
 
 def _wheel_version(path):
-    """The version of a wheel file name as a sortable tuple (1.10.0 after 1.9.2; a part with letters, as in
-    2.0.0rc1, sorts by its leading digits)."""
+    """The version of a wheel file name as a sortable key: release numbers (1.10.0 after 1.9.2), then final
+    after pre-release (1.10.0 after 1.10.0rc1)."""
     version = Path(path).name.split("-")[1]
-    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split("."))
+    release = re.match(r"\d+(?:\.\d+)*", version)
+    numbers = tuple(int(n) for n in release.group().split(".")) if release else ()
+    return numbers, release is not None and release.end() == len(version)
 
 
 def find_deepforest_wheel(cache_dir=DEFAULT_CACHE, download=True):

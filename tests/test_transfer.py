@@ -166,9 +166,12 @@ def test_every_initialisation_gets_the_same_random_heads(demo_exports):
 
 def test_the_newest_cached_wheel_is_chosen_by_version(tmp_path):
     for name in ("deepforest-1.9.2-py3-none-any.whl", "deepforest-1.10.0-py3-none-any.whl",
-                 "deepforest-1.10.0rc1-py3-none-any.whl"):
+                 "deepforest-1.10.0rc1-py3-none-any.whl", "deepforest-1.10-py3-none-any.whl"):
         (tmp_path / name).write_bytes(b"")
     assert td.find_deepforest_wheel(tmp_path, download=False).name == "deepforest-1.10.0-py3-none-any.whl"
+    # a final release after its pre-releases, whatever order the names sort in
+    assert td._wheel_version("deepforest-1.10.0rc1-x.whl") < td._wheel_version("deepforest-1.10.0-x.whl")
+    assert td._wheel_version("deepforest-1.11.0rc1-x.whl") > td._wheel_version("deepforest-1.10.0-x.whl")
 
 
 def test_a_few_fine_tuning_steps_run_on_cpu_and_evaluate(demo_exports):
