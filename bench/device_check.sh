@@ -24,23 +24,21 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # relative to where the script was started, not to the repository it moves to
-if [[ -n "${ARCHIVE:-}" ]]; then  # (the same)
-  mkdir -p "$(dirname "$ARCHIVE")"
-  ARCHIVE=$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")
-fi
-cd "$(dirname "$0")/.."
-start=$(date +%s)
 archive() {
   [[ -n "${ARCHIVE:-}" ]] || return 0
   # (an ARCHIVE inside OUTDIR leaves itself out)
   tar czf "$ARCHIVE.part" --exclude="$(basename "$ARCHIVE")*" -C "$(dirname "$OUT")" "$(basename "$OUT")" \
     2>/dev/null && mv -f "$ARCHIVE.part" "$ARCHIVE"
 }
-if [[ -n "${ARCHIVE:-}" ]]; then
+if [[ -n "${ARCHIVE:-}" ]]; then  # (the same)
+  mkdir -p "$(dirname "$ARCHIVE")"
+  ARCHIVE=$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")
   trap archive EXIT
   trap 'exit 143' TERM
   trap 'exit 130' INT
 fi
+cd "$(dirname "$0")/.."
+start=$(date +%s)
 step() { archive; echo "== $* ($(( $(date +%s) - start )) s)"; }
 DEADLINE_S=${DEADLINE_S:-420}
 # budget LIMIT: LIMIT, or the seconds left before the deadline less 20, whichever is smaller (at least 1).

@@ -67,10 +67,14 @@ FINISHED = ("0", "1", "5")  # pytest's exit status: all passed, some failed, no 
 def backends_named(test_name):
     """The GPU backends a test concerns: those its name (function and parameter id) contains; all if none;
     none for a test of an opt-in setting (SETTING_WORDS)."""
-    name = test_name.lower()
-    if any(w in name for w in SETTING_WORDS):
+    if any(w in test_name.lower() for w in SETTING_WORDS):
         return []
-    return [b for b in GPU_BACKENDS if b in name] or list(GPU_BACKENDS)
+    return named_in(test_name) or list(GPU_BACKENDS)
+
+
+def named_in(test_name):
+    """The GPU backends a test's name (function and parameter id) contains."""
+    return [b for b in GPU_BACKENDS if b in test_name.lower()]
 
 
 def read_tests(paths, results=None):
@@ -89,7 +93,7 @@ def read_tests(paths, results=None):
                 status = "skipped"
             else:
                 status = "passed"
-            named = [b for b in GPU_BACKENDS if b in name.lower()]
+            named = named_in(name)
             for backend in backends_named(name) or [SETTINGS]:
                 entry = results.setdefault((module, backend), {"passed": 0, "failed": 0, "skipped": 0, "failures": [],
                                                                "named_passed": 0})

@@ -674,9 +674,9 @@ at::Tensor exp_from(const at::Tensor& a, const at::Tensor& b) { return a.sub(b).
 // that are all -inf give (-inf, n), which the combine's merge skips as it skips the kernels' (-inf, 0), and
 // +inf ones give +inf, as the reference does. A NaN logit makes both NaN.
 void forward_partials_blocked(const at::Tensor& qa, const at::Tensor& queue_c, at::Tensor& part_m,
-                              at::Tensor& part_s, int64_t chunk_rows, double inv_t) {
+                              at::Tensor& part_s, double inv_t) {
   const BlockedGuard guard;
-  const int64_t K = queue_c.size(1);
+  const int64_t K = queue_c.size(1), chunk_rows = blocked_chunk(qa.size(0), qa.size(1), qa.size(2));
   auto m = part_m.select(2, 0).fill_(-INFINITY);
   auto s = part_s.select(2, 0).zero_();
   for (int64_t k0 = 0; k0 < K; k0 += chunk_rows) {
@@ -692,9 +692,9 @@ void forward_partials_blocked(const at::Tensor& qa, const at::Tensor& queue_c, a
 
 // dq_sum [G, N, D] (zeroed) += sum_j (g_i / T) exp(x_ij - lse_i) queue_j, chunk by chunk in order.
 void backward_partials_blocked(const at::Tensor& qa, const at::Tensor& queue_c, const at::Tensor& la,
-                               const at::Tensor& ga, at::Tensor dq_sum, int64_t chunk_rows, double inv_t) {
+                               const at::Tensor& ga, at::Tensor dq_sum, double inv_t) {
   const BlockedGuard guard;
-  const int64_t K = queue_c.size(1);
+  const int64_t K = queue_c.size(1), chunk_rows = blocked_chunk(qa.size(0), qa.size(1), qa.size(2));
   const auto coef = ga.mul(inv_t).unsqueeze(-1);  // [G, N, 1]
   const auto lse = la.unsqueeze(-1);
   for (int64_t k0 = 0; k0 < K; k0 += chunk_rows) {
@@ -748,7 +748,6 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
   const bool tc = use_tensor_cores(q, device);
   const bool pipeline = pipeline_requested();
   const bool blocked = use_blocked(tc, core_forward_smem(D, qa.element_size()), device);
-  const int64_t chunk_rows = blocked_chunk(G, N, D);
   int64_t splits, per_split;
   // 4 blocks an SM: every forward kernel fits 4 on sm_90 (ptxas: at most 125 registers a thread), and the split
   // count sets the order in which the partials merge, which the pipelined kernels keep bitwise the default's.
@@ -765,7 +764,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_cuda(const at::Tensor& q, const
   AT_DISPATCH_FLOATING_TYPES(acc, "queue_infonce_cuda", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
-    if (blocked) forward_partials_blocked(qa, queue_c, part_m, part_s, chunk_rows, static_cast<double>(inv_t));
+    if (blocked) forward_partials_blocked(qa, queue_c, part_m, part_s, static_cast<double>(inv_t));
     else AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "queue_infonce_cuda_queue", [&] {
       using queue_t = scalar_t;
       if constexpr (std::is_same<acc_t, float>::value) {
@@ -841,8 +840,7 @@ std::tuple<at::Tensor, at::Tensor> queue_infonce_backward_cuda(const at::Tensor&
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1) / static_cast<acc_t>(temperature);
     if (K > 0 && blocked) {
-      backward_partials_blocked(qa, queue_c, la, ga, dq_part.select(0, 0), blocked_chunk(G, N, D),
-                                static_cast<double>(inv_t));
+      backward_partials_blocked(qa, queue_c, la, ga, dq_part.select(0, 0), static_cast<double>(inv_t));
     } else if (K > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "queue_infonce_backward_queue",
                                       [&] {
